@@ -1,0 +1,196 @@
+"""Replay: feed a trace through a policy in virtual time and collect one metrics row per snapshot.
+
+>>> from ksmtrace import open_trace, replay
+>>> res = replay(open_trace("t"), "ksm", {"pages_to_scan": 1000})
+>>> res.summary["frames_saved_final"], res.table["cow_breaks"].sum()
+
+Virtual time: snapshot ``s`` is taken at ``t_s``; its content holds during ``[t_s, t_{s+1})``.  A page
+written between two snapshots is written, as far as the replay knows, at the later snapshot.  The
+row of snapshot ``s`` holds the state at ``t_s`` right after its writes are applied, plus the
+activity of the interval ``(t_{s-1}, t_s]`` (COW breaks, merges, work units).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import numpy as np
+import polars as pl
+
+from ksmtrace._version import __version__
+from ksmtrace.engine.cost import N_UNITS, UNIT_NAMES, CostModel, resolve_cost_model
+from ksmtrace.errors import KsmtraceError, PolicyContractError, PolicyParamError
+from ksmtrace.policies.base import Policy, RunContext
+from ksmtrace.policies.registry import get_policy
+from ksmtrace.progress import ProgressFn, make
+from ksmtrace.results import RunResult, make_run_id
+
+ENGINES = ("fast", "reference")
+
+
+def make_policy(policy: str | Policy | type[Policy], params: Mapping[str, Any] | None = None) -> Policy:
+    if isinstance(policy, Policy):
+        if params:
+            return type(policy)({**policy.describe(), **dict(params)})
+        return policy
+    cls = get_policy(policy) if isinstance(policy, str) else policy
+    return cls(params or {})
+
+
+def replay(
+    trace,
+    policy: str | Policy | type[Policy],
+    params: Mapping[str, Any] | None = None,
+    *,
+    engine: str = "fast",
+    scope: str | None = None,
+    timing_cost: CostModel | str | None = None,
+    report_cost: CostModel | str | None = None,
+    start_s: float = 0.0,
+    hz: int | None = None,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> RunResult:
+    """Replay ``trace`` (a :class:`~ksmtrace.trace.reader.Trace`) through ``policy``.
+
+    ``engine``: ``fast`` (default) or ``reference`` (the page-by-page executable spec).
+    ``scope``: ``recorded`` or ``anon`` (default: the policy's).  ``timing_cost``: the cost model
+    the daemon's clock uses (default: the shipped one).  ``start_s``: when the daemon starts,
+    in seconds after the first snapshot.  ``hz``: tick rate for sleep quantisation (default:
+    the traced host's HZ, else 250).
+    """
+    if engine not in ENGINES:
+        raise KsmtraceError(f"unknown engine {engine!r} (engines: {', '.join(ENGINES)})")
+    pol = make_policy(policy, params)
+    scope = scope or pol.default_scope
+    prep = trace.prepare(scope)
+    missing = [r for r in pol.requires if not _trace_has(trace, r)]
+    if missing:
+        raise KsmtraceError(f"policy {pol.name!r} needs a trace with {missing[0]!r} (capture with --fingerprints)")
+    tcost = resolve_cost_model(timing_cost)
+    if hz is None:
+        hz = int(trace.host.get("hz") or 250)
+    start_ns = int(round(start_s * 1e9))
+    spec = {
+        "trace": str(trace.path),
+        "trace_name": trace.name,
+        "trace_fingerprint": trace.fingerprint,
+        "policy": pol.name,
+        "params": pol.describe(),
+        "engine": engine,
+        "scope": scope,
+        "timing_cost": tcost.digest(),
+        "timing_cost_name": tcost.name,
+        "hz": hz,
+        "start_ns": start_ns,
+        "seed": int(seed),
+        "options": {"hz": hz},
+        "ksmtrace_version": __version__,
+        "kernel_counters": list(pol.kernel_counters),
+        "snapshots": prep.n_snaps,
+    }
+    spec["run_id"] = make_run_id(spec)
+    if engine == "fast":
+        from ksmtrace.engine.fast import FastEngine
+
+        eng = FastEngine(prep)
+    else:
+        from ksmtrace.engine.reference import ReferenceEngine
+
+        eng = ReferenceEngine(prep)
+    ctx = RunContext(prep=prep, engine=eng, timing_ps=tcost.timing_ps(), hz=hz, start_ns=start_ns, seed=int(seed))
+    rt = pol.runtime(ctx)
+    table = _run(prep, eng, rt, pol, make(progress))
+    counters = eng.counters()
+    extras = {
+        "contract_violations": counters["contract_violations"],
+        "merge_latency_sum_ns": counters["merge_latency_sum_ns"],
+        "thp_zero_remapped": counters["thp_zero_remapped"],
+        "thp_splits": counters["thp_splits"],
+        "policy": rt.extras(),
+    }
+    if counters["contract_violations"]:
+        raise PolicyContractError(
+            f"policy {pol.name!r} broke the engine contract {counters['contract_violations']} times "
+            "(merged unequal content or a page it does not own)"
+        )
+    res = RunResult(spec=spec, table=table, latency_hist=eng.latency_hist(), extras=extras)
+    res.summary = res.compute_summary(report_cost)
+    return res
+
+
+def _trace_has(trace, capability: str) -> bool:
+    if capability == "sample":
+        return trace.has_sample_hash
+    if capability == "prefix":
+        return trace.has_prefix_hashes
+    if capability == "ground_truth":
+        return trace.has_ground_truth
+    return False
+
+
+def _run(prep, eng, rt, pol: Policy, progress) -> pl.DataFrame:
+    n = prep.n_snaps
+    times = prep.times_ns
+    rows: list[dict[str, Any]] = []
+    prev_eng = eng.counters()
+    prev_units = np.zeros(N_UNITS, dtype=np.int64)
+    prev_busy = 0
+    kc = list(pol.kernel_counters)
+    for s in range(n):
+        now = int(times[s])
+        cows = eng.apply_snapshot(s, now)
+        rt.on_snapshot(s, now)
+        c = eng.counters()
+        units = np.asarray(rt.units(), dtype=np.int64)
+        busy = int(rt.busy_ns())
+        kvals = rt.counters()
+        frames = c["frames_in_use"]
+        base = int(prep.base_frames[s])
+        row: dict[str, Any] = {
+            "snap": s,
+            "t_s": now / 1e9,
+            "candidate_pages": c["candidate_pages"],
+            "base_frames": base,
+            "frames_in_use": frames,
+            "frames_saved": base - frames,
+            "oracle_saved": int(prep.oracle_saved[s]),
+            "hash_only_saved": int(prep.hash_dup_pages[s]),
+            "zero_filled_pages": int(prep.zero_filled[s]),
+            "cow_breaks": cows,
+            "cow_ksm": c["cow_ksm"],
+            "merges": c["merges"] - prev_eng["merges"],
+            "exposed_merges": c["exposed_merges"] - prev_eng["exposed_merges"],
+            "merge_latency_sum_s": (c["merge_latency_sum_ns"] - prev_eng["merge_latency_sum_ns"]) / 1e9,
+            "thp_zero_remapped": c["thp_zero_remapped"],
+            "daemon_busy_s": (busy - prev_busy) / 1e9,
+        }
+        for k in kc:
+            row[k] = kvals.get(k)
+        for i, u in enumerate(UNIT_NAMES):
+            row[f"u_{u}"] = int(units[i] - prev_units[i])
+        rows.append(row)
+        prev_eng, prev_units, prev_busy = c, units, busy
+        if s + 1 < n:
+            rt.run_until(int(times[s + 1]))
+        progress(s + 1, n, f"snapshot {s + 1}/{n}")
+    schema = {k: (pl.Int64 if k not in ("t_s", "merge_latency_sum_s", "daemon_busy_s") else pl.Float64) for k in rows[0]}
+    return pl.DataFrame(rows, schema=schema)
+
+
+def compare(
+    trace,
+    policies: list[str | tuple[str, Mapping[str, Any]]],
+    *,
+    engine: str = "fast",
+    scope: str | None = None,
+    report_cost: CostModel | str | None = None,
+    progress: ProgressFn | None = None,
+    **kwargs: Any,
+) -> list[RunResult]:
+    """Replay several policies on one trace (same scope unless a policy says otherwise)."""
+    out = []
+    for item in policies:
+        name, params = (item, None) if isinstance(item, str) else item
+        out.append(replay(trace, name, params, engine=engine, scope=scope, report_cost=report_cost, progress=progress, **kwargs))
+    return out

@@ -1,0 +1,191 @@
+"""Build small traces in code: for tests, examples and third-party policy authors.
+
+>>> make_trace(tmp / "t", [
+...     {(0, 10): "a", (0, 11): "a", (1, 10): "b"},      # snapshot 0: proc 0 has two equal pages
+...     {(0, 10): "a", (0, 11): "c", (1, 10): "b"},      # snapshot 1: page (0, 11) rewritten
+... ], interval=1.0)
+
+A page is ``(proc, vpn) -> spec``.  ``spec`` is a content key (``0`` or ``"zero"`` = an all-zero
+page; any other value = a content, equal keys = equal pages) or a dict with ``c`` (content) and
+optionally ``frame`` (a label: pages with the same label share one physical frame, as after fork),
+``mergeable`` (default True), ``thp`` (a label: pages with the same label are one huge page),
+``zero_page`` (maps the kernel zero page), ``ksm`` (a real-kernel KSM page), ``swapped``,
+``anon`` (default True), ``soft_dirty``.
+
+The trace goes through the real :class:`~ksmtrace.trace.writer.TraceWriter` and delta encoder, so
+it is a trace like any captured one.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import xxhash
+
+from ksmtrace.trace import delta as D
+from ksmtrace.trace import schema as S
+from ksmtrace.trace.writer import TraceWriter
+
+ZERO_PFN = 0x1000
+_KEY = 0x5EED
+
+
+def content_hash(c: Any) -> int:
+    return xxhash.xxh3_64_intdigest(repr(c).encode(), seed=_KEY)
+
+
+def _is_zero(c: Any) -> bool:
+    return c == 0 or c == "zero"
+
+
+def make_trace(
+    path: str | os.PathLike,
+    snapshots: list[Mapping[tuple[int, int], Any]],
+    *,
+    times: list[float] | None = None,
+    interval: float = 1.0,
+    procs: Mapping[int, Mapping[str, Any]] | None = None,
+    host: Mapping[str, Any] | None = None,
+    capture: Mapping[str, Any] | None = None,
+    ground_truth: list[list[Mapping[str, Any]]] | None = None,
+    keyframe_every: int = 0,
+    samples: Mapping[Any, int] | None = None,
+):
+    """Write a trace and return it opened (:class:`~ksmtrace.trace.reader.Trace`)."""
+    from ksmtrace.trace.reader import open_trace
+
+    procs = dict(procs or {})
+    times = list(times) if times is not None else [i * interval for i in range(len(snapshots))]
+    host_facts = {"kernel_release": "test", "page_size": 4096, "hz": 250, "thp_enabled": "never", "root": True, "pfn_readable": True}
+    host_facts.update(host or {})
+    cap = {"scope": "anon", "interval_s": interval, "soft_dirty": False, "contents": False, "hash": {"algorithm": "xxh3_64", "key_fingerprint": "test"}}
+    cap.update(capture or {})
+    with_sample = samples is not None
+    pschema = S.pages_schema(sample=with_sample)
+    w = TraceWriter(path, host=host_facts, capture=cap, tracer={"name": "builder", "version": "1"}, pages_schema=pschema)
+    next_pfn = [0x100000]
+    labels: dict[Any, int] = {}
+    thp_base: dict[Any, int] = {}
+    prev_pfn: dict[tuple[int, int], tuple[Any, int]] = {}
+    prev_state: dict[int, dict[str, np.ndarray]] = {}
+
+    def fresh() -> int:
+        next_pfn[0] += 1
+        return next_pfn[0]
+
+    for s, snap in enumerate(snapshots):
+        by_proc: dict[int, list[tuple[int, dict]]] = {}
+        for (proc, vpn), spec in snap.items():
+            d = dict(spec) if isinstance(spec, Mapping) else {"c": spec}
+            by_proc.setdefault(proc, []).append((vpn, d))
+        alive = set(by_proc)
+        for p, info in procs.items():
+            snaps_alive = info.get("snaps")
+            if snaps_alive is not None and s in snaps_alive:
+                alive.add(p)
+        page_parts = []
+        proc_rows = []
+        cur_pfn: dict[tuple[int, int], tuple[Any, int]] = {}
+        for proc in sorted(alive):
+            info = procs.get(proc, {})
+            pid = int(info.get("pid", 1000 + proc))
+            pages = sorted(by_proc.get(proc, []), key=lambda x: x[0])
+            n = len(pages)
+            vpn = np.array([v for v, _ in pages], dtype=np.uint64)
+            hashes = np.zeros(n, np.uint64)
+            flags = np.zeros(n, np.uint32)
+            pfns = np.zeros(n, np.uint64)
+            samp = np.zeros(n, np.uint32)
+            any_mergeable = False
+            for i, (v, d) in enumerate(pages):
+                c = d.get("c")
+                f = S.F_PRESENT | S.F_PFN | S.F_KPF
+                if d.get("anon", True):
+                    f |= S.F_ANON
+                else:
+                    f |= S.F_FILE
+                if d.get("mergeable", True):
+                    f |= S.F_MERGEABLE
+                    any_mergeable = True
+                if _is_zero(c):
+                    f |= S.F_ZERO_FILLED
+                if d.get("swapped"):
+                    f = (f & ~S.F_PRESENT) | S.F_SWAPPED
+                if d.get("ksm"):
+                    f |= S.F_KSM
+                if d.get("soft_dirty"):
+                    f |= S.F_SOFT_DIRTY
+                if d.get("zero_page"):
+                    f |= S.F_ZERO_PAGE | S.F_ZERO_FILLED
+                    c = 0
+                    pfn = ZERO_PFN
+                elif d.get("thp") is not None:
+                    f |= S.F_THP
+                    if d["thp"] not in thp_base:
+                        base = (next_pfn[0] // 512 + 2) * 512
+                        thp_base[d["thp"]] = base
+                        next_pfn[0] = base + 512
+                    base = thp_base[d["thp"]]
+                    pfn = base + (int(v) & 511)
+                elif d.get("frame") is not None:
+                    if d["frame"] not in labels:
+                        labels[d["frame"]] = fresh()
+                    pfn = labels[d["frame"]]
+                else:
+                    old = prev_pfn.get((proc, v))
+                    pfn = old[1] if old is not None and old[0] == c else fresh()
+                cur_pfn[(proc, v)] = (c, pfn)
+                hashes[i] = content_hash(0) if _is_zero(c) else content_hash(c)
+                flags[i] = f
+                pfns[i] = pfn
+                if with_sample:
+                    samp[i] = int(samples.get(c, content_hash(c) & 0xFFFFFFFF)) & 0xFFFFFFFF
+            cur = {"vpn": vpn, "hash": hashes, "flags": flags, "pfn": pfns}
+            extra: tuple[str, ...] = ()
+            if with_sample:
+                cur["sample"] = samp
+                extra = ("sample",)
+            keyframe = s == 0 or (keyframe_every and s % keyframe_every == 0)
+            prev = prev_state.get(proc)
+            dl = D.diff(prev, cur)
+            page_parts.append(D.rows_for(s, proc, pid, prev, cur, dl, bool(keyframe), extra))
+            prev_state[proc] = cur
+            proc_rows.append(
+                {
+                    "snap": s, "proc": proc, "pid": pid, "ppid": int(info.get("ppid", 1)),
+                    "start_ticks": int(info.get("start", proc)), "comm": str(info.get("comm", f"p{proc}")),
+                    "cmdline": str(info.get("comm", f"p{proc}")), "cgroup": str(info.get("cgroup", "/")),
+                    "uid": int(info.get("uid", 0)), "state": "ok", "rss_pages": n, "anon_pages": n,
+                    "captured_pages": n, "mergeable": bool(info.get("mergeable", any_mergeable)),
+                    "merge_any": False, "t_read_ns": int(times[s] * 1e9),
+                }
+            )
+        # processes that vanished: their pages are gone
+        for proc in sorted(set(prev_state) - alive):
+            prev = prev_state.pop(proc)
+            info = procs.get(proc, {})
+            pid = int(info.get("pid", 1000 + proc))
+            empty = {k: v[:0] for k, v in prev.items()}
+            dl = D.diff(prev, empty)
+            page_parts.append(D.rows_for(s, proc, pid, prev, empty, dl, False, ("sample",) if with_sample else ()))
+        cols: dict[str, np.ndarray] = {}
+        for name in pschema.names:
+            arrs = [p[name] for p in page_parts if name in p]
+            cols[name] = np.concatenate(arrs) if arrs else np.zeros(0)
+        pages = pa.table({n: pa.array(cols[n].astype(pschema.field(n).type.to_pandas_dtype())) for n in pschema.names}, schema=pschema)
+        tables = {"pages": pages, "processes": pa.Table.from_pylist(proc_rows, schema=S.PROCESSES_SCHEMA)}
+        if ground_truth is not None and s < len(ground_truth):
+            rows = []
+            for g in ground_truth[s]:
+                r = {k: None for k in S.KSM_SCHEMA.names}
+                r.update({"snap": s, "t_ns": int(times[s] * 1e9)})
+                r.update(g)
+                rows.append(r)
+            tables["ksm"] = pa.Table.from_pylist(rows, schema=S.KSM_SCHEMA)
+        t0 = int(times[s] * 1e9)
+        w.commit_snapshot(s, t0, t0, tables, keyframe=bool(s == 0 or (keyframe_every and s % keyframe_every == 0)), stats={"pages": int(sum(len(v) for v in prev_state.values()))})
+        prev_pfn = cur_pfn
+    w.close("complete")
+    return open_trace(path)

@@ -1,0 +1,244 @@
+"""The trace format: the single source of truth for tables, columns, flag bits and the version.
+
+A trace is a directory::
+
+    TRACE/
+      manifest.json            format name + version, host facts, capture options, committed snapshots
+      pages/snap-000000.parquet      one file per snapshot: the page rows of that snapshot (delta encoded)
+      vmas/snap-000000.parquet       every VMA in scope of every target at that snapshot
+      processes/snap-000000.parquet  every target process at that snapshot
+      ksm/snap-000000.parquet        ground truth: /sys/kernel/mm/ksm/*, cow_ksm, ksmd CPU (if KSM exists)
+      ksm_stat/snap-000000.parquet   ground truth: /proc/PID/ksm_stat of every target
+      contents/snap-000000.parquet   page contents, content-addressed (only with --contents)
+
+Any Parquet reader opens a table with a glob (``pl.scan_parquet("TRACE/pages/*.parquet")``).  Only
+files of snapshots listed in the manifest are part of the trace; a file of a snapshot that was
+being written when the capture died is ignored (see ``docs/trace-format.md``).
+
+Page rows are delta encoded: snapshot 0 (and every keyframe) lists every page in scope; every
+other snapshot lists only pages that appeared (``op=NEW``), changed content, flags or frame
+(``op=CHANGED``) or vanished (``op=GONE``).  Keyframes also list unchanged pages (``op=SAME``).
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+FORMAT_NAME = "ksmtrace-trace"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PAGE_SIZE = 4096
+
+TABLES = ("pages", "vmas", "processes", "ksm", "ksm_stat", "contents")
+
+
+def snapshot_file(table: str, snap: int) -> str:
+    """Relative path of one table's file for one snapshot."""
+    return f"{table}/snap-{snap:06d}.parquet"
+
+
+# --- page row operations --------------------------------------------------------------------
+OP_NEW = 0  # (proc, vpn) not mapped at the previous snapshot
+OP_CHANGED = 1  # mapped before and now; hash, flags or frame differ
+OP_GONE = 2  # mapped before, not now (unmapped, out of scope, or the process exited)
+OP_SAME = 3  # unchanged; only written in keyframes
+
+# --- page flag bits (column ``flags``, uint32) -------------------------------------------------
+F_PRESENT = 1 << 0  # pagemap bit 63
+F_SWAPPED = 1 << 1  # pagemap bit 62
+F_EXCLUSIVE = 1 << 2  # pagemap bit 56: mapped exclusively
+F_FILE = 1 << 3  # pagemap bit 61: file page or shared anonymous
+F_SOFT_DIRTY = 1 << 4  # pagemap bit 55 (only meaningful when the manifest says soft_dirty)
+F_ZERO_FILLED = 1 << 5  # content is all zero bytes (decided at capture, from the keyed hash)
+F_ANON = 1 << 6  # an anonymous page (kpageflags ANON, or private VMA and not F_FILE)
+F_THP = 1 << 7  # part of a transparent huge page (kpageflags THP)
+F_KSM = 1 << 8  # a KSM page of the real kernel (kpageflags KSM)
+F_ZERO_PAGE = 1 << 9  # maps the kernel's shared zero page (kpageflags ZERO_PAGE / zero PFN)
+F_MERGEABLE = 1 << 10  # its VMA is marked mergeable (smaps VmFlags "mg")
+F_PFN = 1 << 11  # the pfn column is real (root); else 0
+F_KPF = 1 << 12  # kpageflags were readable for this page
+F_READ_FAILED = 1 << 13  # present, but the content could not be read (hash is not valid)
+F_HUGETLB = 1 << 14  # hugetlbfs page (never scanned by KSM)
+
+FLAG_NAMES = {
+    "present": F_PRESENT,
+    "swapped": F_SWAPPED,
+    "exclusive": F_EXCLUSIVE,
+    "file": F_FILE,
+    "soft_dirty": F_SOFT_DIRTY,
+    "zero_filled": F_ZERO_FILLED,
+    "anon": F_ANON,
+    "thp": F_THP,
+    "ksm": F_KSM,
+    "zero_page": F_ZERO_PAGE,
+    "mergeable": F_MERGEABLE,
+    "pfn_known": F_PFN,
+    "kpf_known": F_KPF,
+    "read_failed": F_READ_FAILED,
+    "hugetlb": F_HUGETLB,
+}
+
+# --- VMA flag bits (column ``flags`` of the vmas table) ------------------------------------
+V_MERGEABLE = 1 << 0
+V_ANON = 1 << 1  # no backing file (anonymous, heap or stack)
+V_PRIVATE = 1 << 2
+V_FILE = 1 << 3
+V_STACK = 1 << 4
+V_HEAP = 1 << 5
+V_HUGEPAGE = 1 << 6  # VmFlags "hg" (madvise(MADV_HUGEPAGE))
+V_NOHUGEPAGE = 1 << 7  # VmFlags "nh"
+V_LOCKED = 1 << 8
+V_IN_SCOPE = 1 << 9  # captured under the trace's scope
+V_SHARED = 1 << 10
+
+# --- Arrow schemas -------------------------------------------------------------------------
+PAGES_SCHEMA = pa.schema(
+    [
+        pa.field("snap", pa.uint32(), nullable=False),
+        pa.field("proc", pa.uint32(), nullable=False),  # trace-unique process incarnation id
+        pa.field("pid", pa.uint32(), nullable=False),
+        pa.field("vpn", pa.uint64(), nullable=False),  # virtual address >> 12
+        pa.field("op", pa.uint8(), nullable=False),
+        pa.field("hash", pa.uint64(), nullable=False),  # keyed xxh3_64 of the 4 KiB content
+        pa.field("flags", pa.uint32(), nullable=False),
+        pa.field("pfn", pa.uint64(), nullable=False),
+    ]
+)
+# optional fingerprints (capture --fingerprints): PKSM/UKSM sampled hash and prefix hashes
+SAMPLE_FIELD = pa.field("sample", pa.uint32(), nullable=False)
+PREFIX_LENGTHS = (64, 256, 1024)
+PREFIX_FIELDS = [pa.field(f"pfx{n}", pa.uint32(), nullable=False) for n in PREFIX_LENGTHS]
+
+VMAS_SCHEMA = pa.schema(
+    [
+        pa.field("snap", pa.uint32(), nullable=False),
+        pa.field("proc", pa.uint32(), nullable=False),
+        pa.field("pid", pa.uint32(), nullable=False),
+        pa.field("start", pa.uint64(), nullable=False),
+        pa.field("end", pa.uint64(), nullable=False),
+        pa.field("perms", pa.string(), nullable=False),
+        pa.field("flags", pa.uint32(), nullable=False),
+        pa.field("vmflags", pa.string(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("rss_pages", pa.uint64(), nullable=False),
+        pa.field("anon_pages", pa.uint64(), nullable=False),
+        pa.field("captured_pages", pa.uint64(), nullable=False),
+    ]
+)
+
+PROCESSES_SCHEMA = pa.schema(
+    [
+        pa.field("snap", pa.uint32(), nullable=False),
+        pa.field("proc", pa.uint32(), nullable=False),
+        pa.field("pid", pa.uint32(), nullable=False),
+        pa.field("ppid", pa.uint32(), nullable=False),
+        pa.field("start_ticks", pa.uint64(), nullable=False),  # /proc/PID/stat field 22
+        pa.field("comm", pa.string(), nullable=False),
+        pa.field("cmdline", pa.string(), nullable=False),
+        pa.field("cgroup", pa.string(), nullable=False),
+        pa.field("uid", pa.uint32(), nullable=False),
+        pa.field("state", pa.string(), nullable=False),  # ok | exited | partial | denied
+        pa.field("rss_pages", pa.uint64(), nullable=False),
+        pa.field("anon_pages", pa.uint64(), nullable=False),
+        pa.field("captured_pages", pa.uint64(), nullable=False),
+        pa.field("mergeable", pa.bool_(), nullable=False),  # has a mergeable VMA or merge_any
+        pa.field("merge_any", pa.bool_(), nullable=False),
+        pa.field("t_read_ns", pa.int64(), nullable=False),  # monotonic time this process was read
+    ]
+)
+
+# /sys/kernel/mm/ksm/* numeric files we sample (missing files are null)
+KSM_COUNTERS = (
+    "run",
+    "pages_to_scan",
+    "sleep_millisecs",
+    "merge_across_nodes",
+    "use_zero_pages",
+    "max_page_sharing",
+    "stable_node_chains_prune_millisecs",
+    "smart_scan",
+    "advisor_max_cpu",
+    "advisor_min_pages_to_scan",
+    "advisor_max_pages_to_scan",
+    "advisor_target_scan_time",
+    "pages_shared",
+    "pages_sharing",
+    "pages_unshared",
+    "pages_volatile",
+    "pages_scanned",
+    "pages_skipped",
+    "full_scans",
+    "stable_node_chains",
+    "stable_node_dups",
+    "ksm_zero_pages",
+    "general_profit",
+)
+KSM_SCHEMA = pa.schema(
+    [
+        pa.field("snap", pa.uint32(), nullable=False),  # the snapshot this sample belongs to
+        pa.field("t_ns", pa.int64(), nullable=False),  # monotonic ns
+        pa.field("advisor_mode", pa.string()),
+    ]
+    + [pa.field(name, pa.int64()) for name in KSM_COUNTERS]
+    + [
+        pa.field("cow_ksm", pa.int64()),
+        pa.field("ksm_swpin_copy", pa.int64()),
+        pa.field("ksmd_cpu_ns", pa.int64()),  # /proc/<ksmd>/schedstat run time
+    ]
+)
+
+KSM_STAT_FIELDS = (
+    "ksm_rmap_items",
+    "ksm_zero_pages",
+    "ksm_merging_pages",
+    "ksm_process_profit",
+)
+KSM_STAT_SCHEMA = pa.schema(
+    [
+        pa.field("snap", pa.uint32(), nullable=False),
+        pa.field("t_ns", pa.int64(), nullable=False),
+        pa.field("proc", pa.uint32(), nullable=False),
+        pa.field("pid", pa.uint32(), nullable=False),
+    ]
+    + [pa.field(name, pa.int64()) for name in KSM_STAT_FIELDS]
+    + [pa.field("ksm_merge_any", pa.bool_()), pa.field("ksm_mergeable", pa.bool_())]
+)
+
+CONTENTS_SCHEMA = pa.schema(
+    [
+        pa.field("snap", pa.uint32(), nullable=False),
+        pa.field("hash", pa.uint64(), nullable=False),
+        pa.field("data", pa.binary(), nullable=False),  # 4096 bytes; Parquet zstd compresses it
+    ]
+)
+
+SCHEMAS = {
+    "pages": PAGES_SCHEMA,
+    "vmas": VMAS_SCHEMA,
+    "processes": PROCESSES_SCHEMA,
+    "ksm": KSM_SCHEMA,
+    "ksm_stat": KSM_STAT_SCHEMA,
+    "contents": CONTENTS_SCHEMA,
+}
+
+
+def pages_schema(sample: bool = False, prefixes: bool = False) -> pa.Schema:
+    """The pages schema with the optional fingerprint columns."""
+    fields = list(PAGES_SCHEMA)
+    if sample:
+        fields.append(SAMPLE_FIELD)
+    if prefixes:
+        fields.extend(PREFIX_FIELDS)
+    return pa.schema(fields)
+
+
+# Parquet writer settings per table (measured in ../shared/reference/limits.md: zstd, DELTA on vpn,
+# no dictionary on the hash column -> about 5.5 B per page row)
+PARQUET_OPTIONS = {
+    "pages": dict(
+        compression="zstd",
+        use_dictionary=["snap", "proc", "pid", "op", "flags"],
+        column_encoding={"vpn": "DELTA_BINARY_PACKED"},
+    ),
+    "contents": dict(compression="zstd", use_dictionary=False),
+}
+DEFAULT_PARQUET_OPTIONS = dict(compression="zstd")
