@@ -142,7 +142,7 @@ def _run(prep, eng, rt, pol: Policy, progress) -> pl.DataFrame:
         cows = eng.apply_snapshot(s, now)
         rt.on_snapshot(s, now)
         c = eng.counters()
-        units = np.asarray(rt.units(), dtype=np.int64)
+        units = np.array(rt.units(), dtype=np.int64)  # a copy: runtimes keep counting in place
         busy = int(rt.busy_ns())
         kvals = rt.counters()
         frames = c["frames_in_use"]
