@@ -100,7 +100,7 @@ def replay(
         eng = ReferenceEngine(prep)
     ctx = RunContext(prep=prep, engine=eng, timing_ps=tcost.timing_ps(), hz=hz, start_ns=start_ns, seed=int(seed))
     rt = pol.runtime(ctx)
-    table = _run(prep, eng, rt, pol, make(progress))
+    table, procs = _run(prep, eng, rt, pol, make(progress))
     counters = eng.counters()
     extras = {
         "contract_violations": counters["contract_violations"],
@@ -114,7 +114,7 @@ def replay(
             f"policy {pol.name!r} broke the engine contract {counters['contract_violations']} times "
             "(merged unequal content or a page it does not own)"
         )
-    res = RunResult(spec=spec, table=table, latency_hist=eng.latency_hist(), extras=extras)
+    res = RunResult(spec=spec, table=table, latency_hist=eng.latency_hist(), extras=extras, procs=procs)
     res.summary = res.compute_summary(report_cost)
     return res
 
@@ -137,6 +137,7 @@ def _run(prep, eng, rt, pol: Policy, progress) -> pl.DataFrame:
     prev_units = np.zeros(N_UNITS, dtype=np.int64)
     prev_busy = 0
     kc = list(pol.kernel_counters)
+    proc_parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
     for s in range(n):
         now = int(times[s])
         cows = eng.apply_snapshot(s, now)
@@ -170,12 +171,26 @@ def _run(prep, eng, rt, pol: Policy, progress) -> pl.DataFrame:
         for i, u in enumerate(UNIT_NAMES):
             row[f"u_{u}"] = int(units[i] - prev_units[i])
         rows.append(row)
+        cand, merged = eng.per_process()
+        live = np.flatnonzero(cand > 0)
+        proc_parts.append((s, live, cand[live], merged[live]))
         prev_eng, prev_units, prev_busy = c, units, busy
         if s + 1 < n:
             rt.run_until(int(times[s + 1]))
         progress(s + 1, n, f"snapshot {s + 1}/{n}")
     schema = {k: (pl.Int64 if k not in ("t_s", "merge_latency_sum_s", "daemon_busy_s") else pl.Float64) for k in rows[0]}
-    return pl.DataFrame(rows, schema=schema)
+    table = pl.DataFrame(rows, schema=schema)
+    snaps = np.concatenate([np.full(len(live), s, np.int64) for s, live, _, _ in proc_parts]) if proc_parts else np.zeros(0, np.int64)
+    idx = np.concatenate([live for _, live, _, _ in proc_parts]).astype(np.int64) if proc_parts else np.zeros(0, np.int64)
+    procs = pl.DataFrame({
+        "snap": snaps,
+        "proc": idx,
+        "pid": prep.proc_pid[idx] if len(idx) else np.zeros(0, np.int64),
+        "comm": [prep.proc_comm[i] for i in idx.tolist()],
+        "candidate_pages": np.concatenate([c for _, _, c, _ in proc_parts]) if proc_parts else np.zeros(0, np.int64),
+        "merged_pages": np.concatenate([m for _, _, _, m in proc_parts]) if proc_parts else np.zeros(0, np.int64),
+    })
+    return table, procs
 
 
 def compare(

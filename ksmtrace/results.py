@@ -57,6 +57,7 @@ class RunResult:
     latency_hist: np.ndarray
     extras: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    procs: pl.DataFrame | None = None  # per snapshot and process: candidate_pages, merged_pages
 
     @property
     def run_id(self) -> str:
@@ -94,6 +95,8 @@ class RunResult:
         edges = lat_bin_edges_ms()
         upper = np.append(edges[1:], edges[-1] * 2)
         k = int(np.searchsorted(np.cumsum(h), q * tot, side="left"))
+        if k == 0:  # under 1 ms: reported as 0
+            return 0.0
         return float(upper[min(k, len(upper) - 1)]) / 1000.0
 
     def compute_summary(self, cost: CostModel | str | None = None) -> dict[str, Any]:
@@ -150,6 +153,11 @@ class RunResult:
         tmp = pq_path.with_name("." + pq_path.name + ".tmp")
         self.table.write_parquet(tmp)
         os.replace(tmp, pq_path)
+        if self.procs is not None:
+            pp = d / f"{self.run_id}.procs.parquet"
+            tmpp = pp.with_name("." + pp.name + ".tmp")
+            self.procs.write_parquet(tmpp)
+            os.replace(tmpp, pp)
         tmpj = js_path.with_name("." + js_path.name + ".tmp")
         tmpj.write_text(json.dumps(self.to_json(), indent=1) + "\n")
         os.replace(tmpj, js_path)  # the JSON is written last: its presence marks a complete result
@@ -179,9 +187,17 @@ class RunResult:
             raise ResultError(f"{pq_path}: missing (the per-snapshot table of {p.name})") from None
         except Exception as exc:  # polars raises several types for bad files
             raise ResultError(f"{pq_path}: not a readable Parquet file ({str(exc).splitlines()[0][:120]})") from None
+        procs_path = p.parent / (p.stem + ".procs.parquet")
+        procs = None
+        if procs_path.exists():
+            try:
+                procs = pl.read_parquet(procs_path)
+            except Exception as exc:
+                raise ResultError(f"{procs_path}: not a readable Parquet file ({str(exc).splitlines()[0][:120]})") from None
         return cls(
             spec=obj["spec"],
             table=table,
+            procs=procs,
             latency_hist=np.array(obj.get("latency_hist", []), dtype=np.int64),
             extras=obj.get("extras", {}),
             summary=obj.get("summary", {}),

@@ -44,3 +44,7 @@ def main(argv=None):
     except KeyboardInterrupt:  # pragma: no cover - interactive
         click.echo("ksmtrace: interrupted", err=True)
         sys.exit(130)
+
+
+# Commands live one per module; importing them registers them on ``cli``.
+from ksmtrace.cli import commands as _commands  # noqa: E402,F401

@@ -219,5 +219,16 @@ class ReferenceEngine:
         assert tuple(vals) == COUNTER_NAMES
         return vals
 
+    def per_process(self) -> tuple[np.ndarray, np.ndarray]:
+        n = self.prep.n_procs
+        cand = np.zeros(n, dtype=np.int64)
+        merged = np.zeros(n, dtype=np.int64)
+        for pg, p in self.pages.items():
+            proc = int(self.prep.page_proc[pg])
+            cand[proc] += 1
+            if p.zero_ksm or (p.frame != ZERO_FRAME and self.frame_of(p.frame).ksm):
+                merged[proc] += 1
+        return cand, merged
+
     def latency_hist(self) -> np.ndarray:
         return np.array(self.lat, dtype=np.int64)

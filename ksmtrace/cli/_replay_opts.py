@@ -1,0 +1,25 @@
+"""Options shared by replay, compare and sweep."""
+from __future__ import annotations
+
+import click
+
+from ksmtrace.policies.base import parse_assignments
+
+
+def replay_options(f):
+    f = click.option("--engine", type=click.Choice(["fast", "reference"]), default="fast", show_default=True,
+                     help="fast (numba arrays) or reference (the page-by-page executable spec).")(f)
+    f = click.option("--scope", type=click.Choice(["recorded", "anon"]), default=None,
+                     help="Candidate pages: recorded = what ksmd scans (mergeable VMAs); anon = every private anonymous page. Default: the policy's.")(f)
+    f = click.option("--cost", "cost", type=click.Path(dir_okay=False), default=None,
+                     help="Cost file (JSON, from `ksmtrace calibrate`) for CPU seconds in the report.")(f)
+    f = click.option("--timing-cost", type=click.Path(dir_okay=False), default=None,
+                     help="Cost file the daemon's virtual clock uses (default: the shipped one).")(f)
+    f = click.option("--start", "start_s", type=float, default=0.0, show_default=True,
+                     help="Virtual time (s after the first snapshot) at which the daemon starts.")(f)
+    f = click.option("--seed", type=int, default=0, show_default=True, help="Seed for policies with random choices.")(f)
+    return f
+
+
+def params_from(items) -> dict:
+    return parse_assignments(list(items or ()))
