@@ -12,7 +12,7 @@ class FastEngine:
     def __init__(self, prep) -> None:
         self.prep = prep
         self.E = st.new_arrays(prep)
-        self._proc_new = np.zeros(max(prep.n_procs, 1), dtype=np.bool_)
+        self._proc_new = np.zeros(prep.n_procs, dtype=np.bool_)
         self.now = 0
 
     def apply_snapshot(self, s: int, now: int) -> int:

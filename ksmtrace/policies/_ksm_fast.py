@@ -609,7 +609,8 @@ def _cpu_now(K):
 
 @njit(cache=True)
 def _advisor(K):
-    scan_time = (K.sc[S_NOW] - K.sc[S_ADV_START]) // 1000000 // 1000
+    now = K.sc[S_NOW] + work_ns(K.bunits, K.units, K.timing)
+    scan_time = (now - K.sc[S_ADV_START]) // 1000000 // 1000
     if scan_time == 0:
         scan_time = 1
     cpu_time = _cpu_now(K)
@@ -647,7 +648,7 @@ def scan_get_next_rmap_item(E, K):
         return -1
     if K.sc[S_CUR] == head:
         if K.P[P_ADVISOR] == 1:
-            K.sc[S_ADV_START] = K.sc[S_NOW]
+            K.sc[S_ADV_START] = K.sc[S_NOW] + work_ns(K.bunits, K.units, K.timing)
         K.units[U_SCAN_STARTS] += 1
         K.sc[S_UNCOUNT] = 0  # the unstable root is reset (entries of older scans are invalid)
         K.sc[S_CUR] = K.mm_next[head]

@@ -149,6 +149,14 @@ class Policy:
     default_scope: ClassVar[str] = "recorded"
     kernel_counters: ClassVar[tuple[str, ...]] = ()
     requires: ClassVar[frozenset[str]] = frozenset()
+    # parameter -> (another value, scenario name, base parameters): the contract suite checks that
+    # the other value changes some result on that scenario (ksmtrace.testing.scenarios)
+    sensitivity: ClassVar[dict] = {}
+
+    @classmethod
+    def budget_limit(cls, params: "Params"):
+        """``(counter, n)``: the counter may grow by at most n per wake-up (None: no budget)."""
+        return None
 
     def __init__(self, params: Params | Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         if isinstance(params, Params):

@@ -108,6 +108,32 @@ class KSM(Policy):
         "stable_node_chains", "stable_node_dups", "rmap_items", "pages_to_scan",
     )
 
+    _ADV = {"advisor_mode": "scan-time"}
+    # a heavy clock (10 ms per page visit) so that full scans take seconds and the advisor's CPU
+    # percentage is large enough for its target and CPU cap to bind
+    _ADV_SLOW = {"advisor_mode": "scan-time", "advisor_min_pages_to_scan": 20, "sleep_millisecs": 100,
+                 "timing_cost": {"pages_visited": 10_000_000}}
+    sensitivity = {
+        "profile": ("6.10", "mixed", {}),
+        "pages_to_scan": (37, "mixed", {}),
+        "sleep_millisecs": (7, "mixed", {}),
+        "smart_scan": (False, "mixed", {}),
+        "use_zero_pages": (True, "mixed", {}),
+        "max_page_sharing": (3, "mixed", {}),
+        "stable_node_chains_prune_millisecs": (0, "mixed", {"max_page_sharing": 3}),
+        "advisor_mode": ("scan-time", "mixed", {}),
+        "advisor_target_scan_time": (1, "mixed-slow", _ADV_SLOW),
+        "advisor_max_cpu": (1, "mixed-slow", {**_ADV_SLOW, "advisor_target_scan_time": 1}),
+        "advisor_min_pages_to_scan": (50, "mixed", _ADV),
+        "advisor_max_pages_to_scan": (600, "mixed", _ADV),
+    }
+
+    @classmethod
+    def budget_limit(cls, params):
+        if params.advisor_mode == "scan-time":
+            return ("pages_scanned", params.advisor_max_pages_to_scan)
+        return ("pages_scanned", params.pages_to_scan)
+
     def runtime(self, ctx: RunContext):
         if ctx.engine.kind == "reference":
             return KsmReference(self.params, ctx)
@@ -284,7 +310,7 @@ class KsmReference:
             return None
         if self.cursor is None:  # start of a full scan
             if self.p.advisor_mode == "scan-time":
-                self.adv_start = self.now
+                self.adv_start = self.now + int(work_ns(self._batch_units, self.unit_counts, self.ctx.timing_ps))
             self.charge("scan_starts")
             self.unstable = {}  # root_unstable_tree = RB_ROOT
             self.unstable_count = 0
@@ -635,7 +661,9 @@ class KsmReference:
     # --- advisor -----------------------------------------------------------------------------------
     def scan_time_advisor(self) -> None:
         p = self.p
-        scan_time = (self.now - self.adv_start) // 1_000_000 // 1000
+        # ktime_get() at the end of the scan: the batch's start plus the work done so far in it
+        now = self.now + int(work_ns(self._batch_units, self.unit_counts, self.ctx.timing_ps))
+        scan_time = (now - self.adv_start) // 1_000_000 // 1000
         scan_time = scan_time if scan_time else 1
         cpu_time = self._cpu_now()
         cpu_ms = (cpu_time - self.adv_cpu) // 1000 // 1000

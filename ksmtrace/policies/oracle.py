@@ -60,7 +60,8 @@ class OracleReference(_NoDaemon):
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
         self.eng = ctx.engine
-        self.holder: dict[int, int] = {}  # content -> a candidate page holding it
+        self.kpage: dict[int, tuple[int, int]] = {}  # content -> (KSM frame, generation)
+        self.holder: dict[int, int] = {}  # content -> the one unmerged page holding it
 
     def on_snapshot(self, s: int, now: int) -> None:
         prep, eng = self.ctx.prep, self.eng
@@ -72,13 +73,18 @@ class OracleReference(_NoDaemon):
             if c == 0:
                 eng.merge_zero(pg, now)
                 continue
+            k = self.kpage.get(c)
+            if k is not None and eng.frame_alive(*k):
+                eng.merge(pg, k[0], now)
+                continue
             h = self.holder.get(c)
-            if h is None or eng.cid(h) != c or h == pg:
+            if h is None or h == pg or eng.cid(h) != c:
                 self.holder[c] = pg
                 continue
             if eng.frame(h) == eng.frame(pg):
                 continue
-            eng.stabilize(h)
+            gen = eng.stabilize(h)
+            self.kpage[c] = (eng.frame(h), gen)
             eng.merge(pg, eng.frame(h), now)
 
 
@@ -86,16 +92,19 @@ class OracleFast(_NoDaemon):
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
         self.E = ctx.engine.E
-        self.holder = np.full(ctx.prep.n_cids, -1, dtype=np.int64)
+        n = ctx.prep.n_cids
+        self.holder = np.full(n, -1, dtype=np.int64)
+        self.kframe = np.full(n, -1, dtype=np.int64)
+        self.kgen = np.zeros(n, dtype=np.int64)
 
     def on_snapshot(self, s: int, now: int) -> None:
         p = self.ctx.prep
         sl = p.events(s)
-        _oracle_step(self.E, p.ev_pg[sl], p.ev_kind[sl], self.holder, now)
+        _oracle_step(self.E, p.ev_pg[sl], p.ev_kind[sl], self.holder, self.kframe, self.kgen, now)
 
 
 @njit(cache=True)
-def _oracle_step(E, pgs, kinds, holder, now):
+def _oracle_step(E, pgs, kinds, holder, kframe, kgen, now):
     for i in range(len(pgs)):
         k = kinds[i]
         pg = pgs[i]
@@ -105,11 +114,16 @@ def _oracle_step(E, pgs, kinds, holder, now):
         if c == 0:
             st.merge_zero(E, pg, now)
             continue
+        if kframe[c] > 0 and st.frame_alive(E, kframe[c], kgen[c]):
+            st.merge(E, pg, kframe[c], now)
+            continue
         h = holder[c]
-        if h < 0 or E.cid[h] != c or h == pg:
+        if h < 0 or h == pg or E.cid[h] != c:
             holder[c] = pg
             continue
         if E.frame[h] == E.frame[pg]:
             continue
-        st.stabilize(E, h)
+        gen = st.stabilize(E, h)
+        kframe[c] = E.frame[h]
+        kgen[c] = gen
         st.merge(E, pg, E.frame[h], now)

@@ -1,0 +1,116 @@
+"""Standard small traces for policy tests: deterministic, built in code, each exercising a behaviour.
+
+``scenario(name, path)`` writes the trace and returns it opened.  Policies name the scenario on
+which each of their parameters must change the result (``Policy.sensitivity``), and the contract
+suite checks it, so a parameter that is not wired up fails a test.
+
+* ``mixed`` — four processes over 40 snapshots 50 ms apart: duplicates within and across
+  processes, many copies of one content (for sharing limits and chains), zero-filled pages, pages
+  rewritten every few snapshots (COW breaks, volatile pages), stable unique pages (smart_scan),
+  a forked child sharing frames, a process that exits, a huge page with zero subpages; one of the
+  processes is in another security domain.
+* ``mixed-slow`` — the same, 0.5 s apart (20 s in all), for behaviour that needs full scans of
+  several seconds (the scan-time advisor).
+* ``random-N`` — a seeded random trace (``random-7``): churn, forks and exits.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+from ksmtrace.testing.builders import make_trace
+
+
+def mixed_snapshots(n_snaps: int = 40) -> list[dict]:
+    snaps = []
+    for s in range(n_snaps):
+        pages: dict[tuple[int, int], Any] = {}
+        # proc 0: a big run of one content (chains at small max_page_sharing), zero pages, uniques
+        for v in range(24):
+            pages[(0, v)] = "hot"
+        for v in range(24, 32):
+            pages[(0, v)] = 0
+        for v in range(32, 60):
+            pages[(0, v)] = f"u0-{v}"
+        # proc 1: shares some contents with proc 0 and rewrites a region every 5 snapshots
+        for v in range(10):
+            pages[(1, v)] = "hot" if v < 4 else f"t{v % 3}"
+        for v in range(10, 20):
+            pages[(1, v)] = f"t{v % 3}" if (s // 5) % 2 == 0 else f"w{s // 5}-{v}"
+        for v in range(20, 26):
+            pages[(1, v)] = 0
+        # proc 2: exits at snapshot 25; stable uniques and a few template pages
+        if s < 25:
+            for v in range(12):
+                pages[(2, v)] = f"t{v % 3}" if v < 6 else f"u2-{v}"
+        # proc 3: a huge page (zero subpages and template subpages), in another domain
+        for v in range(512, 512 + 16):
+            pages[(3, v)] = {"c": 0 if v % 2 else "t1", "thp": "H"} if s < 30 else (0 if v % 2 else "t1")
+        # proc 4: forked from proc 0 at snapshot 12: shares proc 0's frames until it writes
+        if s >= 12:
+            for v in range(0, 32):
+                c = pages[(0, v)]
+                if s >= 20 and v % 4 == 0:
+                    pages[(4, v)] = f"child-{v}"
+                else:
+                    pages[(4, v)] = {"c": c, "frame": ("fork", v)}
+                    if s < 20 or v % 4 != 0:
+                        pages[(0, v)] = {"c": c, "frame": ("fork", v)}
+        # a late page identical to the hot content appears in proc 1 (first-visit merges in 6.10)
+        if s >= 15:
+            pages[(1, 40)] = "hot"
+        snaps.append(pages)
+    return snaps
+
+
+MIXED_PROCS = {3: {"uid": 1000, "cgroup": "/other"}, 4: {"ppid": 1000}}
+
+
+def random_snapshots(seed: int, nproc: int = 3, npages: int = 60, nsnap: int = 12, ncontent: int = 8) -> list[dict]:
+    """A random trace with churn, a fork at snapshot 4 and an exit at snapshot 8."""
+    rnd = random.Random(seed)
+    state: dict = {}
+    for p in range(nproc):
+        for v in range(npages):
+            if rnd.random() < 0.8:
+                state[(p, v)] = rnd.choice([0] + [f"c{i}" for i in range(ncontent)] + [f"u{p}_{v}"])
+    snaps = []
+    for s in range(nsnap):
+        new = dict(state)
+        for k in list(new):
+            r = rnd.random()
+            if r < 0.08:
+                new[k] = rnd.choice([0] + [f"c{i}" for i in range(ncontent)] + [f"w{s}_{k}"])
+            elif r < 0.11:
+                del new[k]
+        for _ in range(rnd.randint(0, 6)):
+            p = rnd.randrange(nproc)
+            v = rnd.randrange(npages + 10)
+            new[(p, v)] = rnd.choice([0] + [f"c{i}" for i in range(ncontent)])
+        if s == 4 and nproc > 1:
+            for (p, v), c in list(new.items()):
+                if p == 0:
+                    new[(p, v)] = {"c": c, "frame": ("F", v, c)}
+                    new[(nproc, v)] = {"c": c, "frame": ("F", v, c)}
+        if s == 5:
+            for k in [k for k in new if k[0] == nproc]:
+                if rnd.random() < 0.5:
+                    new[k] = new[k]["c"] if isinstance(new[k], dict) else new[k]
+        if s == 8:
+            for k in [k for k in new if k[0] == 1]:
+                del new[k]
+        snaps.append(new)
+        state = {k: (v["c"] if isinstance(v, dict) else v) for k, v in new.items()}
+    return snaps
+
+
+def scenario(name: str, path: str | os.PathLike):
+    if name == "mixed":
+        return make_trace(path, mixed_snapshots(), interval=0.05, procs=MIXED_PROCS)
+    if name == "mixed-slow":  # the same pages, 0.5 s apart (for multi-second full scans)
+        return make_trace(path, mixed_snapshots(), interval=0.5, procs=MIXED_PROCS)
+    if name.startswith("random-"):
+        seed = int(name.split("-", 1)[1])
+        return make_trace(path, random_snapshots(seed), interval=0.03)
+    raise ValueError(f"unknown scenario {name!r}")

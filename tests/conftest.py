@@ -1,0 +1,28 @@
+import os
+import tempfile
+
+import pytest
+
+# Tests load only ksmtrace's own policies, never draw progress bars, plot with Agg, and keep
+# prepared-trace caches in a private directory.
+os.environ.setdefault("KSMTRACE_LOAD_PLUGINS", "none")
+os.environ["KSMTRACE_PROGRESS"] = "0"
+os.environ.setdefault("MPLBACKEND", "Agg")
+_cache = tempfile.mkdtemp(prefix="ksmtrace-test-cache-")
+os.environ.setdefault("KSMTRACE_CACHE_DIR", _cache)
+
+
+@pytest.fixture(scope="session")
+def scenarios(tmp_path_factory):
+    """Standard scenario traces, built once per session: scenarios("mixed")."""
+    from ksmtrace.testing.scenarios import scenario
+
+    base = tmp_path_factory.mktemp("scenarios")
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = scenario(name, base / name)
+        return cache[name]
+
+    return get

@@ -1,0 +1,143 @@
+"""The engine's ground truth, the trace preparation and the reference == fast equivalence."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ksmtrace.replay import replay
+from ksmtrace.testing import make_trace
+from ksmtrace.trace.prepare import EV_APPEAR, EV_GONE, EV_THP, EV_UNMERGE, EV_WRITE
+
+ENGINES = ["reference", "fast"]
+
+
+def test_baselines_count_frames_not_hashes(tmp_path):
+    snap = {
+        (0, 0): {"c": "a", "frame": "F"},  # fork-shared: one frame for two pages
+        (1, 0): {"c": "a", "frame": "F"},
+        (0, 1): "a",  # a third copy in its own frame
+        (0, 2): 0,  # two zero-filled private pages
+        (0, 3): 0,
+        (0, 4): {"c": 0, "zero_page": True},  # maps the kernel zero page: no frame, never scanned
+        (0, 5): "u",
+    }
+    tr = make_trace(tmp_path / "t", [snap])
+    p = tr.prepare("recorded", cache=False)
+    assert p.base_pages[0] == 6  # the zero-page mapping is not a candidate
+    assert p.base_frames[0] == 5  # F, a, 0, 0, u
+    assert p.oracle_frames[0] == 2  # a, u (zero pages map the zero page)
+    assert p.oracle_saved[0] == 3
+    assert p.zero_filled[0] == 2
+    assert p.zero_page_mapped[0] == 1
+    # naive: 7 present pages, 3 distinct hashes (a, zero, u)
+    assert p.hash_dup_pages[0] == 4
+
+
+def test_event_classification(tmp_path):
+    s0 = {(0, 0): "a", (0, 1): "b", (0, 2): "c", (0, 3): "d", (0, 4): {"c": "e", "thp": "T"}, (0, 5): {"c": "k", "ksm": True}}
+    s1 = {
+        (0, 0): "a",  # unchanged: no event
+        (0, 1): "B",  # written
+        (0, 3): {"c": "d", "mergeable": False},  # still mapped, no longer mergeable: unmerge
+        (0, 4): "e",  # THP split by someone else: membership only
+        (0, 5): "k",  # stopped being a real-kernel KSM page with the same content: a write
+        (0, 6): "n",  # new
+    }  # (0, 2) gone
+    tr = make_trace(tmp_path / "t", [s0, s1])
+    p = tr.prepare("recorded", cache=False)
+    sl = p.events(1)
+    got = {int(pg): int(k) for pg, k in zip(p.ev_pg[sl], p.ev_kind[sl])}
+    vpn = {int(v): i for i, v in enumerate(p.page_vpn)}
+    assert got == {vpn[1]: EV_WRITE, vpn[2]: EV_GONE, vpn[3]: EV_UNMERGE, vpn[4]: EV_THP, vpn[5]: EV_WRITE, vpn[6]: EV_APPEAR}
+    # under scope anon the non-mergeable page stays a candidate: no unmerge event
+    pa = tr.prepare("anon", cache=False)
+    sla = pa.events(1)
+    assert vpn[3] not in set(pa.ev_pg[sla].tolist())
+
+
+def test_real_ksm_pages_are_not_grouped_as_one_frame(tmp_path):
+    """Pages the real kernel had merged share a PFN, but the replay simulates merging itself."""
+    snap = {(0, v): {"c": "a", "ksm": True, "frame": "K"} for v in range(4)}
+    tr = make_trace(tmp_path / "t", [snap])
+    p = tr.prepare("recorded", cache=False)
+    assert p.base_frames[0] == 4 and p.oracle_saved[0] == 3
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_oracle_reaches_the_bound_exactly(scenarios, engine):
+    for scen in ("mixed", "random-5", "random-6"):
+        o = replay(scenarios(scen), "oracle", engine=engine)
+        assert (o.table["frames_saved"] == o.table["oracle_saved"]).all()
+        assert o.summary["merge_latency_p50_s"] == 0.0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cow_breaks_and_exposed_merges(tmp_path, engine):
+    s0 = {(0, 0): "a", (1, 0): "a", (2, 0): "a"}
+    s1 = {(0, 0): "a", (1, 0): "x", (2, 0): "a"}
+    tr = make_trace(tmp_path / "t", [s0, s1], procs={2: {"cgroup": "/vm2"}})
+    o = replay(tr, "oracle", engine=engine)
+    assert o.table["cow_breaks"].to_list() == [0, 1]
+    assert o.table["merges"].to_list() == [2, 0]
+    assert o.table["exposed_merges"].to_list() == [1, 0]  # proc 2 is in another cgroup
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_thp_split_maps_zero_subpages_to_the_zero_page_on_612(tmp_path, engine):
+    """KSM splits a THP before merging a subpage; since 6.12 the split maps the huge page's
+    all-zero subpages to the shared zero page: memory saved that no KSM counter reports."""
+    huge = {(0, v): {"c": (0 if v >= 4 else "t"), "thp": "H"} for v in range(16)}
+    other = {(1, 0): "t"}
+    snaps = [{**huge, **other}] * 4
+    tr = make_trace(tmp_path / "t", snaps, interval=0.05)
+    r612 = replay(tr, "ksm", {"profile": "6.12"}, engine=engine)
+    r611 = replay(tr, "ksm", {"profile": "6.11"}, engine=engine)
+    last612, last611 = r612.table.row(3, named=True), r611.table.row(3, named=True)
+    assert last612["thp_zero_remapped"] == 12 and last611["thp_zero_remapped"] == 0
+    assert last612["ksm_zero_pages"] == 0
+    # 6.11 merges the twelve zero subpages into one KSM page (11 frames) and the 't' pages (4)
+    assert last611["frames_saved"] == 11 + 4
+    # 6.12: the split freed all twelve zero subpages; the 't' pages merge as before
+    assert last612["frames_saved"] == 12 + 4
+    assert last612["pages_sharing"] == 4 and last611["pages_sharing"] == 11 + 4
+
+
+# --- reference == fast on generated traces ----------------------------------------------------
+contents = st.sampled_from([0, "a", "b", "c", "d"])
+
+
+@st.composite
+def traces(draw):
+    nproc = draw(st.integers(1, 3))
+    nsnap = draw(st.integers(2, 6))
+    snaps = []
+    state = {}
+    for s in range(nsnap):
+        new = dict(state)
+        for _ in range(draw(st.integers(0, 12))):
+            key = (draw(st.integers(0, nproc - 1)), draw(st.integers(0, 15)))
+            action = draw(st.integers(0, 9))
+            if action == 0:
+                new.pop(key, None)
+            else:
+                new[key] = draw(contents) if action < 8 else f"u{s}{key}"
+        snaps.append(new)
+        state = new
+    return snaps
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(snaps=traces(), pts=st.integers(1, 12), mps=st.integers(2, 4), zero=st.booleans(), profile=st.sampled_from(["6.12", "6.11", "6.10", "3.18"]))
+def test_reference_equals_fast_on_generated_traces(tmp_path_factory, snaps, pts, mps, zero, profile):
+    d = tmp_path_factory.mktemp("gen")
+    tr = make_trace(d / "t", snaps, interval=0.02)
+    params = {"pages_to_scan": pts, "sleep_millisecs": 5, "profile": profile}
+    if profile != "3.18":
+        params.update(max_page_sharing=mps, use_zero_pages=zero)
+    for pol, p in (("ksm", params), ("oracle", {})):
+        a = replay(tr, pol, p, engine="reference")
+        b = replay(tr, pol, p, engine="fast")
+        assert a.table.equals(b.table), pol
+        assert a.procs.equals(b.procs)
+        assert np.array_equal(a.latency_hist, b.latency_hist)
+        assert (b.table["frames_saved"] <= b.table["oracle_saved"]).all()

@@ -1,0 +1,206 @@
+"""The ksm policy, rule by rule, on tiny hand-built traces with the kernel's expected numbers.
+
+Every test runs both engines (reference and fast) and expects the same numbers from each.  The
+daemon's clock is made exact: a zero-cost timing model and hz=0, so ksmd wakes precisely every
+``sleep_millisecs``; snapshots (identical unless the test changes a page) are placed between
+wake-ups to read the counters at chosen moments.
+"""
+import pytest
+
+from ksmtrace.engine.cost import DEFAULT_NS, CostModel
+from ksmtrace.replay import replay
+from ksmtrace.testing import make_trace
+
+ZERO = CostModel(ns={u: 0.0 for u in DEFAULT_NS}, name="zero")
+ENGINES = ["reference", "fast"]
+
+
+def run(tmp_path, snaps, params, times, engine, cost=ZERO, name="t", procs=None):
+    tr = make_trace(tmp_path / name, snaps, times=times, procs=procs)
+    return replay(tr, "ksm", params, engine=engine, timing_cost=cost, hz=0)
+
+
+def col(res, name):
+    return res.table[name].to_list()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_identical_pages_merge_in_second_full_scan_611(tmp_path, engine):
+    """6.11: two identical never-written pages merge in the second full scan, not the first.
+
+    4 pages, pages_to_scan=4: wake 0 (t=0) visits all 4 (first visits: volatile); wake 1 (10 ms)
+    finds the end of the list: full_scans=1 and the rest of the budget is lost; wake 2 (20 ms)
+    starts scan 2 and merges.  Snapshots at 0, 5, 15, 25 ms read the counters in between.
+    """
+    page = {(0, 0): "a", (0, 1): "b", (0, 2): "a", (0, 3): "c"}
+    res = run(tmp_path, [page] * 4, {"pages_to_scan": 4, "sleep_millisecs": 10}, [0, 0.005, 0.015, 0.025], engine)
+    assert col(res, "full_scans") == [0, 0, 1, 1]
+    assert col(res, "pages_scanned") == [0, 4, 4, 8]  # wake 1 scanned nothing: budget lost
+    assert col(res, "pages_sharing") == [0, 0, 0, 1]
+    assert col(res, "pages_shared") == [0, 0, 0, 1]
+    assert col(res, "frames_saved") == [0, 0, 0, 1]
+    assert col(res, "pages_volatile") == [0, 4, 4, 0]
+    # 'b' and 'c' sit in the unstable tree after scan 2
+    assert col(res, "pages_unshared") == [0, 0, 0, 2]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_first_visit_merge_610_but_not_611(tmp_path, engine):
+    """A new page equal to an existing KSM page merges on its first visit under 6.10 (stable
+    search before the checksum), but needs a second, unchanged visit under 6.11."""
+    base = {(0, 0): "a", (0, 1): "a"}
+    later = dict(base)
+    later[(1, 0)] = "a"
+    snaps = [base, base, later, later, later]
+    times = [0, 0.025, 0.035, 0.045, 0.055]
+    p = {"pages_to_scan": 10, "sleep_millisecs": 10}
+    r610 = run(tmp_path, snaps, {**p, "profile": "6.10"}, times, engine, name="a")
+    r611 = run(tmp_path, snaps, {**p, "profile": "6.11"}, times, engine, name="b")
+    # by 25 ms both have merged the first pair (scans at 0 and 10 ms)
+    assert col(r610, "pages_sharing")[1] == 1 and col(r611, "pages_sharing")[1] == 1
+    # the new page appears at 35 ms; its mm is inserted behind the cursor (at the tail, the
+    # cursor being at the list head between scans) and first visited by the 40 ms scan
+    assert col(r610, "pages_sharing")[3] == 2  # 6.10: merged at its first visit (40 ms)
+    assert col(r611, "pages_sharing")[3] == 1  # 6.11: first visit only records the checksum
+    assert col(r611, "pages_sharing")[4] == 2  # ... and merges at the second (50 ms)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_unstable_tree_is_empty_at_the_start_of_each_full_scan(tmp_path, engine):
+    """y (proc 0) turns into x's content after both were put in the unstable tree.  In the next
+    scan y is volatile and x re-enters the (new) tree; in the scan after that y is visited first
+    and does NOT find x (inserted in the previous scan, the tree was reset), so the merge happens
+    only when x is visited, one batch later (pages_to_scan=1)."""
+    s0 = {(0, 0): "b", (1, 0): "a"}
+    s1 = {(0, 0): "a", (1, 0): "a"}
+    # wakes every 10 ms, one page per wake: scan k visits y at 30k ms (+0/10) and x at +10 ms
+    # scan 1: y 0, x 10, end 20 | scan 2: y 30, x 40, end 50 | y changes at 55 ms
+    # scan 3: y 60 (volatile), x 70 (inserted) , end 80 | scan 4: y 90 (inserted: no x), x 100 (merge)
+    times = [0, 0.055, 0.095, 0.105]
+    res = run(tmp_path, [s0, s1, s1, s1], {"pages_to_scan": 1, "sleep_millisecs": 10}, times, engine)
+    assert col(res, "full_scans") == [0, 2, 3, 3]
+    assert col(res, "pages_sharing") == [0, 0, 0, 1]
+    # at 95 ms y has just been inserted into the new tree (x's entry from scan 3 is stale)
+    assert col(res, "pages_unshared")[2] == 2  # y now + x's stale item from scan 3 (lazy)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_smart_scan_skips_by_age(tmp_path, engine):
+    """A page that never merges is processed P P P P S P S S P S S S S P S*8 P (kernel's skip_age)."""
+    page = {(0, 0): "lonely"}
+    n = 24
+    times = [0.0] + [0.005 + 0.010 * i for i in range(n)]
+    res = run(tmp_path, [page] * (n + 1), {"pages_to_scan": 100, "sleep_millisecs": 10}, times, engine)
+    scanned = col(res, "pages_scanned")
+    skipped = col(res, "pages_skipped")
+    pattern = "".join("P" if scanned[i + 1] > scanned[i] else "S" for i in range(n) if scanned[i + 1] + skipped[i + 1] > scanned[i] + skipped[i])
+    assert pattern == "PPPPSPSSPSSSSP" + "S" * 8 + "P" + "S"  # 24 visits
+    off = run(tmp_path, [page] * (n + 1), {"pages_to_scan": 100, "sleep_millisecs": 10, "smart_scan": 0}, times, engine, name="off")
+    assert col(off, "pages_skipped")[-1] == 0 and col(off, "pages_scanned")[-1] == n
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("copies,shared,sharing,unshared,chains,dups", [
+    (257, 1, 255, 1, 0, 0),  # the 257th copy finds the only KSM page full and waits alone
+    (258, 2, 256, 0, 1, 2),  # with a partner it starts a new dup: a chain of two
+])
+def test_max_page_sharing_chains(tmp_path, engine, copies, shared, sharing, unshared, chains, dups):
+    page = {(0, v): "same" for v in range(copies)}
+    res = run(tmp_path, [page] * 3, {"pages_to_scan": 1000, "sleep_millisecs": 10}, [0, 0.015, 0.035], engine)
+    last = res.table.row(2, named=True)
+    assert (last["pages_shared"], last["pages_sharing"], last["pages_unshared"]) == (shared, sharing, unshared)
+    assert (last["stable_node_chains"], last["stable_node_dups"]) == (chains, dups)
+    assert last["frames_saved"] == sharing  # each KSM page saves its mappings minus one
+    assert last["oracle_saved"] == copies - 1
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_zero_pages_with_and_without_use_zero_pages(tmp_path, engine):
+    page = {(0, v): 0 for v in range(5)}
+    page[(0, 9)] = "x"
+    times = [0, 0.015, 0.025]
+    off = run(tmp_path, [page] * 3, {"pages_to_scan": 100, "sleep_millisecs": 10}, times, engine, name="off")
+    r = off.table.row(1, named=True)  # after scan 2: the zero pages are one ordinary KSM page
+    assert (r["pages_shared"], r["pages_sharing"], r["ksm_zero_pages"], r["frames_saved"]) == (1, 4, 0, 4)
+    on = run(tmp_path, [page] * 3, {"pages_to_scan": 100, "sleep_millisecs": 10, "use_zero_pages": 1}, times, engine, name="on")
+    r1, r2 = on.table.row(1, named=True), on.table.row(2, named=True)
+    assert (r1["pages_shared"], r1["pages_sharing"], r1["ksm_zero_pages"], r1["frames_saved"]) == (0, 0, 5, 5)
+    assert r1["rmap_items"] == 6 and r1["pages_volatile"] == 5  # zero-mapped items linger ...
+    assert r2["rmap_items"] == 1  # ... until the cursor passes their (now zero-page) addresses
+    assert r2["general_profit"] == 5 * 4096 - 1 * 64
+    assert r2["oracle_saved"] == 5 == r2["frames_saved"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_write_to_merged_page_is_one_cow_and_counters_wait_for_the_scanner(tmp_path, engine):
+    a = {(0, 0): "a", (0, 1): "a", (0, 2): "u"}
+    b = {(0, 0): "a", (0, 1): "written", (0, 2): "u"}
+    # scans at 0 and 10 ms merge the pair; the write lands at 15 ms; the next scan is at 20 ms
+    res = run(tmp_path, [a, a, b, b], {"pages_to_scan": 100, "sleep_millisecs": 10}, [0, 0.012, 0.015, 0.025], engine)
+    assert col(res, "cow_breaks") == [0, 0, 1, 0]
+    assert col(res, "cow_ksm") == [0, 0, 1, 1]
+    assert col(res, "frames_saved") == [0, 1, 0, 0]  # the engine knows at once
+    assert col(res, "pages_sharing") == [0, 1, 1, 0]  # ksmd only when it revisits the page
+    assert col(res, "pages_shared") == [0, 1, 1, 1]  # the KSM page keeps its last mapping
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_advisor_new_pages_to_scan_after_a_full_scan(tmp_path, engine):
+    """scan_time_advisor by hand.  1200 pages, advisor on (pages_to_scan starts at 500), a clock
+    where each page visit costs 1 ms of ksmd CPU and nothing else costs anything, sleep 100 ms:
+    batches at 0 s (500 visits, 0.5 s), 0.6 s (500, 0.5 s), 1.2 s (200 visits, then the end of
+    the scan at 1.4 s).  scan_time = 1400 ms / 1000 = 1 s; cpu = 1200 ms -> cpu_percent = 120;
+    factor = 200*100/1 = 20000; change = ewma(0, 100) = 30; pages = 500*100/20000*30/100 = 0;
+    per_page_cost = 500/120 = 4; pages = min(0, 4*70) = 0 -> max(0, 4*10) = 40 -> min(40, 30000).
+    """
+    cost = CostModel(ns={**{u: 0.0 for u in DEFAULT_NS}, "pages_visited": 1e6}, name="visits")
+    page = {(0, v): f"u{v}" for v in range(1200)}
+    res = run(tmp_path, [page] * 3, {"sleep_millisecs": 100, "advisor_mode": "scan-time"}, [0, 1.1, 1.5], engine, cost=cost)
+    assert col(res, "pages_to_scan") == [500, 500, 40]
+    assert col(res, "full_scans") == [0, 0, 1]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fork_child_of_ksm_page_is_appended_beyond_the_limit(tmp_path, engine):
+    """A KSM page reached through a forked mm is appended to its stable node (pages_sharing+1 per
+    child page) even when the node is full, without a new merge (the kernel's bypass)."""
+    parent = {(0, v): {"c": "same", "frame": ("p", v)} for v in range(3)}
+    # the child's pages show the parent's PFNs; the parent's pages were merged away meanwhile,
+    # so a fork now maps the parent's KSM page
+    forked = {**parent, **{(1, v): {"c": "same", "frame": ("p", v)} for v in range(3)}}
+    res = run(tmp_path, [parent, parent, forked, forked], {"pages_to_scan": 100, "sleep_millisecs": 10, "max_page_sharing": 3},
+              [0, 0.012, 0.014, 0.025], engine)
+    before, last = res.table.row(1, named=True), res.table.row(3, named=True)
+    assert (before["pages_shared"], before["pages_sharing"], before["frames_saved"]) == (1, 2, 2)
+    assert last["candidate_pages"] == 6 and last["merges"] == 0
+    assert (last["pages_shared"], last["pages_sharing"], last["stable_node_chains"]) == (1, 5, 0)
+    assert last["frames_saved"] == 2  # one frame for six mappings; without dedup three (fork)
+    assert last["oracle_saved"] == 2
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_oracle_bounds_ksm_at_every_snapshot(scenarios, engine):
+    for scen in ("mixed", "random-3", "random-4"):
+        k = replay(scenarios(scen), "ksm", {"pages_to_scan": 50}, engine=engine)
+        o = replay(scenarios(scen), "oracle", engine=engine)
+        assert (k.table["frames_saved"] <= o.table["frames_saved"]).all()
+        assert (o.table["frames_saved"] == o.table["oracle_saved"]).all()
+
+
+def test_daemon_takes_the_time_its_work_costs(tmp_path):
+    """Aggressive settings scan slower than budget/sleep: with 1 ms per visit and 100 visits per
+    wake, a 10 ms sleep gives one wake every 110 ms, not every 10 ms."""
+    cost = CostModel(ns={**{u: 0.0 for u in DEFAULT_NS}, "pages_visited": 1e6}, name="visits")
+    page = {(0, v): f"u{v}" for v in range(1000)}
+    res = run(tmp_path, [page, page], {"pages_to_scan": 100, "sleep_millisecs": 10, "smart_scan": 0}, [0, 1.0], "fast", cost=cost)
+    assert res.table["u_wakeups"][1] == 10  # 0, 110, ..., 990 ms
+    assert res.table["pages_scanned"][1] == 1000
+
+
+def test_jiffy_rounding_of_the_sleep(tmp_path):
+    """At HZ=250 a 20 ms sleep lasts 20-24 ms (timer wheel rounding): 1 s holds 42-50 wakes, not 50."""
+    page = {(0, 0): "a"}
+    tr = make_trace(tmp_path / "j", [page, page], times=[0, 1.0])
+    res = replay(tr, "ksm", {}, timing_cost=ZERO, hz=250)
+    assert 41 <= res.table["u_wakeups"][1] <= 50
+    assert res.table["u_wakeups"][1] == 42  # each sleep is exactly 6 jiffies from a tick boundary

@@ -1,0 +1,147 @@
+"""The public trace reader: snapshots, deltas, reconstruction, and one clear error per bad trace."""
+import json
+import os
+import stat
+
+import polars as pl
+import pytest
+
+from ksmtrace.errors import TraceError, TraceVersionError
+from ksmtrace.testing import content_hash, make_trace
+from ksmtrace.trace import schema as S
+from ksmtrace.trace.reader import open_trace
+
+SNAPS = [
+    {(0, 1): "a", (0, 2): "b", (1, 7): 0},
+    {(0, 1): "a", (0, 2): "c", (1, 7): 0, (1, 8): "a"},  # (0,2) changed, (1,8) new
+    {(0, 1): "a", (1, 8): "a"},  # (0,2) and (1,7) gone
+]
+
+
+@pytest.fixture
+def trace(tmp_path):
+    return make_trace(tmp_path / "t", SNAPS, keyframe_every=2)
+
+
+def test_snapshots_and_times(trace):
+    assert trace.n_snapshots == 3
+    assert trace.times_s == [0.0, 1.0, 2.0]
+    assert trace.manifest["format_version"] == S.FORMAT_VERSION
+
+
+def test_deltas_hold_only_changes(trace):
+    d = dict(trace.deltas())
+    ops1 = {(r["proc"], r["vpn"]): r["op"] for r in d[1].iter_rows(named=True)}
+    assert ops1 == {(0, 2): S.OP_CHANGED, (1, 8): S.OP_NEW}
+    ops2 = {(r["proc"], r["vpn"]): r["op"] for r in d[2].iter_rows(named=True)}
+    assert ops2 == {(0, 2): S.OP_GONE, (1, 7): S.OP_GONE}
+
+
+@pytest.mark.parametrize("snap", [0, 1, 2])
+def test_reconstruct_any_snapshot(trace, snap):
+    full = trace.snapshot(snap)
+    got = {(r["proc"], r["vpn"]): r["hash"] for r in full.iter_rows(named=True)}
+    want = {k: content_hash(0 if c == 0 else c) for k, c in SNAPS[snap].items()}
+    assert got == want
+    zero = full.filter((pl.col("flags") & S.F_ZERO_FILLED) != 0)
+    assert set(zip(zero["proc"].to_list(), zero["vpn"].to_list())) == {k for k, c in SNAPS[snap].items() if c == 0}
+
+
+def test_prepared_content_ids_are_dense(trace):
+    p = trace.prepare("recorded", cache=False)
+    assert p.n_pages == 4
+    assert sorted(set(p.ev_cid.tolist()) - {-1}) == list(range(p.n_cids))
+
+
+def test_files_are_private(trace):
+    for root, dirs, files in os.walk(trace.path):
+        for d in dirs:
+            assert stat.S_IMODE(os.stat(os.path.join(root, d)).st_mode) == 0o700
+        for f in files:
+            assert stat.S_IMODE(os.stat(os.path.join(root, f)).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(trace.path).st_mode) == 0o700
+
+
+def test_missing_manifest(trace):
+    os.unlink(trace.path / "manifest.json")
+    with pytest.raises(TraceError, match="manifest.json: missing manifest"):
+        open_trace(trace.path)
+
+
+def test_unknown_version(trace):
+    m = json.loads((trace.path / "manifest.json").read_text())
+    m["format_version"] = 99
+    (trace.path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(TraceVersionError, match="version 99"):
+        open_trace(trace.path)
+
+
+def test_foreign_manifest(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "manifest.json").write_text('{"format": "something-else"}')
+    with pytest.raises(TraceError, match="not a ksmtrace manifest"):
+        open_trace(tmp_path / "x")
+
+
+def test_truncated_parquet_names_the_file(trace):
+    f = trace.path / "pages" / "snap-000001.parquet"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    tr = open_trace(trace.path)
+    with pytest.raises(TraceError, match="snap-000001.parquet"):
+        tr.read_table("pages")
+
+
+def test_foreign_parquet_names_the_file(trace):
+    f = trace.path / "pages" / "snap-000002.parquet"
+    pl.DataFrame({"x": [1, 2]}).write_parquet(f)
+    with pytest.raises(TraceError, match=r"snap-000002.parquet: foreign Parquet file"):
+        open_trace(trace.path).read_table("pages")
+
+
+def test_torn_log_line_is_an_uncommitted_snapshot(trace):
+    log = trace.path / "snapshots.jsonl"
+    with open(log, "ab") as fh:
+        fh.write(b'{"snap": 3, "t_ns": 12')  # a crash in the middle of committing snapshot 3
+    assert open_trace(trace.path).n_snapshots == 3
+
+
+def test_corrupt_log_line(trace):
+    log = trace.path / "snapshots.jsonl"
+    lines = log.read_bytes().split(b"\n")
+    lines[1] = b"garbage"
+    log.write_bytes(b"\n".join(lines))
+    with pytest.raises(TraceError, match="line 2 is corrupt"):
+        open_trace(trace.path)
+
+
+def test_not_a_directory(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(TraceError, match="is a directory"):
+        open_trace(tmp_path / "f")
+    with pytest.raises(TraceError, match="no such trace"):
+        open_trace(tmp_path / "missing")
+
+
+def test_any_parquet_reader_opens_the_tables(trace):
+    df = pl.scan_parquet(str(trace.path / "pages" / "*.parquet")).collect()
+    assert set(df["snap"].unique().to_list()) == {0, 1, 2}
+    assert df.height == sum(e["files"]["pages"]["rows"] for e in trace.snapshots)
+
+
+def test_writer_undoes_a_failed_commit(tmp_path):
+    """A failure while committing a snapshot leaves the trace exactly as it was."""
+    import pyarrow as pa
+
+    from ksmtrace.trace.writer import TraceWriter
+
+    w = TraceWriter(tmp_path / "w", host={}, capture={}, tracer={"name": "t"})
+    empty = S.PAGES_SCHEMA.empty_table()
+    w.commit_snapshot(0, 0, 0, {"pages": empty}, keyframe=True)
+    bad = pa.table({"snap": [1]})  # not castable to the processes schema
+    with pytest.raises(Exception):
+        w.commit_snapshot(1, 1, 1, {"pages": empty, "processes": bad}, keyframe=False)
+    assert not (tmp_path / "w" / "pages" / "snap-000001.parquet").exists()
+    assert open_trace(tmp_path / "w").n_snapshots == 1
+    w.commit_snapshot(1, 2, 2, {"pages": empty}, keyframe=False)
+    assert open_trace(tmp_path / "w").n_snapshots == 2
