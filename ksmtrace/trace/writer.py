@@ -177,6 +177,9 @@ class TraceWriter:
                 )
                 written.append(final)
                 entry["files"][name] = {"path": rel, "rows": table.num_rows, "bytes": final.stat().st_size}
+            # the renames must be durable before the log line names the files
+            for d in sorted({p.parent for p in written}):
+                _fsync_dir(d)
             line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
             fd = os.open(self._log, os.O_WRONLY | os.O_APPEND)
             try:

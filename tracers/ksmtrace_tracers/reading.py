@@ -1,0 +1,127 @@
+"""Read and hash the present pages of one process, batch by batch, in a reused 4 MiB buffer."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ksmtrace_tracers.hashing import PageHasher
+from ksmtrace_tracers.pvr import PageFiller, ProcessGone, ReadDenied
+
+
+@dataclass
+class ReadResult:
+    hash: np.ndarray  # uint64 [n]; 0 where the read failed
+    failed: np.ndarray  # bool [n]
+    sample: np.ndarray | None = None  # uint32 [n] (fingerprints)
+    pfx: dict[int, np.ndarray] | None = None  # N -> uint32 [n] (fingerprints)
+    bytes_pvr: int = 0
+    bytes_mem: int = 0
+    gone: bool = False
+    denied: bool = False
+
+    @property
+    def bytes_read(self) -> int:
+        return self.bytes_pvr + self.bytes_mem
+
+
+class ContentStore:
+    """Content-addressed page contents for ``--contents``: each distinct content once per trace.
+
+    Contents found during a snapshot are *pending* until the snapshot commits; a discarded
+    snapshot forgets them (so a later snapshot stores them again)."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+        self.pending: dict[int, bytes] = {}
+
+    def add_batch(self, hashes: np.ndarray, ok: np.ndarray, slices: list[memoryview], k: int) -> None:
+        seen, pending = self.seen, self.pending
+        for i, h in enumerate(hashes[:k].tolist()):
+            if h in seen or h in pending or not ok[i]:
+                continue
+            pending[h] = bytes(slices[i])
+
+    def add(self, h: int, data: bytes) -> None:
+        if h not in self.seen and h not in self.pending:
+            self.pending[h] = data
+
+    def take(self) -> tuple[list[int], list[bytes]]:
+        keys = sorted(self.pending)
+        return keys, [self.pending[k] for k in keys]
+
+    def commit(self) -> None:
+        self.seen.update(self.pending)
+        self.pending.clear()
+
+    def discard(self) -> None:
+        self.pending.clear()
+
+
+@dataclass
+class PageReader:
+    """Reads and hashes pages of processes, batch by batch, in one reused buffer (one per capture,
+    or per worker process).
+
+    Overlapping the read of batch k+1 (in a helper thread: process_vm_readv and preadv release the
+    GIL) with the hashing of batch k was tried and measured slower here: xxhash holds the GIL for
+    the whole batch, so the helper thread cannot even start its system call until the hashing ends,
+    and the hand-off costs more than it saves.  Parallelism comes from ``--workers`` processes."""
+
+    hasher: PageHasher
+    batch_pages: int = 1024
+    allow_pvr: bool = True
+    filler: PageFiller = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.filler = PageFiller(self.batch_pages, self.allow_pvr)
+        self.slices = self.hasher.slices(self.filler.mv, self.batch_pages)
+        self.pslices = self.hasher.prefix_slices(self.filler.mv, self.batch_pages) if self.hasher.fingerprints else None
+
+    def close(self) -> None:
+        self.filler.close()
+
+    def read(self, pid: int, vpns: np.ndarray, use_pvr: np.ndarray, contents: ContentStore | None = None) -> ReadResult:
+        """Read pages ``vpns`` (sorted) of ``pid``; ``use_pvr`` says which may be read with
+        process_vm_readv (exclusive, non-KSM pages), the rest go through /proc/PID/mem."""
+        n = len(vpns)
+        res = ReadResult(hash=np.zeros(n, np.uint64), failed=np.ones(n, bool))
+        fp = self.hasher.fingerprints
+        if fp:
+            res.sample = np.zeros(n, np.uint32)
+            res.pfx = {ln: np.zeros(n, np.uint32) for ln in self.pslices}  # type: ignore[union-attr]
+        if n == 0:
+            return res
+        f = self.filler
+        f.open(pid)
+        b0p, b0m = f.bytes_pvr, f.bytes_mem
+        B = self.batch_pages
+        try:
+            for group, by_pvr in ((np.flatnonzero(use_pvr), True), (np.flatnonzero(~use_pvr), False)):
+                for lo in range(0, len(group), B):
+                    gi = group[lo : lo + B]
+                    k = len(gi)
+                    ok = f.fill(vpns[gi], by_pvr)
+                    h = self.hasher.hash(self.slices, k)
+                    if not ok.all():
+                        h[~ok] = 0
+                    res.hash[gi] = h
+                    res.failed[gi] = ~ok
+                    if fp:
+                        s = self.hasher.samples(f.buf, k)
+                        s[~ok] = 0
+                        res.sample[gi] = s  # type: ignore[index]
+                        for ln, arr in self.hasher.prefixes(self.pslices, k).items():  # type: ignore[arg-type]
+                            arr[~ok] = 0
+                            res.pfx[ln][gi] = arr  # type: ignore[index]
+                    if contents is not None:
+                        contents.add_batch(h, ok, self.slices, k)
+        except ProcessGone:
+            res.gone = True
+        except ReadDenied:
+            res.denied = True
+        finally:
+            res.bytes_pvr = f.bytes_pvr - b0p
+            res.bytes_mem = f.bytes_mem - b0m
+            f.close()
+        return res
