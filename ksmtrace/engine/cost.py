@@ -46,6 +46,7 @@ UNITS: dict[str, tuple[str, bool]] = {
     "list_moves": ("work-list operations", True),
     "hashtable_ops": ("hash-table lookups, inserts and removals", True),
     "cow_copies": ("copy-on-write copies after a write to a merged page (paid by the writer)", False),
+    "fault_table_ops": ("hash-table updates made by the write-fault handler (a COW drops a shared entry's reference; paid by the writer)", False),
 }
 UNIT_NAMES = tuple(UNITS)
 UNIT_INDEX = {name: i for i, name in enumerate(UNIT_NAMES)}
@@ -78,6 +79,7 @@ DEFAULT_NS: dict[str, float] = {
     "list_moves": 10.0,
     "hashtable_ops": 40.0,
     "cow_copies": 1500.0,
+    "fault_table_ops": 40.0,
 }
 DEFAULT_COST_FILE = Path(__file__).with_name("default_costs.json")
 

@@ -63,9 +63,12 @@ Where it deliberately differs:
   make a merge fail; the rmap walk always reaches every mapping.
 * The zero-check / memcmp results use the snapshot content at the wake-up's virtual time.
 * ``rmap_item`` allocations happen in the faulting task (not charged to pksmd); frees are charged.
+  ``pages_visited`` counts every page pksmd looks at: ``cmp_and_merge_page`` calls, recheck
+  examinations and (``pksm-delay``) probation visits.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
@@ -90,7 +93,6 @@ class PksmParams(Params):
     recheck_rotate: bool = param(False, "quirk switch: rotate unchanged items in the recheck walk (False = PKSM's head-only walk)")
     collision_counts_as_merge: bool = param(True, "quirk switch: a failed full compare still counts as a merge (PKSM's err=0 bug)")
     track_cow_pages: bool = param(False, "quirk switch: register COW copies as new pages (False = only do_anonymous_page registers)")
-    sampled_hash: str = param("auto", "tree key: auto = the trace's sampled hash if recorded, else collision-free; modelled = always collision-free", choices=("auto", "modelled"))
 
 
 class PKSM(Policy):
@@ -105,6 +107,16 @@ class PKSM(Policy):
         "stable_nodes", "rmap_items", "new_list", "rescan_list", "collision_merges",
     )
     delay = False
+    # the contract suite (ksmtrace.testing.contract): parameter -> (other value, scenario, base)
+    _RECHECK = {"pages_to_scan": 5, "sleep_millisecs": 100}
+    sensitivity = {
+        "pages_to_scan": (2, "mixed", {}),
+        "sleep_millisecs": (200, "mixed", {}),
+        "period_seconds": (1, "mixed", _RECHECK),
+        "recheck_rotate": (True, "mixed", {**_RECHECK, "period_seconds": 1}),
+        "collision_counts_as_merge": (False, "random-2", {}),  # stale unstable items after rewrites
+        "track_cow_pages": (True, "mixed", {}),
+    }
 
     def runtime(self, ctx: RunContext):
         if ctx.engine.kind == "reference":
@@ -116,7 +128,7 @@ class PKSM(Policy):
 
 # ---------------------------------------------------------------------------------------------
 # shared set-up (both runtimes): the tree key of every arrival event
-def event_keys(prep, mode: str) -> tuple[np.ndarray, int, int, str]:
+def event_keys(prep, mode: str = "auto") -> tuple[np.ndarray, int, int, str]:
     """Per-event tree key (dense int), number of keys, the zero page's key, and a description.
 
     With a recorded sampled hash the keys are the dense ranks of the sampled hashes (equal sampled
@@ -170,7 +182,7 @@ class PksmReference:
         self.prep = ctx.prep
         self.eng = ctx.engine
         self.delay = delay
-        self.ev_key, self.n_keys, self.zero_key, self.hash_desc = event_keys(ctx.prep, params.sampled_hash)
+        self.ev_key, self.n_keys, self.zero_key, self.hash_desc = event_keys(ctx.prep)
         self.unit_counts = np.zeros(N_UNITS, dtype=np.int64)
         # the policy's view of page -> frame (the rmap) and frame -> its pages, its item
         self.pg_frame: dict[int, int] = {}
@@ -330,7 +342,7 @@ class PksmReference:
             self.t_wake = int(next_wake(self.t_wake + w, self.p.sleep_millisecs, self.ctx.hz))
 
     def ksm_do_scan(self, n: int) -> None:
-        local: list[Item] = []
+        local: deque[Item] = deque()
         # 1. the new list (list_move: each taken item goes in front of the previous ones)
         scan = 0
         while self.new_list:
@@ -346,7 +358,7 @@ class PksmReference:
                     self.prob_ended += 1
                 it.where = "local"
                 it.inksm = True
-                local.insert(0, it)
+                local.appendleft(it)
             if scan > n:
                 break
             scan += 1
@@ -397,6 +409,7 @@ class PksmReference:
         if it.cnt > self.prob_n and self.now - it.t0 >= self.prob_ns:
             return True
         it.wake = self.wake_no
+        self.charge("pages_visited")
         self.charge("sampled_hashes")
         h = self._key(it)
         if it.seen >= 0 and h != it.seen:
@@ -590,6 +603,7 @@ class PksmReference:
             if limit >= 0 and scan >= limit:
                 break
             if it.frame >= 0 and it.tree == "unstable":
+                self.charge("pages_visited")
                 self.charge("sampled_hashes")
                 c = self._key(it)
                 if c != it.checksum:
