@@ -1,0 +1,236 @@
+"""What every ksmtrace figure shares: a fixed style, run labels, units, titles and saving.
+
+Figures are :class:`matplotlib.figure.Figure` objects drawn on an Agg canvas; pyplot is never
+imported, so plotting changes no global matplotlib state (and works with no display).  Output is
+deterministic: fixed sizes and DPI, no dates in the file metadata, a fixed SVG hash salt.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ksmtrace._version import __version__
+from ksmtrace.errors import KsmtraceError
+
+PAGE_SIZE = 4096
+MIB = 1024 * 1024
+DPI = 100
+UNITS = ("MiB", "frames")
+FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
+
+STYLE: dict[str, Any] = {
+    "svg.hashsalt": "ksmtrace",
+    "svg.fonttype": "path",
+    "font.family": "DejaVu Sans",
+    "font.size": 9.0,
+    "axes.titlesize": 10.0,
+    "axes.labelsize": 9.0,
+    "legend.fontsize": 7.5,
+    "xtick.labelsize": 8.0,
+    "ytick.labelsize": 8.0,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.6,
+    "lines.linewidth": 1.4,
+    "figure.dpi": DPI,
+    "savefig.dpi": DPI,
+    "path.simplify": True,
+    "axes.prop_cycle": matplotlib.cycler(color=[
+        "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
+        "#bcbd22", "#7f7f7f",
+    ]),
+    "image.cmap": "viridis",
+}
+COLORS: list[str] = list(STYLE["axes.prop_cycle"].by_key()["color"])
+ORACLE_COLOR = "#000000"
+NAIVE_COLOR = "#888888"
+
+
+@contextmanager
+def style():
+    """The fixed style every figure is built and saved under."""
+    with matplotlib.rc_context(STYLE):
+        yield
+
+
+def new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def color(i: int) -> str:
+    return COLORS[i % len(COLORS)]
+
+
+# --- units ---------------------------------------------------------------------------------------
+def check_units(units: str) -> str:
+    if units not in UNITS:
+        raise KsmtraceError(f"unknown units {units!r} (units: {', '.join(UNITS)})")
+    return units
+
+
+def frames_to(values, units: str):
+    """Frame counts in ``units`` (``MiB``: 4 KiB frames × 4096 / 2**20)."""
+    if units == "MiB":
+        return values * (PAGE_SIZE / MIB)
+    return values
+
+
+def unit_label(units: str) -> str:
+    return "MiB" if units == "MiB" else "4 KiB frames"
+
+
+# --- labels ------------------------------------------------------------------------------------
+def _defaults(policy: str) -> dict[str, Any] | None:
+    try:
+        from ksmtrace.policies.registry import get_policy
+
+        return {p["name"]: p["default"] for p in get_policy(policy).parameter_table()}
+    except Exception:  # a policy this installation does not have: show every parameter
+        return None
+
+
+def changed_params(spec: dict[str, Any]) -> dict[str, Any]:
+    """The run's parameters that differ from the policy's defaults (all of them if unknown)."""
+    params = dict(spec.get("params") or {})
+    defaults = _defaults(spec.get("policy", ""))
+    if defaults is None:
+        return params
+    return {k: v for k, v in params.items() if k not in defaults or defaults[k] != v}
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def params_text(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={_fmt_value(v)}" for k, v in params.items())
+
+
+_DISAMBIGUATE = ("trace_name", "scope", "engine", "seed", "start_ns", "timing_cost_name")
+
+
+def run_labels(results: Sequence, with_policy: bool = True) -> list[str]:
+    """One short, unique legend label per run: the policy and its parameters that are not at their
+    defaults or that differ between the runs of that policy (so a sweep's axes are always named)."""
+    varying: dict[str, set[str]] = {}
+    by_policy: dict[str, list] = {}
+    for r in results:
+        by_policy.setdefault(r.spec.get("policy", "?"), []).append(r)
+    for pol, rs in by_policy.items():
+        keys: set[str] = set()
+        for k in {k for r in rs for k in (r.spec.get("params") or {})}:
+            if len({repr((r.spec.get("params") or {}).get(k)) for r in rs}) > 1:
+                keys.add(k)
+        varying[pol] = keys
+    labels = []
+    for r in results:
+        pol = r.spec.get("policy", "?")
+        shown = changed_params(r.spec)
+        params = dict(r.spec.get("params") or {})
+        for k in varying.get(pol, ()):
+            shown.setdefault(k, params.get(k))
+        shown = {k: params[k] for k in params if k in shown}  # the policy's own parameter order
+        p = params_text(shown)
+        if with_policy:
+            labels.append(f"{pol} {p}".strip() if p else f"{pol} (defaults)")
+        else:
+            labels.append(p or f"{pol} (defaults)")
+    groups: dict[str, list[int]] = {}
+    for i, lab in enumerate(labels):
+        groups.setdefault(lab, []).append(i)
+    for lab, idx in groups.items():
+        if len(idx) < 2:
+            continue
+        extra_keys = [k for k in _DISAMBIGUATE if len({str(results[i].spec.get(k)) for i in idx}) > 1]
+        for i in idx:
+            extra = " ".join(f"{k.replace('_name', '')}={results[i].spec.get(k)}" for k in extra_keys)
+            labels[i] = f"{lab} [{extra}]" if extra else labels[i]
+    seen: dict[str, int] = {}
+    out = []
+    for lab in labels:  # identical runs given twice: number them
+        n = seen.get(lab, 0)
+        seen[lab] = n + 1
+        out.append(lab if n == 0 else f"{lab} #{n + 1}")
+    return out
+
+
+def _joined(values: Iterable[Any]) -> str:
+    vals = []
+    for v in values:
+        if v is not None and str(v) not in vals:
+            vals.append(str(v))
+    return ", ".join(vals) if vals else "?"
+
+
+def runs_subtitle(results: Sequence, cost_name: str | None = None, extra: str | None = None) -> str:
+    """Which trace(s), scope(s), engine(s) and cost model a figure shows."""
+    parts = [
+        ("trace " if len({r.spec.get("trace_name") for r in results}) == 1 else "traces ")
+        + _joined(r.spec.get("trace_name") for r in results),
+        "scope " + _joined(r.spec.get("scope") for r in results),
+        "engine " + _joined(r.spec.get("engine") for r in results),
+        f"{len(results)} run{'s' if len(results) != 1 else ''}",
+    ]
+    if cost_name:
+        parts.append(f"CPU from cost model {cost_name!r}")
+    parts.append("parameters not named are at their defaults")
+    text = " · ".join(parts)
+    if extra:
+        text += "\n" + extra
+    return text
+
+
+def titles(fig: Figure, title: str, subtitle: str) -> None:
+    fig.suptitle(f"{title}\n{subtitle}", fontsize=9.5, linespacing=1.5)
+
+
+def require(results: Sequence, what: str) -> None:
+    if not results:
+        raise KsmtraceError(f"{what}: no results to plot")
+
+
+# --- saving --------------------------------------------------------------------------------------
+def save(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write ``fig`` to ``path`` (PNG, SVG or PDF by suffix), deterministically and atomically."""
+    p = Path(path)
+    fmt = FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise KsmtraceError(f"{p}: unsupported image suffix {p.suffix!r} (use .png, .svg or .pdf)")
+    creator = f"ksmtrace {__version__} (matplotlib {matplotlib.__version__})"
+    if fmt == "png":
+        metadata: dict[str, Any] = {"Software": creator}
+    elif fmt == "svg":
+        metadata = {"Creator": creator, "Date": None}
+    else:
+        metadata = {"Creator": creator, "Producer": creator, "CreationDate": None, "ModDate": None}
+    if p.parent and not p.parent.exists():
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KsmtraceError(f"{p.parent}: cannot create directory ({exc.strerror})") from None
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    try:
+        with style():
+            if fig.canvas is None or not isinstance(fig.canvas, FigureCanvasAgg):
+                FigureCanvasAgg(fig)
+            fig.savefig(tmp, format=fmt, dpi=DPI, metadata=metadata)
+        os.replace(tmp, p)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise KsmtraceError(f"{p}: cannot write ({exc.strerror})") from None
+    return p

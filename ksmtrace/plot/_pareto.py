@@ -1,0 +1,104 @@
+"""Pareto: memory saved against ksmd CPU seconds and against COW breaks, one point per run."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from ksmtrace.analysis.pareto import non_dominated
+from ksmtrace.plot._common import (check_units, color, frames_to, new_figure, require, run_labels, runs_subtitle,
+                                   style, titles, unit_label)
+from ksmtrace.errors import KsmtraceError
+
+Y_METRICS = ("saved", "pct")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+
+
+def pareto_points(results: Sequence, *, y: str = "saved", units: str = "MiB", cost=None) -> dict[str, np.ndarray]:
+    """The numbers a Pareto figure plots: ``y`` (mean frames_saved in ``units``, or mean % of
+    the oracle), ``cpu_s`` (ksmd CPU seconds under ``cost``) and ``cow_breaks`` (total), per run."""
+    if y not in Y_METRICS:
+        raise KsmtraceError(f"unknown y metric {y!r} (choose {', '.join(Y_METRICS)})")
+    check_units(units)
+    if y == "saved":
+        yv = np.array([float(r.table["frames_saved"].mean() or 0.0) if r.table.height else 0.0 for r in results])
+        yv = frames_to(yv, units)
+    else:
+        vals = []
+        for r in results:
+            o = float(r.table["oracle_saved"].mean() or 0.0) if r.table.height else 0.0
+            s = float(r.table["frames_saved"].mean() or 0.0) if r.table.height else 0.0
+            vals.append(100.0 * s / o if o > 0 else np.nan)
+        yv = np.array(vals, dtype=float)
+    return {
+        "y": yv,
+        "cpu_s": np.array([r.cpu_seconds(cost) for r in results], dtype=float),
+        "cow_breaks": np.array([float(r.table["cow_breaks"].sum()) if r.table.height else 0.0 for r in results]),
+    }
+
+
+def _scale(ax, values: np.ndarray, axis_label: str) -> str:
+    """Log (or symlog, with zeros) x scale when the values span more than two decades."""
+    pos = values[np.isfinite(values) & (values > 0)]
+    if pos.size >= 2 and pos.max() / pos.min() > 100:
+        if (values <= 0).any():
+            thresh = float(pos.min())
+            ax.set_xscale("symlog", linthresh=thresh)
+            return f"{axis_label}, symlog scale (linear below {thresh:.3g})"
+        ax.set_xscale("log")
+        return f"{axis_label}, log scale"
+    return axis_label
+
+
+def pareto(results: Sequence, *, y: str = "saved", units: str = "MiB", cost=None, annotate: int = 12) -> Figure:
+    """Two panels, one point per run (colour and marker = policy): memory saved (``y='saved'``:
+    mean frames_saved in ``units``; ``y='pct'``: mean % of the oracle) against ksmd CPU seconds
+    (left) and against total COW breaks (right).  The runs no other run beats on both axes of a
+    panel (the non-dominated front: more saved, less CPU / fewer COW breaks) are ringed, joined by
+    a black staircase and labelled (up to ``annotate`` labels per panel)."""
+    from ksmtrace.engine.cost import resolve_cost_model
+
+    require(results, "pareto")
+    model = resolve_cost_model(cost)
+    pts = pareto_points(results, y=y, units=units, cost=model)
+    policies = []
+    for r in results:
+        if r.spec.get("policy") not in policies:
+            policies.append(r.spec.get("policy"))
+    labels = run_labels(results, with_policy=len(policies) > 1)
+    ylabel = f"memory saved, mean over snapshots ({unit_label(units)})" if y == "saved" else "memory saved, mean % of the oracle (%)"
+    with style():
+        fig = new_figure(12.0, 5.8)
+        axes = fig.subplots(1, 2, sharey=True)
+        panels = [
+            (axes[0], pts["cpu_s"], f"ksmd CPU time (s, cost model {model.name!r})", "CPU"),
+            (axes[1], pts["cow_breaks"], "COW breaks, total over the run (count)", "COW breaks"),
+        ]
+        for ax, xv, xlabel, what in panels:
+            front = non_dominated(maximize=[pts["y"]], minimize=[xv])
+            for j, pol in enumerate(policies):
+                idx = np.array([i for i, r in enumerate(results) if r.spec.get("policy") == pol], dtype=int)
+                ax.scatter(xv[idx], pts["y"][idx], s=28, color=color(j), marker=MARKERS[j % len(MARKERS)],
+                           alpha=0.75, label=pol, gid=f"points:{pol}", zorder=3)
+            fi = np.flatnonzero(front & np.isfinite(pts["y"]))
+            order = fi[np.lexsort((-pts["y"][fi], xv[fi]))]
+            if order.size:
+                ax.plot(xv[order], pts["y"][order], color="black", linewidth=1.0, drawstyle="steps-post", zorder=2,
+                        label=f"non-dominated front ({order.size} of {len(results)} runs)", gid="front")
+                ax.scatter(xv[order], pts["y"][order], s=90, facecolors="none", edgecolors="black", linewidths=1.2,
+                           zorder=4, gid="front-points")
+                groups: dict[tuple[float, float], list[int]] = {}  # runs at one point get one label
+                for i in order:
+                    groups.setdefault((float(xv[i]), float(pts["y"][i])), []).append(int(i))
+                for k, members in enumerate(list(groups.values())[:annotate]):
+                    i = members[0]
+                    text = labels[i] + (f" (+{len(members) - 1} more here)" if len(members) > 1 else "")
+                    ax.annotate(text, (xv[i], pts["y"][i]), xytext=(6, 6 if k % 2 == 0 else -11),
+                                textcoords="offset points", fontsize=6.5, gid=f"front-label:{results[i].run_id}")
+            ax.set_xlabel(_scale(ax, xv, xlabel))
+            ax.set_title(f"memory saved vs {what}: more is better up, less is better left", loc="left")
+            ax.legend(loc="lower right")
+        axes[0].set_ylabel(ylabel)
+        titles(fig, "Saving vs cost, one point per run", runs_subtitle(results, model.name))
+    return fig
