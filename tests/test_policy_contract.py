@@ -59,12 +59,13 @@ def test_contract_catches_an_unequal_merge(scenarios):
     class Liar(OracleFast):
         def on_snapshot(self, s, now):
             E = self.E
-            cands = (E.cid >= 1).nonzero()[0]
+            cid = E.pg[:, st.P_CID]
+            cands = (cid >= 1).nonzero()[0]
             if len(cands) >= 2:
                 a, b = cands[0], cands[-1]
-                if E.cid[a] != E.cid[b]:
+                if cid[a] != cid[b]:
                     st.stabilize(E, a)
-                    st.merge(E, b, E.frame[a], now)
+                    st.merge(E, b, E.pg[a, st.P_FRAME], now)
 
     class LiarPolicy(Oracle):
         name = "liar"

@@ -5,7 +5,7 @@ Shared by every runtime, reference and fast, so that both agree to the nanosecon
 from numba import njit
 
 
-@njit(cache=True)
+@njit
 def next_wake(t_done, sleep_ms, hz):
     """Wake-up time of a daemon that finished its work at ``t_done`` and sleeps ``sleep_ms``.
 
@@ -37,7 +37,7 @@ def next_wake(t_done, sleep_ms, hz):
     return t
 
 
-@njit(cache=True)
+@njit
 def work_ns(units_before, units_after, timing_ps):
     """Virtual time a batch of work takes: the units it used times their cost (integer ps)."""
     tot = 0

@@ -24,24 +24,17 @@ class FastEngine:
         return int(
             st.apply_events(
                 self.E, p.ev_pg[sl], p.ev_kind[sl], p.ev_cid[sl], p.ev_gid[sl], p.ev_thp[sl],
-                self._proc_new, p.page_proc, now,
+                self._proc_new, now,
             )
         )
 
     def counters(self) -> dict[str, int]:
-        return {name: int(v) for name, v in zip(st.COUNTER_NAMES, self.E.cnt)}
+        return {name: int(v) for name, v in zip(st.COUNTER_NAMES, self.E.ec[: st.N_COUNTERS])}
 
     def per_process(self) -> tuple[np.ndarray, np.ndarray]:
         """(candidate pages, merged pages) per process now; merged = mapping a KSM page or the
         zero page through the policy."""
-        E = self.E
-        cand = E.cid >= 0
-        f = np.where(E.frame > 0, E.frame, 0)
-        merged = cand & (((E.frame > 0) & (E.fksm[f] == 1)) | (E.zksm == 1))
-        n = self.prep.n_procs
-        pp = self.prep.page_proc
-        return (np.bincount(pp, weights=cand, minlength=n).astype(np.int64),
-                np.bincount(pp, weights=merged, minlength=n).astype(np.int64))
+        return st.per_process_counts(self.E, self.prep.n_procs)
 
     def latency_hist(self) -> np.ndarray:
-        return self.E.lat.copy()
+        return self.E.ec[st.LAT0 : st.TS0].copy()

@@ -51,7 +51,7 @@ COUNTER_NAMES = (
 N_LAT_BINS = 168
 
 
-@njit(cache=True)
+@njit
 def lat_bin(lat_ns):
     """Log-spaced merge-latency bin: 0 = under 1 ms, then 4 bins per octave of milliseconds."""
     x = lat_ns // 1000000
@@ -82,143 +82,151 @@ def lat_bin_edges_ms() -> np.ndarray:
     return edges
 
 
-EngineArrays = namedtuple(
-    "EngineArrays",
-    [
-        "cid",  # int32 [pages]  content now, -1 if not a candidate
-        "frame",  # int64 [pages]  frame mapped, -1 if not a candidate
-        "since",  # int64 [pages]  virtual time (ns) the page got its current content
-        "zksm",  # uint8 [pages]  1 = mapped to the zero page by the policy (use_zero_pages)
-        "thp",  # int64 [pages]  huge page id, -1
-        "dom",  # int32 [pages]  security domain of the page's process
-        "fref",  # int32 [frames] candidate pages mapping the frame
-        "fksm",  # uint8 [frames] 1 = a KSM page (write-protected, copied on write)
-        "fgen",  # int32 [frames] bumped each time the frame becomes a KSM page
-        "fcid",  # int32 [frames] content of the frame
-        "falias",  # int64 [frames] frame its pages were merged into (for fork children), -1
-        "fsince",  # int64 [frames] since when the frame's content has existed
-        "fdom",  # int32 [frames] domain of the frame's pages (-2 = mixed)
-        "tsplit",  # uint8 [thp]   1 = huge page already split
-        "cnt",  # int64 [N_COUNTERS]
-        "lat",  # int64 [N_LAT_BINS] merge-latency histogram (cumulative)
-    ],
-)
+# Packed layout: numba passes every array of a tuple to a non-inlined function separately, with
+# reference counting, so the engine keeps few, wide arrays (one row per page, one per frame).
+# page columns
+P_CID = 0  # content now, -1 if not a candidate
+P_FRAME = 1  # frame mapped, -1 if not a candidate (ZERO_FRAME = mapped to the zero page)
+P_SINCE = 2  # virtual time (ns) the page got its current content
+P_ZKSM = 3  # 1 = mapped to the zero page by the policy (use_zero_pages)
+P_THP = 4  # huge page id, -1
+P_DOM = 5  # security domain of the page's process
+P_PROC = 6  # the page's process (dense index)
+N_PCOLS = 7
+# frame columns
+F_REF = 0  # candidate pages mapping the frame
+F_KSM = 1  # 1 = a KSM page (write-protected, copied on write)
+F_GEN = 2  # bumped each time the frame becomes a KSM page
+F_CID = 3  # content of the frame
+F_ALIAS = 4  # frame its pages were merged into (for fork children), -1
+F_SINCE = 5  # since when the frame's content has existed
+F_FDOM = 6  # domain of the frame's pages (-2 = mixed)
+N_FCOLS = 7
+# ec = counters [N_COUNTERS], the merge-latency histogram [N_LAT_BINS], then one "already
+# split" flag per huge page
+LAT0 = N_COUNTERS
+TS0 = N_COUNTERS + N_LAT_BINS
+
+EngineArrays = namedtuple("EngineArrays", ["pg", "fr", "ec"])
 
 
 def new_arrays(prep) -> EngineArrays:
     n, f = prep.n_pages, prep.n_gids
-    return EngineArrays(
-        cid=np.full(n, -1, np.int32),
-        frame=np.full(n, -1, np.int64),
-        since=np.zeros(n, np.int64),
-        zksm=np.zeros(n, np.uint8),
-        thp=np.full(n, -1, np.int64),
-        dom=prep.proc_domain[prep.page_proc].astype(np.int32),
-        fref=np.zeros(f, np.int32),
-        fksm=np.zeros(f, np.uint8),
-        fgen=np.zeros(f, np.int32),
-        fcid=np.full(f, -1, np.int32),
-        falias=np.full(f, -1, np.int64),
-        fsince=np.zeros(f, np.int64),
-        fdom=np.full(f, -1, np.int32),
-        tsplit=np.zeros(max(prep.n_thp, 1), np.uint8),
-        cnt=np.zeros(N_COUNTERS, np.int64),
-        lat=np.zeros(N_LAT_BINS, np.int64),
-    )
+    pg = np.zeros((n, N_PCOLS), np.int64)
+    pg[:, P_CID] = -1
+    pg[:, P_FRAME] = -1
+    pg[:, P_THP] = -1
+    pg[:, P_DOM] = prep.proc_domain[prep.page_proc]
+    pg[:, P_PROC] = prep.page_proc
+    fr = np.zeros((f, N_FCOLS), np.int64)
+    fr[:, F_CID] = -1
+    fr[:, F_ALIAS] = -1
+    fr[:, F_FDOM] = -1
+    return EngineArrays(pg=pg, fr=fr, ec=np.zeros(TS0 + prep.n_thp, np.int64))
 
 
 # ---------------------------------------------------------------------------------------------
-# primitives (called from policies' jitted loops)
-@njit(cache=True)
+# primitives (called from policies' jitted loops; the small ones are inlined)
+@njit(inline="always")
+def cid(E, pg):
+    return E.pg[pg, P_CID]
+
+
+@njit(inline="always")
+def frame(E, pg):
+    return E.pg[pg, P_FRAME]
+
+
+@njit(inline="always")
 def is_candidate(E, pg):
-    return E.cid[pg] >= 0
+    return E.pg[pg, P_CID] >= 0
 
 
-@njit(cache=True)
+@njit(inline="always")
 def page_is_ksm(E, pg):
     """The page maps a KSM page (not the zero page)."""
-    f = E.frame[pg]
-    return f > 0 and E.fksm[f] == 1
+    f = E.pg[pg, P_FRAME]
+    return f > 0 and E.fr[f, F_KSM] == 1
 
 
-@njit(cache=True)
+@njit(inline="always")
 def frame_alive(E, f, gen):
     """Keyhole check: frame ``f`` is still the KSM page of generation ``gen``."""
-    return f > 0 and E.fref[f] > 0 and E.fksm[f] == 1 and E.fgen[f] == gen
+    return f > 0 and E.fr[f, F_REF] > 0 and E.fr[f, F_KSM] == 1 and E.fr[f, F_GEN] == gen
 
 
-@njit(cache=True)
+@njit
 def _release(E, pg):
-    f = E.frame[pg]
+    f = E.pg[pg, P_FRAME]
     if f > 0:
-        E.fref[f] -= 1
-        if E.fref[f] == 0:
-            E.cnt[C_FRAMES] -= 1
+        E.fr[f, F_REF] -= 1
+        if E.fr[f, F_REF] == 0:
+            E.ec[C_FRAMES] -= 1
 
 
-@njit(cache=True)
+@njit
 def stabilize(E, pg):
     """Make the frame ``pg`` maps a KSM page (write-protect it).  Returns its generation."""
-    f = E.frame[pg]
-    if f <= 0 or E.cid[pg] < 0:
-        E.cnt[C_VIOLATIONS] += 1
+    f = E.pg[pg, P_FRAME]
+    if f <= 0 or E.pg[pg, P_CID] < 0:
+        E.ec[C_VIOLATIONS] += 1
         return -1
-    if E.fksm[f] == 0:
-        E.fksm[f] = 1
-        E.fgen[f] += 1
-    return E.fgen[f]
+    if E.fr[f, F_KSM] == 0:
+        E.fr[f, F_KSM] = 1
+        E.fr[f, F_GEN] += 1
+    return E.fr[f, F_GEN]
 
 
-@njit(cache=True)
+@njit
 def _account_merge(E, pg, partner_since, partner_dom, now):
-    E.cnt[C_MERGES] += 1
-    s = E.since[pg]
+    E.ec[C_MERGES] += 1
+    s = E.pg[pg, P_SINCE]
     if partner_since > s:
         s = partner_since
     lat = now - s
     if lat < 0:
         lat = 0
-    E.cnt[C_LAT_SUM] += lat
-    E.lat[lat_bin(lat)] += 1
-    if partner_dom != E.dom[pg]:
-        E.cnt[C_EXPOSED] += 1
+    E.ec[C_LAT_SUM] += lat
+    E.ec[LAT0 + lat_bin(lat)] += 1
+    if partner_dom != E.pg[pg, P_DOM]:
+        E.ec[C_EXPOSED] += 1
 
 
-@njit(cache=True)
+@njit
 def merge(E, pg, f, now):
     """Map ``pg`` onto KSM page ``f`` (replace_page).  Returns True on success."""
-    if E.cid[pg] < 0 or f <= 0 or E.fref[f] <= 0 or E.fksm[f] == 0 or E.fcid[f] != E.cid[pg]:
-        E.cnt[C_VIOLATIONS] += 1
+    if E.pg[pg, P_CID] < 0 or f <= 0 or E.fr[f, F_REF] <= 0 or E.fr[f, F_KSM] == 0 or E.fr[f, F_CID] != E.pg[pg, P_CID]:
+        E.ec[C_VIOLATIONS] += 1
         return False
-    old = E.frame[pg]
+    old = E.pg[pg, P_FRAME]
     if old == f:
         return True
-    _account_merge(E, pg, E.fsince[f], E.fdom[f], now)
-    if E.fdom[f] != E.dom[pg]:
-        E.fdom[f] = -2
+    _account_merge(E, pg, E.fr[f, F_SINCE], E.fr[f, F_FDOM], now)
+    if E.fr[f, F_FDOM] != E.pg[pg, P_DOM]:
+        E.fr[f, F_FDOM] = -2
     _release(E, pg)
     if old > 0:
-        E.falias[old] = f
-    E.frame[pg] = f
-    E.fref[f] += 1
+        E.fr[old, F_ALIAS] = f
+    E.pg[pg, P_FRAME] = f
+    E.fr[f, F_REF] += 1
     return True
 
 
-@njit(cache=True)
+@njit
 def merge_zero(E, pg, now):
     """Map ``pg`` (all zero) onto the kernel zero page, as use_zero_pages does."""
-    if E.cid[pg] != 0 or E.frame[pg] <= 0:
-        E.cnt[C_VIOLATIONS] += 1
+    if E.pg[pg, P_CID] != 0 or E.pg[pg, P_FRAME] <= 0:
+        E.ec[C_VIOLATIONS] += 1
         return False
-    _account_merge(E, pg, 0, E.dom[pg], now)
+    _account_merge(E, pg, 0, E.pg[pg, P_DOM], now)
     _release(E, pg)
-    E.frame[pg] = ZERO_FRAME
-    E.zksm[pg] = 1
-    E.cnt[C_KSM_ZERO] += 1
+    E.pg[pg, P_FRAME] = ZERO_FRAME
+    E.pg[pg, P_ZKSM] = 1
+    E.ec[C_KSM_ZERO] += 1
     return True
 
 
-@njit(cache=True)
+@njit
 def split_thp(E, pg, lo, hi, remap_zero):
     """Split the huge page ``pg`` belongs to (KSM does before merging a subpage).
 
@@ -226,11 +234,11 @@ def split_thp(E, pg, lo, hi, remap_zero):
     its frame is freed and it stops being a candidate, with no KSM counter change.
     ``lo``/``hi`` bound the page ids of ``pg``'s process.  Returns the number of pages remapped.
     """
-    t = E.thp[pg]
-    if t < 0 or E.tsplit[t] == 1:
+    t = E.pg[pg, P_THP]
+    if t < 0 or E.ec[TS0 + t] == 1:
         return 0
-    E.tsplit[t] = 1
-    E.cnt[C_SPLITS] += 1
+    E.ec[TS0 + t] = 1
+    E.ec[C_SPLITS] += 1
     a = pg - 511
     if a < lo:
         a = lo
@@ -239,83 +247,104 @@ def split_thp(E, pg, lo, hi, remap_zero):
         b = hi
     n = 0
     for q in range(a, b):
-        if E.thp[q] == t:
-            E.thp[q] = -1
-            if remap_zero and E.cid[q] == 0 and E.frame[q] > 0 and E.fksm[E.frame[q]] == 0:
+        if E.pg[q, P_THP] == t:
+            E.pg[q, P_THP] = -1
+            fq = E.pg[q, P_FRAME]
+            if remap_zero and E.pg[q, P_CID] == 0 and fq > 0 and E.fr[fq, F_KSM] == 0:
                 _release(E, q)
-                E.frame[q] = -1
-                E.cid[q] = -1
-                E.cnt[C_CAND] -= 1
+                E.pg[q, P_FRAME] = -1
+                E.pg[q, P_CID] = -1
+                E.ec[C_CAND] -= 1
                 n += 1
-    E.cnt[C_ZERO_REMAP] += n
+    E.ec[C_ZERO_REMAP] += n
     return n
 
 
 # ---------------------------------------------------------------------------------------------
 # snapshot application (the engine's own job, once per snapshot)
 @njit(cache=True)
-def apply_events(E, pgs, kinds, cids, gids, thps, proc_new, page_proc, now):
+def apply_events(E, pgs, kinds, cids, gids, thps, proc_new, now):
     """Apply one snapshot's events at virtual time ``now``: removals first, then arrivals.
 
     Returns the number of COW breaks of merged pages this snapshot caused.
     """
+    P = E.pg  # local bindings: numba handles them far better than tuple fields in loops
+    F = E.fr
+    ec = E.ec
     cows = 0
     n = len(pgs)
     # 1. pages that stop being candidates or are written leave their frame
     for i in range(n):
         pg = pgs[i]
         k = kinds[i]
-        if E.cid[pg] < 0:
+        if P[pg, P_CID] < 0:
             continue
         if k == 2 or k == 3 or k == 4:  # gone, unmerge, write
-            f = E.frame[pg]
-            merged = (f > 0 and E.fksm[f] == 1) or E.zksm[pg] == 1
+            f = P[pg, P_FRAME]
+            merged = (f > 0 and F[f, F_KSM] == 1) or P[pg, P_ZKSM] == 1
             if merged and (k == 4 or k == 3):
                 cows += 1
                 if k == 3:
-                    E.cnt[C_UNMERGED] += 1
-            if E.zksm[pg] == 1:
-                E.zksm[pg] = 0
-                E.cnt[C_KSM_ZERO] -= 1
+                    ec[C_UNMERGED] += 1
+            if P[pg, P_ZKSM] == 1:
+                P[pg, P_ZKSM] = 0
+                ec[C_KSM_ZERO] -= 1
             _release(E, pg)
-            E.frame[pg] = -1
-            E.cid[pg] = -1
-            E.cnt[C_CAND] -= 1
+            P[pg, P_FRAME] = -1
+            P[pg, P_CID] = -1
+            ec[C_CAND] -= 1
         elif k == 5:
-            E.thp[pg] = thps[i]
+            P[pg, P_THP] = thps[i]
     # 2. arrivals: new candidates and the new content of written pages
     for i in range(n):
         pg = pgs[i]
         k = kinds[i]
         if not (k == 1 or k == 4):
             continue
-        if E.cid[pg] >= 0:  # already a candidate (cannot happen after step 1)
+        if P[pg, P_CID] >= 0:  # already a candidate (cannot happen after step 1)
             continue
         g = gids[i]
         c = cids[i]
+        dom = P[pg, P_DOM]
         f = g
-        if E.fref[g] == 0:
-            a = E.falias[g]
+        if F[g, F_REF] == 0:
+            a = F[g, F_ALIAS]
             # a fork child of a page that was merged away maps the KSM page its parent maps
-            if k == 1 and proc_new[page_proc[pg]] and a > 0 and E.fref[a] > 0 and E.fcid[a] == c:
+            if k == 1 and proc_new[P[pg, P_PROC]] and a > 0 and F[a, F_REF] > 0 and F[a, F_CID] == c:
                 f = a
             else:
-                E.fksm[g] = 0
-                E.fcid[g] = c
-                E.falias[g] = -1
-                E.fsince[g] = now
-                E.fdom[g] = E.dom[pg]
-        if f != g:
-            pass
-        elif E.fdom[g] != E.dom[pg]:
-            E.fdom[g] = -2
-        if E.fref[f] == 0:
-            E.cnt[C_FRAMES] += 1
-        E.fref[f] += 1
-        E.frame[pg] = f
-        E.cid[pg] = c
-        E.since[pg] = now
-        E.thp[pg] = thps[i]
-        E.cnt[C_CAND] += 1
-    E.cnt[C_COW] += cows
+                F[g, F_KSM] = 0
+                F[g, F_CID] = c
+                F[g, F_ALIAS] = -1
+                F[g, F_SINCE] = now
+                F[g, F_FDOM] = dom
+        if f == g and F[g, F_FDOM] != dom:
+            F[g, F_FDOM] = -2
+        if F[f, F_REF] == 0:
+            ec[C_FRAMES] += 1
+        F[f, F_REF] += 1
+        P[pg, P_FRAME] = f
+        P[pg, P_CID] = c
+        P[pg, P_SINCE] = now
+        P[pg, P_THP] = thps[i]
+        ec[C_CAND] += 1
+    ec[C_COW] += cows
     return cows
+
+
+@njit(cache=True)
+def per_process_counts(E, n_procs):
+    """Candidate pages and merged pages (on a KSM page or the policy's zero page) per process."""
+    P = E.pg
+    F = E.fr
+    cand = np.zeros(n_procs, np.int64)
+    merged = np.zeros(n_procs, np.int64)
+    for pg in range(P.shape[0]):
+        if P[pg, P_CID] < 0:
+            continue
+        pr = P[pg, P_PROC]
+        cand[pr] += 1
+        f = P[pg, P_FRAME]
+        if (f > 0 and F[f, F_KSM] == 1) or P[pg, P_ZKSM] == 1:
+            merged[pr] += 1
+    return cand, merged

@@ -1,11 +1,13 @@
 """The fast runtime of the ``ksm`` policy: the same algorithm as :class:`~ksmtrace.policies.ksm.KsmReference`,
 on numpy arrays inside one jitted loop per snapshot interval.
 
-Layout: rmap items are indexed by page id; stable nodes (plain, dup, chain) live in arrays with a
-free list; a node's hlist and a chain's dups are doubly linked lists threaded through the item and
-node arrays; the stable and unstable trees are content-indexed arrays (the unstable entries are
-valid only for the current full scan).  Every function mirrors one of the reference's methods and
-is kept in the same order; the differential tests hold them equal on every counter.
+Layout (packed: numba passes each array of a tuple separately, with reference counting, so the
+state lives in a few wide arrays): ``it`` one row per page = its rmap item; ``nd`` one row per
+stable node (plain, dup or chain) with a free list; a node's hlist and a chain's dups are doubly
+linked lists threaded through ``it`` and ``nd``; ``ct`` one row per content = the stable tree root
+and the unstable tree entry (valid only for the scan that set it); ``fn`` frame -> stable node;
+``mm`` the ksm_mm_head list; ``sc`` scalars, cost units and parameters.  Every function mirrors a
+method of the reference, in the same order; the per-visit path is inlined into ``run_until``.
 """
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ import numpy as np
 from numba import njit
 
 from ksmtrace.engine import state as st
-from ksmtrace.engine.clock import next_wake, work_ns
+from ksmtrace.engine.clock import next_wake
 from ksmtrace.engine.cost import N_UNITS, UNIT_INDEX
+from ksmtrace.engine.state import F_KSM, P_CID, P_FRAME, P_PROC
 from ksmtrace.errors import PolicyContractError
 
-# unit indices (compile-time constants)
+# unit indices
 U_WAKEUPS = UNIT_INDEX["wakeups"]
 U_SCAN_STARTS = UNIT_INDEX["scan_starts"]
 U_WALKED = UNIT_INDEX["addresses_walked"]
@@ -35,70 +38,62 @@ U_WP = UNIT_INDEX["write_protects"]
 U_REMAP = UNIT_INDEX["remaps"]
 U_PRUNE = UNIT_INDEX["stale_prunes"]
 
-# scalar state slots
+# sc: scalars
 S_TWAKE, S_BUSY, S_CUR, S_CURPG, S_SEQNR, S_SHARED, S_SHARING, S_UNSHARED = range(8)
 S_SCANNED, S_SKIPPED, S_CHAINS, S_DUPS, S_PTS, S_ADV_START, S_ADV_CHANGE, S_ADV_SCANTIME = range(8, 16)
 S_ADV_CPU, S_IDLE, S_UNCOUNT, S_STCOUNT, S_NFREE, S_RMAP, S_NOW, S_ERR = range(16, 24)
 N_SCALARS = 24
-
-# parameter slots
+# sc: then units, units at the batch start, picoseconds per unit, parameters
+OU = N_SCALARS
+OB = OU + N_UNITS
+OT = OB + N_UNITS
+OP = OT + N_UNITS
 P_PTS, P_SLEEP, P_SMART, P_ZERO, P_MAXSHARE, P_PRUNE, P_ADVISOR, P_TARGET = range(8)
 P_MAXCPU, P_MINPAGES, P_MAXPAGES, P_NEWORDER, P_V318, P_REMAP, P_HZ = range(8, 15)
 N_PARAMS = 15
 
+# it: rmap item columns
+I_ALLOC, I_OLD, I_AGE, I_SKIPS, I_FLAG, I_SEQ, I_UKEY, I_NODE, I_NEXT, I_PREV = range(10)
+# nd: stable node columns
+N_KIND, N_CID, N_FRAME, N_GEN, N_FIRST, N_LEN, N_CHAIN, N_DFIRST, N_DNEXT, N_DPREV, N_NDUPS, N_PRUNE, N_FREEL = range(13)
+# ct: content columns
+C_ROOT, C_UITEM, C_USCAN = range(3)
+# mm: list columns (row n_procs is ksm_mm_head)
+M_NEXT, M_PREV, M_IN, M_EXITED, M_ITEMS, M_LO, M_HI = range(7)
+
 K_FREE, K_PLAIN, K_DUP, K_CHAIN = 0, 1, 2, 3
 F_NONE, F_UNSTABLE, F_STABLE = 0, 1, 2
 
-KsmState = namedtuple(
-    "KsmState",
-    [
-        "it_alloc", "it_old", "it_age", "it_skips", "it_flag", "it_seq", "it_ukey", "it_node",
-        "it_next", "it_prev",
-        "nd_kind", "nd_cid", "nd_frame", "nd_gen", "nd_first", "nd_len", "nd_chain",
-        "nd_dfirst", "nd_dnext", "nd_dprev", "nd_ndups", "nd_prune", "nd_freelist",
-        "st_root", "fnode", "un_item", "un_scan",
-        "mm_next", "mm_prev", "mm_in", "mm_exited", "proc_items",
-        "page_proc", "pg_lo", "pg_hi",
-        "sc", "units", "bunits", "timing", "P",
-    ],
-)
+KsmState = namedtuple("KsmState", ["it", "nd", "ct", "fn", "mm", "sc"])
 
 
 def new_state(prep, params_arr: np.ndarray, timing: np.ndarray, start_ns: int) -> KsmState:
     n, c, f, np_ = prep.n_pages, prep.n_cids, prep.n_gids, prep.n_procs
     cap = 2 * n + 16
-    sc = np.zeros(N_SCALARS, np.int64)
+    it = np.zeros((n, 10), np.int64)
+    it[:, [I_OLD, I_UKEY, I_NODE, I_NEXT, I_PREV]] = -1
+    nd = np.zeros((cap, 13), np.int64)
+    nd[:, [N_CID, N_FIRST, N_CHAIN, N_DFIRST, N_DNEXT, N_DPREV]] = -1
+    nd[:, N_FREEL] = np.arange(cap - 1, -1, -1)
+    ct = np.full((c, 3), -1, np.int64)
+    mm = np.zeros((np_ + 1, 7), np.int64)
+    mm[:, M_NEXT] = np_
+    mm[:, M_PREV] = np_
+    mm[:np_, M_LO] = prep.proc_pg_lo
+    mm[:np_, M_HI] = prep.proc_pg_hi
+    sc = np.zeros(OP + N_PARAMS, np.int64)
     sc[S_TWAKE] = start_ns
     sc[S_CUR] = np_  # the head
     sc[S_PTS] = params_arr[P_MINPAGES] if params_arr[P_ADVISOR] else params_arr[P_PTS]
     sc[S_IDLE] = 1
     sc[S_NFREE] = cap
-    mm_next = np.full(np_ + 1, np_, np.int64)
-    mm_prev = np.full(np_ + 1, np_, np.int64)
-    return KsmState(
-        it_alloc=np.zeros(n, np.uint8), it_old=np.full(n, -1, np.int64), it_age=np.zeros(n, np.int64),
-        it_skips=np.zeros(n, np.int64), it_flag=np.zeros(n, np.uint8), it_seq=np.zeros(n, np.int64),
-        it_ukey=np.full(n, -1, np.int64), it_node=np.full(n, -1, np.int64),
-        it_next=np.full(n, -1, np.int64), it_prev=np.full(n, -1, np.int64),
-        nd_kind=np.zeros(cap, np.uint8), nd_cid=np.full(cap, -1, np.int64), nd_frame=np.zeros(cap, np.int64),
-        nd_gen=np.zeros(cap, np.int64), nd_first=np.full(cap, -1, np.int64), nd_len=np.zeros(cap, np.int64),
-        nd_chain=np.full(cap, -1, np.int64), nd_dfirst=np.full(cap, -1, np.int64),
-        nd_dnext=np.full(cap, -1, np.int64), nd_dprev=np.full(cap, -1, np.int64),
-        nd_ndups=np.zeros(cap, np.int64), nd_prune=np.zeros(cap, np.int64),
-        nd_freelist=np.arange(cap - 1, -1, -1, dtype=np.int64),
-        st_root=np.full(c, -1, np.int64), fnode=np.full(f, -1, np.int64),
-        un_item=np.full(c, -1, np.int64), un_scan=np.full(c, -1, np.int64),
-        mm_next=mm_next, mm_prev=mm_prev, mm_in=np.zeros(max(np_, 1), np.uint8),
-        mm_exited=np.zeros(max(np_, 1), np.uint8), proc_items=np.zeros(max(np_, 1), np.int64),
-        page_proc=prep.page_proc.astype(np.int64), pg_lo=prep.proc_pg_lo.astype(np.int64),
-        pg_hi=prep.proc_pg_hi.astype(np.int64),
-        sc=sc, units=np.zeros(N_UNITS, np.int64), bunits=np.zeros(N_UNITS, np.int64),
-        timing=timing.astype(np.int64), P=params_arr,
-    )
+    sc[OT : OT + N_UNITS] = timing
+    sc[OP : OP + N_PARAMS] = params_arr
+    return KsmState(it=it, nd=nd, ct=ct, fn=np.full(f, -1, np.int64), mm=mm, sc=sc)
 
 
 # --- small helpers --------------------------------------------------------------------------------
-@njit(cache=True)
+@njit(inline="always")
 def _bitlen(n):
     b = 0
     while n > 0:
@@ -107,453 +102,422 @@ def _bitlen(n):
     return b
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _scannable(E, pg):
-    return E.cid[pg] >= 0 and E.frame[pg] != 0
+    return E.pg[pg, P_CID] >= 0 and E.pg[pg, P_FRAME] != 0
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _node_alive(E, K, nd):
-    return st.frame_alive(E, K.nd_frame[nd], K.nd_gen[nd])
+    return st.frame_alive(E, K.nd[nd, N_FRAME], K.nd[nd, N_GEN])
 
 
-@njit(cache=True)
+@njit(inline="always")
+def _candidate(K, nd, offset):
+    if K.sc[OP + P_V318] == 1:
+        return True
+    return K.nd[nd, N_LEN] > 0 and K.nd[nd, N_LEN] + offset < K.sc[OP + P_MAXSHARE]
+
+
+@njit
 def _alloc_node(K):
     if K.sc[S_NFREE] == 0:
         K.sc[S_ERR] = 1
         return -1
     K.sc[S_NFREE] -= 1
-    nd = K.nd_freelist[K.sc[S_NFREE]]
-    K.nd_first[nd] = -1
-    K.nd_len[nd] = 0
-    K.nd_chain[nd] = -1
-    K.nd_dfirst[nd] = -1
-    K.nd_dnext[nd] = -1
-    K.nd_dprev[nd] = -1
-    K.nd_ndups[nd] = 0
+    nd = K.nd[K.sc[S_NFREE], N_FREEL]
+    K.nd[nd, N_FIRST] = -1
+    K.nd[nd, N_LEN] = 0
+    K.nd[nd, N_CHAIN] = -1
+    K.nd[nd, N_DFIRST] = -1
+    K.nd[nd, N_DNEXT] = -1
+    K.nd[nd, N_DPREV] = -1
+    K.nd[nd, N_NDUPS] = 0
     return nd
 
 
-@njit(cache=True)
+@njit
 def _free_node(K, nd):
-    K.nd_kind[nd] = K_FREE
-    K.nd_freelist[K.sc[S_NFREE]] = nd
+    K.nd[nd, N_KIND] = K_FREE
+    K.nd[K.sc[S_NFREE], N_FREEL] = nd
     K.sc[S_NFREE] += 1
 
 
-# --- mm list --------------------------------------------------------------------------------------
-@njit(cache=True)
+# --- mm list (entry points, called from Python at snapshots) --------------------------------------
+@njit
 def _list_insert_before(K, proc, before):
-    prev = K.mm_prev[before]
-    K.mm_next[prev] = proc
-    K.mm_prev[proc] = prev
-    K.mm_next[proc] = before
-    K.mm_prev[before] = proc
+    prev = K.mm[before, M_PREV]
+    K.mm[prev, M_NEXT] = proc
+    K.mm[proc, M_PREV] = prev
+    K.mm[proc, M_NEXT] = before
+    K.mm[before, M_PREV] = proc
 
 
-@njit(cache=True)
+@njit
 def _list_remove(K, proc):
-    p = K.mm_prev[proc]
-    n = K.mm_next[proc]
-    K.mm_next[p] = n
-    K.mm_prev[n] = p
+    p = K.mm[proc, M_PREV]
+    n = K.mm[proc, M_NEXT]
+    K.mm[p, M_NEXT] = n
+    K.mm[n, M_PREV] = p
 
 
 @njit(cache=True)
 def ksm_enter(K, proc, now):
-    head = len(K.mm_next) - 1
-    _list_insert_before(K, proc, K.sc[S_CUR])  # behind the cursor (the tail when at head)
-    K.mm_in[proc] = 1
+    """__ksm_enter: just behind the cursor (the tail when the cursor is at the head)."""
+    _list_insert_before(K, proc, K.sc[S_CUR])
+    K.mm[proc, M_IN] = 1
     if K.sc[S_IDLE] == 1:
         K.sc[S_IDLE] = 0
         if K.sc[S_TWAKE] < now:
             K.sc[S_TWAKE] = now
-    return head
 
 
 @njit(cache=True)
 def ksm_exit(K, proc):
-    K.mm_exited[proc] = 1
+    """__ksm_exit: free the slot if it has no items, else move it just after the cursor."""
+    K.mm[proc, M_EXITED] = 1
     if K.sc[S_CUR] == proc:
         return
     _list_remove(K, proc)
-    if K.proc_items[proc] == 0:
-        K.mm_in[proc] = 0
+    if K.mm[proc, M_ITEMS] == 0:
+        K.mm[proc, M_IN] = 0
         return
     cur = K.sc[S_CUR]
-    _list_insert_before(K, proc, K.mm_next[cur])  # just after the cursor
+    _list_insert_before(K, proc, K.mm[cur, M_NEXT])
 
 
 # --- trees ----------------------------------------------------------------------------------------
-@njit(cache=True)
+@njit
 def _hlist_del(K, pg):
-    nd = K.it_node[pg]
-    p = K.it_prev[pg]
-    n = K.it_next[pg]
+    nd = K.it[pg, I_NODE]
+    p = K.it[pg, I_PREV]
+    n = K.it[pg, I_NEXT]
     if p >= 0:
-        K.it_next[p] = n
+        K.it[p, I_NEXT] = n
     else:
-        K.nd_first[nd] = n
+        K.nd[nd, N_FIRST] = n
     if n >= 0:
-        K.it_prev[n] = p
-    K.it_next[pg] = -1
-    K.it_prev[pg] = -1
-    K.nd_len[nd] -= 1
+        K.it[n, I_PREV] = p
+    K.it[pg, I_NEXT] = -1
+    K.it[pg, I_PREV] = -1
+    K.nd[nd, N_LEN] -= 1
 
 
-@njit(cache=True)
-def remove_node_from_stable_tree(E, K, nd):
-    it = K.nd_first[nd]
+@njit
+def remove_node_from_stable_tree(K, nd):
+    it = K.nd[nd, N_FIRST]
     while it >= 0:
-        nxt = K.it_next[it]
+        nxt = K.it[it, I_NEXT]
         if nxt >= 0:
             K.sc[S_SHARING] -= 1
         else:
             K.sc[S_SHARED] -= 1
-        K.it_flag[it] = F_NONE
-        K.it_node[it] = -1
-        K.it_next[it] = -1
-        K.it_prev[it] = -1
+        K.it[it, I_FLAG] = F_NONE
+        K.it[it, I_NODE] = -1
+        K.it[it, I_NEXT] = -1
+        K.it[it, I_PREV] = -1
         it = nxt
-    K.nd_first[nd] = -1
-    K.nd_len[nd] = 0
-    K.units[U_PRUNE] += 1
-    f = K.nd_frame[nd]
-    if f >= 0 and K.fnode[f] == nd:
-        K.fnode[f] = -1
-    if K.nd_kind[nd] == K_DUP:
-        ch = K.nd_chain[nd]
-        p = K.nd_dprev[nd]
-        n = K.nd_dnext[nd]
+    K.nd[nd, N_FIRST] = -1
+    K.nd[nd, N_LEN] = 0
+    K.sc[OU + U_PRUNE] += 1
+    f = K.nd[nd, N_FRAME]
+    if f >= 0 and K.fn[f] == nd:
+        K.fn[f] = -1
+    if K.nd[nd, N_KIND] == K_DUP:
+        ch = K.nd[nd, N_CHAIN]
+        p = K.nd[nd, N_DPREV]
+        n = K.nd[nd, N_DNEXT]
         if p >= 0:
-            K.nd_dnext[p] = n
+            K.nd[p, N_DNEXT] = n
         else:
-            K.nd_dfirst[ch] = n
+            K.nd[ch, N_DFIRST] = n
         if n >= 0:
-            K.nd_dprev[n] = p
-        K.nd_ndups[ch] -= 1
+            K.nd[n, N_DPREV] = p
+        K.nd[ch, N_NDUPS] -= 1
         K.sc[S_DUPS] -= 1
     else:
-        c = K.nd_cid[nd]
-        if K.st_root[c] == nd:
-            K.st_root[c] = -1
+        c = K.nd[nd, N_CID]
+        if K.ct[c, C_ROOT] == nd:
+            K.ct[c, C_ROOT] = -1
             K.sc[S_STCOUNT] -= 1
     _free_node(K, nd)
 
 
-@njit(cache=True)
+@njit
+def _remove_stable_item(E, K, pg):
+    nd = K.it[pg, I_NODE]
+    if not _node_alive(E, K, nd):
+        remove_node_from_stable_tree(K, nd)
+        return
+    _hlist_del(K, pg)
+    if K.nd[nd, N_LEN] > 0:
+        K.sc[S_SHARING] -= 1
+    else:
+        K.sc[S_SHARED] -= 1
+    K.it[pg, I_FLAG] = F_NONE
+    K.it[pg, I_NODE] = -1
+
+
+@njit
 def remove_rmap_item_from_tree(E, K, pg):
-    fl = K.it_flag[pg]
+    it = K.it
+    fl = it[pg, I_FLAG]
     if fl == F_STABLE:
-        nd = K.it_node[pg]
-        if not _node_alive(E, K, nd):
-            remove_node_from_stable_tree(E, K, nd)
-            return
-        _hlist_del(K, pg)
-        if K.nd_len[nd] > 0:
-            K.sc[S_SHARING] -= 1
-        else:
-            K.sc[S_SHARED] -= 1
-        K.it_flag[pg] = F_NONE
-        K.it_node[pg] = -1
+        _remove_stable_item(E, K, pg)
     elif fl == F_UNSTABLE:
-        age = (K.sc[S_SEQNR] - K.it_seq[pg]) & 0xFF
+        sc = K.sc
+        ct = K.ct
+        seq = sc[S_SEQNR]
+        age = (seq - it[pg, I_SEQ]) & 0xFF
         if age > 1:
-            K.sc[S_ERR] = 2
+            sc[S_ERR] = 2
         if age == 0:
-            u = K.it_ukey[pg]
-            if K.un_item[u] == pg and K.un_scan[u] == K.sc[S_SEQNR]:
-                K.un_item[u] = -1
-            K.sc[S_UNCOUNT] -= 1
-        K.sc[S_UNSHARED] -= 1
-        K.it_flag[pg] = F_NONE
+            u = it[pg, I_UKEY]
+            if ct[u, C_UITEM] == pg and ct[u, C_USCAN] == seq:
+                ct[u, C_UITEM] = -1
+            sc[S_UNCOUNT] -= 1
+        sc[S_UNSHARED] -= 1
+        it[pg, I_FLAG] = F_NONE
 
 
-@njit(cache=True)
-def _candidate(K, nd, offset):
-    if K.P[P_V318] == 1:
-        return True
-    return K.nd_len[nd] > 0 and K.nd_len[nd] + offset < K.P[P_MAXSHARE]
+@njit(inline="always")
+def _rm_local(E, K, it, ct, sc, pg):
+    """remove_rmap_item_from_tree on local arrays: the unstable case inline, the stable one a call."""
+    fl = it[pg, I_FLAG]
+    if fl == F_UNSTABLE:
+        seq = sc[S_SEQNR]
+        age = (seq - it[pg, I_SEQ]) & 0xFF
+        if age > 1:
+            sc[S_ERR] = 2
+        if age == 0:
+            u = it[pg, I_UKEY]
+            if ct[u, C_UITEM] == pg and ct[u, C_USCAN] == seq:
+                ct[u, C_UITEM] = -1
+            sc[S_UNCOUNT] -= 1
+        sc[S_UNSHARED] -= 1
+        it[pg, I_FLAG] = F_NONE
+    elif fl == F_STABLE:
+        _remove_stable_item(E, K, pg)
 
 
-@njit(cache=True)
+@njit
 def stable_node_dup(E, K, ch, prune):
     now = K.sc[S_NOW]
-    if prune == 0 or now < K.nd_prune[ch] + K.P[P_PRUNE] * 1000000:
+    if prune == 0 or now < K.nd[ch, N_PRUNE] + K.sc[OP + P_PRUNE] * 1000000:
         prune = 0
     else:
-        K.nd_prune[ch] = now
+        K.nd[ch, N_PRUNE] = now
     found = -1
     found_len = 0
-    d = K.nd_dfirst[ch]
+    d = K.nd[ch, N_DFIRST]
     while d >= 0:
-        nxt = K.nd_dnext[d]
-        K.units[U_SNODE] += 1
+        nxt = K.nd[d, N_DNEXT]
+        K.sc[OU + U_SNODE] += 1
         if not _node_alive(E, K, d):
-            remove_node_from_stable_tree(E, K, d)
+            remove_node_from_stable_tree(K, d)
             d = nxt
             continue
-        if found < 0 or (_candidate(K, d, 0) and ((not _candidate(K, found, 0)) or K.nd_len[d] > found_len)):
+        if found < 0 or (_candidate(K, d, 0) and ((not _candidate(K, found, 0)) or K.nd[d, N_LEN] > found_len)):
             found = d
-            found_len = K.nd_len[d]
+            found_len = K.nd[d, N_LEN]
             if prune == 0 and _candidate(K, found, 0):
                 break
         d = nxt
-    c = K.nd_cid[ch]
+    c = K.nd[ch, N_CID]
     if found >= 0:
-        if K.nd_ndups[ch] == 1:  # collapse
-            K.st_root[c] = found
-            K.nd_kind[found] = K_PLAIN
-            K.nd_chain[found] = -1
-            K.nd_dnext[found] = -1
-            K.nd_dprev[found] = -1
+        if K.nd[ch, N_NDUPS] == 1:  # collapse the chain into a plain node
+            K.ct[c, C_ROOT] = found
+            K.nd[found, N_KIND] = K_PLAIN
+            K.nd[found, N_CHAIN] = -1
+            K.nd[found, N_DNEXT] = -1
+            K.nd[found, N_DPREV] = -1
             _free_node(K, ch)
             K.sc[S_CHAINS] -= 1
             K.sc[S_DUPS] -= 1
-        elif K.nd_dfirst[ch] != found and _candidate(K, found, 1):
-            p = K.nd_dprev[found]
-            n = K.nd_dnext[found]
-            K.nd_dnext[p] = n
+        elif K.nd[ch, N_DFIRST] != found and _candidate(K, found, 1):
+            p = K.nd[found, N_DPREV]
+            n = K.nd[found, N_DNEXT]
+            K.nd[p, N_DNEXT] = n
             if n >= 0:
-                K.nd_dprev[n] = p
-            first = K.nd_dfirst[ch]
-            K.nd_dnext[found] = first
-            K.nd_dprev[found] = -1
-            K.nd_dprev[first] = found
-            K.nd_dfirst[ch] = found
-    else:
-        if K.st_root[c] == ch:
-            K.st_root[c] = -1
+                K.nd[n, N_DPREV] = p
+            first = K.nd[ch, N_DFIRST]
+            K.nd[found, N_DNEXT] = first
+            K.nd[found, N_DPREV] = -1
+            K.nd[first, N_DPREV] = found
+            K.nd[ch, N_DFIRST] = found
+    else:  # free_stable_node_chain
+        if K.ct[c, C_ROOT] == ch:
+            K.ct[c, C_ROOT] = -1
             K.sc[S_STCOUNT] -= 1
         K.sc[S_CHAINS] -= 1
         _free_node(K, ch)
     return found
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _stable_lookup(E, K, c, prune):
+    """The node of equal content after stale handling, or -1."""
     while True:
-        root = K.st_root[c]
+        root = K.ct[c, C_ROOT]
         if root < 0:
             return -1
-        if K.nd_kind[root] == K_CHAIN:
+        if K.nd[root, N_KIND] == K_CHAIN:
             d = stable_node_dup(E, K, root, prune)
             if d < 0:
-                if K.P[P_V318] == 1:
+                if K.sc[OP + P_V318] == 1:
                     return -1
                 continue
             return d
         if not _node_alive(E, K, root):
-            remove_node_from_stable_tree(E, K, root)
-            if K.P[P_V318] == 1:
+            remove_node_from_stable_tree(K, root)
+            if K.sc[OP + P_V318] == 1:
                 return -1
             continue
         return root
 
 
-@njit(cache=True)
+@njit
 def stable_tree_search(E, K, pg):
-    c = E.cid[pg]
-    K.units[U_SNODE] += _bitlen(K.sc[S_STCOUNT])
+    c = E.pg[pg, P_CID]
+    K.sc[OU + U_SNODE] += _bitlen(K.sc[S_STCOUNT])
+    if K.ct[c, C_ROOT] < 0:
+        return -1
     d = _stable_lookup(E, K, c, 1)
     if d < 0 or not _candidate(K, d, 0):
         return -1
     return d
 
 
-@njit(cache=True)
+@njit
 def stable_tree_insert(E, K, frame, gen, c):
-    K.units[U_SNODE] += _bitlen(K.sc[S_STCOUNT])
+    K.sc[OU + U_SNODE] += _bitlen(K.sc[S_STCOUNT])
     existing = _stable_lookup(E, K, c, 0)
-    if existing >= 0 and K.P[P_V318] == 1:
+    if existing >= 0 and K.sc[OP + P_V318] == 1:
         return -1
     new = _alloc_node(K)
     if new < 0:
         return -1
-    K.nd_cid[new] = c
-    K.nd_frame[new] = frame
-    K.nd_gen[new] = gen
+    K.nd[new, N_CID] = c
+    K.nd[new, N_FRAME] = frame
+    K.nd[new, N_GEN] = gen
     if existing < 0:
-        K.nd_kind[new] = K_PLAIN
-        K.st_root[c] = new
+        K.nd[new, N_KIND] = K_PLAIN
+        K.ct[c, C_ROOT] = new
         K.sc[S_STCOUNT] += 1
     else:
-        root = K.st_root[c]
-        if K.nd_kind[root] == K_PLAIN:  # alloc_stable_node_chain
+        root = K.ct[c, C_ROOT]
+        if K.nd[root, N_KIND] == K_PLAIN:  # alloc_stable_node_chain
             ch = _alloc_node(K)
             if ch < 0:
                 return -1
-            K.nd_kind[ch] = K_CHAIN
-            K.nd_cid[ch] = c
-            K.nd_prune[ch] = K.sc[S_NOW]
-            K.nd_kind[root] = K_DUP
-            K.nd_chain[root] = ch
-            K.nd_dfirst[ch] = root
-            K.nd_dnext[root] = -1
-            K.nd_dprev[root] = -1
-            K.nd_ndups[ch] = 1
-            K.st_root[c] = ch
+            K.nd[ch, N_KIND] = K_CHAIN
+            K.nd[ch, N_CID] = c
+            K.nd[ch, N_PRUNE] = K.sc[S_NOW]
+            K.nd[root, N_KIND] = K_DUP
+            K.nd[root, N_CHAIN] = ch
+            K.nd[ch, N_DFIRST] = root
+            K.nd[root, N_DNEXT] = -1
+            K.nd[root, N_DPREV] = -1
+            K.nd[ch, N_NDUPS] = 1
+            K.ct[c, C_ROOT] = ch
             K.sc[S_CHAINS] += 1
             K.sc[S_DUPS] += 1
             root = ch
-        K.nd_kind[new] = K_DUP
-        K.nd_chain[new] = root
-        first = K.nd_dfirst[root]
-        K.nd_dnext[new] = first
-        K.nd_dprev[new] = -1
+        K.nd[new, N_KIND] = K_DUP
+        K.nd[new, N_CHAIN] = root
+        first = K.nd[root, N_DFIRST]
+        K.nd[new, N_DNEXT] = first
+        K.nd[new, N_DPREV] = -1
         if first >= 0:
-            K.nd_dprev[first] = new
-        K.nd_dfirst[root] = new
-        K.nd_ndups[root] += 1
+            K.nd[first, N_DPREV] = new
+        K.nd[root, N_DFIRST] = new
+        K.nd[root, N_NDUPS] += 1
         K.sc[S_DUPS] += 1
-    K.fnode[frame] = new
+    K.fn[frame] = new
     return new
 
 
-@njit(cache=True)
+@njit
 def stable_tree_append(K, pg, nd):
-    first = K.nd_first[nd]
-    K.it_next[pg] = first
-    K.it_prev[pg] = -1
+    first = K.nd[nd, N_FIRST]
+    K.it[pg, I_NEXT] = first
+    K.it[pg, I_PREV] = -1
     if first >= 0:
-        K.it_prev[first] = pg
-    K.nd_first[nd] = pg
-    K.nd_len[nd] += 1
-    K.it_node[pg] = nd
-    K.it_flag[pg] = F_STABLE
-    if K.nd_len[nd] > 1:
+        K.it[first, I_PREV] = pg
+    K.nd[nd, N_FIRST] = pg
+    K.nd[nd, N_LEN] += 1
+    K.it[pg, I_NODE] = nd
+    K.it[pg, I_FLAG] = F_STABLE
+    if K.nd[nd, N_LEN] > 1:
         K.sc[S_SHARING] += 1
     else:
         K.sc[S_SHARED] += 1
 
 
-@njit(cache=True)
-def unstable_tree_search_insert(E, K, pg):
-    c = E.cid[pg]
-    K.units[U_UNODE] += _bitlen(K.sc[S_UNCOUNT])
-    seq = K.sc[S_SEQNR]
-    if K.un_scan[c] == seq and K.un_item[c] >= 0:
-        tpg = K.un_item[c]
-        if not _scannable(E, tpg):
-            return -2  # get_mergeable_page failed: no insert
-        if E.frame[tpg] == E.frame[pg]:
-            return -2  # forked page
-        if E.cid[tpg] == c:
-            return tpg
-    K.it_flag[pg] = F_UNSTABLE
-    K.it_seq[pg] = seq & 0xFF
-    K.it_ukey[pg] = c
-    K.un_item[c] = pg
-    K.un_scan[c] = seq
-    K.sc[S_UNCOUNT] += 1
-    K.sc[S_UNSHARED] += 1
-    return -1
-
-
 # --- merging ----------------------------------------------------------------------------------------
-@njit(cache=True)
+@njit
 def _split(E, K, pg):
-    pr = K.page_proc[pg]
-    st.split_thp(E, pg, K.pg_lo[pr], K.pg_hi[pr], K.P[P_REMAP] == 1)
+    pr = E.pg[pg, P_PROC]
+    st.split_thp(E, pg, K.mm[pr, M_LO], K.mm[pr, M_HI], K.sc[OP + P_REMAP] == 1)
     return _scannable(E, pg)
 
 
-@njit(cache=True)
+@njit
 def _merge_with_ksm_page(E, K, pg, nd):
     if not _split(E, K, pg):
         return False
-    K.units[U_WP] += 1
-    K.units[U_MEMCMP] += 1
-    K.units[U_REMAP] += 1
-    return st.merge(E, pg, K.nd_frame[nd], K.sc[S_NOW])
+    K.sc[OU + U_WP] += 1
+    K.sc[OU + U_MEMCMP] += 1
+    K.sc[OU + U_REMAP] += 1
+    return st.merge(E, pg, K.nd[nd, N_FRAME], K.sc[S_NOW])
 
 
-@njit(cache=True)
+@njit
 def _merge_with_zero_page(E, K, pg):
-    if K.P[P_ZERO] == 0 or K.P[P_V318] == 1 or E.cid[pg] != 0:
+    if K.sc[OP + P_ZERO] == 0 or K.sc[OP + P_V318] == 1 or E.pg[pg, P_CID] != 0:
         return False
     if not _split(E, K, pg):
         return True
-    K.units[U_WP] += 1
-    K.units[U_MEMCMP] += 1
-    K.units[U_REMAP] += 1
+    K.sc[OU + U_WP] += 1
+    K.sc[OU + U_MEMCMP] += 1
+    K.sc[OU + U_REMAP] += 1
     return st.merge_zero(E, pg, K.sc[S_NOW])
 
 
-@njit(cache=True)
+@njit
 def _merge_two_pages(E, K, pg, tpg):
     if not _split(E, K, pg):
         return -1
     if not _split(E, K, tpg):
         return -1
     gen = st.stabilize(E, pg)
-    K.units[U_WP] += 2
-    K.units[U_MEMCMP] += 1
-    K.units[U_REMAP] += 1
-    if not st.merge(E, tpg, E.frame[pg], K.sc[S_NOW]):
+    K.sc[OU + U_WP] += 2
+    K.sc[OU + U_MEMCMP] += 1
+    K.sc[OU + U_REMAP] += 1
+    if not st.merge(E, tpg, E.pg[pg, P_FRAME], K.sc[S_NOW]):
         return -1
     return gen
 
 
-@njit(cache=True)
-def _checksum_gate(E, K, pg):
-    if K.P[P_V318] == 1:
-        K.units[U_JHASH] += 1
-    else:
-        K.units[U_CSUM] += 1
-    c = E.cid[pg]
-    if K.it_old[pg] != c:
-        K.it_old[pg] = c
-        return False
-    return True
+@njit
+def _stable_merge(E, K, pg):
+    """Stable-tree search and merge; True if the visit ends here (found a node)."""
+    nd = stable_tree_search(E, K, pg)
+    remove_rmap_item_from_tree(E, K, pg)
+    if nd >= 0:
+        if _merge_with_ksm_page(E, K, pg, nd):
+            stable_tree_append(K, pg, nd)
+        return True
+    return False
 
 
-@njit(cache=True)
-def cmp_and_merge_page(E, K, pg):
-    page_node = -1
-    if st.page_is_ksm(E, pg):
-        page_node = K.fnode[E.frame[pg]]
-    if page_node >= 0:
-        if K.it_flag[pg] == F_STABLE and K.it_node[pg] == page_node:
-            return
-        remove_rmap_item_from_tree(E, K, pg)
-        stable_tree_append(K, pg, page_node)
-        return
-    if K.P[P_NEWORDER] == 1:
-        remove_rmap_item_from_tree(E, K, pg)
-        if not _checksum_gate(E, K, pg):
-            return
-        if _merge_with_zero_page(E, K, pg):
-            return
-        if not _scannable(E, pg):
-            return
-        nd = stable_tree_search(E, K, pg)
-        remove_rmap_item_from_tree(E, K, pg)
-        if nd >= 0:
-            if _merge_with_ksm_page(E, K, pg, nd):
-                stable_tree_append(K, pg, nd)
-            return
-    else:
-        nd = stable_tree_search(E, K, pg)
-        remove_rmap_item_from_tree(E, K, pg)
-        if nd >= 0:
-            if _merge_with_ksm_page(E, K, pg, nd):
-                stable_tree_append(K, pg, nd)
-            return
-        if not _checksum_gate(E, K, pg):
-            return
-        if _merge_with_zero_page(E, K, pg):
-            return
-        if not _scannable(E, pg):
-            return
-    tpg = unstable_tree_search_insert(E, K, pg)
-    if tpg < 0:
-        return
+@njit
+def _unstable_merge(E, K, pg, tpg):
     remove_rmap_item_from_tree(E, K, tpg)
     gen = _merge_two_pages(E, K, pg, tpg)
     if gen < 0:
         return
-    nd = stable_tree_insert(E, K, E.frame[pg], gen, E.cid[pg])
+    nd = stable_tree_insert(E, K, E.pg[pg, P_FRAME], gen, E.pg[pg, P_CID])
     if nd < 0:
         return
     stable_tree_append(K, tpg, nd)
@@ -561,164 +525,268 @@ def cmp_and_merge_page(E, K, pg):
 
 
 # --- scanning ---------------------------------------------------------------------------------------
-@njit(cache=True)
+@njit
 def _free_item(E, K, pg):
     remove_rmap_item_from_tree(E, K, pg)
-    K.it_alloc[pg] = 0
-    K.it_old[pg] = -1
-    K.it_age[pg] = 0
-    K.it_skips[pg] = 0
-    K.it_flag[pg] = F_NONE
-    K.it_node[pg] = -1
-    K.proc_items[K.page_proc[pg]] -= 1
+    K.it[pg, I_ALLOC] = 0
+    K.it[pg, I_OLD] = -1
+    K.it[pg, I_AGE] = 0
+    K.it[pg, I_SKIPS] = 0
+    K.it[pg, I_FLAG] = F_NONE
+    K.it[pg, I_NODE] = -1
+    K.mm[E.pg[pg, P_PROC], M_ITEMS] -= 1
     K.sc[S_RMAP] -= 1
-    K.units[U_FREE] += 1
+    K.sc[OU + U_FREE] += 1
 
 
-@njit(cache=True)
-def _should_skip(E, K, pg):
-    if K.P[P_SMART] == 0 or K.P[P_V318] == 1:
-        return False
-    if st.page_is_ksm(E, pg):
-        return False
-    age = K.it_age[pg]
-    if age != 255:
-        K.it_age[pg] = age + 1
-    if age < 3:
-        return False
-    if K.it_skips[pg] == 0:
-        if age <= 3:
-            K.it_skips[pg] = 1
-        elif age <= 5:
-            K.it_skips[pg] = 2
-        elif age <= 8:
-            K.it_skips[pg] = 4
-        else:
-            K.it_skips[pg] = 8
-        return False
-    K.sc[S_SKIPPED] += 1
-    K.it_skips[pg] -= 1
-    remove_rmap_item_from_tree(E, K, pg)
-    return True
+@njit
+def _work_so_far(K):
+    sc = K.sc
+    tot = 0
+    for i in range(N_UNITS):
+        tot += (sc[OU + i] - sc[OB + i]) * sc[OT + i]
+    return tot // 1000
 
 
-@njit(cache=True)
-def _cpu_now(K):
-    return K.sc[S_BUSY] + work_ns(K.bunits, K.units, K.timing)
-
-
-@njit(cache=True)
+@njit
 def _advisor(K):
-    now = K.sc[S_NOW] + work_ns(K.bunits, K.units, K.timing)
-    scan_time = (now - K.sc[S_ADV_START]) // 1000000 // 1000
+    sc = K.sc
+    now = sc[S_NOW] + _work_so_far(K)
+    scan_time = (now - sc[S_ADV_START]) // 1000000 // 1000
     if scan_time == 0:
         scan_time = 1
-    cpu_time = _cpu_now(K)
-    cpu_ms = (cpu_time - K.sc[S_ADV_CPU]) // 1000 // 1000
+    cpu_time = sc[S_BUSY] + _work_so_far(K)
+    cpu_ms = (cpu_time - sc[S_ADV_CPU]) // 1000 // 1000
     cpu_percent = (cpu_ms * 100) // (scan_time * 1000)
     if cpu_percent == 0:
         cpu_percent = 1
-    last = K.sc[S_ADV_SCANTIME] if K.sc[S_ADV_SCANTIME] != 0 else scan_time
-    factor = K.P[P_TARGET] * 100 // scan_time
+    last = sc[S_ADV_SCANTIME] if sc[S_ADV_SCANTIME] != 0 else scan_time
+    factor = sc[OP + P_TARGET] * 100 // scan_time
     if factor == 0:
         factor = 1
     change = scan_time * 100 // last
     if change == 0:
         change = 1
-    change = (70 * K.sc[S_ADV_CHANGE] + 30 * change) // 100
-    pts = K.sc[S_PTS]
+    change = (70 * sc[S_ADV_CHANGE] + 30 * change) // 100
+    pts = sc[S_PTS]
     pages = pts * 100 // factor
     pages = pages * change // 100
     ppc = pts // cpu_percent
     if ppc == 0:
         ppc = 1
-    pages = min(pages, ppc * K.P[P_MAXCPU])
+    pages = min(pages, ppc * sc[OP + P_MAXCPU])
     pages = max(pages, ppc * 10)
-    pages = min(pages, K.P[P_MAXPAGES])
-    K.sc[S_ADV_CHANGE] = change
-    K.sc[S_ADV_SCANTIME] = scan_time
-    K.sc[S_ADV_CPU] = cpu_time
-    K.sc[S_PTS] = pages
+    pages = min(pages, sc[OP + P_MAXPAGES])
+    sc[S_ADV_CHANGE] = change
+    sc[S_ADV_SCANTIME] = scan_time
+    sc[S_ADV_CPU] = cpu_time
+    sc[S_PTS] = pages
 
 
-@njit(cache=True)
-def scan_get_next_rmap_item(E, K):
-    head = len(K.mm_next) - 1
-    if K.mm_next[head] == head:
-        return -1
-    if K.sc[S_CUR] == head:
-        if K.P[P_ADVISOR] == 1:
-            K.sc[S_ADV_START] = K.sc[S_NOW] + work_ns(K.bunits, K.units, K.timing)
-        K.units[U_SCAN_STARTS] += 1
-        K.sc[S_UNCOUNT] = 0  # the unstable root is reset (entries of older scans are invalid)
-        K.sc[S_CUR] = K.mm_next[head]
-        K.sc[S_CURPG] = K.pg_lo[K.sc[S_CUR]]
-    while True:
-        proc = K.sc[S_CUR]
-        lo = K.pg_lo[proc]
-        hi = K.pg_hi[proc]
-        if K.mm_exited[proc] == 0:
-            pg = K.sc[S_CURPG]
-            if pg < lo:
-                pg = lo
-            while pg < hi:
-                if _scannable(E, pg):
-                    if K.it_alloc[pg] == 0:
-                        K.it_alloc[pg] = 1
-                        K.proc_items[proc] += 1
-                        K.sc[S_RMAP] += 1
-                        K.units[U_ALLOC] += 1
-                    K.units[U_VISITED] += 1
-                    if _should_skip(E, K, pg):
-                        pg += 1
-                        continue
-                    K.sc[S_CURPG] = pg + 1
-                    return pg
-                K.units[U_WALKED] += 1
-                if K.it_alloc[pg] == 1:
-                    _free_item(E, K, pg)
-                pg += 1
-        else:
-            for q in range(lo, hi):
-                if K.it_alloc[q] == 1:
-                    _free_item(E, K, q)
-        nxt = K.mm_next[proc]
-        if K.mm_exited[proc] == 1:
-            _list_remove(K, proc)
-            K.mm_in[proc] = 0
-            K.mm_exited[proc] = 0
-            K.proc_items[proc] = 0
-        K.sc[S_CUR] = nxt
-        if nxt == head:
-            if K.P[P_ADVISOR] == 1:
-                _advisor(K)
-            K.sc[S_SEQNR] += 1
-            return -1
-        K.sc[S_CURPG] = K.pg_lo[nxt]
+@njit
+def _end_of_mm(E, K, proc, head):
+    """Free an exited mm's items and slot, move the cursor on; True at the end of a full scan."""
+    mm = K.mm
+    it = K.it
+    sc = K.sc
+    if mm[proc, M_EXITED] == 1:
+        for q in range(mm[proc, M_LO], mm[proc, M_HI]):
+            if it[q, I_ALLOC] == 1:
+                _free_item(E, K, q)
+    nxt = mm[proc, M_NEXT]
+    if mm[proc, M_EXITED] == 1:
+        _list_remove(K, proc)
+        mm[proc, M_IN] = 0
+        mm[proc, M_EXITED] = 0
+        mm[proc, M_ITEMS] = 0
+    sc[S_CUR] = nxt
+    if nxt == head:
+        if sc[OP + P_ADVISOR] == 1:
+            _advisor(K)
+        sc[S_SEQNR] += 1
+        return True
+    sc[S_CURPG] = mm[nxt, M_LO]
+    return False
+
+
+@njit
+def _start_scan(K, head):
+    sc = K.sc
+    if sc[OP + P_ADVISOR] == 1:
+        sc[S_ADV_START] = sc[S_NOW] + _work_so_far(K)
+    sc[OU + U_SCAN_STARTS] += 1
+    sc[S_UNCOUNT] = 0  # the unstable root is reset: entries of older scans are invalid
+    sc[S_CUR] = K.mm[head, M_NEXT]
+    sc[S_CURPG] = K.mm[sc[S_CUR], M_LO]
+
+
+@njit
+def _zero_or_stable(E, K, pg, neworder):
+    """The rare part of cmp_and_merge_page between the gate and the unstable tree: the zero page
+    and the stable tree.  Returns True if the visit ends here."""
+    if neworder:
+        if _merge_with_zero_page(E, K, pg):
+            return True
+        if not _scannable(E, pg):
+            return True
+        return _stable_merge(E, K, pg)
+    if _stable_merge(E, K, pg):
+        return True
+    return False
 
 
 @njit(cache=True)
 def run_until(E, K, t_end):
-    head = len(K.mm_next) - 1
-    while K.sc[S_TWAKE] < t_end:
-        if K.mm_next[head] == head:
-            K.sc[S_IDLE] = 1
-            K.sc[S_TWAKE] = t_end
+    """ksmd's loop from the next wake-up until ``t_end``.
+
+    The per-visit path (scan_get_next_rmap_item, should_skip_rmap_item, cmp_and_merge_page up to
+    the unstable tree) is written out here on local arrays; everything rarer is a call.
+    """
+    epg = E.pg
+    efr = E.fr
+    it = K.it
+    ct = K.ct
+    fn = K.fn
+    mm = K.mm
+    sc = K.sc
+    head = mm.shape[0] - 1
+    smart = sc[OP + P_SMART] == 1 and sc[OP + P_V318] == 0
+    neworder = sc[OP + P_NEWORDER] == 1
+    v318 = sc[OP + P_V318] == 1
+    use_zero = sc[OP + P_ZERO] == 1 and not v318
+    u_csum = OU + (U_JHASH if v318 else U_CSUM)
+    while sc[S_TWAKE] < t_end:
+        if mm[head, M_NEXT] == head:  # ksmd_should_run() is false: wait for an mm
+            sc[S_IDLE] = 1
+            sc[S_TWAKE] = t_end
             return
-        for i in range(len(K.units)):
-            K.bunits[i] = K.units[i]
-        K.sc[S_NOW] = K.sc[S_TWAKE]
-        K.units[U_WAKEUPS] += 1
-        n = K.sc[S_PTS]
+        for i in range(N_UNITS):
+            sc[OB + i] = sc[OU + i]
+        sc[S_NOW] = sc[S_TWAKE]
+        sc[OU + U_WAKEUPS] += 1
+        n = sc[S_PTS]
         for _ in range(n):
-            pg = scan_get_next_rmap_item(E, K)
+            # ---- scan_get_next_rmap_item ----
+            if mm[head, M_NEXT] == head:
+                break
+            if sc[S_CUR] == head:
+                _start_scan(K, head)
+            pg = -1
+            while True:
+                proc = sc[S_CUR]
+                hi = mm[proc, M_HI]
+                if mm[proc, M_EXITED] == 0:
+                    q = sc[S_CURPG]
+                    lo = mm[proc, M_LO]
+                    if q < lo:
+                        q = lo
+                    while q < hi:
+                        fq = epg[q, P_FRAME]
+                        if epg[q, P_CID] >= 0 and fq != 0:
+                            if it[q, I_ALLOC] == 0:
+                                it[q, I_ALLOC] = 1
+                                mm[proc, M_ITEMS] += 1
+                                sc[S_RMAP] += 1
+                                sc[OU + U_ALLOC] += 1
+                            sc[OU + U_VISITED] += 1
+                            # ---- should_skip_rmap_item ----
+                            if smart and not (fq > 0 and efr[fq, F_KSM] == 1):
+                                age = it[q, I_AGE]
+                                if age != 255:
+                                    it[q, I_AGE] = age + 1
+                                if age >= 3:
+                                    if it[q, I_SKIPS] == 0:
+                                        if age <= 3:
+                                            it[q, I_SKIPS] = 1
+                                        elif age <= 5:
+                                            it[q, I_SKIPS] = 2
+                                        elif age <= 8:
+                                            it[q, I_SKIPS] = 4
+                                        else:
+                                            it[q, I_SKIPS] = 8
+                                    else:
+                                        sc[S_SKIPPED] += 1
+                                        it[q, I_SKIPS] -= 1
+                                        _rm_local(E, K, it, ct, sc, q)
+                                        q += 1
+                                        continue
+                            sc[S_CURPG] = q + 1
+                            pg = q
+                            break
+                        sc[OU + U_WALKED] += 1
+                        if it[q, I_ALLOC] == 1:
+                            _free_item(E, K, q)
+                        q += 1
+                if pg >= 0:
+                    break
+                if _end_of_mm(E, K, proc, head):
+                    break
             if pg < 0:
                 break
-            cmp_and_merge_page(E, K, pg)
-            K.sc[S_SCANNED] += 1
-        w = work_ns(K.bunits, K.units, K.timing)
-        K.sc[S_BUSY] += w
-        K.sc[S_TWAKE] = next_wake(K.sc[S_TWAKE] + w, K.P[P_SLEEP], K.P[P_HZ])
+            sc[S_SCANNED] += 1
+            # ---- cmp_and_merge_page ----
+            f = epg[pg, P_FRAME]
+            if f > 0 and efr[f, F_KSM] == 1:
+                page_node = fn[f]
+                if page_node >= 0:
+                    if it[pg, I_FLAG] == F_STABLE and it[pg, I_NODE] == page_node:
+                        continue
+                    _rm_local(E, K, it, ct, sc, pg)
+                    stable_tree_append(K, pg, page_node)
+                    continue
+            c = epg[pg, P_CID]
+            if neworder:
+                _rm_local(E, K, it, ct, sc, pg)
+                sc[u_csum] += 1
+                if it[pg, I_OLD] != c:
+                    it[pg, I_OLD] = c
+                    continue
+                if (use_zero and c == 0) or ct[c, C_ROOT] >= 0:
+                    if _zero_or_stable(E, K, pg, True):
+                        continue
+                else:
+                    sc[OU + U_SNODE] += _bitlen(sc[S_STCOUNT])  # a descent that finds nothing
+            else:
+                if ct[c, C_ROOT] >= 0:
+                    if _zero_or_stable(E, K, pg, False):
+                        continue
+                else:
+                    sc[OU + U_SNODE] += _bitlen(sc[S_STCOUNT])
+                    _rm_local(E, K, it, ct, sc, pg)
+                sc[u_csum] += 1
+                if it[pg, I_OLD] != c:
+                    it[pg, I_OLD] = c
+                    continue
+                if use_zero and c == 0:
+                    if _merge_with_zero_page(E, K, pg):
+                        continue
+                    if not _scannable(E, pg):
+                        continue
+            # ---- unstable_tree_search_insert ----
+            sc[OU + U_UNODE] += _bitlen(sc[S_UNCOUNT])
+            seq = sc[S_SEQNR]
+            tpg = -1
+            if ct[c, C_USCAN] == seq and ct[c, C_UITEM] >= 0:
+                t = ct[c, C_UITEM]
+                if not (epg[t, P_CID] >= 0 and epg[t, P_FRAME] != 0):
+                    continue  # get_mergeable_page failed: give up, no insert
+                if epg[t, P_FRAME] == epg[pg, P_FRAME]:
+                    continue  # a forked page
+                if epg[t, P_CID] == c:
+                    tpg = t
+            if tpg >= 0:
+                _unstable_merge(E, K, pg, tpg)
+                continue
+            it[pg, I_FLAG] = F_UNSTABLE
+            it[pg, I_SEQ] = seq & 0xFF
+            it[pg, I_UKEY] = c
+            ct[c, C_UITEM] = pg
+            ct[c, C_USCAN] = seq
+            sc[S_UNCOUNT] += 1
+            sc[S_UNSHARED] += 1
+        w = _work_so_far(K)
+        sc[S_BUSY] += w
+        sc[S_TWAKE] = next_wake(sc[S_TWAKE] + w, sc[OP + P_SLEEP], sc[OP + P_HZ])
 
 
 # --- the runtime object -------------------------------------------------------------------------------
@@ -753,14 +821,13 @@ class KsmFast:
         self.v318 = params.profile == "3.18"
 
     def on_snapshot(self, s: int, now: int) -> None:
-        prep = self.prep
-        exits = prep.proc_order[prep.proc_exit_snap[prep.proc_order] == s]
-        for proc in exits.tolist():
-            if self.K.mm_in[proc] and not self.K.mm_exited[proc]:
-                ksm_exit(self.K, proc)
-        regs = prep.proc_order[(prep.proc_reg_snap[prep.proc_order] == s) & (prep.proc_exit_snap[prep.proc_order] > s)]
-        for proc in regs.tolist():
-            ksm_enter(self.K, proc, now)
+        prep, K = self.prep, self.K
+        order = prep.proc_order
+        for proc in order[prep.proc_exit_snap[order] == s].tolist():
+            if K.mm[proc, M_IN] and not K.mm[proc, M_EXITED]:
+                ksm_exit(K, proc)
+        for proc in order[(prep.proc_reg_snap[order] == s) & (prep.proc_exit_snap[order] > s)].tolist():
+            ksm_enter(K, proc, now)
 
     def run_until(self, t_end: int) -> None:
         run_until(self.E, self.K, np.int64(t_end))
@@ -771,7 +838,7 @@ class KsmFast:
         sc = self.K.sc
         rmap = int(sc[S_RMAP])
         shared, sharing, unshared = int(sc[S_SHARED]), int(sc[S_SHARING]), int(sc[S_UNSHARED])
-        zero = int(self.E.cnt[st.C_KSM_ZERO])
+        zero = int(self.E.ec[st.C_KSM_ZERO])
         out = {
             "pages_shared": shared,
             "pages_sharing": sharing,
@@ -795,16 +862,17 @@ class KsmFast:
         return out
 
     def units(self) -> np.ndarray:
-        return self.K.units
+        return self.K.sc[OU : OU + N_UNITS]
 
     def busy_ns(self) -> int:
         return int(self.K.sc[S_BUSY])
 
     def extras(self) -> dict:
-        head = len(self.K.mm_next) - 1
+        mm = self.K.mm
+        head = mm.shape[0] - 1
         n = 0
-        p = self.K.mm_next[head]
+        p = mm[head, M_NEXT]
         while p != head:
             n += 1
-            p = self.K.mm_next[p]
+            p = mm[p, M_NEXT]
         return {"stable_tree_nodes": int(self.K.sc[S_STCOUNT]), "mm_slots": n}

@@ -108,9 +108,9 @@ def _oracle_step(E, pgs, kinds, holder, kframe, kgen, now):
     for i in range(len(pgs)):
         k = kinds[i]
         pg = pgs[i]
-        if not (k == EV_APPEAR or k == EV_WRITE) or E.cid[pg] < 0:
+        c = st.cid(E, pg)
+        if not (k == EV_APPEAR or k == EV_WRITE) or c < 0:
             continue
-        c = E.cid[pg]
         if c == 0:
             st.merge_zero(E, pg, now)
             continue
@@ -118,12 +118,12 @@ def _oracle_step(E, pgs, kinds, holder, kframe, kgen, now):
             st.merge(E, pg, kframe[c], now)
             continue
         h = holder[c]
-        if h < 0 or h == pg or E.cid[h] != c:
+        if h < 0 or h == pg or st.cid(E, h) != c:
             holder[c] = pg
             continue
-        if E.frame[h] == E.frame[pg]:
+        if st.frame(E, h) == st.frame(E, pg):
             continue
         gen = st.stabilize(E, h)
-        kframe[c] = E.frame[h]
+        kframe[c] = st.frame(E, h)
         kgen[c] = gen
-        st.merge(E, pg, E.frame[h], now)
+        st.merge(E, pg, st.frame(E, h), now)

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Replay throughput, measured in one run on one generated trace (prints figures; no asserts).
+
+    python bench/replay.py                 # 1 M pages x 100 snapshots (the issue's size)
+    python bench/replay.py --pages 200000 --snapshots 20
+
+Figures:
+  * fast vs reference engine: wall time of both on the same slice of the trace (the reference is
+    too slow for the full trace) and the ratio                                  (goal >= 50x)
+  * ksm page visits per second on one core, aggressive settings               (goal >= 10 M/s)
+  * oracle replay time / a plain polars scan of the same Parquet files        (goal <= 3)
+  * simulated time / wall time at default KSM settings                        (goal >= 1000)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("KSMTRACE_PROGRESS", "0")
+
+import polars as pl  # noqa: E402
+
+from ksmtrace.replay import replay  # noqa: E402
+from ksmtrace.testing.synth import synthetic_trace  # noqa: E402
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pages", type=int, default=1_000_000)
+    ap.add_argument("--snapshots", type=int, default=100)
+    ap.add_argument("--interval", type=float, default=10.0, help="seconds between snapshots")
+    ap.add_argument("--churn", type=float, default=0.05)
+    ap.add_argument("--ref-pages", type=int, default=20_000, help="trace size for the fast/reference comparison")
+    ap.add_argument("--ref-snapshots", type=int, default=10)
+    ap.add_argument("--keep", help="directory to keep the generated traces in")
+    args = ap.parse_args()
+
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="ksmtrace-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cache = work / "cache"
+    os.environ["KSMTRACE_CACHE_DIR"] = str(cache)
+    print(f"# ksmtrace replay benchmark ({os.cpu_count()} CPUs), work dir {work}")
+    try:
+        # 0. warm the jit cache on a tiny trace so compile time is not measured
+        tiny = synthetic_trace(work / "tiny", pages=2000, snapshots=3, processes=2)
+        for pol in ("oracle", "ksm"):
+            for eng in ("fast", "reference"):
+                replay(tiny, pol, {}, engine=eng)
+
+        # 1. fast vs reference on the same slice
+        small = synthetic_trace(work / "small", pages=args.ref_pages, snapshots=args.ref_snapshots, processes=4,
+                                interval=args.interval, churn=args.churn, seed=1)
+        p = {"pages_to_scan": 1000}
+        small.prepare("recorded")
+        rf, t_fast = timed(lambda: replay(small, "ksm", p, engine="fast"))
+        rr, t_ref = timed(lambda: replay(small, "ksm", p, engine="reference"))
+        same = rf.table.equals(rr.table)
+        print(f"fast vs reference: {args.ref_pages} pages x {args.ref_snapshots} snapshots, ksm pages_to_scan=1000: "
+              f"fast {t_fast:.3f} s, reference {t_ref:.2f} s -> {t_ref / t_fast:.0f}x (identical tables: {same})")
+
+        # 2. the big trace
+        big, t_gen = timed(lambda: synthetic_trace(work / "big", pages=args.pages, snapshots=args.snapshots, processes=8,
+                                                  interval=args.interval, churn=args.churn, seed=2))
+        rows = sum(e["files"]["pages"]["rows"] for e in big.snapshots)
+        print(f"trace: {args.pages:,} pages x {args.snapshots} snapshots, {args.churn:.0%} churn, {rows:,} page rows "
+              f"({sum(f.stat().st_size for f in (work / 'big' / 'pages').iterdir()) / 1e6:.1f} MB), generated in {t_gen:.1f} s")
+        _, t_scan = timed(lambda: pl.scan_parquet(str(work / "big" / "pages" / "*.parquet")).collect())
+        _, t_prep = timed(lambda: big.prepare("recorded"))
+        print(f"plain polars scan of the pages Parquet: {t_scan:.2f} s; prepare (once per trace, cached): {t_prep:.2f} s")
+        ro, t_or = timed(lambda: replay(big, "oracle"))
+        print(f"oracle replay (prepared trace cached): {t_or:.2f} s -> {t_or / t_scan:.2f}x the plain scan "
+              f"(cold, with prepare: {(t_or + t_prep) / t_scan:.2f}x)")
+
+        # 3. visits per second, aggressive settings
+        rk, t_k = timed(lambda: replay(big, "ksm", {"pages_to_scan": 20000, "sleep_millisecs": 20}))
+        v = rk.units_total()["pages_visited"]
+        print(f"ksm pages_to_scan=20000: {v:,} page visits in {t_k:.2f} s -> {v / t_k / 1e6:.1f} M visits/s "
+              f"(merges {rk.summary['merges']:,}, {rk.summary['fraction_of_oracle_mean']:.0%} of oracle)")
+
+        # 4. simulated / wall time at default settings
+        rd, t_d = timed(lambda: replay(big, "ksm", {}))
+        sim = rd.summary["duration_s"]
+        vd = rd.units_total()["pages_visited"]
+        print(f"ksm defaults (100 pages / 20 ms): {sim:.0f} s simulated in {t_d:.2f} s -> {sim / t_d:.0f}x real time "
+              f"({vd:,} visits, {vd / t_d / 1e6:.1f} M visits/s)")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
