@@ -12,6 +12,7 @@ class FastEngine:
     def __init__(self, prep) -> None:
         self.prep = prep
         self.E = st.new_arrays(prep)
+        self.n_frames = self.E.fr.shape[0]  # frame ids are recycled slots below this
         self._proc_new = np.zeros(prep.n_procs, dtype=np.bool_)
         self.now = 0
 
@@ -29,7 +30,11 @@ class FastEngine:
         )
 
     def counters(self) -> dict[str, int]:
-        return {name: int(v) for name, v in zip(st.COUNTER_NAMES, self.E.ec[: st.N_COUNTERS])}
+        ec = self.E.ec
+        out = {name: int(ec[i]) for i, name in enumerate(st.COUNTER_NAMES)}
+        if ec[st.C_VIOLATIONS] and ec[st.C_NFREE] == 0:
+            out["frame_slots_exhausted"] = 1
+        return out
 
     def per_process(self) -> tuple[np.ndarray, np.ndarray]:
         """(candidate pages, merged pages) per process now; merged = mapping a KSM page or the

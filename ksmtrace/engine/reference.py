@@ -31,7 +31,7 @@ class Frame:
     ksm: bool = False
     gen: int = 0
     cid: int = -1
-    alias: int = -1
+    alias: tuple = (-1, -1)  # (KSM frame, its generation) this frame's pages were merged into
     since: int = 0
     dom: int = -1
 
@@ -115,7 +115,7 @@ class ReferenceEngine:
             fr.dom = -2
         old = p.frame
         self.frame_of(old).ref -= 1
-        self.frame_of(old).alias = f
+        self.frame_of(old).alias = (f, fr.gen)
         p.frame = f
         fr.ref += 1
         return True
@@ -182,15 +182,16 @@ class ReferenceEngine:
             fr = self.frame_of(gid)
             target = gid
             if fr.ref == 0:
-                a = fr.alias
+                a, agen = fr.alias
                 proc = int(prep.page_proc[pg])
                 fa = self.frames.get(a) if a > 0 else None
-                if kind == EV_APPEAR and prep.proc_first_snap[proc] == s and fa is not None and fa.ref > 0 and fa.cid == cid:
+                if (kind == EV_APPEAR and prep.proc_first_snap[proc] == s and fa is not None and fa.ref > 0
+                        and fa.ksm and fa.gen == agen and fa.cid == cid):
                     target = a
                 else:
                     fr.ksm = False
                     fr.cid = cid
-                    fr.alias = -1
+                    fr.alias = (-1, -1)
                     fr.since = now
                     fr.dom = self.dom(pg)
             if target == gid and fr.dom != self.dom(pg):

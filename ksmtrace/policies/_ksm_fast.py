@@ -67,8 +67,8 @@ F_NONE, F_UNSTABLE, F_STABLE = 0, 1, 2
 KsmState = namedtuple("KsmState", ["it", "nd", "ct", "fn", "mm", "sc"])
 
 
-def new_state(prep, params_arr: np.ndarray, timing: np.ndarray, start_ns: int) -> KsmState:
-    n, c, f, np_ = prep.n_pages, prep.n_cids, prep.n_gids, prep.n_procs
+def new_state(prep, params_arr: np.ndarray, timing: np.ndarray, start_ns: int, n_frames: int) -> KsmState:
+    n, c, f, np_ = prep.n_pages, prep.n_cids, n_frames, prep.n_procs
     cap = 2 * n + 16
     it = np.zeros((n, 10), np.int64)
     it[:, [I_OLD, I_UKEY, I_NODE, I_NEXT, I_PREV]] = -1
@@ -817,7 +817,7 @@ class KsmFast:
         self.ctx = ctx
         self.prep = ctx.prep
         self.E = ctx.engine.E
-        self.K = new_state(ctx.prep, params_array(params, ctx.hz), ctx.timing_ps, ctx.start_ns)
+        self.K = new_state(ctx.prep, params_array(params, ctx.hz), ctx.timing_ps, ctx.start_ns, self.E.fr.shape[0])
         self.v318 = params.profile == "3.18"
 
     def on_snapshot(self, s: int, now: int) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from numba import njit
 
 from ksmtrace._version import __version__
 from ksmtrace.errors import TraceError
@@ -139,6 +140,79 @@ def prepare(trace, scope: str = "recorded", cache: bool = True) -> Prepared:
     return prep
 
 
+@njit(cache=True)
+def _hash_ids(keys):
+    """Dense ids of int64 keys in order of first appearance (open addressing, O(n))."""
+    n = len(keys)
+    cap = 16
+    while cap < 2 * n:
+        cap *= 2
+    mask = cap - 1
+    slot_key = np.empty(cap, np.int64)
+    slot_id = np.full(cap, -1, np.int64)
+    ids = np.empty(n, np.int64)
+    uniq = np.empty(n, np.int64)
+    k = 0
+    for i in range(n):
+        key = keys[i]
+        h = (key * -7046029254386353131) & mask  # multiplicative hashing (0x9E3779B97F4A7C15)
+        while True:
+            j = slot_id[h]
+            if j < 0:
+                slot_key[h] = key
+                slot_id[h] = k
+                uniq[k] = key
+                ids[i] = k
+                k += 1
+                break
+            if slot_key[h] == key:
+                ids[i] = j
+                break
+            h = (h + 1) & mask
+    return ids, uniq[:k]
+
+
+def _dense(key: np.ndarray, ordered: bool = False) -> tuple[np.ndarray, int]:
+    """Dense ids (0..k-1) of int64 keys: in key order if ``ordered``, else in order of appearance."""
+    if len(key) == 0:
+        return np.zeros(0, np.int64), 0
+    ids, uniq = _hash_ids(np.ascontiguousarray(key, dtype=np.int64))
+    if not ordered:
+        return ids, len(uniq)
+    rank = np.empty(len(uniq), np.int64)
+    rank[np.argsort(uniq, kind="stable")] = np.arange(len(uniq))
+    return rank[ids], len(uniq)
+
+
+def _dense2(a: np.ndarray, b: np.ndarray, ordered: bool = False) -> tuple[np.ndarray, int]:
+    """Dense ids of pairs (a, b) of non-negative ints (in (a, b) order if ``ordered``)."""
+    if len(a) == 0:
+        return np.zeros(0, np.int64), 0
+    bmax = int(b.max()) + 1
+    amax = int(a.max()) + 1
+    if amax < (1 << 62) // max(bmax, 1):
+        return _dense(a.astype(np.int64) * bmax + b.astype(np.int64), ordered)
+    order = np.lexsort((b, a))
+    sa, sb = a[order], b[order]
+    new = np.ones(len(a), dtype=bool)
+    new[1:] = (sa[1:] != sa[:-1]) | (sb[1:] != sb[:-1])
+    ids = np.cumsum(new) - 1
+    out = np.empty(len(a), np.int64)
+    out[order] = ids
+    return out, int(ids[-1]) + 1
+
+
+@njit(cache=True)
+def _previous_rows(pg, n_pages):
+    """Index of the previous row of the same page (rows in snapshot order), or -1."""
+    last = np.full(n_pages, -1, np.int64)
+    prev = np.empty(len(pg), np.int64)
+    for i in range(len(pg)):
+        prev[i] = last[pg[i]]
+        last[pg[i]] = i
+    return prev
+
+
 def _prepare(trace, scope: str) -> Prepared:
     n_snaps = trace.n_snapshots
     times = np.asarray(trace.times_ns, dtype=np.int64)
@@ -146,37 +220,54 @@ def _prepare(trace, scope: str) -> Prepared:
     has_sample = trace.has_sample_hash
     if has_sample:
         cols.append("sample")
-    rows = trace.read_table("pages", columns=cols).filter(pl.col("op") != S.OP_SAME)
+    rows = trace.read_table("pages", columns=cols)
+    op = rows["op"].to_numpy()
+    keep_rows = op != S.OP_SAME
+    if not keep_rows.all():
+        rows = rows.filter(pl.Series(keep_rows))
+        op = op[keep_rows]
 
     # --- processes -------------------------------------------------------------------------
     procs = _process_table(trace, rows)
     n_procs = procs.height
     proc_ids = procs["proc"].to_numpy().astype(np.int64)
-    proc_index = {int(p): i for i, p in enumerate(proc_ids)}  # trace proc id -> dense index
     max_proc = int(proc_ids.max()) if n_procs else 0
     proc_map = np.full(max_proc + 1, -1, dtype=np.int64)
     proc_map[proc_ids] = np.arange(n_procs)
 
-    # --- page ids ----------------------------------------------------------------------------
-    keys = rows.select("proc", "vpn").unique().sort("proc", "vpn")
-    n_pages = keys.height
-    keys = keys.with_row_index("pg")
-    rows = rows.join(keys, on=["proc", "vpn"], how="left")
-    page_proc = proc_map[keys["proc"].to_numpy().astype(np.int64)].astype(np.int32)
-    page_vpn = keys["vpn"].to_numpy().astype(np.int64)
-    if (page_proc < 0).any():
-        raise TraceError(f"{trace.path}: page rows name a process missing from the processes table")
+    # --- page ids: (process, virtual page) numbered in that order -----------------------------
+    row_proc = proc_map[rows["proc"].to_numpy().astype(np.int64)]
+    vpn = rows["vpn"].to_numpy().astype(np.int64)
+    pg, n_pages = _dense2(row_proc, vpn, ordered=True)
+    page_proc = np.zeros(n_pages, np.int32)
+    page_vpn = np.zeros(n_pages, np.int64)
+    page_proc[pg] = row_proc
+    page_vpn[pg] = vpn
     proc_pg_lo = np.searchsorted(page_proc, np.arange(n_procs), side="left").astype(np.int64)
     proc_pg_hi = np.searchsorted(page_proc, np.arange(n_procs), side="right").astype(np.int64)
 
-    # --- per-row candidate state and content/frame ids --------------------------------------
-    rows = rows.sort("pg", "snap")
-    flags = rows["flags"].to_numpy().astype(np.int64)
-    op = rows["op"].to_numpy()
-    pg = rows["pg"].to_numpy().astype(np.int64)
+    # --- rows in (snapshot, page) order --------------------------------------------------------
     snap = rows["snap"].to_numpy().astype(np.int64)
-    hashes = rows["hash"].to_numpy()
-    pfn = rows["pfn"].to_numpy().astype(np.int64)
+    order_key = snap * max(n_pages, 1) + pg
+    if len(order_key) > 1 and not bool(np.all(order_key[1:] > order_key[:-1])):
+        order = np.argsort(order_key, kind="stable")
+    else:
+        order = None
+
+    def col(name, dtype=None):
+        a = rows[name].to_numpy()
+        if order is not None:
+            a = a[order]
+        return a.astype(dtype) if dtype is not None else a
+
+    if order is not None:
+        snap = snap[order]
+        pg = pg[order]
+        row_proc = row_proc[order]
+        op = op[order]
+    flags = col("flags", np.int64)
+    hashes = col("hash")
+    pfn = col("pfn", np.int64)
     n = len(pg)
 
     mapped = op != S.OP_GONE
@@ -194,11 +285,11 @@ def _prepare(trace, scope: str) -> Prepared:
     unreadable = (flags & S.F_READ_FAILED) != 0
     cid = np.full(n, -1, dtype=np.int64)
     normal = cand & ~zero_filled & ~unreadable
+    n_cids = 1
     if normal.any():
-        _, inv = np.unique(hashes[normal], return_inverse=True)
+        inv, k = _dense(hashes[normal].view(np.int64))
         cid[normal] = inv + 1
-    n_cids = int(cid.max()) + 1 if n else 1
-    n_cids = max(n_cids, 1)
+        n_cids = k + 1
     cid[cand & zero_filled & ~unreadable] = 0
     bad = cand & unreadable
     if bad.any():
@@ -212,10 +303,9 @@ def _prepare(trace, scope: str) -> Prepared:
     gid = np.full(n, -1, dtype=np.int64)
     n_gids = 1  # gid 0 is reserved for the shared zero page
     if groupable.any():
-        gkey = pl.DataFrame({"pfn": pfn[groupable], "cid": cid[groupable]})
-        ginv = gkey.select(pl.struct("pfn", "cid").rank("dense").alias("g"))["g"].to_numpy().astype(np.int64)
-        gid[groupable] = ginv  # ranks start at 1
-        n_gids = int(ginv.max()) + 1
+        g, k = _dense2(pfn[groupable], cid[groupable])
+        gid[groupable] = g + 1
+        n_gids = k + 1
     single = cand & ~groupable
     if single.any():
         gid[single] = n_gids + np.arange(int(single.sum()))
@@ -226,25 +316,23 @@ def _prepare(trace, scope: str) -> Prepared:
     thp = np.full(n, -1, dtype=np.int64)
     n_thp = 0
     if thp_flag.any():
-        tkey = pl.DataFrame({"p": rows["proc"].to_numpy()[thp_flag].astype(np.int64), "h": pfn[thp_flag] >> 9})
-        tinv = tkey.select(pl.struct("p", "h").rank("dense").alias("t"))["t"].to_numpy().astype(np.int64) - 1
-        thp[thp_flag] = tinv
-        n_thp = int(tinv.max()) + 1
+        t, n_thp = _dense2(row_proc[thp_flag], pfn[thp_flag] >> 9)
+        thp[thp_flag] = t
 
-    # previous row of the same page (rows are sorted by page, then snapshot)
-    same_pg = np.zeros(n, dtype=bool)
-    same_pg[1:] = pg[1:] == pg[:-1]
-    prev = np.arange(n) - 1
+    # previous row of the same page
+    prev = _previous_rows(pg, n_pages)
+    has_prev = prev >= 0
+    pidx = prev[has_prev]
     cand_prev = np.zeros(n, dtype=bool)
-    cand_prev[same_pg] = cand[prev[same_pg]]
+    cand_prev[has_prev] = cand[pidx]
     zp_prev = np.zeros(n, dtype=bool)
-    zp_prev[same_pg] = zp_now[prev[same_pg]]
+    zp_prev[has_prev] = zp_now[pidx]
     cid_prev = np.full(n, -1, dtype=np.int64)
-    cid_prev[same_pg] = cid[prev[same_pg]]
+    cid_prev[has_prev] = cid[pidx]
     ksm_prev = np.zeros(n, dtype=bool)
-    ksm_prev[same_pg] = ksm_flag[prev[same_pg]]
+    ksm_prev[has_prev] = ksm_flag[pidx]
     thp_prev = np.full(n, -1, dtype=np.int64)
-    thp_prev[same_pg] = thp[prev[same_pg]]
+    thp_prev[has_prev] = thp[pidx]
     soft_dirty = (flags & S.F_SOFT_DIRTY) != 0 if trace.capture.get("soft_dirty") else np.zeros(n, bool)
 
     kind = np.zeros(n, dtype=np.uint8)
@@ -260,11 +348,14 @@ def _prepare(trace, scope: str) -> Prepared:
     # --- per-snapshot baselines (vectorised running counts) ----------------------------------
     base_pages = np.cumsum(np.bincount(snap, weights=cand.astype(np.int64) - cand_prev, minlength=n_snaps)).astype(np.int64)
     zpm = np.cumsum(np.bincount(snap, weights=zp_now.astype(np.int64) - zp_prev, minlength=n_snaps)).astype(np.int64)
-    keep = kind != 0
-    ev_order = np.lexsort((pg[keep], snap[keep]))
-    sel = np.flatnonzero(keep)[ev_order]
+    sel = np.flatnonzero(kind != 0)  # already in (snapshot, page) order
     ev_snap = snap[sel]
     off = np.searchsorted(ev_snap, np.arange(n_snaps + 1)).astype(np.int64)
+    ev_kind = kind[sel]
+    dead = (ev_kind == EV_GONE) | (ev_kind == EV_UNMERGE)
+    sample = None
+    if has_sample:
+        sample = col("sample").astype(np.uint32)[sel]
 
     prep = Prepared(
         scope=scope,
@@ -288,11 +379,11 @@ def _prepare(trace, scope: str) -> Prepared:
         n_thp=n_thp,
         off=off,
         ev_pg=pg[sel].astype(np.int32),
-        ev_kind=kind[sel],
-        ev_cid=np.where(np.isin(kind[sel], (EV_GONE, EV_UNMERGE)), -1, cid[sel]).astype(np.int32),
-        ev_gid=np.where(np.isin(kind[sel], (EV_GONE, EV_UNMERGE)), -1, gid[sel]).astype(np.int64),
+        ev_kind=ev_kind,
+        ev_cid=np.where(dead, -1, cid[sel]).astype(np.int32),
+        ev_gid=np.where(dead, -1, gid[sel]).astype(np.int64),
         ev_thp=thp[sel],
-        ev_sample=rows["sample"].to_numpy().astype(np.uint32)[sel] if has_sample else None,
+        ev_sample=sample,
         base_pages=base_pages,
         base_frames=np.zeros(n_snaps, dtype=np.int64),
         oracle_frames=np.zeros(n_snaps, dtype=np.int64),
@@ -300,7 +391,7 @@ def _prepare(trace, scope: str) -> Prepared:
         zero_page_mapped=zpm,
         hash_dup_pages=np.zeros(n_snaps, dtype=np.int64),
     )
-    _registration(prep, procs, rows, cand, snap, n_snaps, scope)
+    _registration(prep, procs, row_proc, cand, snap, n_snaps, scope)
     _baselines(prep)
     return prep
 
@@ -343,7 +434,7 @@ def _process_table(trace, rows: pl.DataFrame) -> pl.DataFrame:
     return out.with_columns(pl.Series("domain", dom))
 
 
-def _registration(prep: Prepared, procs: pl.DataFrame, rows, cand, snap, n_snaps, scope) -> None:
+def _registration(prep: Prepared, procs: pl.DataFrame, row_proc, cand, snap, n_snaps, scope) -> None:
     """When each mm joins ksmd's list, when it leaves, and the list order.
 
     ``recorded``: an mm registers at the first snapshot at which it has a mergeable VMA (or the
@@ -354,8 +445,7 @@ def _registration(prep: Prepared, procs: pl.DataFrame, rows, cand, snap, n_snaps
     n_procs = prep.n_procs
     first_cand = np.full(n_procs, n_snaps, dtype=np.int64)
     if cand.any():
-        pidx = prep.page_proc[rows["pg"].to_numpy()[cand]]
-        np.minimum.at(first_cand, pidx, snap[cand])
+        np.minimum.at(first_cand, row_proc[cand], snap[cand])
     first_snap = procs["first_snap"].fill_null(n_snaps).to_numpy().astype(np.int64)
     if scope == "recorded":
         fm = procs["first_mergeable"].fill_null(n_snaps).to_numpy().astype(np.int64)
@@ -378,52 +468,59 @@ def _registration(prep: Prepared, procs: pl.DataFrame, rows, cand, snap, n_snaps
 
 def _baselines(prep: Prepared) -> None:
     """Frames with no dedup, frames with perfect dedup, zero-filled and hash-duplicate pages."""
-    cur_cid = np.full(prep.n_pages, -1, dtype=np.int64)
-    cur_gid = np.full(prep.n_pages, -1, dtype=np.int64)
-    cnt_cid = np.zeros(prep.n_cids, dtype=np.int64)
-    cnt_gid = np.zeros(prep.n_gids, dtype=np.int64)
-    distinct_cid = 0
-    distinct_gid = 0
-    for s in range(prep.n_snaps):
-        sl = prep.events(s)
-        pgs = prep.ev_pg[sl].astype(np.int64)
-        kinds = prep.ev_kind[sl]
-        rem = (kinds == EV_GONE) | (kinds == EV_UNMERGE) | (kinds == EV_WRITE)
-        add = (kinds == EV_APPEAR) | (kinds == EV_WRITE)
-        if rem.any():
-            old_c = cur_cid[pgs[rem]]
-            old_g = cur_gid[pgs[rem]]
-            distinct_cid -= _dec(cnt_cid, old_c)
-            distinct_gid -= _dec(cnt_gid, old_g)
-            cur_cid[pgs[rem]] = -1
-            cur_gid[pgs[rem]] = -1
-        if add.any():
-            new_c = prep.ev_cid[sl][add].astype(np.int64)
-            new_g = prep.ev_gid[sl][add]
-            distinct_cid += _inc(cnt_cid, new_c)
-            distinct_gid += _inc(cnt_gid, new_g)
-            cur_cid[pgs[add]] = new_c
-            cur_gid[pgs[add]] = new_g
-        zero = int(cnt_cid[0])
-        prep.base_frames[s] = distinct_gid
-        prep.oracle_frames[s] = distinct_cid - (1 if zero else 0)
-        prep.zero_filled[s] = zero
-        # naive: every present page in scope (zero-page mapped ones read as zeros) minus distinct hashes
-        zpm = int(prep.zero_page_mapped[s])
-        distinct_naive = distinct_cid + (1 if (zpm and not zero) else 0)
-        prep.hash_dup_pages[s] = int(prep.base_pages[s]) + zpm - distinct_naive
+    bf, of, zf = _baseline_counts(prep.off, prep.ev_pg, prep.ev_kind, prep.ev_cid, prep.ev_gid, prep.n_pages, prep.n_cids, prep.n_gids)
+    prep.base_frames = bf
+    prep.oracle_frames = of
+    prep.zero_filled = zf
+    # naive: every present page in scope (zero-page mapped ones read as zeros) minus distinct hashes
+    distinct = of + (zf > 0)
+    naive_distinct = distinct + ((prep.zero_page_mapped > 0) & (zf == 0))
+    prep.hash_dup_pages = prep.base_pages + prep.zero_page_mapped - naive_distinct
 
 
-def _dec(cnt: np.ndarray, ids: np.ndarray) -> int:
-    """Decrement counts; return how many ids dropped to zero."""
-    u, m = np.unique(ids, return_counts=True)
-    before = cnt[u]
-    cnt[u] = before - m
-    return int(((before > 0) & (cnt[u] == 0)).sum())
-
-
-def _inc(cnt: np.ndarray, ids: np.ndarray) -> int:
-    u, m = np.unique(ids, return_counts=True)
-    before = cnt[u]
-    cnt[u] = before + m
-    return int(((before == 0) & (cnt[u] > 0)).sum())
+@njit(cache=True)
+def _baseline_counts(off, ev_pg, ev_kind, ev_cid, ev_gid, n_pages, n_cids, n_gids):
+    n_snaps = len(off) - 1
+    cur_cid = np.full(n_pages, -1, np.int64)
+    cur_gid = np.full(n_pages, -1, np.int64)
+    cnt_cid = np.zeros(n_cids, np.int64)
+    cnt_gid = np.zeros(n_gids, np.int64)
+    dc = 0
+    dg = 0
+    bf = np.zeros(n_snaps, np.int64)
+    of = np.zeros(n_snaps, np.int64)
+    zf = np.zeros(n_snaps, np.int64)
+    for s in range(n_snaps):
+        for i in range(off[s], off[s + 1]):  # removals first
+            k = ev_kind[i]
+            if k == 2 or k == 3 or k == 4:
+                p = ev_pg[i]
+                c = cur_cid[p]
+                g = cur_gid[p]
+                cnt_cid[c] -= 1
+                if cnt_cid[c] == 0:
+                    dc -= 1
+                cnt_gid[g] -= 1
+                if cnt_gid[g] == 0:
+                    dg -= 1
+                cur_cid[p] = -1
+                cur_gid[p] = -1
+        for i in range(off[s], off[s + 1]):
+            k = ev_kind[i]
+            if k == 1 or k == 4:
+                p = ev_pg[i]
+                c = ev_cid[i]
+                g = ev_gid[i]
+                if cnt_cid[c] == 0:
+                    dc += 1
+                cnt_cid[c] += 1
+                if cnt_gid[g] == 0:
+                    dg += 1
+                cnt_gid[g] += 1
+                cur_cid[p] = c
+                cur_gid[p] = g
+        zero = cnt_cid[0]
+        bf[s] = dg
+        of[s] = dc - (1 if zero > 0 else 0)
+        zf[s] = zero
+    return bf, of, zf
