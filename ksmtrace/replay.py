@@ -59,37 +59,15 @@ def replay(
     in seconds after the first snapshot.  ``hz``: tick rate for sleep quantisation (default:
     the traced host's HZ, else 250).
     """
-    if engine not in ENGINES:
-        raise KsmtraceError(f"unknown engine {engine!r} (engines: {', '.join(ENGINES)})")
     pol = make_policy(policy, params)
-    scope = scope or pol.default_scope
+    spec = run_spec(trace, pol, engine=engine, scope=scope, timing_cost=timing_cost, start_s=start_s, hz=hz, seed=seed)
+    scope, hz, start_ns = spec["scope"], spec["hz"], spec["start_ns"]
+    tcost = resolve_cost_model(timing_cost)
     prep = trace.prepare(scope)
     missing = [r for r in pol.requires if not _trace_has(trace, r)]
     if missing:
         raise KsmtraceError(f"policy {pol.name!r} needs a trace with {missing[0]!r} (capture with --fingerprints)")
-    tcost = resolve_cost_model(timing_cost)
-    if hz is None:
-        hz = int(trace.host.get("hz") or 250)
-    start_ns = int(round(start_s * 1e9))
-    spec = {
-        "trace": str(trace.path),
-        "trace_name": trace.name,
-        "trace_fingerprint": trace.fingerprint,
-        "policy": pol.name,
-        "params": pol.describe(),
-        "engine": engine,
-        "scope": scope,
-        "timing_cost": tcost.digest(),
-        "timing_cost_name": tcost.name,
-        "hz": hz,
-        "start_ns": start_ns,
-        "seed": int(seed),
-        "options": {"hz": hz},
-        "ksmtrace_version": __version__,
-        "kernel_counters": list(pol.kernel_counters),
-        "snapshots": prep.n_snaps,
-    }
-    spec["run_id"] = make_run_id(spec)
+    spec["snapshots"] = prep.n_snaps
     if engine == "fast":
         from ksmtrace.engine.fast import FastEngine
 
@@ -117,6 +95,38 @@ def replay(
     res = RunResult(spec=spec, table=table, latency_hist=eng.latency_hist(), extras=extras, procs=procs)
     res.summary = res.compute_summary(report_cost)
     return res
+
+
+def run_spec(trace, pol: Policy, *, engine: str = "fast", scope: str | None = None, timing_cost=None,
+             start_s: float = 0.0, hz: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """What a replay of ``pol`` on ``trace`` is, including its run id, without running it.
+
+    The run id names a result file, so sweeps use this to skip runs they already have."""
+    if engine not in ENGINES:
+        raise KsmtraceError(f"unknown engine {engine!r} (engines: {', '.join(ENGINES)})")
+    scope = scope or pol.default_scope
+    tcost = resolve_cost_model(timing_cost)
+    if hz is None:
+        hz = int(trace.host.get("hz") or 250)
+    spec = {
+        "trace": str(trace.path),
+        "trace_name": trace.name,
+        "trace_fingerprint": trace.fingerprint,
+        "policy": pol.name,
+        "params": pol.describe(),
+        "engine": engine,
+        "scope": scope,
+        "timing_cost": tcost.digest(),
+        "timing_cost_name": tcost.name,
+        "hz": hz,
+        "start_ns": int(round(start_s * 1e9)),
+        "seed": int(seed),
+        "options": {"hz": hz},
+        "ksmtrace_version": __version__,
+        "kernel_counters": list(pol.kernel_counters),
+    }
+    spec["run_id"] = make_run_id(spec)
+    return spec
 
 
 def _trace_has(trace, capability: str) -> bool:

@@ -189,39 +189,12 @@ def _result_complete(out_dir: Path, run_id: str) -> bool:
     return (out_dir / f"{run_id}.json").is_file() and (out_dir / f"{run_id}.parquet").is_file()
 
 
-def predicted_spec(trace, pol, *, engine: str, scope: str | None, timing_cost=None, start_s: float = 0.0,
-                   seed: int = 0, hz: int | None = None) -> dict[str, Any]:
-    """The spec fields a replay of ``pol`` on ``trace`` puts in its run id (without running it).
-
-    Mirrors :func:`ksmtrace.replay.replay`; ``tests/test_sweep.py`` checks they agree.
-    """
-    from ksmtrace._version import __version__
-    from ksmtrace.engine.cost import resolve_cost_model
-
-    hz = int(trace.host.get("hz") or 250) if hz is None else hz
-    return {
-        "trace": str(trace.path),
-        "trace_name": trace.name,
-        "trace_fingerprint": trace.fingerprint,
-        "policy": pol.name,
-        "params": pol.describe(),
-        "engine": engine,
-        "scope": scope or pol.default_scope,
-        "timing_cost": resolve_cost_model(timing_cost).digest(),
-        "start_ns": int(round(start_s * 1e9)),
-        "seed": int(seed),
-        "options": {"hz": hz},
-        "ksmtrace_version": __version__,
-    }
-
-
 def plan_sweep(trace_path, policy: str, grid: Mapping[str, Sequence[Any]], out_dir, *, engine: str = "fast",
                scope: str | None = None, timing_cost=None, start_s: float = 0.0, seed: int = 0) -> SweepPlan:
     """Check the grid against the policy's parameters and work out every run's id and whether its
     result already exists in ``out_dir``.  Nothing is run."""
     from ksmtrace.policies.registry import get_policy
-    from ksmtrace.replay import ENGINES
-    from ksmtrace.results import make_run_id
+    from ksmtrace.replay import ENGINES, run_spec
     from ksmtrace.trace.reader import open_trace
 
     if engine not in ENGINES:
@@ -246,8 +219,7 @@ def plan_sweep(trace_path, policy: str, grid: Mapping[str, Sequence[Any]], out_d
         except KsmtraceError as exc:
             where = ",".join(f"{k}={v}" for k, v in point.items())
             raise type(exc)(f"sweep point {where}: {exc}") from None
-        spec = predicted_spec(trace, pol, engine=engine, scope=scope, timing_cost=timing_cost, start_s=start_s, seed=seed)
-        rid = make_run_id(spec)
+        rid = run_spec(trace, pol, engine=engine, scope=scope, timing_cost=timing_cost, start_s=start_s, seed=seed)["run_id"]
         plan.runs.append(PlannedRun(index=i, given=dict(point), params=pol.describe(), run_id=rid,
                                     done=_result_complete(out, rid)))
     return plan
