@@ -258,28 +258,6 @@ def _remove_stable_item(E, K, pg):
     K.it[pg, I_NODE] = -1
 
 
-@njit
-def remove_rmap_item_from_tree(E, K, pg):
-    it = K.it
-    fl = it[pg, I_FLAG]
-    if fl == F_STABLE:
-        _remove_stable_item(E, K, pg)
-    elif fl == F_UNSTABLE:
-        sc = K.sc
-        ct = K.ct
-        seq = sc[S_SEQNR]
-        age = (seq - it[pg, I_SEQ]) & 0xFF
-        if age > 1:
-            sc[S_ERR] = 2
-        if age == 0:
-            u = it[pg, I_UKEY]
-            if ct[u, C_UITEM] == pg and ct[u, C_USCAN] == seq:
-                ct[u, C_UITEM] = -1
-            sc[S_UNCOUNT] -= 1
-        sc[S_UNSHARED] -= 1
-        it[pg, I_FLAG] = F_NONE
-
-
 @njit(inline="always")
 def _rm_local(E, K, it, ct, sc, pg):
     """remove_rmap_item_from_tree on local arrays: the unstable case inline, the stable one a call."""
@@ -298,6 +276,11 @@ def _rm_local(E, K, it, ct, sc, pg):
         it[pg, I_FLAG] = F_NONE
     elif fl == F_STABLE:
         _remove_stable_item(E, K, pg)
+
+
+@njit
+def remove_rmap_item_from_tree(E, K, pg):
+    _rm_local(E, K, K.it, K.ct, K.sc, pg)
 
 
 @njit
