@@ -70,12 +70,12 @@ KsmState = namedtuple("KsmState", ["it", "nd", "ct", "fn", "mm", "sc"])
 def new_state(prep, params_arr: np.ndarray, timing: np.ndarray, start_ns: int, n_frames: int) -> KsmState:
     n, c, f, np_ = prep.n_pages, prep.n_cids, n_frames, prep.n_procs
     cap = 2 * n + 16
-    it = np.zeros((n, 10), np.int64)
+    it = np.zeros((n, 10), np.int32)  # int32 halves the scan's memory traffic
     it[:, [I_OLD, I_UKEY, I_NODE, I_NEXT, I_PREV]] = -1
     nd = np.zeros((cap, 13), np.int64)
     nd[:, [N_CID, N_FIRST, N_CHAIN, N_DFIRST, N_DNEXT, N_DPREV]] = -1
     nd[:, N_FREEL] = np.arange(cap - 1, -1, -1)
-    ct = np.full((c, 3), -1, np.int64)
+    ct = np.full((c, 3), -1, np.int32)
     mm = np.zeros((np_ + 1, 7), np.int64)
     mm[:, M_NEXT] = np_
     mm[:, M_PREV] = np_
