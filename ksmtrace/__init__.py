@@ -1,37 +1,33 @@
 """ksmtrace: capture -> trace -> replay -> report for page deduplication (KSM and friends).
 
-The public API (imported lazily, so ``import ksmtrace`` stays light)::
+>>> import ksmtrace
+>>> tr = ksmtrace.open_sample("vm")                  # or ksmtrace.open_trace("my.trace")
+>>> from ksmtrace.replay import replay, compare
+>>> res = replay(tr, "ksm", {"pages_to_scan": 1000})
+>>> from ksmtrace.sweep import sweep, pareto_front
+>>> from ksmtrace import plot, samples
 
-    from ksmtrace import open_trace, replay, compare, read_results
-    tr = open_trace("my-trace")
-    res = replay(tr, "ksm", {"pages_to_scan": 1000})
-    res.summary["frames_saved_final"], res.table            # polars DataFrame, one row per snapshot
+The names below are imported lazily (``import ksmtrace`` stays cheap for the CLI).  ``replay`` and
+``sweep`` are modules of this package, so their functions are imported from them, as above.
 """
 from ksmtrace._version import __version__
 
-_EXPORTS = {
+_LAZY = {
     "open_trace": "ksmtrace.trace.reader",
     "Trace": "ksmtrace.trace.reader",
-    "replay": "ksmtrace.replay",
-    "compare": "ksmtrace.replay",
-    "run_spec": "ksmtrace.replay",
-    "RunResult": "ksmtrace.results",
     "read_results": "ksmtrace.results",
+    "RunResult": "ksmtrace.results",
     "FRAMES_SAVED_DEFINITION": "ksmtrace.results",
-    "get_policy": "ksmtrace.policies.registry",
-    "list_policies": "ksmtrace.policies.registry",
-    "Policy": "ksmtrace.policies.base",
-    "Params": "ksmtrace.policies.base",
-    "param": "ksmtrace.policies.base",
-    "CostModel": "ksmtrace.engine.cost",
-    "KsmtraceError": "ksmtrace.errors",
+    "open_sample": "ksmtrace.samples",
+    "sample_path": "ksmtrace.samples",
+    "list_samples": "ksmtrace.samples",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name):
-    mod = _EXPORTS.get(name)
+    mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'ksmtrace' has no attribute {name!r}")
     import importlib
@@ -39,7 +35,3 @@ def __getattr__(name):
     value = getattr(importlib.import_module(mod), name)
     globals()[name] = value
     return value
-
-
-def __dir__():
-    return sorted(__all__)

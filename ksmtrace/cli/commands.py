@@ -1,7 +1,7 @@
 """Imports every command module (each registers itself on the ``cli`` group)."""
 import importlib
 
-COMMAND_MODULES = ["capture", "info", "policies", "replay", "compare", "calibrate", "plot", "sweep", "breakdown"]
+COMMAND_MODULES = ["capture", "info", "policies", "replay", "compare", "calibrate", "fidelity", "validate", "plot", "sweep", "breakdown", "demo"]
 
 for _name in COMMAND_MODULES:
     try:
