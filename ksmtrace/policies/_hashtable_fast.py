@@ -2,6 +2,17 @@
 :class:`~ksmtrace.policies.hashtable.HashTableReference` on arrays (the table is indexed by the
 content id, which is the collision-free full-page hash), one jitted call per snapshot (the fault
 side) and one per interval (the scanner).
+
+Packed state (numba passes each array of a tuple to a non-inlined function separately, with
+reference counting, and reads tuple fields inside loops with reference counting it cannot prune):
+``ENT`` one row per key (the table entry), ``PGS`` one row per page (the hint it holds, the frame it
+maps in the policy's view), ``frk`` frame -> key of its shared entry, ``perm`` the scan
+permutation, ``mm`` one row per process (cursor, alive, page range) whose ``M_ORDER`` column is the
+round-robin order, ``sc`` scalars, units, units at the wake-up, picoseconds per unit, parameters.
+``run_until`` binds them to locals and spells out the scan loop and the common part of a visit
+(skip, re-hint, table lookup, stale hint); merges (which call the engine) are ordinary calls.  The
+scan order is random, so the loop prefetches the rows of the pages a few steps ahead
+(``prefetch_row``: a cache hint, no effect on results).
 """
 from __future__ import annotations
 
@@ -11,8 +22,10 @@ import numpy as np
 from numba import njit
 
 from ksmtrace.engine import state as st
-from ksmtrace.engine.clock import next_wake, work_ns
+from ksmtrace.engine.clock import next_wake
 from ksmtrace.engine.cost import N_UNITS, UNIT_INDEX
+from ksmtrace.engine.state import F_KSM, F_REF, P_CID, P_FRAME, P_PROC
+from ksmtrace.policies._pksm_fast import prefetch_row
 from ksmtrace.policies.hashtable import UNLIMITED, alive_procs, scan_permutation
 
 U_WAKEUPS = UNIT_INDEX["wakeups"]
@@ -26,8 +39,13 @@ U_ZCHECK = UNIT_INDEX["zero_checks"]
 U_WP = UNIT_INDEX["write_protects"]
 U_REMAP = UNIT_INDEX["remaps"]
 
-S_TWAKE, S_BUSY, S_NOW, S_RR, S_GCRED, S_PCRED, S_NHINT, S_NSHARED, S_REFS, S_STALE, S_SCANNED = range(11)
-N_SCALARS = 11
+S_TWAKE, S_BUSY, S_NOW, S_RR, S_GCRED, S_PCRED, S_NHINT, S_NSHARED, S_REFS, S_STALE, S_SCANNED, S_NORDER = range(12)
+N_SCALARS = 12
+# sc: then units, units at the wake-up, picoseconds per unit, parameters
+OU = N_SCALARS
+OB = OU + N_UNITS
+OT = OB + N_UNITS
+OP = OT + N_UNITS
 P_GRATE, P_PRATE, P_SLEEP, P_BYTES, P_ZERO, P_HZ = range(6)
 N_PARAMS = 6
 K_NONE, K_HINT, K_SHARED = 0, 1, 2
@@ -35,153 +53,137 @@ EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE = 1, 2, 3, 4
 
 E_KIND, E_X, E_REF = range(3)  # table entry columns (one row per key)
 Q_HINT, Q_FRAME = range(2)  # page columns: key of the hint it holds, frame (policy's view)
+M_CURSOR, M_ALIVE, M_LO, M_HI, M_ORDER = range(5)  # process columns (M_ORDER: row k = k-th in order)
 
-HtState = namedtuple(
-    "HtState",
-    ["ENT", "PGS", "fr_key", "perm", "cursor", "alive",
-     "order", "pg_lo", "pg_hi", "page_proc", "sc", "units", "bunits", "timing", "P"],
-)
+# prefetch distances (scan steps ahead)
+PF_FAR = 16
+PF_NEAR = 8
+
+HtState = namedtuple("HtState", ["ENT", "PGS", "frk", "perm", "mm", "sc"])
 
 
 def new_state(prep, params_arr, perm, timing, start_ns) -> HtState:
     n, c, f, np_ = prep.n_pages, max(prep.n_cids, 1), prep.n_gids, prep.n_procs
-    sc = np.zeros(N_SCALARS, np.int64)
+    sc = np.zeros(OP + N_PARAMS, np.int64)
     sc[S_TWAKE] = start_ns
+    sc[S_NORDER] = len(prep.proc_order)
+    sc[OT : OT + N_UNITS] = timing
+    sc[OP : OP + N_PARAMS] = params_arr
     ENT = np.zeros((c, 3), np.int64)
     ENT[:, E_X] = -1
+    mm = np.zeros((max(np_, len(prep.proc_order), 1), 5), np.int64)
+    mm[:np_, M_LO] = prep.proc_pg_lo
+    mm[:np_, M_HI] = prep.proc_pg_hi
+    mm[: len(prep.proc_order), M_ORDER] = prep.proc_order
     return HtState(
-        ENT=ENT, PGS=np.full((n, 2), -1, np.int64), fr_key=np.full(f, -1, np.int64),
-        perm=perm, cursor=np.zeros(max(np_, 1), np.int64), alive=np.zeros(max(np_, 1), np.uint8),
-        order=prep.proc_order.astype(np.int64), pg_lo=prep.proc_pg_lo.astype(np.int64),
-        pg_hi=prep.proc_pg_hi.astype(np.int64), page_proc=prep.page_proc.astype(np.int64),
-        sc=sc, units=np.zeros(N_UNITS, np.int64), bunits=np.zeros(N_UNITS, np.int64),
-        timing=timing.astype(np.int64), P=params_arr,
+        ENT=ENT, PGS=np.full((n, 2), -1, np.int64), frk=np.full(f, -1, np.int64),
+        perm=perm.astype(np.int64), mm=mm, sc=sc,
     )
 
 
 @njit(cache=True)
-def _unref(S, key, f):
-    S.units[U_FOPS] += 1
-    S.ENT[key, E_REF] -= 1
-    S.sc[S_REFS] -= 1
-    if S.ENT[key, E_REF] == 0:
-        S.ENT[key, E_KIND] = K_NONE
-        S.ENT[key, E_X] = -1
-        S.fr_key[f] = -1
-        S.sc[S_NSHARED] -= 1
-
-
-@njit(cache=True)
 def on_snapshot(E, S, pgs, kinds):
+    epg = E.pg
+    ENT = S.ENT
+    PGS = S.PGS
+    frk = S.frk
+    sc = S.sc
     n = len(pgs)
     for i in range(n):
         k = kinds[i]
         pg = pgs[i]
-        if not (k == EV_GONE or k == EV_UNMERGE or k == EV_WRITE) or S.PGS[pg, Q_FRAME] < 0:
+        if not (k == EV_GONE or k == EV_UNMERGE or k == EV_WRITE):
             continue
-        f = S.PGS[pg, Q_FRAME]
-        S.PGS[pg, Q_FRAME] = -1
-        if f >= 0 and S.fr_key[f] >= 0:
-            _unref(S, S.fr_key[f], f)
+        f = PGS[pg, Q_FRAME]
+        if f < 0:
+            continue
+        PGS[pg, Q_FRAME] = -1
+        key = frk[f]
+        if key >= 0:  # _unref
+            sc[OU + U_FOPS] += 1
+            ENT[key, E_REF] -= 1
+            sc[S_REFS] -= 1
+            if ENT[key, E_REF] == 0:
+                ENT[key, E_KIND] = K_NONE
+                ENT[key, E_X] = -1
+                frk[f] = -1
+                sc[S_NSHARED] -= 1
     for i in range(n):
         k = kinds[i]
         pg = pgs[i]
-        if not (k == EV_APPEAR or k == EV_WRITE) or st.cid(E, pg) < 0:
+        if not (k == EV_APPEAR or k == EV_WRITE) or epg[pg, P_CID] < 0:
             continue
-        f = st.frame(E, pg)
-        S.PGS[pg, Q_FRAME] = f
-        if f >= 0 and S.fr_key[f] >= 0:
-            S.ENT[S.fr_key[f], E_REF] += 1
-            S.sc[S_REFS] += 1
+        f = epg[pg, P_FRAME]
+        PGS[pg, Q_FRAME] = f
+        if f >= 0 and frk[f] >= 0:
+            ENT[frk[f], E_REF] += 1
+            sc[S_REFS] += 1
 
 
-@njit(cache=True)
-def _split(E, S, pg):
-    pr = S.page_proc[pg]
-    st.split_thp(E, pg, S.pg_lo[pr], S.pg_hi[pr], False)
+@njit
+def _split(E, mm, pg):
+    pr = E.pg[pg, P_PROC]
+    st.split_thp(E, pg, mm[pr, M_LO], mm[pr, M_HI], False)
 
 
-@njit(cache=True)
-def visit(E, S, pg):
-    S.units[U_VISITED] += 1
-    S.sc[S_SCANNED] += 1
-    f = st.frame(E, pg)
-    if st.page_is_ksm(E, pg):
-        return
-    S.units[U_FHASH] += 1
-    key = np.int64(st.cid(E, pg))
-    now = S.sc[S_NOW]
-    old = S.PGS[pg, Q_HINT]
-    if old >= 0 and old != key:
-        S.PGS[pg, Q_HINT] = -1
-        if S.ENT[old, E_KIND] == K_HINT and S.ENT[old, E_X] == pg:
-            S.ENT[old, E_KIND] = K_NONE
-            S.ENT[old, E_X] = -1
-            S.sc[S_NHINT] -= 1
-            S.units[U_OPS] += 1
-    if key == 0 and S.P[P_ZERO] == 1:
-        S.units[U_ZCHECK] += 1
-        S.units[U_WP] += 1
-        S.units[U_REMAP] += 1
-        _split(E, S, pg)
-        st.merge_zero(E, pg, now)
-        S.PGS[pg, Q_FRAME] = 0
-        return
-    S.units[U_OPS] += 1
-    kind = S.ENT[key, E_KIND]
-    if kind == K_NONE:
-        S.ENT[key, E_KIND] = K_HINT
-        S.ENT[key, E_X] = pg
-        S.PGS[pg, Q_HINT] = key
-        S.sc[S_NHINT] += 1
-        return
-    if kind == K_HINT:
-        h = S.ENT[key, E_X]
-        if h == pg or (st.cid(E, h) >= 0 and st.frame(E, h) == f):
-            return
-        S.units[U_FHASH] += 1
-        hf = st.frame(E, h)
-        if st.cid(E, h) != key or hf <= 0 or st.page_is_ksm(E, h):
-            S.sc[S_STALE] += 1
-            S.ENT[key, E_X] = pg
-            if S.PGS[h, Q_HINT] == key:
-                S.PGS[h, Q_HINT] = -1
-            S.PGS[pg, Q_HINT] = key
-            S.units[U_OPS] += 1
-            return
-        S.units[U_MEMCMP] += 1
-        _split(E, S, h)
-        _split(E, S, pg)
-        st.stabilize(E, h)
-        S.units[U_WP] += E.fr[hf, st.F_REF] + 1
-        S.units[U_REMAP] += 1
-        st.merge(E, pg, hf, now)
-        S.PGS[pg, Q_FRAME] = hf
-        S.PGS[h, Q_HINT] = -1
-        S.PGS[pg, Q_HINT] = -1
-        S.ENT[key, E_KIND] = K_SHARED
-        S.ENT[key, E_X] = hf
-        S.fr_key[hf] = key
-        nref = E.fr[hf, st.F_REF]
-        S.ENT[key, E_REF] = nref
-        S.sc[S_REFS] += nref
-        S.sc[S_NHINT] -= 1
-        S.sc[S_NSHARED] += 1
-        S.units[U_OPS] += 1
-        return
-    sf = S.ENT[key, E_X]
-    S.units[U_MEMCMP] += 1
-    S.units[U_WP] += 1
-    S.units[U_REMAP] += 1
-    _split(E, S, pg)
-    st.merge(E, pg, sf, now)
+@njit
+def _merge_zero(E, S, pg):
+    """An all-zero page: onto the zero page (no entry)."""
+    sc = S.sc
+    sc[OU + U_ZCHECK] += 1
+    sc[OU + U_WP] += 1
+    sc[OU + U_REMAP] += 1
+    _split(E, S.mm, pg)
+    st.merge_zero(E, pg, sc[S_NOW])
+    S.PGS[pg, Q_FRAME] = 0
+
+
+@njit
+def _merge_hint(E, S, pg, h, hf, key):
+    """The hint page ``h`` (frame ``hf``) still holds ``key``: both share its frame, a shared entry."""
+    efr = E.fr
+    ENT = S.ENT
+    PGS = S.PGS
+    sc = S.sc
+    sc[OU + U_MEMCMP] += 1
+    _split(E, S.mm, h)
+    _split(E, S.mm, pg)
+    st.stabilize(E, h)
+    sc[OU + U_WP] += efr[hf, F_REF] + 1
+    sc[OU + U_REMAP] += 1
+    st.merge(E, pg, hf, sc[S_NOW])
+    PGS[pg, Q_FRAME] = hf
+    PGS[h, Q_HINT] = -1
+    PGS[pg, Q_HINT] = -1
+    ENT[key, E_KIND] = K_SHARED
+    ENT[key, E_X] = hf
+    S.frk[hf] = key
+    nref = efr[hf, F_REF]
+    ENT[key, E_REF] = nref
+    sc[S_REFS] += nref
+    sc[S_NHINT] -= 1
+    sc[S_NSHARED] += 1
+    sc[OU + U_OPS] += 1
+
+
+@njit
+def _merge_shared(E, S, pg, key):
+    """A shared entry holds ``key``: map the page onto its frame."""
+    ENT = S.ENT
+    sc = S.sc
+    sf = ENT[key, E_X]
+    sc[OU + U_MEMCMP] += 1
+    sc[OU + U_WP] += 1
+    sc[OU + U_REMAP] += 1
+    _split(E, S.mm, pg)
+    st.merge(E, pg, sf, sc[S_NOW])
     S.PGS[pg, Q_FRAME] = sf
     S.PGS[pg, Q_HINT] = -1
-    S.ENT[key, E_REF] += 1
-    S.sc[S_REFS] += 1
+    ENT[key, E_REF] += 1
+    sc[S_REFS] += 1
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _budget(rate, sleep_ms, credit):
     if rate <= 0:
         return UNLIMITED, 0
@@ -190,47 +192,121 @@ def _budget(rate, sleep_ms, credit):
 
 
 @njit(cache=True)
-def scan_batch(E, S):
-    total, S.sc[S_GCRED] = _budget(S.P[P_GRATE], S.P[P_SLEEP], S.sc[S_GCRED])
-    per_proc, S.sc[S_PCRED] = _budget(S.P[P_PRATE], S.P[P_SLEEP], S.sc[S_PCRED])
-    np_ = len(S.order)
-    if np_ == 0:
-        return
-    start = S.sc[S_RR]
-    S.sc[S_RR] = (start + 1) % np_
-    for k in range(np_):
-        if total <= 0:
-            break
-        proc = S.order[(start + k) % np_]
-        if S.alive[proc] == 0:
-            continue
-        lo = S.pg_lo[proc]
-        size = S.pg_hi[proc] - lo
-        quota = per_proc if per_proc < total else total
-        steps = 0
-        while quota > 0 and steps < size:
-            pg = S.perm[lo + S.cursor[proc]]
-            S.cursor[proc] = (S.cursor[proc] + 1) % size
-            steps += 1
-            if st.cid(E, pg) < 0 or st.frame(E, pg) <= 0:
-                S.units[U_WALKED] += 1
-                continue
-            quota -= 1
-            total -= 1
-            visit(E, S, pg)
-
-
-@njit(cache=True)
 def run_until(E, S, t_end):
-    while S.sc[S_TWAKE] < t_end:
-        for i in range(len(S.units)):
-            S.bunits[i] = S.units[i]
-        S.sc[S_NOW] = S.sc[S_TWAKE]
-        S.units[U_WAKEUPS] += 1
-        scan_batch(E, S)
-        w = work_ns(S.bunits, S.units, S.timing)
-        S.sc[S_BUSY] += w
-        S.sc[S_TWAKE] = next_wake(S.sc[S_TWAKE] + w, S.P[P_SLEEP], S.P[P_HZ])
+    """The scanner from its next wake-up until ``t_end``: scan_batch and the common part of visit
+    written out on local arrays."""
+    epg = E.pg
+    efr = E.fr
+    ENT = S.ENT
+    PGS = S.PGS
+    perm = S.perm
+    mm = S.mm
+    sc = S.sc
+    zero = sc[OP + P_ZERO] == 1
+    nord = sc[S_NORDER]
+    while sc[S_TWAKE] < t_end:
+        for i in range(N_UNITS):
+            sc[OB + i] = sc[OU + i]
+        sc[S_NOW] = sc[S_TWAKE]
+        sc[OU + U_WAKEUPS] += 1
+        # ---- scan_batch ----
+        total, sc[S_GCRED] = _budget(sc[OP + P_GRATE], sc[OP + P_SLEEP], sc[S_GCRED])
+        per_proc, sc[S_PCRED] = _budget(sc[OP + P_PRATE], sc[OP + P_SLEEP], sc[S_PCRED])
+        if nord > 0:
+            start = sc[S_RR]
+            sc[S_RR] = (start + 1) % nord
+            for k in range(nord):
+                if total <= 0:
+                    break
+                proc = mm[(start + k) % nord, M_ORDER]
+                if mm[proc, M_ALIVE] == 0:
+                    continue
+                lo = mm[proc, M_LO]
+                size = mm[proc, M_HI] - lo
+                quota = per_proc if per_proc < total else total
+                steps = 0
+                cur = mm[proc, M_CURSOR]
+                while quota > 0 and steps < size:
+                    # (prefetch the engine's and the policy's rows of the pages a few steps ahead)
+                    ca = cur + PF_FAR
+                    if ca >= size:
+                        ca %= size
+                    prefetch_row(epg, perm[lo + ca])
+                    ca = cur + PF_NEAR
+                    if ca >= size:
+                        ca %= size
+                    pa = perm[lo + ca]
+                    prefetch_row(PGS, pa)
+                    fa = epg[pa, P_FRAME]
+                    if fa > 0:
+                        prefetch_row(efr, fa)
+                    ca = epg[pa, P_CID]
+                    if ca >= 0:
+                        prefetch_row(ENT, ca)
+                    pg = perm[lo + cur]
+                    cur += 1
+                    if cur == size:
+                        cur = 0
+                    steps += 1
+                    f = epg[pg, P_FRAME]
+                    if epg[pg, P_CID] < 0 or f <= 0:
+                        sc[OU + U_WALKED] += 1
+                        continue
+                    quota -= 1
+                    total -= 1
+                    # ---- visit ----
+                    sc[OU + U_VISITED] += 1
+                    sc[S_SCANNED] += 1
+                    if efr[f, F_KSM] == 1:  # already sharing a COW frame: nothing to do
+                        continue
+                    sc[OU + U_FHASH] += 1
+                    key = epg[pg, P_CID]
+                    old = PGS[pg, Q_HINT]
+                    if old >= 0 and old != key:  # its content changed: drop its old hint
+                        PGS[pg, Q_HINT] = -1
+                        if ENT[old, E_KIND] == K_HINT and ENT[old, E_X] == pg:
+                            ENT[old, E_KIND] = K_NONE
+                            ENT[old, E_X] = -1
+                            sc[S_NHINT] -= 1
+                            sc[OU + U_OPS] += 1
+                    if key == 0 and zero:
+                        _merge_zero(E, S, pg)
+                        continue
+                    sc[OU + U_OPS] += 1
+                    kind = ENT[key, E_KIND]
+                    if kind == K_NONE:
+                        ENT[key, E_KIND] = K_HINT
+                        ENT[key, E_X] = pg
+                        PGS[pg, Q_HINT] = key
+                        sc[S_NHINT] += 1
+                        continue
+                    if kind == K_HINT:
+                        h = ENT[key, E_X]
+                        if h == pg:
+                            continue
+                        hc = epg[h, P_CID]
+                        hf = epg[h, P_FRAME]
+                        if hc >= 0 and hf == f:  # another mapping of the hint's frame
+                            continue
+                        sc[OU + U_FHASH] += 1  # re-hash the hint page
+                        if hc != key or hf <= 0 or efr[hf, F_KSM] == 1:
+                            sc[S_STALE] += 1
+                            ENT[key, E_X] = pg
+                            if PGS[h, Q_HINT] == key:
+                                PGS[h, Q_HINT] = -1
+                            PGS[pg, Q_HINT] = key
+                            sc[OU + U_OPS] += 1
+                            continue
+                        _merge_hint(E, S, pg, h, hf, key)
+                        continue
+                    _merge_shared(E, S, pg, key)
+                mm[proc, M_CURSOR] = cur
+        w = 0
+        for i in range(N_UNITS):  # work_ns
+            w += (sc[OU + i] - sc[OB + i]) * sc[OT + i]
+        w //= 1000
+        sc[S_BUSY] += w
+        sc[S_TWAKE] = next_wake(sc[S_TWAKE] + w, sc[OP + P_SLEEP], sc[OP + P_HZ])
 
 
 class HashTableFast:
@@ -250,7 +326,7 @@ class HashTableFast:
 
     def on_snapshot(self, s: int, now: int) -> None:
         p = self.prep
-        self.S.alive[: p.n_procs] = alive_procs(p, s)
+        self.S.mm[: p.n_procs, M_ALIVE] = alive_procs(p, s)
         sl = p.events(s)
         on_snapshot(self.E, self.S, p.ev_pg[sl], p.ev_kind[sl])
 
@@ -272,7 +348,7 @@ class HashTableFast:
         }
 
     def units(self) -> np.ndarray:
-        return self.S.units
+        return self.S.sc[OU : OU + N_UNITS]
 
     def busy_ns(self) -> int:
         return int(self.S.sc[S_BUSY])

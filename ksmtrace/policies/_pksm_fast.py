@@ -3,23 +3,37 @@
 hooks) and one per interval (pksmd).
 
 Layout: the policy's rmap (frame -> its pages, in mapping order) is a doubly linked list threaded
-through page-indexed arrays; rmap items live in item-indexed arrays with a free list (grown from
-Python between snapshots when a snapshot could register more items than are free); the new and
-rescan lists, the unstable checksum list and the del list are linked lists through the item
-arrays; the two trees are key-indexed arrays (key = dense sampled hash or content id).  Every
-function mirrors a method of the reference, in the same order; the differential tests hold them
-equal on every column.
+through the page rows; rmap items live in item rows with a free list (grown from Python between
+snapshots when a snapshot could register more items than are free); the new and rescan lists, the
+unstable checksum list and the del list are linked lists through the item rows; the two trees are
+key-indexed rows (key = dense sampled hash or content id).  Every function mirrors a method of the
+reference, in the same order; the differential tests hold them equal on every column.
+
+Packed state (numba passes each array of a tuple to a non-inlined function separately, with
+reference counting, and reads tuple fields inside loops with reference counting it cannot prune):
+one wide int64 array per kind of object (``IT`` items, ``PG`` pages, ``FR`` frames, ``KY`` tree
+keys), the free list ``fl``, and ``sc``: scalars, units, units at the wake-up, picoseconds per unit,
+parameters, the local list of a wake-up, and each process's page range.  Every jitted entry point
+binds the arrays to locals; the per-visit path (list moves, probation, cmp_and_merge_page up to the
+trees, the unstable recheck) is written out on them with small inlined helpers that take arrays;
+merges (rmap walks) are ordinary calls.  The hooks prefetch the rows of the events a few iterations
+ahead (``prefetch_row``: a cache hint, no effect on results).  The recheck's rotate mode keeps the
+checksum list's length in ``S_CK_N`` instead of walking the list every wake-up.
 """
 from __future__ import annotations
 
 from collections import namedtuple
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils, errors
+from numba.extending import intrinsic
 
 from ksmtrace.engine import state as st
-from ksmtrace.engine.clock import next_wake, work_ns
+from ksmtrace.engine.clock import next_wake
 from ksmtrace.engine.cost import N_UNITS, UNIT_INDEX
+from ksmtrace.engine.state import P_CID, P_FRAME, P_PROC
 from ksmtrace.errors import PolicyContractError
 from ksmtrace.policies.pksm import DROP, SUCCESS, TRY, event_keys
 
@@ -35,11 +49,19 @@ U_REMAP = UNIT_INDEX["remaps"]
 U_PRUNE = UNIT_INDEX["stale_prunes"]
 U_MOVES = UNIT_INDEX["list_moves"]
 
-# scalar slots
+# sc: scalar slots
 (S_TWAKE, S_BUSY, S_NOW, S_WAKE, S_RMAP, S_SHARED, S_SHARING, S_ZSHARING, S_SNODES, S_COLL,
  S_PEND, S_PCHG, S_PDIED, S_STCOUNT, S_UNCOUNT, S_NFREE,
- S_NEW_H, S_NEW_T, S_NEW_N, S_RES_H, S_RES_T, S_RES_N, S_CK_H, S_CK_T, S_DEL_H, S_DEL_T, S_ERR) = range(27)
-N_SCALARS = 27
+ S_NEW_H, S_NEW_T, S_NEW_N, S_RES_H, S_RES_T, S_RES_N, S_CK_H, S_CK_T, S_DEL_H, S_DEL_T, S_ERR,
+ S_CK_N, S_OLOC, S_OPROC, S_NPROC) = range(31)
+N_SCALARS = 31
+# sc: then units, units at the wake-up, picoseconds per unit, parameters; then the local list
+# (at sc[S_OLOC], 2 * pages_to_scan + 8 slots) and each process's first and end page (at
+# sc[S_OPROC], n_procs + n_procs)
+OU = N_SCALARS
+OB = OU + N_UNITS
+OT = OB + N_UNITS
+OP = OT + N_UNITS
 
 # parameter slots
 P_PTS, P_SLEEP, P_PERIOD, P_ROTATE, P_COLL, P_TRACKCOW, P_DELAY, P_PROBN, P_PROBNS, P_RESTART, P_HZ, P_ZEROKEY = range(12)
@@ -63,17 +85,18 @@ KEY_FIELDS = ["st_item", "un_item"]
 (I_IT_FRAME, I_IT_WHERE, I_IT_TREE, I_IT_DELL, I_IT_INKSM, I_IT_INIT, I_IT_SUM, I_IT_MAP, I_IT_NANON,
  I_IT_NEXT, I_IT_PREV, I_CK_NEXT, I_CK_PREV, I_DEL_NEXT, I_IT_CNT, I_IT_T0, I_IT_SEEN, I_IT_WAKE,
  I_IT_CHANGED) = range(len(ITEM_FIELDS))
+N_ICOLS = len(ITEM_FIELDS)
 G_PG_FRAME, G_PG_KEY, G_PG_NEXT, G_PG_PREV, G_MV_ITEM = range(len(PAGE_FIELDS))
 R_FR_HEAD, R_FR_TAIL, R_FR_CNT, R_FR_ITEM, R_FR_KSM = range(len(FRAME_FIELDS))
 K_ST_ITEM, K_UN_ITEM = range(len(KEY_FIELDS))
 ITEM_FILL = {"it_frame": -1, "it_sum": -1, "it_next": -1, "it_prev": -1, "ck_next": -1, "ck_prev": -1, "del_next": -1, "it_seen": -1, "it_wake": -1}
 ITEM_ROW = np.array([ITEM_FILL.get(n, 0) for n in ITEM_FIELDS], np.int64)
 
-PksmState = namedtuple(
-    "PksmState",
-    ["IT", "PG", "FR", "KY", "itrow", "freelist", "loc", "page_proc", "pg_lo", "pg_hi",
-     "sc", "units", "bunits", "timing", "P"],
-)
+# prefetch distances (iterations ahead) in loops over random rows
+PF_FAR = 16
+PF_NEAR = 8
+
+PksmState = namedtuple("PksmState", ["IT", "PG", "FR", "KY", "fl", "sc"])
 
 
 def _items(cap: int) -> np.ndarray:
@@ -81,26 +104,31 @@ def _items(cap: int) -> np.ndarray:
 
 
 def new_state(prep, params_arr, n_keys: int, timing, start_ns: int) -> PksmState:
-    n, f = prep.n_pages, prep.n_gids
+    n, f, np_ = prep.n_pages, prep.n_gids, prep.n_procs
     cap = max(64, n // 4)
-    sc = np.zeros(N_SCALARS, np.int64)
+    n_loc = 2 * int(params_arr[P_PTS]) + 8
+    o_loc = OP + N_PARAMS
+    o_proc = o_loc + n_loc
+    sc = np.zeros(o_proc + 2 * np_, np.int64)
     sc[S_TWAKE] = start_ns
     sc[S_NFREE] = cap
     for h in (S_NEW_H, S_NEW_T, S_RES_H, S_RES_T, S_CK_H, S_CK_T, S_DEL_H, S_DEL_T):
         sc[h] = -1
+    sc[S_OLOC] = o_loc
+    sc[S_OPROC] = o_proc
+    sc[S_NPROC] = np_
+    sc[OT : OT + N_UNITS] = timing
+    sc[OP : OP + N_PARAMS] = params_arr
+    sc[o_proc : o_proc + np_] = prep.proc_pg_lo
+    sc[o_proc + np_ : o_proc + 2 * np_] = prep.proc_pg_hi
     PG = np.full((n, len(PAGE_FIELDS)), -1, np.int64)
     PG[:, G_MV_ITEM] = -2
     FR = np.full((f, len(FRAME_FIELDS)), -1, np.int64)
     FR[:, R_FR_CNT] = 0
     FR[:, R_FR_KSM] = 0
     return PksmState(
-        IT=_items(cap), PG=PG, FR=FR, KY=np.full((n_keys, len(KEY_FIELDS)), -1, np.int64), itrow=ITEM_ROW.copy(),
-        freelist=np.arange(cap - 1, -1, -1, dtype=np.int64),
-        loc=np.zeros(2 * int(params_arr[P_PTS]) + 8, np.int64),
-        page_proc=prep.page_proc.astype(np.int64), pg_lo=prep.proc_pg_lo.astype(np.int64),
-        pg_hi=prep.proc_pg_hi.astype(np.int64),
-        sc=sc, units=np.zeros(N_UNITS, np.int64), bunits=np.zeros(N_UNITS, np.int64),
-        timing=timing.astype(np.int64), P=params_arr,
+        IT=_items(cap), PG=PG, FR=FR, KY=np.full((n_keys, len(KEY_FIELDS)), -1, np.int64),
+        fl=np.arange(cap - 1, -1, -1, dtype=np.int64), sc=sc,
     )
 
 
@@ -108,588 +136,656 @@ def grow(S: PksmState, extra: int) -> PksmState:
     """More item slots (from Python, between jitted calls)."""
     old = len(S.IT)
     new = max(2 * old, old + extra + 64)
-    IT = np.concatenate([S.IT, _items(new - old)])
+    IT = np.empty((new, N_ICOLS), np.int64)  # (one pass over the new memory, not tile + concatenate)
+    IT[:old] = S.IT
+    IT[old:] = ITEM_ROW
     nfree = int(S.sc[S_NFREE])
-    freelist = np.concatenate([S.freelist[:nfree], np.arange(new - 1, old - 1, -1, dtype=np.int64)])
-    S.sc[S_NFREE] = len(freelist)
-    return S._replace(IT=IT, freelist=freelist)
+    # the free list must hold every slot (all may be freed at once), not just today's free ones
+    fl = np.concatenate([S.fl[:nfree], np.arange(new - 1, old - 1, -1, dtype=np.int64),
+                         np.zeros(old - nfree, dtype=np.int64)])
+    S.sc[S_NFREE] = nfree + (new - old)
+    return S._replace(IT=IT, fl=fl)
+
+
+@intrinsic
+def _ctlz(typingctx, src):
+    if not isinstance(src, types.Integer):
+        raise errors.NumbaTypeError("_ctlz takes an integer")
+
+    def codegen(context, builder, signature, args):
+        return builder.ctlz(args[0], ir.Constant(ir.IntType(1), 0))
+
+    return src(src), codegen
+
+
+@intrinsic
+def prefetch_row(typingctx, arr, row):
+    """Hint the CPU to fetch row ``row`` of a 2-d array into the cache (no effect on results; a
+    prefetch never faults).  Used a few iterations ahead in loops whose rows are random."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 2 and isinstance(row, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        r = context.cast(builder, args[1], signature.args[1], types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [r, context.get_constant(types.intp, 0)], wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p], fnty)  # (mangled .p0 or .p0i8)
+        # read, high temporal locality, data cache
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, row), codegen
+
+
+@njit(inline="always")
+def _bitlen(x):
+    """int.bit_length() of a count (0 for x <= 0)."""
+    if x <= 0:
+        return 0
+    return 64 - _ctlz(np.int64(x))
 
 
 # --- the rmap ----------------------------------------------------------------------------------------
-@njit(cache=True)
-def _map(S, pg, f):
-    S.PG[pg, G_PG_FRAME] = f
+@njit(inline="always")
+def _map(PG, FR, pg, f):
+    PG[pg, G_PG_FRAME] = f
     if f <= 0:
         return False
-    was_empty = S.FR[f, R_FR_CNT] == 0
-    t = S.FR[f, R_FR_TAIL]
-    S.PG[pg, G_PG_PREV] = t
-    S.PG[pg, G_PG_NEXT] = -1
+    was_empty = FR[f, R_FR_CNT] == 0
+    t = FR[f, R_FR_TAIL]
+    PG[pg, G_PG_PREV] = t
+    PG[pg, G_PG_NEXT] = -1
     if t >= 0:
-        S.PG[t, G_PG_NEXT] = pg
+        PG[t, G_PG_NEXT] = pg
     else:
-        S.FR[f, R_FR_HEAD] = pg
-    S.FR[f, R_FR_TAIL] = pg
-    S.FR[f, R_FR_CNT] += 1
+        FR[f, R_FR_HEAD] = pg
+    FR[f, R_FR_TAIL] = pg
+    FR[f, R_FR_CNT] += 1
     return was_empty
 
 
-@njit(cache=True)
-def _unmap(S, pg):
-    f = S.PG[pg, G_PG_FRAME]
-    S.PG[pg, G_PG_FRAME] = -1
+@njit(inline="always")
+def _unmap(PG, FR, pg):
+    f = PG[pg, G_PG_FRAME]
+    PG[pg, G_PG_FRAME] = -1
     if f <= 0:
         return -1
-    p = S.PG[pg, G_PG_PREV]
-    n = S.PG[pg, G_PG_NEXT]
+    p = PG[pg, G_PG_PREV]
+    n = PG[pg, G_PG_NEXT]
     if p >= 0:
-        S.PG[p, G_PG_NEXT] = n
+        PG[p, G_PG_NEXT] = n
     else:
-        S.FR[f, R_FR_HEAD] = n
+        FR[f, R_FR_HEAD] = n
     if n >= 0:
-        S.PG[n, G_PG_PREV] = p
+        PG[n, G_PG_PREV] = p
     else:
-        S.FR[f, R_FR_TAIL] = p
-    S.PG[pg, G_PG_NEXT] = -1
-    S.PG[pg, G_PG_PREV] = -1
-    S.FR[f, R_FR_CNT] -= 1
-    return S.FR[f, R_FR_CNT]
+        FR[f, R_FR_TAIL] = p
+    PG[pg, G_PG_NEXT] = -1
+    PG[pg, G_PG_PREV] = -1
+    FR[f, R_FR_CNT] -= 1
+    return FR[f, R_FR_CNT]
 
 
 # --- lists -------------------------------------------------------------------------------------------
-@njit(cache=True)
-def _list_append(S, it, w):
+@njit(inline="always")
+def _list_append(IT, sc, it, w):
     hi = S_NEW_H if w == W_NEW else S_RES_H
-    t = S.sc[hi + 1]
-    S.IT[it, I_IT_PREV] = t
-    S.IT[it, I_IT_NEXT] = -1
+    t = sc[hi + 1]
+    IT[it, I_IT_PREV] = t
+    IT[it, I_IT_NEXT] = -1
     if t >= 0:
-        S.IT[t, I_IT_NEXT] = it
+        IT[t, I_IT_NEXT] = it
     else:
-        S.sc[hi] = it
-    S.sc[hi + 1] = it
-    S.sc[hi + 2] += 1
-    S.IT[it, I_IT_WHERE] = w
+        sc[hi] = it
+    sc[hi + 1] = it
+    sc[hi + 2] += 1
+    IT[it, I_IT_WHERE] = w
 
 
-@njit(cache=True)
-def _list_remove(S, it):
-    w = S.IT[it, I_IT_WHERE]
+@njit(inline="always")
+def _list_remove(IT, sc, it):
+    w = IT[it, I_IT_WHERE]
     hi = S_NEW_H if w == W_NEW else S_RES_H
-    p = S.IT[it, I_IT_PREV]
-    n = S.IT[it, I_IT_NEXT]
+    p = IT[it, I_IT_PREV]
+    n = IT[it, I_IT_NEXT]
     if p >= 0:
-        S.IT[p, I_IT_NEXT] = n
+        IT[p, I_IT_NEXT] = n
     else:
-        S.sc[hi] = n
+        sc[hi] = n
     if n >= 0:
-        S.IT[n, I_IT_PREV] = p
+        IT[n, I_IT_PREV] = p
     else:
-        S.sc[hi + 1] = p
-    S.sc[hi + 2] -= 1
-    S.IT[it, I_IT_NEXT] = -1
-    S.IT[it, I_IT_PREV] = -1
-    S.IT[it, I_IT_WHERE] = W_NONE
+        sc[hi + 1] = p
+    sc[hi + 2] -= 1
+    IT[it, I_IT_NEXT] = -1
+    IT[it, I_IT_PREV] = -1
+    IT[it, I_IT_WHERE] = W_NONE
 
 
-@njit(cache=True)
-def _ck_append(S, it):
-    t = S.sc[S_CK_T]
-    S.IT[it, I_CK_PREV] = t
-    S.IT[it, I_CK_NEXT] = -1
+@njit(inline="always")
+def _ck_append(IT, sc, it):
+    t = sc[S_CK_T]
+    IT[it, I_CK_PREV] = t
+    IT[it, I_CK_NEXT] = -1
     if t >= 0:
-        S.IT[t, I_CK_NEXT] = it
+        IT[t, I_CK_NEXT] = it
     else:
-        S.sc[S_CK_H] = it
-    S.sc[S_CK_T] = it
+        sc[S_CK_H] = it
+    sc[S_CK_T] = it
+    sc[S_CK_N] += 1
 
 
-@njit(cache=True)
-def _ck_remove(S, it):
-    p = S.IT[it, I_CK_PREV]
-    n = S.IT[it, I_CK_NEXT]
+@njit(inline="always")
+def _ck_remove(IT, sc, it):
+    p = IT[it, I_CK_PREV]
+    n = IT[it, I_CK_NEXT]
     if p >= 0:
-        S.IT[p, I_CK_NEXT] = n
+        IT[p, I_CK_NEXT] = n
     else:
-        S.sc[S_CK_H] = n
+        sc[S_CK_H] = n
     if n >= 0:
-        S.IT[n, I_CK_PREV] = p
+        IT[n, I_CK_PREV] = p
     else:
-        S.sc[S_CK_T] = p
-    S.IT[it, I_CK_NEXT] = -1
-    S.IT[it, I_CK_PREV] = -1
+        sc[S_CK_T] = p
+    IT[it, I_CK_NEXT] = -1
+    IT[it, I_CK_PREV] = -1
+    sc[S_CK_N] -= 1
 
 
-@njit(cache=True)
-def _free_slot(S, it):
-    S.IT[it, I_IT_FRAME] = -1
-    S.freelist[S.sc[S_NFREE]] = it
-    S.sc[S_NFREE] += 1
-
-
-@njit(cache=True)
-def for_fields_reset(S, it):
-    for k in range(len(S.itrow)):
-        S.IT[it, k] = S.itrow[k]
+@njit(inline="always")
+def _free_slot(IT, fl, sc, it):
+    IT[it, I_IT_FRAME] = -1
+    fl[sc[S_NFREE]] = it
+    sc[S_NFREE] += 1
 
 
 # --- hooks ---------------------------------------------------------------------------------------------
-@njit(cache=True)
-def _page_freed(S, f):
-    """pksm_del_anon_page for the physical page f (its last mapping went)."""
-    S.FR[f, R_FR_KSM] = 0
-    it = S.FR[f, R_FR_ITEM]
-    if it < 0:
-        return
-    S.FR[f, R_FR_ITEM] = -1
-    _item_page_freed(S, it)
-
-
-@njit(cache=True)
-def _item_page_freed(S, it):
-    if S.IT[it, I_IT_MAP] > 0:
-        S.sc[S_SHARING] -= S.IT[it, I_IT_MAP]
-        S.IT[it, I_IT_MAP] = 0
-    S.IT[it, I_IT_FRAME] = -1
-    w = S.IT[it, I_IT_WHERE]
+@njit
+def _item_page_freed(IT, fl, sc, it):
+    if IT[it, I_IT_MAP] > 0:
+        sc[S_SHARING] -= IT[it, I_IT_MAP]
+        IT[it, I_IT_MAP] = 0
+    IT[it, I_IT_FRAME] = -1
+    w = IT[it, I_IT_WHERE]
     if w == W_NEW or w == W_RESCAN:
-        if w == W_NEW and S.IT[it, I_IT_CNT] > 0:
-            S.sc[S_PDIED] += 1
-        _list_remove(S, it)
-        S.sc[S_RMAP] -= 1
-        _free_slot(S, it)
+        if w == W_NEW and IT[it, I_IT_CNT] > 0:
+            sc[S_PDIED] += 1
+        _list_remove(IT, sc, it)
+        sc[S_RMAP] -= 1
+        _free_slot(IT, fl, sc, it)
     else:
-        S.IT[it, I_IT_DELL] = 1
-        S.IT[it, I_DEL_NEXT] = -1
-        t = S.sc[S_DEL_T]
+        IT[it, I_IT_DELL] = 1
+        IT[it, I_DEL_NEXT] = -1
+        t = sc[S_DEL_T]
         if t >= 0:
-            S.IT[t, I_DEL_NEXT] = it
+            IT[t, I_DEL_NEXT] = it
         else:
-            S.sc[S_DEL_H] = it
-        S.sc[S_DEL_T] = it
+            sc[S_DEL_H] = it
+        sc[S_DEL_T] = it
 
 
-@njit(cache=True)
-def _register(S, f, now):
-    if S.sc[S_NFREE] == 0:
-        S.sc[S_ERR] = 1
+@njit(inline="always")
+def _page_freed(IT, FR, fl, sc, f):
+    """pksm_del_anon_page for the physical page f (its last mapping went)."""
+    FR[f, R_FR_KSM] = 0
+    it = FR[f, R_FR_ITEM]
+    if it >= 0:
+        FR[f, R_FR_ITEM] = -1
+        _item_page_freed(IT, fl, sc, it)
+
+
+@njit(inline="always")
+def _register(IT, FR, fl, sc, f, now):
+    if sc[S_NFREE] == 0:
+        sc[S_ERR] = 1
         return
-    S.sc[S_NFREE] -= 1
-    it = S.freelist[S.sc[S_NFREE]]
-    for_fields_reset(S, it)
-    S.IT[it, I_IT_FRAME] = f
-    S.IT[it, I_IT_INIT] = 1
-    S.IT[it, I_IT_T0] = now
-    S.FR[f, R_FR_ITEM] = it
-    _list_append(S, it, W_NEW)
-    S.sc[S_RMAP] += 1
+    sc[S_NFREE] -= 1
+    it = fl[sc[S_NFREE]]
+    for k in range(N_ICOLS):
+        IT[it, k] = ITEM_ROW[k]
+    IT[it, I_IT_FRAME] = f
+    IT[it, I_IT_INIT] = 1
+    IT[it, I_IT_T0] = now
+    FR[f, R_FR_ITEM] = it
+    _list_append(IT, sc, it, W_NEW)
+    sc[S_RMAP] += 1
 
 
-@njit(cache=True)
-def _unmap_sharing_page(S, f):
-    it = S.FR[f, R_FR_ITEM]
-    if it < 0 or S.IT[it, I_IT_INKSM] == 0 or S.IT[it, I_IT_FRAME] < 0:
+@njit(inline="always")
+def _unmap_sharing_page(IT, FR, sc, f):
+    it = FR[f, R_FR_ITEM]
+    if it < 0 or IT[it, I_IT_INKSM] == 0 or IT[it, I_IT_FRAME] < 0:
         return
-    if S.FR[f, R_FR_CNT] > S.IT[it, I_IT_MAP]:
+    if FR[f, R_FR_CNT] > IT[it, I_IT_MAP]:
         return
-    if S.IT[it, I_IT_MAP] > 0:
-        S.sc[S_SHARING] -= 1
-        S.IT[it, I_IT_MAP] -= 1
+    if IT[it, I_IT_MAP] > 0:
+        sc[S_SHARING] -= 1
+        IT[it, I_IT_MAP] -= 1
 
 
 @njit(cache=True)
 def on_snapshot(E, S, pgs, kinds, keys, now):
+    epg = E.pg
+    IT = S.IT
+    PG = S.PG
+    FR = S.FR
+    fl = S.fl
+    sc = S.sc
+    trackcow = sc[OP + P_TRACKCOW] == 1
     n = len(pgs)
     for i in range(n):  # removals first
+        if i + PF_FAR < n:  # (prefetch the rows of the events ahead: pages, then their frames)
+            prefetch_row(PG, pgs[i + PF_FAR])
+        if i + PF_NEAR < n:
+            fa = PG[pgs[i + PF_NEAR], G_PG_FRAME]
+            if fa > 0:
+                prefetch_row(FR, fa)
         k = kinds[i]
         pg = pgs[i]
-        if not (k == EV_GONE or k == EV_UNMERGE or k == EV_WRITE) or S.PG[pg, G_PG_FRAME] < 0:
+        if not (k == EV_GONE or k == EV_UNMERGE or k == EV_WRITE):
             continue
-        f = S.PG[pg, G_PG_FRAME]
-        if f > 0 and k == EV_WRITE and S.FR[f, R_FR_KSM] == 1:
-            _unmap_sharing_page(S, f)
-        left = _unmap(S, pg)
+        f = PG[pg, G_PG_FRAME]
+        if f < 0:
+            continue
+        if f > 0 and k == EV_WRITE and FR[f, R_FR_KSM] == 1:
+            _unmap_sharing_page(IT, FR, sc, f)
+        left = _unmap(PG, FR, pg)
         if left != 0:
             continue
-        if k == EV_WRITE and S.FR[f, R_FR_KSM] == 0:  # written in place: the item follows the page
-            S.PG[pg, G_MV_ITEM] = S.FR[f, R_FR_ITEM]
-            S.FR[f, R_FR_ITEM] = -1
+        if k == EV_WRITE and FR[f, R_FR_KSM] == 0:  # written in place: the item follows the page
+            PG[pg, G_MV_ITEM] = FR[f, R_FR_ITEM]
+            FR[f, R_FR_ITEM] = -1
         else:
-            _page_freed(S, f)
+            _page_freed(IT, FR, fl, sc, f)
     for i in range(n):  # then arrivals
+        if i + PF_FAR < n:
+            prefetch_row(epg, pgs[i + PF_FAR])
+        if i + PF_NEAR < n:
+            fa = epg[pgs[i + PF_NEAR], P_FRAME]
+            if fa > 0:
+                prefetch_row(FR, fa)
+            mva = PG[pgs[i + PF_NEAR], G_MV_ITEM]
+            if mva >= 0:
+                prefetch_row(IT, mva)
         k = kinds[i]
         pg = pgs[i]
-        if not (k == EV_APPEAR or k == EV_WRITE) or st.cid(E, pg) < 0:
+        if not (k == EV_APPEAR or k == EV_WRITE) or epg[pg, P_CID] < 0:
             continue
-        f = st.frame(E, pg)
-        S.PG[pg, G_PG_KEY] = keys[i]
-        new_page = _map(S, pg, f)
-        mv = S.PG[pg, G_MV_ITEM]
+        f = epg[pg, P_FRAME]
+        PG[pg, G_PG_KEY] = keys[i]
+        new_page = _map(PG, FR, pg, f)
+        mv = PG[pg, G_MV_ITEM]
         if mv != -2:
-            S.PG[pg, G_MV_ITEM] = -2
+            PG[pg, G_MV_ITEM] = -2
             if mv >= 0:
                 if new_page:
-                    S.IT[mv, I_IT_FRAME] = f
-                    S.FR[f, R_FR_ITEM] = mv
+                    IT[mv, I_IT_FRAME] = f
+                    FR[f, R_FR_ITEM] = mv
                 else:
-                    _item_page_freed(S, mv)
+                    _item_page_freed(IT, fl, sc, mv)
             continue
         if not new_page:
             continue
-        if k == EV_APPEAR or S.P[P_TRACKCOW] == 1:
-            _register(S, f, now)
+        if k == EV_APPEAR or trackcow:
+            _register(IT, FR, fl, sc, f, now)
     for i in range(n):  # (defensive) a page written in place that vanished
         pg = pgs[i]
-        mv = S.PG[pg, G_MV_ITEM]
+        mv = PG[pg, G_MV_ITEM]
         if mv != -2:
-            S.PG[pg, G_MV_ITEM] = -2
+            PG[pg, G_MV_ITEM] = -2
             if mv >= 0:
-                _item_page_freed(S, mv)
+                _item_page_freed(IT, fl, sc, mv)
 
 
 # --- trees ---------------------------------------------------------------------------------------------
-@njit(cache=True)
-def _bitlen(x):
-    b = 0
-    while x > 0:
-        b += 1
-        x >>= 1
-    return b
-
-
-@njit(cache=True)
-def remove_rmap_item_from_tree(S, it, free_anon):
-    t = S.IT[it, I_IT_TREE]
+@njit(inline="always")
+def _rm_tree(IT, KY, sc, it, free_anon):
+    """remove_rmap_item_from_tree."""
+    t = IT[it, I_IT_TREE]
     if t == T_STABLE:
-        c = S.IT[it, I_IT_SUM]
-        if S.KY[c, K_ST_ITEM] == it:
-            S.KY[c, K_ST_ITEM] = -1
-            S.sc[S_STCOUNT] -= 1
-        S.sc[S_SHARED] -= 1
+        c = IT[it, I_IT_SUM]
+        if KY[c, K_ST_ITEM] == it:
+            KY[c, K_ST_ITEM] = -1
+            sc[S_STCOUNT] -= 1
+        sc[S_SHARED] -= 1
     elif t == T_UNSTABLE:
-        c = S.IT[it, I_IT_SUM]
-        if S.KY[c, K_UN_ITEM] == it:
-            S.KY[c, K_UN_ITEM] = -1
-            S.sc[S_UNCOUNT] -= 1
-        _ck_remove(S, it)
-    S.IT[it, I_IT_TREE] = T_NONE
+        c = IT[it, I_IT_SUM]
+        if KY[c, K_UN_ITEM] == it:
+            KY[c, K_UN_ITEM] = -1
+            sc[S_UNCOUNT] -= 1
+        _ck_remove(IT, sc, it)
+    IT[it, I_IT_TREE] = T_NONE
     if free_anon:
-        S.sc[S_SNODES] -= S.IT[it, I_IT_NANON]
-        S.IT[it, I_IT_NANON] = 0
+        sc[S_SNODES] -= IT[it, I_IT_NANON]
+        IT[it, I_IT_NANON] = 0
 
 
-@njit(cache=True)
-def _stale(S, t):
-    return S.IT[t, I_IT_DELL] == 1 or S.IT[t, I_IT_FRAME] < 0
+@njit
+def _prune(IT, KY, sc, t):
+    """A stale item met in a tree descent leaves the tree."""
+    _rm_tree(IT, KY, sc, t, False)
+    sc[OU + U_PRUNE] += 1
 
 
-@njit(cache=True)
-def stable_tree_search(S, key):
+@njit(inline="always")
+def _search(IT, KY, sc, key, col, count):
+    """The live item of tree ``col`` (K_ST_ITEM / K_UN_ITEM) under ``key``, or -1; stale items met
+    are pruned.  The loop of stable_tree_search, unstable_tree_search_insert and stable_tree_insert."""
     while True:
-        S.units[U_HCMP] += _bitlen(S.sc[S_STCOUNT])
-        t = S.KY[key, K_ST_ITEM]
+        sc[OU + U_HCMP] += _bitlen(sc[count])
+        t = KY[key, col]
         if t < 0:
             return -1
-        if _stale(S, t):
-            remove_rmap_item_from_tree(S, t, False)
-            S.units[U_PRUNE] += 1
+        if IT[t, I_IT_DELL] == 1 or IT[t, I_IT_FRAME] < 0:
+            _prune(IT, KY, sc, t)
             continue
         return t
 
 
-@njit(cache=True)
-def unstable_tree_search_insert(S, it, key):
-    while True:
-        S.units[U_HCMP] += _bitlen(S.sc[S_UNCOUNT])
-        t = S.KY[key, K_UN_ITEM]
-        if t < 0:
-            break
-        if _stale(S, t):
-            remove_rmap_item_from_tree(S, t, False)
-            S.units[U_PRUNE] += 1
-            continue
-        return t
-    S.IT[it, I_IT_TREE] = T_UNSTABLE
-    S.KY[key, K_UN_ITEM] = it
-    S.sc[S_UNCOUNT] += 1
-    _ck_append(S, it)
-    return -1
+@njit(inline="always")
+def _stable_tree_append(IT, sc, head):
+    IT[head, I_IT_NANON] += 1
+    sc[S_SNODES] += 1
+    if IT[head, I_IT_NANON] == 1:
+        sc[S_SHARED] += 1
 
 
-@njit(cache=True)
-def stable_tree_insert(S, it, key):
-    while True:
-        S.units[U_HCMP] += _bitlen(S.sc[S_STCOUNT])
-        t = S.KY[key, K_ST_ITEM]
-        if t < 0:
-            break
-        if _stale(S, t):
-            remove_rmap_item_from_tree(S, t, False)
-            S.units[U_PRUNE] += 1
-            continue
-        return TRY
-    S.IT[it, I_IT_TREE] = T_STABLE
-    S.KY[key, K_ST_ITEM] = it
-    S.sc[S_STCOUNT] += 1
-    return SUCCESS
+@njit(inline="always")
+def _key(IT, PG, FR, it):
+    return PG[FR[IT[it, I_IT_FRAME], R_FR_HEAD], G_PG_KEY]
 
 
-@njit(cache=True)
-def stable_tree_append(S, head):
-    S.IT[head, I_IT_NANON] += 1
-    S.sc[S_SNODES] += 1
-    if S.IT[head, I_IT_NANON] == 1:
-        S.sc[S_SHARED] += 1
-
-
-@njit(cache=True)
-def _split(E, S, pg):
-    pr = S.page_proc[pg]
-    st.split_thp(E, pg, S.pg_lo[pr], S.pg_hi[pr], False)
-
-
-@njit(cache=True)
-def _remap_all(E, S, f, target):
-    """rmap walk of page f onto KSM page target (0: the zero page): (PTEs replaced, equal)."""
-    first = S.FR[f, R_FR_HEAD]
-    _split(E, S, first)
-    cid = st.cid(E, first)
+@njit(inline="always")
+def _remap_all(E, IT, PG, FR, fl, sc, f, target):
+    """rmap walk of page f onto KSM page target (0: the zero page): (PTEs replaced, equal).
+    Inlined into the three merges below, so that a merge is one call from ksm_do_scan."""
+    epg = E.pg
+    first = FR[f, R_FR_HEAD]
+    pr = epg[first, P_PROC]
+    op = sc[S_OPROC]
+    st.split_thp(E, first, sc[op + pr], sc[op + sc[S_NPROC] + pr], False)
+    cid = epg[first, P_CID]
     if target == 0:
         equal = cid == 0
     else:
-        equal = cid == st.cid(E, S.FR[target, R_FR_HEAD])
+        equal = cid == epg[FR[target, R_FR_HEAD], P_CID]
     done = 0
-    now = S.sc[S_NOW]
+    now = sc[S_NOW]
     q = first
     while q >= 0:
-        nxt = S.PG[q, G_PG_NEXT]
-        S.units[U_WP] += 1
+        nxt = PG[q, G_PG_NEXT]
+        sc[OU + U_WP] += 1
         if target == 0:
-            S.units[U_ZCHECK] += 1
+            sc[OU + U_ZCHECK] += 1
         else:
-            S.units[U_MEMCMP] += 1
+            sc[OU + U_MEMCMP] += 1
         if equal:
-            S.units[U_REMAP] += 1
+            sc[OU + U_REMAP] += 1
             if target == 0:
                 ok = st.merge_zero(E, q, now)
             else:
                 ok = st.merge(E, q, target, now)
             if ok:
-                _unmap(S, q)
-                _map(S, q, target)
+                _unmap(PG, FR, q)
+                _map(PG, FR, q, target)
                 done += 1
         q = nxt
-    if S.FR[f, R_FR_CNT] == 0:
-        _page_freed(S, f)
+    if FR[f, R_FR_CNT] == 0:
+        _page_freed(IT, FR, fl, sc, f)
     return done, equal
 
 
-@njit(cache=True)
-def _key(S, it):
-    return S.PG[S.FR[S.IT[it, I_IT_FRAME], R_FR_HEAD], G_PG_KEY]
+# --- cmp_and_merge_page: the rare parts (the common part is in ksm_do_scan) -------------------------------
+@njit
+def _merge_zero(E, S, f):
+    """The sampled hash is the zero page's: SUCCESS, or -1 to go on to the trees."""
+    sc = S.sc
+    nz, equal = _remap_all(E, S.IT, S.PG, S.FR, S.fl, sc, f, 0)
+    sc[S_ZSHARING] += nz
+    if equal:
+        return SUCCESS
+    if sc[OP + P_COLL] == 1:
+        sc[S_COLL] += 1
+        return SUCCESS
+    return -1
 
 
-@njit(cache=True)
-def cmp_and_merge_page(E, S, it, init):
-    f = S.IT[it, I_IT_FRAME]
-    if S.FR[f, R_FR_KSM] == 1 or S.IT[it, I_IT_TREE] == T_STABLE:
-        return DROP
-    remove_rmap_item_from_tree(S, it, False)
-    if init:
-        S.IT[it, I_IT_SUM] = _key(S, it)
-        S.units[U_SAMPLED] += 1
-    key = S.IT[it, I_IT_SUM]
-    if key == S.P[P_ZEROKEY]:
-        nz, equal = _remap_all(E, S, f, 0)
-        S.sc[S_ZSHARING] += nz
-        if equal:
-            return SUCCESS
-        if S.P[P_COLL] == 1:
-            S.sc[S_COLL] += 1
-            return SUCCESS
-    t = stable_tree_search(S, key)
-    if t >= 0:
-        nm, equal = _remap_all(E, S, f, S.IT[t, I_IT_FRAME])
-        if not equal and S.P[P_COLL] == 0:
-            return TRY
-        if not equal:
-            S.sc[S_COLL] += 1
-        S.sc[S_SHARING] += nm
-        S.IT[t, I_IT_MAP] += nm
-        stable_tree_append(S, t)
-        return SUCCESS
-    t = unstable_tree_search_insert(S, it, key)
-    if t < 0:
-        return SUCCESS
-    tf = S.IT[t, I_IT_FRAME]
-    equal = st.cid(E, S.FR[f, R_FR_HEAD]) == st.cid(E, S.FR[tf, R_FR_HEAD])
-    if not equal and S.P[P_COLL] == 0:
+@njit
+def _merge_stable(E, S, f, t):
+    """A stable tree item ``t`` has the key: map the page onto it."""
+    IT = S.IT
+    sc = S.sc
+    nm, equal = _remap_all(E, IT, S.PG, S.FR, S.fl, sc, f, IT[t, I_IT_FRAME])
+    if not equal and sc[OP + P_COLL] == 0:
         return TRY
-    _split(E, S, S.FR[f, R_FR_HEAD])
-    S.units[U_WP] += S.FR[f, R_FR_CNT]
-    st.stabilize(E, S.FR[f, R_FR_HEAD])
-    S.FR[f, R_FR_KSM] = 1
-    nm, equal = _remap_all(E, S, tf, f)
     if not equal:
-        S.sc[S_COLL] += 1
-    S.sc[S_SHARING] += nm
-    S.IT[it, I_IT_MAP] += nm
-    remove_rmap_item_from_tree(S, t, False)
-    if stable_tree_insert(S, it, key) == TRY:
+        sc[S_COLL] += 1
+    sc[S_SHARING] += nm
+    IT[t, I_IT_MAP] += nm
+    _stable_tree_append(IT, sc, t)
+    return SUCCESS
+
+
+@njit
+def _merge_unstable(E, S, it, f, t, key):
+    """An unstable tree item ``t`` has the key: try_to_merge_two_pages, then the stable tree."""
+    epg = E.pg
+    IT = S.IT
+    PG = S.PG
+    FR = S.FR
+    KY = S.KY
+    sc = S.sc
+    tf = IT[t, I_IT_FRAME]
+    equal = epg[FR[f, R_FR_HEAD], P_CID] == epg[FR[tf, R_FR_HEAD], P_CID]
+    if not equal and sc[OP + P_COLL] == 0:
         return TRY
-    stable_tree_append(S, it)
-    stable_tree_append(S, it)
+    head = FR[f, R_FR_HEAD]
+    pr = epg[head, P_PROC]
+    op = sc[S_OPROC]
+    st.split_thp(E, head, sc[op + pr], sc[op + sc[S_NPROC] + pr], False)
+    sc[OU + U_WP] += FR[f, R_FR_CNT]
+    st.stabilize(E, FR[f, R_FR_HEAD])
+    FR[f, R_FR_KSM] = 1
+    nm, equal = _remap_all(E, IT, PG, FR, S.fl, sc, tf, f)
+    if not equal:
+        sc[S_COLL] += 1
+    sc[S_SHARING] += nm
+    IT[it, I_IT_MAP] += nm
+    _rm_tree(IT, KY, sc, t, False)
+    if _search(IT, KY, sc, key, K_ST_ITEM, S_STCOUNT) >= 0:  # stable_tree_insert
+        return TRY
+    IT[it, I_IT_TREE] = T_STABLE
+    KY[key, K_ST_ITEM] = it
+    sc[S_STCOUNT] += 1
+    _stable_tree_append(IT, sc, it)
+    _stable_tree_append(IT, sc, it)
     return SUCCESS
 
 
 # --- pksmd ----------------------------------------------------------------------------------------------
-@njit(cache=True)
-def _probation_over(S, it):
-    S.IT[it, I_IT_CNT] += 1
-    if S.IT[it, I_IT_CNT] > S.P[P_PROBN] and S.sc[S_NOW] - S.IT[it, I_IT_T0] >= S.P[P_PROBNS]:
+@njit(inline="always")
+def _probation_over(IT, PG, FR, sc, it):
+    IT[it, I_IT_CNT] += 1
+    if IT[it, I_IT_CNT] > sc[OP + P_PROBN] and sc[S_NOW] - IT[it, I_IT_T0] >= sc[OP + P_PROBNS]:
         return True
-    S.IT[it, I_IT_WAKE] = S.sc[S_WAKE]
-    S.units[U_VISITED] += 1
-    S.units[U_SAMPLED] += 1
-    h = _key(S, it)
-    if S.IT[it, I_IT_SEEN] >= 0 and h != S.IT[it, I_IT_SEEN]:
-        if S.IT[it, I_IT_CHANGED] == 0:
-            S.IT[it, I_IT_CHANGED] = 1
-            S.sc[S_PCHG] += 1
-        if S.P[P_RESTART] == 1:
-            S.IT[it, I_IT_CNT] = 0
-            S.IT[it, I_IT_T0] = S.sc[S_NOW]
-    S.IT[it, I_IT_SEEN] = h
+    IT[it, I_IT_WAKE] = sc[S_WAKE]
+    sc[OU + U_VISITED] += 1
+    sc[OU + U_SAMPLED] += 1
+    h = _key(IT, PG, FR, it)
+    if IT[it, I_IT_SEEN] >= 0 and h != IT[it, I_IT_SEEN]:
+        if IT[it, I_IT_CHANGED] == 0:
+            IT[it, I_IT_CHANGED] = 1
+            sc[S_PCHG] += 1
+        if sc[OP + P_RESTART] == 1:
+            IT[it, I_IT_CNT] = 0
+            IT[it, I_IT_T0] = sc[S_NOW]
+    IT[it, I_IT_SEEN] = h
     return False
 
 
-@njit(cache=True)
-def _drop(S, it):
-    S.sc[S_SNODES] -= S.IT[it, I_IT_NANON]
-    S.IT[it, I_IT_NANON] = 0
-    f = S.IT[it, I_IT_FRAME]
-    if f >= 0 and S.FR[f, R_FR_ITEM] == it:
-        S.FR[f, R_FR_ITEM] = -1
-    S.IT[it, I_IT_FRAME] = -1
-    S.sc[S_RMAP] -= 1
-    S.units[U_FREE] += 1
-    if S.IT[it, I_IT_TREE] == T_NONE:
-        _free_slot(S, it)
+@njit(inline="always")
+def _drop(IT, FR, fl, sc, it):
+    sc[S_SNODES] -= IT[it, I_IT_NANON]
+    IT[it, I_IT_NANON] = 0
+    f = IT[it, I_IT_FRAME]
+    if f >= 0 and FR[f, R_FR_ITEM] == it:
+        FR[f, R_FR_ITEM] = -1
+    IT[it, I_IT_FRAME] = -1
+    sc[S_RMAP] -= 1
+    sc[OU + U_FREE] += 1
+    if IT[it, I_IT_TREE] == T_NONE:
+        _free_slot(IT, fl, sc, it)
     # (an item dropped while in a tree stays there, stale, as in PKSM; its slot is not reused)
 
 
-@njit(cache=True)
+@njit
 def ksm_do_scan(E, S, n):
-    loc = S.loc
-    probation = S.P[P_PROBN] > 0 or S.P[P_PROBNS] > 0
-    delay = S.P[P_DELAY] == 1
-    # the local list is built in loc[lo:hi): new items are pushed at the front
-    mid = len(loc) // 2
+    IT = S.IT
+    PG = S.PG
+    FR = S.FR
+    KY = S.KY
+    fl = S.fl
+    sc = S.sc
+    probation = sc[OP + P_PROBN] > 0 or sc[OP + P_PROBNS] > 0
+    delay = sc[OP + P_DELAY] == 1
+    zero_key = sc[OP + P_ZEROKEY]
+    wake = sc[S_WAKE]
+    # the local list is built in sc[lo:hi) (the local-list slots): new items are pushed at the front
+    mid = sc[S_OLOC] + (2 * sc[OP + P_PTS] + 8) // 2
     lo = mid
     hi = mid
     scan = 0
-    while S.sc[S_NEW_H] >= 0:
-        it = S.sc[S_NEW_H]
-        if delay and S.IT[it, I_IT_WAKE] == S.sc[S_WAKE]:
+    while sc[S_NEW_H] >= 0:
+        it = sc[S_NEW_H]
+        if delay and IT[it, I_IT_WAKE] == wake:
             break
-        _list_remove(S, it)
-        S.units[U_MOVES] += 1
-        if probation and not _probation_over(S, it):
-            _list_append(S, it, W_NEW)
+        _list_remove(IT, sc, it)
+        sc[OU + U_MOVES] += 1
+        if probation and not _probation_over(IT, PG, FR, sc, it):
+            _list_append(IT, sc, it, W_NEW)
         else:
             if probation:
-                S.sc[S_PEND] += 1
-            S.IT[it, I_IT_WHERE] = W_LOCAL
-            S.IT[it, I_IT_INKSM] = 1
+                sc[S_PEND] += 1
+            IT[it, I_IT_WHERE] = W_LOCAL
+            IT[it, I_IT_INKSM] = 1
             lo -= 1
-            loc[lo] = it
+            sc[lo] = it
         if scan > n:
             break
         scan += 1
     scan = 0
-    while S.sc[S_RES_H] >= 0:
-        it = S.sc[S_RES_H]
-        _list_remove(S, it)
-        if S.IT[it, I_IT_DELL] == 1:
+    while sc[S_RES_H] >= 0:
+        it = sc[S_RES_H]
+        _list_remove(IT, sc, it)
+        if IT[it, I_IT_DELL] == 1:
             continue
-        S.units[U_MOVES] += 1
-        S.IT[it, I_IT_WHERE] = W_LOCAL
-        loc[hi] = it
+        sc[OU + U_MOVES] += 1
+        IT[it, I_IT_WHERE] = W_LOCAL
+        sc[hi] = it
         hi += 1
         if scan > n:
             break
         scan += 1
     for j in range(lo, hi):
-        it = loc[j]
-        S.IT[it, I_IT_WHERE] = W_NONE
-        if S.IT[it, I_IT_DELL] == 1:
+        it = sc[j]
+        IT[it, I_IT_WHERE] = W_NONE
+        if IT[it, I_IT_DELL] == 1:
             continue
-        init = S.IT[it, I_IT_INIT] == 1
-        S.IT[it, I_IT_INIT] = 0
-        if S.IT[it, I_IT_FRAME] < 0 or S.IT[it, I_IT_INKSM] == 0:
+        init = IT[it, I_IT_INIT] == 1
+        IT[it, I_IT_INIT] = 0
+        f = IT[it, I_IT_FRAME]
+        if f < 0 or IT[it, I_IT_INKSM] == 0:
             continue
-        S.units[U_VISITED] += 1
-        r = cmp_and_merge_page(E, S, it, init)
+        sc[OU + U_VISITED] += 1
+        # ---- cmp_and_merge_page ----
+        if FR[f, R_FR_KSM] == 1 or IT[it, I_IT_TREE] == T_STABLE:
+            r = DROP
+        else:
+            _rm_tree(IT, KY, sc, it, False)
+            if init:
+                IT[it, I_IT_SUM] = PG[FR[f, R_FR_HEAD], G_PG_KEY]
+                sc[OU + U_SAMPLED] += 1
+            key = IT[it, I_IT_SUM]
+            r = -1
+            if key == zero_key:  # the zero page first
+                r = _merge_zero(E, S, f)
+            if r < 0:
+                t = _search(IT, KY, sc, key, K_ST_ITEM, S_STCOUNT)  # stable_tree_search
+                if t >= 0:
+                    r = _merge_stable(E, S, f, t)
+                else:
+                    t = _search(IT, KY, sc, key, K_UN_ITEM, S_UNCOUNT)  # unstable_tree_search_insert
+                    if t < 0:
+                        IT[it, I_IT_TREE] = T_UNSTABLE
+                        KY[key, K_UN_ITEM] = it
+                        sc[S_UNCOUNT] += 1
+                        _ck_append(IT, sc, it)
+                        r = SUCCESS
+                    else:
+                        r = _merge_unstable(E, S, it, f, t, key)
         if r == DROP:
-            _drop(S, it)
+            _drop(IT, FR, fl, sc, it)
         elif r == TRY:
-            S.IT[it, I_IT_INIT] = 1
-            _list_append(S, it, W_RESCAN)
-            S.units[U_MOVES] += 1
+            IT[it, I_IT_INIT] = 1
+            _list_append(IT, sc, it, W_RESCAN)
+            sc[OU + U_MOVES] += 1
     # drain the del list
-    it = S.sc[S_DEL_H]
-    S.sc[S_DEL_H] = -1
-    S.sc[S_DEL_T] = -1
+    it = sc[S_DEL_H]
+    sc[S_DEL_H] = -1
+    sc[S_DEL_T] = -1
     while it >= 0:
-        nxt = S.IT[it, I_DEL_NEXT]
-        remove_rmap_item_from_tree(S, it, True)
-        S.sc[S_RMAP] -= 1
-        S.units[U_FREE] += 1
-        _free_slot(S, it)
+        nxt = IT[it, I_DEL_NEXT]
+        _rm_tree(IT, KY, sc, it, True)
+        sc[S_RMAP] -= 1
+        sc[OU + U_FREE] += 1
+        _free_slot(IT, fl, sc, it)
         it = nxt
     update_unstable_page_checksum(S)
 
 
-@njit(cache=True)
+@njit
 def update_unstable_page_checksum(S):
-    n = S.P[P_PTS]
-    U = S.sc[S_UNCOUNT]
+    IT = S.IT
+    PG = S.PG
+    FR = S.FR
+    KY = S.KY
+    sc = S.sc
+    n = sc[OP + P_PTS]
+    U = sc[S_UNCOUNT]
     if U < n:
         need = U
     else:
-        need = (U * S.P[P_SLEEP]) // (S.P[P_PERIOD] * 1000)
+        need = (U * sc[OP + P_SLEEP]) // (sc[OP + P_PERIOD] * 1000)
     if need <= 0:
         return
     if need > n:
         need = n
-    rotate = S.P[P_ROTATE] == 1
-    limit = -1
-    if rotate:  # the number of entries on the list now
-        limit = 0
-        x = S.sc[S_CK_H]
-        while x >= 0:
-            limit += 1
-            x = S.IT[x, I_CK_NEXT]
+    rotate = sc[OP + P_ROTATE] == 1
+    limit = sc[S_CK_N] if rotate else -1  # the number of entries on the list now
     scan = 0
-    it = S.sc[S_CK_H]
+    it = sc[S_CK_H]
     while it >= 0:
         if limit >= 0 and scan >= limit:
             break
-        nxt = S.IT[it, I_CK_NEXT]
-        if S.IT[it, I_IT_FRAME] >= 0 and S.IT[it, I_IT_TREE] == T_UNSTABLE:
-            S.units[U_VISITED] += 1
-            S.units[U_SAMPLED] += 1
-            c = _key(S, it)
-            if c != S.IT[it, I_IT_SUM]:
-                remove_rmap_item_from_tree(S, it, False)
-                S.IT[it, I_IT_SUM] = c
-                S.IT[it, I_IT_INIT] = 0
-                _list_append(S, it, W_RESCAN)
-                S.units[U_MOVES] += 1
+        nxt = IT[it, I_CK_NEXT]
+        if IT[it, I_IT_FRAME] >= 0 and IT[it, I_IT_TREE] == T_UNSTABLE:
+            sc[OU + U_VISITED] += 1
+            sc[OU + U_SAMPLED] += 1
+            c = _key(IT, PG, FR, it)
+            if c != IT[it, I_IT_SUM]:
+                _rm_tree(IT, KY, sc, it, False)
+                IT[it, I_IT_SUM] = c
+                IT[it, I_IT_INIT] = 0
+                _list_append(IT, sc, it, W_RESCAN)
+                sc[OU + U_MOVES] += 1
             elif rotate:
-                _ck_remove(S, it)
-                _ck_append(S, it)
-                S.units[U_MOVES] += 1
+                _ck_remove(IT, sc, it)
+                _ck_append(IT, sc, it)
+                sc[OU + U_MOVES] += 1
                 if nxt < 0:  # it was the last one: the walk would meet it again
                     nxt = -1
         if scan > need:
@@ -700,16 +796,20 @@ def update_unstable_page_checksum(S):
 
 @njit(cache=True)
 def run_until(E, S, t_end):
-    while S.sc[S_TWAKE] < t_end:
-        for i in range(len(S.units)):
-            S.bunits[i] = S.units[i]
-        S.sc[S_NOW] = S.sc[S_TWAKE]
-        S.sc[S_WAKE] += 1
-        S.units[U_WAKEUPS] += 1
-        ksm_do_scan(E, S, S.P[P_PTS])
-        w = work_ns(S.bunits, S.units, S.timing)
-        S.sc[S_BUSY] += w
-        S.sc[S_TWAKE] = next_wake(S.sc[S_TWAKE] + w, S.P[P_SLEEP], S.P[P_HZ])
+    sc = S.sc
+    while sc[S_TWAKE] < t_end:
+        for i in range(N_UNITS):
+            sc[OB + i] = sc[OU + i]
+        sc[S_NOW] = sc[S_TWAKE]
+        sc[S_WAKE] += 1
+        sc[OU + U_WAKEUPS] += 1
+        ksm_do_scan(E, S, sc[OP + P_PTS])
+        w = 0
+        for i in range(N_UNITS):  # work_ns
+            w += (sc[OU + i] - sc[OB + i]) * sc[OT + i]
+        w //= 1000
+        sc[S_BUSY] += w
+        sc[S_TWAKE] = next_wake(sc[S_TWAKE] + w, sc[OP + P_SLEEP], sc[OP + P_HZ])
 
 
 # --- the runtime object ------------------------------------------------------------------------------------
@@ -779,7 +879,7 @@ class PksmFast:
         return out
 
     def units(self) -> np.ndarray:
-        return self.S.units
+        return self.S.sc[OU : OU + N_UNITS]
 
     def busy_ns(self) -> int:
         return int(self.S.sc[S_BUSY])
