@@ -2,6 +2,7 @@
 
 Shared by every runtime, reference and fast, so that both agree to the nanosecond.
 """
+from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decorator)
 from numba import njit
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import namedtuple
 
 import numpy as np
+from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decorator)
 from numba import njit
 
 from ksmtrace.engine import state as st

@@ -26,6 +26,7 @@ from collections import namedtuple
 
 import numpy as np
 from llvmlite import ir
+from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decorator)
 from numba import njit, types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic

@@ -10,6 +10,7 @@ pages that were sharing a frame: the least any policy that shares everything cou
 from __future__ import annotations
 
 import numpy as np
+from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decorator)
 from numba import njit
 
 from ksmtrace.engine import state as st
