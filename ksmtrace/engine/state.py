@@ -174,21 +174,24 @@ def frame_alive(E, f, gen):
     return f > 0 and E.fr[f, F_REF] > 0 and E.fr[f, F_KSM] == 1 and E.fr[f, F_GEN] == gen
 
 
-@njit
-def _release(E, pg):
+@njit(inline="always")
+def _release_a(P, F, G, ec, pg):
     """The page stops mapping its frame; a frame left with no page is freed (its slot recycled)."""
-    f = E.pg[pg, P_FRAME]
+    f = P[pg, P_FRAME]
     if f > 0:
-        F = E.fr
         F[f, F_REF] -= 1
         if F[f, F_REF] == 0:
-            ec = E.ec
             ec[C_FRAMES] -= 1
             g = F[f, F_GID]
-            if g >= 0 and E.gm[g, G_SLOT] == f:
-                E.gm[g, G_SLOT] = -1
+            if g >= 0 and G[g, G_SLOT] == f:
+                G[g, G_SLOT] = -1
             F[ec[C_NFREE], F_FREEL] = f
             ec[C_NFREE] += 1
+
+
+@njit
+def _release(E, pg):
+    _release_a(E.pg, E.fr, E.gm, E.ec, pg)
 
 
 @njit
@@ -300,6 +303,7 @@ def apply_events(E, pgs, kinds, cids, gids, thps, proc_new, now):
     """
     P = E.pg  # local bindings: numba handles them far better than tuple fields in loops
     F = E.fr
+    G = E.gm
     ec = E.ec
     cows = 0
     n = len(pgs)
@@ -319,7 +323,7 @@ def apply_events(E, pgs, kinds, cids, gids, thps, proc_new, now):
             if P[pg, P_ZKSM] == 1:
                 P[pg, P_ZKSM] = 0
                 ec[C_KSM_ZERO] -= 1
-            _release(E, pg)
+            _release_a(P, F, G, ec, pg)
             P[pg, P_FRAME] = -1
             P[pg, P_CID] = -1
             ec[C_CAND] -= 1
@@ -336,12 +340,12 @@ def apply_events(E, pgs, kinds, cids, gids, thps, proc_new, now):
         g = gids[i]
         c = cids[i]
         dom = P[pg, P_DOM]
-        f = E.gm[g, G_SLOT]
+        f = G[g, G_SLOT]
         if f < 0:
-            a = E.gm[g, G_ASLOT]
+            a = G[g, G_ASLOT]
             # a fork child of a page that was merged away maps the KSM page its parent maps
             if (k == 1 and proc_new[P[pg, P_PROC]] and a > 0 and F[a, F_REF] > 0 and F[a, F_KSM] == 1
-                    and F[a, F_GEN] == E.gm[g, G_AGEN] and F[a, F_CID] == c):
+                    and F[a, F_GEN] == G[g, G_AGEN] and F[a, F_CID] == c):
                 f = a
             else:
                 if ec[C_NFREE] == 0:
@@ -354,8 +358,8 @@ def apply_events(E, pgs, kinds, cids, gids, thps, proc_new, now):
                 F[f, F_GID] = g
                 F[f, F_SINCE] = now
                 F[f, F_FDOM] = dom
-                E.gm[g, G_SLOT] = f
-                E.gm[g, G_ASLOT] = -1
+                G[g, G_SLOT] = f
+                G[g, G_ASLOT] = -1
         elif F[f, F_FDOM] != dom:
             F[f, F_FDOM] = -2
         if F[f, F_REF] == 0:

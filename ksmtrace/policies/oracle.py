@@ -106,25 +106,29 @@ class OracleFast(_NoDaemon):
 
 @njit(cache=True)
 def _oracle_step(E, pgs, kinds, holder, kframe, kgen, now):
+    P = E.pg
+    F = E.fr
     for i in range(len(pgs)):
         k = kinds[i]
         pg = pgs[i]
-        c = st.cid(E, pg)
+        c = P[pg, st.P_CID]
         if not (k == EV_APPEAR or k == EV_WRITE) or c < 0:
             continue
         if c == 0:
             st.merge_zero(E, pg, now)
             continue
-        if kframe[c] > 0 and st.frame_alive(E, kframe[c], kgen[c]):
-            st.merge(E, pg, kframe[c], now)
+        kf = kframe[c]
+        if kf > 0 and F[kf, st.F_REF] > 0 and F[kf, st.F_KSM] == 1 and F[kf, st.F_GEN] == kgen[c]:
+            st.merge(E, pg, kf, now)
             continue
         h = holder[c]
-        if h < 0 or h == pg or st.cid(E, h) != c:
+        if h < 0 or h == pg or P[h, st.P_CID] != c:
             holder[c] = pg
             continue
-        if st.frame(E, h) == st.frame(E, pg):
+        fh = P[h, st.P_FRAME]
+        if fh == P[pg, st.P_FRAME]:
             continue
         gen = st.stabilize(E, h)
-        kframe[c] = st.frame(E, h)
+        kframe[c] = fh
         kgen[c] = gen
-        st.merge(E, pg, st.frame(E, h), now)
+        st.merge(E, pg, fh, now)
