@@ -560,6 +560,8 @@ class Capture:
                 self.freezer.thaw()
                 pause_ns = time.monotonic_ns() - t_freeze
         t_read_end = time.monotonic_ns()
+        if self.sampler is not None:  # ground truth as of the pages just read (a write during the reads is in both)
+            self.sampler.add(self.sampler.sample())
 
         # --- tables -------------------------------------------------------------------------
         page_parts: list[dict[str, np.ndarray]] = []

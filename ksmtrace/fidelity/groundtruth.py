@@ -1,0 +1,301 @@
+"""The real kernel's side of a fidelity comparison: what a ground-truth trace says KSM did.
+
+A trace captured while the host ran KSM holds a time series of ``/sys/kernel/mm/ksm/*``,
+``/proc/vmstat`` ``cow_ksm`` and ksmd's CPU time (the ``ksm`` table).  :func:`load_ground_truth`
+turns it into a :class:`GroundTruth`:
+
+* the samples, with time in seconds since the trace's first snapshot and the cumulative counters
+  (``full_scans``, ``pages_scanned``, ``pages_skipped``, ``cow_ksm``, ``ksmd_cpu_ns``) re-based to
+  KSM's start, so they compare with a replay that starts from nothing;
+* when KSM started (``run`` became 1): exactly, from the ``validate`` record that ``ksmtrace
+  validate`` writes into the manifest, else the midpoint between the last sample with ``run=0`` and
+  the first with ``run=1``; 0 when KSM already ran at the first sample (with a warning: the kernel
+  then had a head start the replay cannot know);
+* the kernel's settings while it ran, as ``ksm`` policy parameters (:func:`ksm_params`), and the
+  policy profile that matches the kernel release (:func:`profile_for_release`);
+* warnings about anything that makes the comparison less exact (settings changed mid-run, other
+  processes on the host using KSM, KSM stopped before the end).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from ksmtrace.errors import KsmtraceError
+
+#: counters that only grow (since boot, or since run=2 for full_scans): compared as increments
+CUMULATIVE = ("full_scans", "pages_scanned", "pages_skipped", "cow_ksm", "ksmd_cpu_ns", "ksm_swpin_copy")
+
+#: KSM settings that map one to one onto ``ksm`` policy parameters
+SETTING_PARAMS = (
+    "pages_to_scan",
+    "sleep_millisecs",
+    "smart_scan",
+    "use_zero_pages",
+    "max_page_sharing",
+    "stable_node_chains_prune_millisecs",
+    "advisor_max_cpu",
+    "advisor_min_pages_to_scan",
+    "advisor_max_pages_to_scan",
+    "advisor_target_scan_time",
+)
+_BOOL_PARAMS = ("smart_scan", "use_zero_pages")
+
+
+class FidelityError(KsmtraceError):
+    """A fidelity comparison is impossible (no ground truth, KSM never ran...)."""
+
+
+@dataclass
+class GroundTruth:
+    samples: pl.DataFrame  # t_s (since the first snapshot) + every counter, cumulative ones re-based
+    start_s: float  # when KSM started, s after the first snapshot
+    start_exact: bool  # True: recorded by `ksmtrace validate`; False: inferred from the samples
+    end_s: float  # the last sample (normally the last snapshot's start)
+    settings: dict[str, Any]  # the kernel's settings while it ran (sysfs names)
+    kernel_release: str | None
+    hz: int
+    warnings: list[str] = field(default_factory=list)
+    validate: dict[str, Any] | None = None  # the manifest's validate record, if any
+
+    def column(self, name: str) -> np.ndarray:
+        return self.samples[name].to_numpy().astype(float)
+
+    @property
+    def times(self) -> np.ndarray:
+        return self.samples["t_s"].to_numpy().astype(float)
+
+    def final(self, name: str) -> float | None:
+        v = self.samples[name].drop_nulls()
+        return float(v[-1]) if len(v) else None
+
+    def ksmd_stretch(self) -> float | None:
+        """Wall time over CPU time of ksmd during the run: (run + run-queue wait) / run, from the
+        scheduler statistics ``ksmtrace validate`` records (None when the trace has none)."""
+        v = self.validate or {}
+        a, b = v.get("ksmd_sched_start"), v.get("ksmd_sched_end")
+        if not a or not b:
+            return None
+        run = b.get("run_ns", 0) - a.get("run_ns", 0)
+        wait = b.get("wait_ns", 0) - a.get("wait_ns", 0)
+        if run <= 0 or wait < 0:
+            return None
+        return (run + wait) / run
+
+    def full_scan_period_s(self) -> float | None:
+        """Mean time of one real full scan over the run (None if no scan completed)."""
+        n = self.final("full_scans")
+        if not n:
+            return None
+        return (self.end_s - self.start_s) / n
+
+
+def profile_for_release(release: str | None) -> str:
+    """The ``ksm`` policy profile whose behaviour matches a kernel release.
+
+    >= 6.12: ``6.12`` (a THP split maps its zero subpages to the zero page); 6.11: ``6.11``
+    (checksum before the stable-tree search); 4.13 ... 6.10: ``6.10`` (stable search first;
+    smart_scan exists from 6.7 and follows the trace's setting); older: ``3.18``.  Unknown
+    releases get ``6.12`` (with a warning from :func:`load_ground_truth`).
+    """
+    v = _release_tuple(release)
+    if v is None:
+        return "6.12"
+    if v >= (6, 12):
+        return "6.12"
+    if v >= (6, 11):
+        return "6.11"
+    if v >= (4, 13):
+        return "6.10"
+    return "3.18"
+
+
+def _release_tuple(release: str | None) -> tuple[int, int] | None:
+    if not release:
+        return None
+    m = re.match(r"(\d+)\.(\d+)", str(release))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def load_ground_truth(trace) -> GroundTruth:
+    """The ground truth of ``trace``; raises :class:`FidelityError` when it has none."""
+    if not trace.has_ground_truth:
+        raise FidelityError(
+            f"{trace.path}: this trace has no ground truth (no samples of /sys/kernel/mm/ksm: it was "
+            "captured on a host without KSM or with --no-ground-truth); fidelity needs a trace captured "
+            "while the host ran KSM, e.g. one made by `ksmtrace validate`"
+        )
+    raw = trace.read_table("ksm").sort("t_ns")
+    raw = raw.filter(pl.col("t_ns").is_not_null())
+    if raw.height == 0:
+        raise FidelityError(f"{trace.path}: the ground-truth table is empty")
+    t0 = trace.t0_ns
+    warnings: list[str] = []
+    t_s = (raw["t_ns"].to_numpy().astype(np.int64) - t0) / 1e9
+    run = raw["run"].fill_null(0).to_numpy().astype(np.int64)
+    merging = (run & 1) == 1
+    if not merging.any():
+        raise FidelityError(
+            f"{trace.path}: KSM never ran while this trace was captured (run was {sorted(set(run.tolist()))} "
+            "in every ground-truth sample); there is nothing to compare with"
+        )
+    validate = trace.manifest.get("validate") if isinstance(trace.manifest.get("validate"), dict) else None
+    first_on = int(np.flatnonzero(merging)[0])
+    if validate and validate.get("run_start_ns") is not None:
+        start_s = (int(validate["run_start_ns"]) - t0) / 1e9
+        exact = True
+    elif first_on == 0:
+        start_s = 0.0
+        exact = False
+        r0 = raw.row(0, named=True)
+        warnings.append(
+            "KSM was already running when the capture started (first sample: pages_shared="
+            f"{r0.get('pages_shared')}, pages_sharing={r0.get('pages_sharing')}); the replay starts "
+            "with nothing merged at the first snapshot, so early values cannot agree — compare the "
+            "steady state"
+        )
+    else:
+        start_s = float(0.5 * (t_s[first_on - 1] + t_s[first_on]))
+        exact = False
+        warnings.append(
+            f"KSM's start time was inferred from the samples ({start_s:.3f} s ± "
+            f"{0.5 * (t_s[first_on] - t_s[first_on - 1]):.3f} s after the first snapshot)"
+        )
+    off_after = np.flatnonzero(~merging[first_on:])
+    if len(off_after):
+        warnings.append(
+            f"KSM was stopped (run={int(run[first_on + off_after[0]])}) {t_s[first_on + off_after[0]] - start_s:.2f} s "
+            "after it started; the replay keeps scanning to the end of the trace"
+        )
+
+    # re-base the cumulative counters at KSM's start (the last sample before it, else the first)
+    base_idx = int(np.searchsorted(t_s, start_s, side="right")) - 1
+    base_idx = max(base_idx, 0)
+    cols = [pl.Series("t_s", t_s)]
+    for name in raw.columns:
+        if name in ("t_ns", "snap"):
+            continue
+        s = raw[name]
+        if name in CUMULATIVE and s.dtype.is_numeric():
+            base = s[base_idx]
+            if base is None:
+                nn = s.drop_nulls()
+                base = nn[0] if len(nn) else None
+            s = (s - base) if base is not None else s
+        cols.append(s.alias(name))
+    cols.append(raw["snap"].alias("snap"))
+    samples = pl.DataFrame(cols)
+
+    settings = _settings(raw, merging, first_on, warnings)
+    release = trace.host.get("kernel_release")
+    if _release_tuple(release) is None:
+        warnings.append(f"unknown kernel release {release!r}: assuming Linux 6.12+ behaviour")
+    hz = int(trace.host.get("hz") or 250)
+    if not trace.host.get("hz"):
+        warnings.append("the trace does not record the kernel's HZ: assuming 250")
+    if validate and validate.get("other_mergeable"):
+        others = validate["other_mergeable"]
+        warnings.append(
+            f"{len(others)} other process(es) on the host had mergeable memory during the run "
+            f"({', '.join(str(o) for o in others[:5])}); ksmd scanned them too, the replay does not"
+        )
+    _check_other_users(trace, samples, warnings)
+    return GroundTruth(
+        samples=samples,
+        start_s=float(start_s),
+        start_exact=exact,
+        end_s=float(t_s[-1]),
+        settings=settings,
+        kernel_release=release,
+        hz=hz,
+        warnings=warnings,
+        validate=validate,
+    )
+
+
+def _settings(raw: pl.DataFrame, merging: np.ndarray, first_on: int, warnings: list[str]) -> dict[str, Any]:
+    on = raw.filter(pl.Series(merging))
+    out: dict[str, Any] = {}
+    adv = on["advisor_mode"].drop_nulls() if "advisor_mode" in on.columns else pl.Series([], dtype=pl.Utf8)
+    out["advisor_mode"] = str(adv[0]) if len(adv) else "none"
+    for name in SETTING_PARAMS:
+        if name not in on.columns:
+            continue
+        vals = on[name].drop_nulls()
+        if not len(vals):
+            continue
+        out[name] = int(vals[0])
+        distinct = sorted(set(vals.to_list()))
+        if len(distinct) > 1 and not (name == "pages_to_scan" and out["advisor_mode"] == "scan-time"):
+            warnings.append(
+                f"{name} changed while KSM ran ({', '.join(map(str, distinct[:6]))}); the replay uses "
+                f"the first value, {out[name]}"
+            )
+    if len(adv.unique()) > 1:
+        warnings.append(f"advisor_mode changed while KSM ran; the replay uses {out['advisor_mode']!r}")
+    return out
+
+
+def _check_other_users(trace, samples: pl.DataFrame, warnings: list[str]) -> None:
+    """Warn when the host's KSM counters exceed what the traced processes' ksm_stat accounts for."""
+    if not trace.has_table("ksm_stat"):
+        return
+    try:
+        ks = trace.read_table("ksm_stat", columns=["snap", "ksm_merging_pages"])
+    except KsmtraceError:
+        return
+    if ks.height == 0:
+        return
+    last = int(ks["snap"].max())
+    mine = ks.filter(pl.col("snap") == last)["ksm_merging_pages"].fill_null(0).sum()
+    at = samples.filter(pl.col("snap") == last)
+    if at.height == 0:
+        return
+    row = at.row(at.height - 1, named=True)
+    glob = (row.get("pages_shared") or 0) + (row.get("pages_sharing") or 0)
+    if glob > mine + max(16, 0.01 * glob):
+        warnings.append(
+            f"at the last snapshot the host had {glob} KSM-merged mappings but the traced processes "
+            f"only {mine}: other processes use KSM and their pages are not in the trace"
+        )
+
+
+def ksm_params(gt: GroundTruth, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``ksm`` policy parameters reproducing the traced kernel (``overrides`` win)."""
+    p: dict[str, Any] = {"profile": profile_for_release(gt.kernel_release)}
+    for name in SETTING_PARAMS:
+        if name in gt.settings:
+            v = gt.settings[name]
+            p[name] = bool(v) if name in _BOOL_PARAMS else int(v)
+    mode = gt.settings.get("advisor_mode", "none")
+    p["advisor_mode"] = mode if mode in ("none", "scan-time") else "none"
+    if p["profile"] == "3.18":
+        for k in ("smart_scan", "use_zero_pages", "advisor_mode"):
+            p.pop(k, None)
+        p.pop("max_page_sharing", None)
+    if "smart_scan" not in gt.settings and p["profile"] != "3.18":
+        p["smart_scan"] = False  # a kernel before 6.7 has no smart_scan file: it never skips
+    if overrides:
+        p.update(overrides)
+    return p
+
+
+def wall_clock_model(gt: GroundTruth, model):
+    """The daemon's clock for a replay of ``gt``: the CPU cost model stretched by ksmd's measured
+    (run + wait) / run when the trace records it (a busy host delays ksmd's batches), else ``model``."""
+    from ksmtrace.engine.cost import CostModel
+
+    k = gt.ksmd_stretch()
+    if k is None or k <= 1.0:
+        return model
+    return CostModel(ns={u: float(v) * k for u, v in model.ns.items()}, name=f"{model.name} x{k:.2f} (ksmd run-queue wait)",
+                     source=f"{model.source}; stretched by ksmd's measured (run + wait) / run = {k:.3f}")
+
+
+def _finite(x) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
