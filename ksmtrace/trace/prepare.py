@@ -51,7 +51,7 @@ EV_WRITE = 4
 EV_THP = 5
 EVENT_NAMES = {EV_APPEAR: "appear", EV_GONE: "gone", EV_UNMERGE: "unmerge", EV_WRITE: "write", EV_THP: "thp"}
 
-_PREP_VERSION = 5
+_PREP_VERSION = 6
 
 
 @dataclass
@@ -328,6 +328,8 @@ def _prepare(trace, scope: str) -> Prepared:
 
     # previous row of the same page
     prev = _previous_rows(pg, n_pages)
+    if kz is not None and kz.any():
+        _carry_thp(thp, prev, np.flatnonzero(kz))
     has_prev = prev >= 0
     pidx = prev[has_prev]
     cand_prev = np.zeros(n, dtype=bool)
@@ -536,26 +538,45 @@ def _baseline_counts(off, ev_pg, ev_kind, ev_cid, ev_gid, n_pages, n_cids, n_gid
     return bf, of, zf
 
 
-def _real_ksm_zero_merges(trace, pg, snap, flags, cand, zp_now):
-    """Rows at which a page maps the shared zero page because the real kernel's KSM merged it
-    there (``use_zero_pages=1`` while the trace was captured), or None.
+def _kernel_at_least(release: str | None, major: int, minor: int) -> bool:
+    try:
+        parts = (release or "").split(".")
+        return (int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)) >= (major, minor)
+    except (IndexError, ValueError):
+        return False
 
-    Such a page was a zero-filled candidate (not part of a THP: a THP subpage is remapped by the
-    split, not counted by KSM) at its previous row and maps the zero page now.  Without this, a
-    trace captured under real KSM would show the kernel's zero-page merges as pages that vanished,
-    and a replay could never count them in ``ksm_zero_pages``.  Applied only when the trace's ground
-    truth shows KSM running with use_zero_pages=1 (otherwise such a transition is MADV_DONTNEED and a
-    read fault, i.e. a page that really went away).
+
+def _real_ksm_zero_merges(trace, pg, snap, flags, cand, zp_now):
+    """Rows at which a page maps the shared zero page because the real kernel's KSM put it
+    there while the trace was captured, or None.  Two ways:
+
+    * ``use_zero_pages=1``: KSM merged an all-zero page with the zero page (counted in
+      ``ksm_zero_pages``);
+    * from Linux 6.12, KSM splits a THP before merging one of its subpages, and the split maps
+      every all-zero subpage to the zero page (no KSM counter).
+
+    Such a page was a zero-filled candidate (in a THP, for the second way) at its previous row
+    and maps the zero page now.  Without this, a trace captured under real KSM shows those pages
+    as pages that vanished — from the no-dedup baseline too — so no replay could count the memory
+    they stand for.  Kept as zero-filled candidates, every policy decides about them itself (the
+    ``ksm`` policy's ``6.12`` profile splits and remaps them as the kernel did).  Applied only when
+    the trace's ground truth shows KSM running (otherwise such a transition is MADV_DONTNEED and a
+    read fault: a page that really went away).
     """
     if not zp_now.any() or not trace.has_ground_truth:
         return None
     g = trace.read_table("ksm", columns=["run", "use_zero_pages"])
-    if not bool(((g["run"] == 1) & (g["use_zero_pages"] == 1)).any()):
+    running = g["run"] == 1
+    zero_on = bool((running & (g["use_zero_pages"] == 1)).any())
+    split_remap = bool(running.any()) and _kernel_at_least(trace.host.get("kernel_release"), 6, 12)
+    if not (zero_on or split_remap):
         return None
     order = np.lexsort((snap, pg))
     p = pg[order]
     z = zp_now[order]
-    zc = (cand & ((flags & S.F_ZERO_FILLED) != 0) & ((flags & S.F_THP) == 0))[order]
+    in_thp = (flags & S.F_THP) != 0
+    source = cand & ((flags & S.F_ZERO_FILLED) != 0) & ((~in_thp & zero_on) | (in_thp & split_remap))
+    zc = source[order]
     same = np.zeros(len(p), dtype=bool)
     same[1:] = p[1:] == p[:-1]
     kz = np.zeros(len(p), dtype=bool)
@@ -569,6 +590,16 @@ def _real_ksm_zero_merges(trace, pg, snap, flags, cand, zp_now):
     out = np.zeros(len(p), dtype=bool)
     out[order] = kz
     return out
+
+
+@njit(cache=True)
+def _carry_thp(thp, prev, rows):
+    """Rows kept as candidates by _real_ksm_zero_merges keep the huge page of their previous row
+    (the trace shows the kernel's split; the replay splits it itself).  Rows in snapshot order."""
+    for r in rows:
+        q = prev[r]
+        if q >= 0:
+            thp[r] = thp[q]
 
 
 def _fork_inherited_ksm(trace, procs, pg, snap, row_proc, page_vpn, proc_pg_lo, proc_pg_hi, flags, pfn, cid, gid, kind):
