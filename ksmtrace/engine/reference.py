@@ -54,6 +54,7 @@ class ReferenceEngine:
         self.splits = 0
         self.lat = [0] * N_LAT_BINS
         self.now = 0
+        self._fresh = prep.n_gids + 1  # frame ids for arrivals whose frame no other arrival shares
 
     # --- queries -------------------------------------------------------------------------
     def dom(self, pg: int) -> int:
@@ -179,6 +180,11 @@ class ReferenceEngine:
         for pg, kind, cid, gid, thp in events:  # then arrivals
             if kind not in (EV_APPEAR, EV_WRITE) or pg in self.pages:
                 continue
+            if gid < 0:  # a frame of its own
+                self._fresh += 1
+                gid = self._fresh
+            else:
+                gid += 1  # frame 0 is the zero page
             fr = self.frame_of(gid)
             target = gid
             if fr.ref == 0:

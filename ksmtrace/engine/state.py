@@ -121,7 +121,7 @@ EngineArrays = namedtuple("EngineArrays", ["pg", "fr", "gm", "ec"])
 
 def n_frame_slots(prep) -> int:
     """Frame slots the fast engine needs: never more live frames than candidate pages (+ zero page)."""
-    return max(2, min(prep.n_gids, prep.n_pages + 1))
+    return max(2, prep.n_pages + 1)
 
 
 def new_arrays(prep) -> EngineArrays:
@@ -340,11 +340,11 @@ def apply_events(E, pgs, kinds, cids, gids, thps, proc_new, now):
         g = gids[i]
         c = cids[i]
         dom = P[pg, P_DOM]
-        f = G[g, G_SLOT]
+        f = G[g, G_SLOT] if g >= 0 else -1
         if f < 0:
-            a = G[g, G_ASLOT]
+            a = G[g, G_ASLOT] if g >= 0 else -1
             # a fork child of a page that was merged away maps the KSM page its parent maps
-            if (k == 1 and proc_new[P[pg, P_PROC]] and a > 0 and F[a, F_REF] > 0 and F[a, F_KSM] == 1
+            if (k == 1 and a > 0 and proc_new[P[pg, P_PROC]] and F[a, F_REF] > 0 and F[a, F_KSM] == 1
                     and F[a, F_GEN] == G[g, G_AGEN] and F[a, F_CID] == c):
                 f = a
             else:
@@ -358,8 +358,9 @@ def apply_events(E, pgs, kinds, cids, gids, thps, proc_new, now):
                 F[f, F_GID] = g
                 F[f, F_SINCE] = now
                 F[f, F_FDOM] = dom
-                G[g, G_SLOT] = f
-                G[g, G_ASLOT] = -1
+                if g >= 0:
+                    G[g, G_SLOT] = f
+                    G[g, G_ASLOT] = -1
         elif F[f, F_FDOM] != dom:
             F[f, F_FDOM] = -2
         if F[f, F_REF] == 0:

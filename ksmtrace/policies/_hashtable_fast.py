@@ -64,7 +64,7 @@ HtState = namedtuple("HtState", ["ENT", "PGS", "frk", "perm", "mm", "sc"])
 
 
 def new_state(prep, params_arr, perm, timing, start_ns) -> HtState:
-    n, c, f, np_ = prep.n_pages, max(prep.n_cids, 1), prep.n_gids, prep.n_procs
+    n, c, f, np_ = prep.n_pages, max(prep.n_cids, 1), st.n_frame_slots(prep), prep.n_procs
     sc = np.zeros(OP + N_PARAMS, np.int64)
     sc[S_TWAKE] = start_ns
     sc[S_NORDER] = len(prep.proc_order)

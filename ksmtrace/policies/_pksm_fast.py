@@ -105,7 +105,7 @@ def _items(cap: int) -> np.ndarray:
 
 
 def new_state(prep, params_arr, n_keys: int, timing, start_ns: int) -> PksmState:
-    n, f, np_ = prep.n_pages, prep.n_gids, prep.n_procs
+    n, f, np_ = prep.n_pages, st.n_frame_slots(prep), prep.n_procs
     cap = max(64, n // 4)
     n_loc = 2 * int(params_arr[P_PTS]) + 8
     o_loc = OP + N_PARAMS

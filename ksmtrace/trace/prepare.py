@@ -51,7 +51,7 @@ EV_WRITE = 4
 EV_THP = 5
 EVENT_NAMES = {EV_APPEAR: "appear", EV_GONE: "gone", EV_UNMERGE: "unmerge", EV_WRITE: "write", EV_THP: "thp"}
 
-_PREP_VERSION = 6
+_PREP_VERSION = 7
 
 
 @dataclass
@@ -75,13 +75,13 @@ class Prepared:
     proc_pg_lo: np.ndarray  # int64 [n_procs]
     proc_pg_hi: np.ndarray  # int64 [n_procs]
     n_cids: int
-    n_gids: int
+    n_gids: int  # frame ids shared by several arrivals (fork); other arrivals get frames of their own
     n_thp: int
     off: np.ndarray  # int64 [n_snaps + 1]: events of snapshot s are [off[s], off[s+1])
     ev_pg: np.ndarray  # int32
     ev_kind: np.ndarray  # uint8 (EV_*)
     ev_cid: np.ndarray  # int32 (new content; -1 for GONE/UNMERGE)
-    ev_gid: np.ndarray  # int64 (frame with no dedup; -1 for GONE/UNMERGE)
+    ev_gid: np.ndarray  # int64 frame with no dedup, when another arrival shares it; -1 = a frame of its own
     ev_thp: np.ndarray  # int64 (huge page id, -1 if not in a THP)
     ev_sample: np.ndarray | None  # uint32 sampled hash (PKSM/UKSM style) when captured
     base_pages: np.ndarray  # int64 [n_snaps] candidate pages
@@ -360,6 +360,16 @@ def _prepare(trace, scope: str) -> Prepared:
     # --- per-snapshot baselines (vectorised running counts) ----------------------------------
     base_pages = np.cumsum(np.bincount(snap, weights=cand.astype(np.int64) - cand_prev, minlength=n_snaps)).astype(np.int64)
     zpm = np.cumsum(np.bincount(snap, weights=zp_now.astype(np.int64) - zp_prev, minlength=n_snaps)).astype(np.int64)
+    # frame ids that more than one arrival refers to (fork sharing, a fork child of a merged page)
+    # keep a dense id; every other arrival's frame is one of its own (-1): the engine then needs no
+    # per-frame-id table for it
+    arrive = (kind == EV_APPEAR) | (kind == EV_WRITE)
+    refs = np.bincount(gid[arrive], minlength=n_gids) if arrive.any() else np.zeros(n_gids, np.int64)
+    shared_gid = refs >= 2
+    gmap = np.full(n_gids, -1, np.int64)
+    gmap[shared_gid] = np.arange(int(shared_gid.sum()))
+    n_gids = int(shared_gid.sum())
+    gid = np.where(gid >= 0, gmap[np.maximum(gid, 0)], -1)
     sel = np.flatnonzero(kind != 0)  # already in (snapshot, page) order
     ev_snap = snap[sel]
     off = np.searchsorted(ev_snap, np.arange(n_snaps + 1)).astype(np.int64)
@@ -494,9 +504,9 @@ def _baselines(prep: Prepared) -> None:
 def _baseline_counts(off, ev_pg, ev_kind, ev_cid, ev_gid, n_pages, n_cids, n_gids):
     n_snaps = len(off) - 1
     cur_cid = np.full(n_pages, -1, np.int64)
-    cur_gid = np.full(n_pages, -1, np.int64)
+    cur_gid = np.full(n_pages, -1, np.int64)  # -1: a frame of its own
     cnt_cid = np.zeros(n_cids, np.int64)
-    cnt_gid = np.zeros(n_gids, np.int64)
+    cnt_gid = np.zeros(max(n_gids, 1), np.int64)
     dc = 0
     dg = 0
     bf = np.zeros(n_snaps, np.int64)
@@ -508,13 +518,18 @@ def _baseline_counts(off, ev_pg, ev_kind, ev_cid, ev_gid, n_pages, n_cids, n_gid
             if k == 2 or k == 3 or k == 4:
                 p = ev_pg[i]
                 c = cur_cid[p]
+                if c < 0:
+                    continue
                 g = cur_gid[p]
                 cnt_cid[c] -= 1
                 if cnt_cid[c] == 0:
                     dc -= 1
-                cnt_gid[g] -= 1
-                if cnt_gid[g] == 0:
+                if g < 0:
                     dg -= 1
+                else:
+                    cnt_gid[g] -= 1
+                    if cnt_gid[g] == 0:
+                        dg -= 1
                 cur_cid[p] = -1
                 cur_gid[p] = -1
         for i in range(off[s], off[s + 1]):
@@ -526,9 +541,12 @@ def _baseline_counts(off, ev_pg, ev_kind, ev_cid, ev_gid, n_pages, n_cids, n_gid
                 if cnt_cid[c] == 0:
                     dc += 1
                 cnt_cid[c] += 1
-                if cnt_gid[g] == 0:
+                if g < 0:
                     dg += 1
-                cnt_gid[g] += 1
+                else:
+                    if cnt_gid[g] == 0:
+                        dg += 1
+                    cnt_gid[g] += 1
                 cur_cid[p] = c
                 cur_gid[p] = g
         zero = cnt_cid[0]
