@@ -109,7 +109,7 @@ def breakdown(source, scope: str | None = None, *, snaps: Iterable[int] | None =
         cur_cid[pgs[rem]] = -1
         cur_gid[pgs[rem]] = -1
         cur_cid[pgs[add]] = prep.ev_cid[sl][add]
-        cur_gid[pgs[add]] = prep.ev_gid[sl][add]
+        cur_gid[pgs[add]] = prep.event_frames(sl)[add]
         if not wanted[s]:
             continue
         active = np.flatnonzero(cur_cid >= 0)

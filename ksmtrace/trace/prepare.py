@@ -103,6 +103,13 @@ class Prepared:
     def events(self, s: int) -> slice:
         return slice(int(self.off[s]), int(self.off[s + 1]))
 
+    def event_frames(self, sl: slice) -> np.ndarray:
+        """Frame ids of a slice of events, unique across the trace: an arrival whose frame no
+        other arrival shares (``ev_gid == -1``) gets an id of its own (n_gids + event index)."""
+        g = self.ev_gid[sl]
+        own = np.arange(sl.start, sl.stop, dtype=np.int64) + self.n_gids
+        return np.where(g >= 0, g, own)
+
 
 # ---------------------------------------------------------------------------------------------
 def _cache_path(trace, scope: str) -> Path | None:
