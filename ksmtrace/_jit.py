@@ -20,6 +20,7 @@ import numba
 _JITTED = (
     "engine/state.py",
     "engine/clock.py",
+    "engine/jitutil.py",
     "trace/prepare.py",
     "policies/oracle.py",
     "policies/_ksm_fast.py",

@@ -26,7 +26,7 @@ from ksmtrace.engine import state as st
 from ksmtrace.engine.clock import next_wake
 from ksmtrace.engine.cost import N_UNITS, UNIT_INDEX
 from ksmtrace.engine.state import F_KSM, F_REF, P_CID, P_FRAME, P_PROC
-from ksmtrace.policies._pksm_fast import prefetch_row
+from ksmtrace.engine.jitutil import prefetch_row
 from ksmtrace.policies.hashtable import UNLIMITED, alive_procs, scan_permutation
 
 U_WAKEUPS = UNIT_INDEX["wakeups"]

@@ -19,6 +19,7 @@ from numba import njit
 
 from ksmtrace.engine import state as st
 from ksmtrace.engine.clock import next_wake
+from ksmtrace.engine.jitutil import bitlen as _bitlen
 from ksmtrace.engine.cost import N_UNITS, UNIT_INDEX
 from ksmtrace.engine.state import F_KSM, P_CID, P_FRAME, P_PROC
 from ksmtrace.errors import PolicyContractError
@@ -94,15 +95,6 @@ def new_state(prep, params_arr: np.ndarray, timing: np.ndarray, start_ns: int, n
 
 
 # --- small helpers --------------------------------------------------------------------------------
-@njit(inline="always")
-def _bitlen(n):
-    b = 0
-    while n > 0:
-        b += 1
-        n >>= 1
-    return b
-
-
 @njit(inline="always")
 def _scannable(E, pg):
     return E.pg[pg, P_CID] >= 0 and E.pg[pg, P_FRAME] != 0
