@@ -20,6 +20,7 @@ from numba import njit
 from ksmtrace.engine import state as st
 from ksmtrace.engine.clock import next_wake
 from ksmtrace.engine.jitutil import bitlen as _bitlen
+from ksmtrace.engine.jitutil import prefetch_row
 from ksmtrace.engine.cost import N_UNITS, UNIT_INDEX
 from ksmtrace.engine.state import F_KSM, P_CID, P_FRAME, P_PROC
 from ksmtrace.errors import PolicyContractError
@@ -64,6 +65,7 @@ C_ROOT, C_UITEM, C_USCAN = range(3)
 M_NEXT, M_PREV, M_IN, M_EXITED, M_ITEMS, M_LO, M_HI = range(7)
 
 K_FREE, K_PLAIN, K_DUP, K_CHAIN = 0, 1, 2, 3
+PF_AHEAD = 12  # pages ahead whose frame and content rows are prefetched
 F_NONE, F_UNSTABLE, F_STABLE = 0, 1, 2
 
 KsmState = namedtuple("KsmState", ["it", "nd", "ct", "fn", "mm", "sc"])
@@ -657,6 +659,16 @@ def run_until(E, K, t_end):
                     if q < lo:
                         q = lo
                     while q < hi:
+                        # cache hints for the page PF_AHEAD visits ahead: its frame and content rows
+                        # are random accesses (no effect on results)
+                        qa = q + PF_AHEAD
+                        if qa < hi:
+                            fa = epg[qa, P_FRAME]
+                            ca = epg[qa, P_CID]
+                            if fa > 0:
+                                prefetch_row(efr, fa)
+                            if ca >= 0:
+                                prefetch_row(ct, ca)
                         fq = epg[q, P_FRAME]
                         if epg[q, P_CID] >= 0 and fq != 0:
                             if it[q, I_ALLOC] == 0:
