@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import json
 import math
 import mmap
 import os
@@ -31,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ksmtrace.engine.cost import DAEMON_MASK, DEFAULT_NS, UNIT_NAMES, UNITS, CostModel, resolve_cost_model
+from ksmtrace.engine.cost import DAEMON_MASK, DEFAULT_NS, UNIT_NAMES, CostModel, resolve_cost_model
 from ksmtrace.errors import KsmtraceError
 from ksmtrace.progress import ProgressFn, make as make_progress
 
@@ -199,7 +198,6 @@ def _mprotect_ns(n: int) -> float | None:
 
         return _best_ns(run, n) / 2
     finally:
-        del addr
         try:
             buf.close()
         except BufferError:
@@ -575,14 +573,11 @@ def ksmd_wakeup_cycle(sleep_ms: int = 20, seconds: float = 3.0, pages: int = 16)
         with K.ksm_settings(run=0, pages_to_scan=1000, sleep_millisecs=int(sleep_ms), smart_scan=0, use_zero_pages=0):
             K.unmerge_all()
             K.write("run", 0)
-            f0 = K.read("full_scans")
-            t0 = time.monotonic()
             K.write("run", 1)
             time.sleep(0.3)  # settle: the first scans allocate rmap items
             f1, t1 = K.read("full_scans"), time.monotonic()
             time.sleep(seconds)
             f2, t2 = K.read("full_scans"), time.monotonic()
-            cpu = K.ksmd_cpu_ns()
     finally:
         buf.close()
     n = int(f2) - int(f1)

@@ -11,7 +11,6 @@ activity of the interval ``(t_{s-1}, t_s]`` (COW breaks, merges, work units).
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 import numpy as np
@@ -19,7 +18,7 @@ import polars as pl
 
 from ksmtrace._version import __version__
 from ksmtrace.engine.cost import N_UNITS, UNIT_NAMES, CostModel, resolve_cost_model
-from ksmtrace.errors import KsmtraceError, PolicyContractError, PolicyParamError
+from ksmtrace.errors import KsmtraceError, PolicyContractError
 from ksmtrace.policies.base import Policy, RunContext
 from ksmtrace.policies.registry import get_policy
 from ksmtrace.progress import ProgressFn, make

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ksmtrace._version import __version__
 from ksmtrace.engine.cost import DAEMON_MASK, UNIT_NAMES, CostModel, resolve_cost_model
 from ksmtrace.engine.state import lat_bin_edges_ms
 from ksmtrace.errors import ResultError

@@ -1,7 +1,6 @@
 """``ksmtrace calibrate``: per-unit costs from microbenchmarks, or fitted to ksmd's real CPU."""
 from __future__ import annotations
 
-import json
 
 import click
 

@@ -25,7 +25,7 @@ import polars as pl
 
 from ksmtrace.engine.cost import CostModel, resolve_cost_model
 from ksmtrace.fidelity import metrics as M
-from ksmtrace.fidelity.groundtruth import GroundTruth, ksm_params, load_ground_truth, wall_clock_model
+from ksmtrace.fidelity.groundtruth import ksm_params, load_ground_truth, wall_clock_model
 from ksmtrace.progress import ProgressFn
 
 

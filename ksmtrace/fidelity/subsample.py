@@ -20,9 +20,7 @@ against the previous *kept* snapshot), as if it had been captured at ``every`` t
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 

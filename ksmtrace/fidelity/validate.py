@@ -27,13 +27,13 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ksmtrace import kernelksm as K
 from ksmtrace._version import __version__
-from ksmtrace.errors import KsmtraceError, WorkloadError
+from ksmtrace.errors import KsmtraceError
 from ksmtrace.progress import ProgressFn, make as make_progress
 
 #: the kernel's defaults (Linux 6.x) — every preset sets every one of these

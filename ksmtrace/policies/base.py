@@ -199,3 +199,55 @@ class Policy:
         import inspect
 
         return inspect.getdoc(cls) or ""
+
+
+class ReferenceDaemon:
+    """What every reference runtime's daemon shares: its cost-unit counts, its modelled busy time,
+    and the timed batch (``batch`` runs one wake-up's work at ``self.now``; the work's cost under
+    the timing model advances the clock, then the daemon sleeps ``sleep_ms`` as ksmd does).
+
+    Subclasses set ``self.t_wake`` (usually ``ctx.start_ns``) and call :meth:`timed_batch`.
+    """
+
+    def __init__(self, ctx: "RunContext") -> None:
+        self.ctx = ctx
+        self.unit_counts = np.zeros(_n_units(), dtype=np.int64)
+        self.busy = 0
+        self.now = 0
+        self.t_wake = ctx.start_ns
+        self._batch_units = self.unit_counts.copy()
+
+    def charge(self, unit: str, n: int = 1) -> None:
+        from ksmtrace.engine.cost import UNIT_INDEX
+
+        self.unit_counts[UNIT_INDEX[unit]] += n
+
+    def timed_batch(self, work, sleep_ms: int) -> None:
+        """One wake-up at ``self.t_wake``: charge it, run ``work()``, advance the clock."""
+        from ksmtrace.engine.clock import next_wake, work_ns
+
+        self._batch_units = self.unit_counts.copy()
+        self.now = self.t_wake
+        self.charge("wakeups")
+        work()
+        w = int(work_ns(self._batch_units, self.unit_counts, self.ctx.timing_ps))
+        self.busy += w
+        self.t_wake = int(next_wake(self.t_wake + w, sleep_ms, self.ctx.hz))
+
+    def work_so_far(self) -> int:
+        """Modelled ns of the batch in progress."""
+        from ksmtrace.engine.clock import work_ns
+
+        return int(work_ns(self._batch_units, self.unit_counts, self.ctx.timing_ps))
+
+    def units(self) -> np.ndarray:
+        return self.unit_counts
+
+    def busy_ns(self) -> int:
+        return self.busy
+
+
+def _n_units() -> int:
+    from ksmtrace.engine.cost import N_UNITS
+
+    return N_UNITS

@@ -48,9 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ksmtrace.engine.clock import next_wake, work_ns
-from ksmtrace.engine.cost import N_UNITS, UNIT_INDEX
-from ksmtrace.policies.base import Params, Policy, RunContext, param
+from ksmtrace.policies.base import Params, Policy, ReferenceDaemon, RunContext, param
 from ksmtrace.trace.prepare import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE
 
 UNLIMITED = 1 << 62
@@ -126,16 +124,15 @@ def alive_procs(prep, s: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-class HashTableReference:
+class HashTableReference(ReferenceDaemon):
     """The executable spec: the table as a dict, page by page."""
 
     def __init__(self, params: HashTableParams, ctx: RunContext) -> None:
+        super().__init__(ctx)
         self.p = params
-        self.ctx = ctx
         self.prep = ctx.prep
         self.eng = ctx.engine
         self.perm = scan_permutation(ctx.prep, ctx.seed)
-        self.unit_counts = np.zeros(N_UNITS, dtype=np.int64)
         self.cursor = [0] * ctx.prep.n_procs  # position in each process's permutation
         self.alive = np.zeros(ctx.prep.n_procs, dtype=bool)
         self.rr = 0  # round-robin start (index into proc_order)
@@ -152,12 +149,6 @@ class HashTableReference:
         self.total_refs = 0
         self.stale = 0
         self.scanned = 0
-        self.t_wake = ctx.start_ns
-        self.busy = 0
-        self.now = 0
-
-    def charge(self, unit: str, n: int = 1) -> None:
-        self.unit_counts[UNIT_INDEX[unit]] += n
 
     # --- the write-fault side: eager reference counts ------------------------------------------------
     def on_snapshot(self, s: int, now: int) -> None:
@@ -196,13 +187,7 @@ class HashTableReference:
     # --- the scanner ---------------------------------------------------------------------------------
     def run_until(self, t_end: int) -> None:
         while self.t_wake < t_end:
-            before = self.unit_counts.copy()
-            self.now = self.t_wake
-            self.charge("wakeups")
-            self.scan_batch()
-            w = int(work_ns(before, self.unit_counts, self.ctx.timing_ps))
-            self.busy += w
-            self.t_wake = int(next_wake(self.t_wake + w, self.p.sleep_millisecs, self.ctx.hz))
+            self.timed_batch(self.scan_batch, self.p.sleep_millisecs)
 
     def scan_batch(self) -> None:
         prep = self.prep
@@ -324,12 +309,6 @@ class HashTableReference:
             "stale_hints": self.stale,
             "pages_scanned": self.scanned,
         }
-
-    def units(self) -> np.ndarray:
-        return self.unit_counts
-
-    def busy_ns(self) -> int:
-        return self.busy
 
     def extras(self) -> dict:
         c = self.counters()

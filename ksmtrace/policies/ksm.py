@@ -56,12 +56,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
 
-from ksmtrace.engine.clock import next_wake, work_ns
-from ksmtrace.engine.cost import N_UNITS, UNIT_INDEX
 from ksmtrace.errors import PolicyParamError
-from ksmtrace.policies.base import Params, Policy, RunContext, param
+from ksmtrace.policies.base import Params, Policy, ReferenceDaemon, RunContext, param
 
 PROFILES = ("6.12", "6.11", "6.10", "3.18")
 RMAP_ITEM_SIZE = 64
@@ -196,12 +193,12 @@ class StableChain:
     prune_time: int = 0
 
 
-class KsmReference:
+class KsmReference(ReferenceDaemon):
     """The executable spec: readable, slow, page by page."""
 
     def __init__(self, params: KsmParams, ctx: RunContext) -> None:
+        super().__init__(ctx)
         self.p = params
-        self.ctx = ctx
         self.prep = ctx.prep
         self.eng = ctx.engine
         prof = params.profile
@@ -209,7 +206,6 @@ class KsmReference:
         self.v318 = prof == "3.18"
         self.zero_remap = prof == "6.12"
         self.max_sharing = 1 << 62 if self.v318 else params.max_page_sharing
-        self.unit_counts = np.zeros(N_UNITS, dtype=np.int64)
         # ksm_mm_head list: proc ids, in list order; the cursor is an index or None (= at head)
         self.mm_list: list[int] = []
         self.cursor: Optional[int] = None  # proc under the cursor, None = ksm_mm_head
@@ -234,13 +230,7 @@ class KsmReference:
         self.adv_change = 0
         self.adv_scan_time = 0
         self.adv_cpu = 0
-        self.t_wake = ctx.start_ns
-        self.busy = 0
         self.idle = True
-
-    # --- units ---------------------------------------------------------------------------------
-    def charge(self, unit: str, n: int = 1) -> None:
-        self.unit_counts[UNIT_INDEX[unit]] += n
 
     # --- snapshots: mm registration and exit ---------------------------------------------------
     def on_snapshot(self, s: int, now: int) -> None:
@@ -284,13 +274,7 @@ class KsmReference:
                 self.idle = True
                 self.t_wake = t_end
                 return
-            self._batch_units = self.unit_counts.copy()
-            self.now = self.t_wake
-            self.charge("wakeups")
-            self.ksm_do_scan(self.pages_to_scan)
-            w = int(work_ns(self._batch_units, self.unit_counts, self.ctx.timing_ps))
-            self.busy += w
-            self.t_wake = int(next_wake(self.t_wake + w, self.p.sleep_millisecs, self.ctx.hz))
+            self.timed_batch(lambda: self.ksm_do_scan(self.pages_to_scan), self.p.sleep_millisecs)
 
     def ksm_do_scan(self, n: int) -> None:
         for _ in range(n):
@@ -302,7 +286,7 @@ class KsmReference:
 
     def _cpu_now(self) -> int:
         """ksmd's modelled run time so far, including the batch in progress."""
-        return self.busy + int(work_ns(self._batch_units, self.unit_counts, self.ctx.timing_ps))
+        return self.busy + self.work_so_far()
 
     # --- scan_get_next_rmap_item ----------------------------------------------------------------
     def scan_get_next_rmap_item(self) -> Optional[RmapItem]:
@@ -310,7 +294,7 @@ class KsmReference:
             return None
         if self.cursor is None:  # start of a full scan
             if self.p.advisor_mode == "scan-time":
-                self.adv_start = self.now + int(work_ns(self._batch_units, self.unit_counts, self.ctx.timing_ps))
+                self.adv_start = self.now + self.work_so_far()
             self.charge("scan_starts")
             self.unstable = {}  # root_unstable_tree = RB_ROOT
             self.unstable_count = 0
@@ -451,6 +435,7 @@ class KsmReference:
         else:
             chain.prune_time = self.now
         found = None
+        found_len = 0
         for dup in list(chain.dups):
             self.charge("stable_node_visits")
             if not self._node_alive(dup):
@@ -662,7 +647,7 @@ class KsmReference:
     def scan_time_advisor(self) -> None:
         p = self.p
         # ktime_get() at the end of the scan: the batch's start plus the work done so far in it
-        now = self.now + int(work_ns(self._batch_units, self.unit_counts, self.ctx.timing_ps))
+        now = self.now + self.work_so_far()
         scan_time = (now - self.adv_start) // 1_000_000 // 1000
         scan_time = scan_time if scan_time else 1
         cpu_time = self._cpu_now()
@@ -713,12 +698,6 @@ class KsmReference:
                 general_profit=(self.sharing + zero) * PAGE_SIZE - rmap_items * RMAP_ITEM_SIZE,
             )
         return out
-
-    def units(self) -> np.ndarray:
-        return self.unit_counts
-
-    def busy_ns(self) -> int:
-        return self.busy
 
     def extras(self) -> dict:
         return {"stable_tree_nodes": len(self.stable), "mm_slots": len(self.mm_list)}

@@ -74,9 +74,7 @@ from typing import Optional
 
 import numpy as np
 
-from ksmtrace.engine.clock import next_wake, work_ns
-from ksmtrace.engine.cost import N_UNITS, UNIT_INDEX
-from ksmtrace.policies.base import Params, Policy, RunContext, param
+from ksmtrace.policies.base import Params, Policy, ReferenceDaemon, RunContext, param
 from ksmtrace.trace.prepare import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE
 
 ZERO_CHECKSUM = 0x7AEC7314  # pksm_calc_zero_page_checksum(64), docs/kernel-notes.md 5a
@@ -173,17 +171,16 @@ class Item:
     changed: bool = False
 
 
-class PksmReference:
+class PksmReference(ReferenceDaemon):
     """The executable spec: readable, page by page."""
 
     def __init__(self, params: PksmParams, ctx: RunContext, delay: bool = False) -> None:
+        super().__init__(ctx)
         self.p = params
-        self.ctx = ctx
         self.prep = ctx.prep
         self.eng = ctx.engine
         self.delay = delay
         self.ev_key, self.n_keys, self.zero_key, self.hash_desc = event_keys(ctx.prep)
-        self.unit_counts = np.zeros(N_UNITS, dtype=np.int64)
         # the policy's view of page -> frame (the rmap) and frame -> its pages, its item
         self.pg_frame: dict[int, int] = {}
         self.pg_key: dict[int, int] = {}
@@ -215,13 +212,7 @@ class PksmReference:
         self.prob_ns = int(round(float(T) * 1e9))
         self.probation = self.prob_n > 0 or self.prob_ns > 0
         self.restart = delay and getattr(params, "on_change", "restart") == "restart"
-        self.t_wake = ctx.start_ns
-        self.busy = 0
         self.wake_no = 0
-        self.now = 0
-
-    def charge(self, unit: str, n: int = 1) -> None:
-        self.unit_counts[UNIT_INDEX[unit]] += n
 
     # --- the rmap (policy side) -------------------------------------------------------------------
     def _map(self, pg: int, f: int) -> bool:
@@ -332,14 +323,8 @@ class PksmReference:
     # --- the daemon ------------------------------------------------------------------------------
     def run_until(self, t_end: int) -> None:
         while self.t_wake < t_end:
-            before = self.unit_counts.copy()
-            self.now = self.t_wake
             self.wake_no += 1
-            self.charge("wakeups")
-            self.ksm_do_scan(self.p.pages_to_scan)
-            w = int(work_ns(before, self.unit_counts, self.ctx.timing_ps))
-            self.busy += w
-            self.t_wake = int(next_wake(self.t_wake + w, self.p.sleep_millisecs, self.ctx.hz))
+            self.timed_batch(lambda: self.ksm_do_scan(self.p.pages_to_scan), self.p.sleep_millisecs)
 
     def ksm_do_scan(self, n: int) -> None:
         local: deque[Item] = deque()
@@ -638,12 +623,6 @@ class PksmReference:
         if self.delay:
             out.update(probation_ended=self.prob_ended, probation_changed=self.prob_changed, probation_died=self.prob_died)
         return out
-
-    def units(self) -> np.ndarray:
-        return self.unit_counts
-
-    def busy_ns(self) -> int:
-        return self.busy
 
     def extras(self) -> dict:
         out = {
