@@ -28,18 +28,8 @@ import numpy as np
 import polars as pl
 
 from ksmtrace.trace import schema as S
+from ksmtrace.trace.writer import dir_bytes
 from ksmtrace.trace.reader import Trace, open_trace
-
-
-def _dir_bytes(path: Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 def trace_info(trace: Trace | str | os.PathLike, scope: str = "anon", cache: bool = True) -> dict[str, Any]:
@@ -124,7 +114,7 @@ def trace_info(trace: Trace | str | os.PathLike, scope: str = "anon", cache: boo
                     "captured_pages": capd, "coverage": (capd / rss) if rss else None,
                 })
 
-    total_bytes = _dir_bytes(tr.path)
+    total_bytes = dir_bytes(tr.path)
     page_snaps = sum(r["pages"] for r in per)
     gt_samples = 0
     if tr.has_ground_truth:

@@ -256,3 +256,15 @@ def kernel_hz() -> int | None:
                 except ValueError:
                     return None
     return None
+
+
+def dir_bytes(path: str | os.PathLike) -> int:
+    """Bytes of every file below ``path`` (a trace's size on disk)."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total

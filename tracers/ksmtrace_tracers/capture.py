@@ -40,7 +40,7 @@ from ksmtrace.errors import CaptureError
 from ksmtrace.progress import ProgressFn, make as make_progress
 from ksmtrace.trace import delta as D
 from ksmtrace.trace import schema as S
-from ksmtrace.trace.writer import TraceWriter, default_host_facts
+from ksmtrace.trace.writer import TraceWriter, default_host_facts, dir_bytes
 from ksmtrace_tracers import TRACER_NAME, TRACER_VERSION
 from ksmtrace_tracers import groundtruth as GT
 from ksmtrace_tracers import pagemap as PM
@@ -740,7 +740,7 @@ class Capture:
 
     def summary(self) -> dict[str, Any]:
         tt = self.totals if hasattr(self, "totals") else {}
-        size = _dir_bytes(self.output)
+        size = dir_bytes(self.output)
         present = tt.get("present_snapshots", 0)
         secs = tt.get("seconds", 0.0)
         return {
@@ -904,17 +904,6 @@ def _pages_table(parts: list[dict[str, np.ndarray]], schema: pa.Schema) -> pa.Ta
         a = np.concatenate(arrs).astype(dt, copy=False) if arrs else np.zeros(0, dt)
         cols[f.name] = pa.array(a, type=f.type)
     return pa.table(cols, schema=schema)
-
-
-def _dir_bytes(path: Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 # --- the loop ------------------------------------------------------------------------------------
