@@ -21,7 +21,6 @@ Every unreadable trace raises :class:`~ksmtrace.errors.TraceError` naming the fi
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
