@@ -603,18 +603,10 @@ class KsmReference(ReferenceDaemon):
                 return
             if not self._scannable(pg):
                 return
-            node = self.stable_tree_search(pg)
-            self.remove_rmap_item_from_tree(item)
-            if node is not None:
-                if self.try_to_merge_with_ksm_page(pg, node):
-                    self.stable_tree_append(item, node)
+            if self._stable_merge(item, pg):
                 return
         else:
-            node = self.stable_tree_search(pg)
-            self.remove_rmap_item_from_tree(item)
-            if node is not None:
-                if self.try_to_merge_with_ksm_page(pg, node):
-                    self.stable_tree_append(item, node)
+            if self._stable_merge(item, pg):
                 return
             if not self._checksum_gate(item, pg):
                 return
@@ -634,6 +626,16 @@ class KsmReference(ReferenceDaemon):
             return
         self.stable_tree_append(tree_item, node)
         self.stable_tree_append(item, node)
+
+    def _stable_merge(self, item: RmapItem, pg: int) -> bool:
+        """Search the stable tree and merge with what it finds; True if the visit ends here."""
+        node = self.stable_tree_search(pg)
+        self.remove_rmap_item_from_tree(item)
+        if node is None:
+            return False
+        if self.try_to_merge_with_ksm_page(pg, node):
+            self.stable_tree_append(item, node)
+        return True
 
     def _checksum_gate(self, item: RmapItem, pg: int) -> bool:
         self.charge("jhash2_checksums" if self.v318 else "checksums")
