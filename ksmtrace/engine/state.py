@@ -20,6 +20,8 @@ import numpy as np
 from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decorator)
 from numba import njit
 
+from ksmtrace.engine.jitutil import prefetch_row
+
 ZERO_FRAME = 0
 
 # indices into the engine counter array
@@ -51,6 +53,7 @@ COUNTER_NAMES = (
 )  # (C_NFREE is engine bookkeeping, not reported)
 
 N_LAT_BINS = 168
+PF_EVENTS = 16  # events ahead whose rows are prefetched
 
 
 @njit
@@ -309,6 +312,10 @@ def apply_events(E, pgs, kinds, cids, gids, thps, proc_new, now):
     n = len(pgs)
     # 1. pages that stop being candidates or are written leave their frame
     for i in range(n):
+        if i + PF_EVENTS < n:  # cache hint: the frame row of an event ahead is a random access
+            fa = P[pgs[i + PF_EVENTS], P_FRAME]
+            if fa > 0:
+                prefetch_row(F, fa)
         pg = pgs[i]
         k = kinds[i]
         if P[pg, P_CID] < 0:
@@ -331,6 +338,10 @@ def apply_events(E, pgs, kinds, cids, gids, thps, proc_new, now):
             P[pg, P_THP] = thps[i]
     # 2. arrivals: new candidates and the new content of written pages
     for i in range(n):
+        if i + PF_EVENTS < n:
+            ga = gids[i + PF_EVENTS]
+            if ga >= 0:
+                prefetch_row(G, ga)
         pg = pgs[i]
         k = kinds[i]
         if not (k == 1 or k == 4):
