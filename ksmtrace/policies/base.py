@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
+from ksmtrace.engine.cost import N_UNITS, UNIT_INDEX
 from ksmtrace.errors import PolicyParamError
 
 
@@ -211,15 +212,13 @@ class ReferenceDaemon:
 
     def __init__(self, ctx: "RunContext") -> None:
         self.ctx = ctx
-        self.unit_counts = np.zeros(_n_units(), dtype=np.int64)
+        self.unit_counts = np.zeros(N_UNITS, dtype=np.int64)
         self.busy = 0
         self.now = 0
         self.t_wake = ctx.start_ns
         self._batch_units = self.unit_counts.copy()
 
     def charge(self, unit: str, n: int = 1) -> None:
-        from ksmtrace.engine.cost import UNIT_INDEX
-
         self.unit_counts[UNIT_INDEX[unit]] += n
 
     def timed_batch(self, work, sleep_ms: int) -> None:
@@ -245,9 +244,3 @@ class ReferenceDaemon:
 
     def busy_ns(self) -> int:
         return self.busy
-
-
-def _n_units() -> int:
-    from ksmtrace.engine.cost import N_UNITS
-
-    return N_UNITS
