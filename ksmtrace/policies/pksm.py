@@ -442,28 +442,23 @@ class PksmReference(ReferenceDaemon):
     def _stale(self, t: Item) -> bool:
         return t.dell or t.frame < 0
 
-    def stable_tree_search(self, key: int) -> Optional[Item]:
+    def _tree_lookup(self, tree: dict, key: int) -> Optional[Item]:
+        """The live node under ``key`` in ``tree``, pruning stale ones met on the way (each
+        descent is charged as a walk of the tree's depth)."""
         while True:
-            self.charge("hash_compares", tree_depth(len(self.stable)))
-            t = self.stable.get(key)
-            if t is None:
-                return None
-            if self._stale(t):
-                self.remove_rmap_item_from_tree(t)
-                self.charge("stale_prunes")
-                continue
-            return t
+            self.charge("hash_compares", tree_depth(len(tree)))
+            t = tree.get(key)
+            if t is None or not self._stale(t):
+                return t
+            self.remove_rmap_item_from_tree(t)
+            self.charge("stale_prunes")
+
+    def stable_tree_search(self, key: int) -> Optional[Item]:
+        return self._tree_lookup(self.stable, key)
 
     def unstable_tree_search_insert(self, it: Item, key: int) -> Optional[Item]:
-        while True:
-            self.charge("hash_compares", tree_depth(len(self.unstable)))
-            t = self.unstable.get(key)
-            if t is None:
-                break
-            if self._stale(t):
-                self.remove_rmap_item_from_tree(t)
-                self.charge("stale_prunes")
-                continue
+        t = self._tree_lookup(self.unstable, key)
+        if t is not None:
             return t
         it.tree = "unstable"
         self.unstable[key] = it
@@ -471,15 +466,7 @@ class PksmReference(ReferenceDaemon):
         return None
 
     def stable_tree_insert(self, it: Item, key: int) -> int:
-        while True:
-            self.charge("hash_compares", tree_depth(len(self.stable)))
-            t = self.stable.get(key)
-            if t is None:
-                break
-            if self._stale(t):
-                self.remove_rmap_item_from_tree(t)
-                self.charge("stale_prunes")
-                continue
+        if self._tree_lookup(self.stable, key) is not None:
             return TRY
         it.tree = "stable"
         self.stable[key] = it
