@@ -18,33 +18,10 @@ from ksmtrace.errors import KsmtraceError
 from ksmtrace.replay import replay
 from ksmtrace.results import RunResult
 from ksmtrace.testing.builders import make_trace
+from ksmtrace.testing.scenarios import library_trace
 
 MIB = 4096 / 2**20
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def build_trace(path, n=8):
-    """Three processes sharing library-like pages, zero pages, private pages, pages rewritten every
-    two snapshots, and from snapshot 3 on a write to a shared page each snapshot (COW breaks)."""
-    snaps = []
-    for s in range(n):
-        d = {}
-        for p in range(3):
-            for v in range(24):
-                if v < 10:
-                    c = f"lib{v % 5}"
-                elif v < 14:
-                    c = 0
-                elif v < 18:
-                    c = f"p{p}-{v}"
-                else:
-                    c = f"w{p}-{v}-{s // 2}"
-                d[(p, v)] = c
-            if s >= 3 and p == s % 3:
-                d[(p, 0)] = f"dirty{s}"
-        snaps.append(d)
-    procs = {0: {"uid": 1, "comm": "alpha"}, 1: {"uid": 1, "comm": "beta"}, 2: {"uid": 2, "comm": "gamma"}}
-    return make_trace(path, snaps, procs=procs, interval=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +29,7 @@ def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("plotworld")
     mp = pytest.MonkeyPatch()
     mp.setenv("KSMTRACE_CACHE_DIR", str(base / "cache"))
-    tr = build_trace(base / "trace")
+    tr = library_trace(base / "trace")
     runs = [
         replay(tr, "oracle"),
         replay(tr, "ksm", {"pages_to_scan": 100}),

@@ -21,31 +21,9 @@ from ksmtrace.errors import KsmtraceError, PolicyNotFoundError, PolicyParamError
 from ksmtrace.replay import replay
 from ksmtrace.sweep import (SweepError, expand_grid, expand_values, pareto_front, parse_grid, plan_sweep,
                             read_sweep_table, sweep)
-from ksmtrace.testing.builders import make_trace
+from ksmtrace.testing.scenarios import library_trace
 
 GRID = {"pages_to_scan": [5, 20, 100], "sleep_millisecs": [20, 200]}
-
-
-def build_trace(path, n=8, pages=24):
-    snaps = []
-    for s in range(n):
-        d = {}
-        for p in range(3):
-            for v in range(pages):
-                if v < 10:
-                    c = f"lib{v % 5}"
-                elif v < 14:
-                    c = 0
-                elif v < 18:
-                    c = f"p{p}-{v}"
-                else:
-                    c = f"w{p}-{v}-{s // 2}"
-                d[(p, v)] = c
-            if s >= 3 and p == s % 3:
-                d[(p, 0)] = f"dirty{s}"
-        snaps.append(d)
-    procs = {0: {"uid": 1, "comm": "alpha"}, 1: {"uid": 1, "comm": "beta"}, 2: {"uid": 2, "comm": "gamma"}}
-    return make_trace(path, snaps, procs=procs, interval=1.0)
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +34,7 @@ def _private_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def trace_path(tmp_path_factory):
     p = tmp_path_factory.mktemp("sweeptrace") / "trace"
-    build_trace(p)
+    library_trace(p)
     return p
 
 
@@ -329,7 +307,7 @@ def _run_until_some_results(cmd, out: Path, sig, env, min_done=1, timeout=60.0):
 @pytest.mark.parametrize("sig,workers", [(signal.SIGINT, "2"), (signal.SIGKILL, "1")])
 def test_cli_sweep_interrupted_then_resumed(tmp_path, sig, workers):
     trace = tmp_path / "trace"
-    build_trace(trace, n=10, pages=64)
+    library_trace(trace, n=10, pages=64)
     grid = ["-p", "pages_to_scan=5,10,20,40,80,160", "-p", "sleep_millisecs=20,100"]
     env = dict(os.environ, KSMTRACE_CACHE_DIR=str(tmp_path / "cache"), KSMTRACE_PROGRESS="0")
     cmd = [sys.executable, "-m", "ksmtrace", "sweep", str(trace), "-P", "ksm", *grid, "-q", "-j", workers]

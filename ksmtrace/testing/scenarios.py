@@ -12,6 +12,8 @@ suite checks it, so a parameter that is not wired up fails a test.
 * ``mixed-slow`` — the same, 0.5 s apart (20 s in all), for behaviour that needs full scans of
   several seconds (the scan-time advisor).
 * ``random-N`` — a seeded random trace (``random-7``): churn, forks and exits.
+
+``library_trace(path)`` is the small three-process trace the report, plot and sweep tests share.
 """
 from __future__ import annotations
 
@@ -103,6 +105,31 @@ def random_snapshots(seed: int, nproc: int = 3, npages: int = 60, nsnap: int = 1
         snaps.append(new)
         state = {k: (v["c"] if isinstance(v, dict) else v) for k, v in new.items()}
     return snaps
+
+
+def library_trace(path: str | os.PathLike, n: int = 8, pages: int = 24):
+    """Three processes (two users) sharing library-like pages, zero pages, private pages, pages
+    rewritten every two snapshots, and from snapshot 3 on a write to a shared page each snapshot
+    (COW breaks); 1 s apart."""
+    snaps = []
+    for s in range(n):
+        d: dict = {}
+        for p in range(3):
+            for v in range(pages):
+                if v < 10:
+                    c: Any = f"lib{v % 5}"
+                elif v < 14:
+                    c = 0
+                elif v < 18:
+                    c = f"p{p}-{v}"
+                else:
+                    c = f"w{p}-{v}-{s // 2}"
+                d[(p, v)] = c
+            if s >= 3 and p == s % 3:
+                d[(p, 0)] = f"dirty{s}"
+        snaps.append(d)
+    procs = {0: {"uid": 1, "comm": "alpha"}, 1: {"uid": 1, "comm": "beta"}, 2: {"uid": 2, "comm": "gamma"}}
+    return make_trace(path, snaps, procs=procs, interval=1.0)
 
 
 def scenario(name: str, path: str | os.PathLike):
