@@ -99,3 +99,24 @@ def test_errors_are_one_line(tiny, args, code, msg):
 def test_debug_shows_the_traceback(tiny):
     r = subprocess.run([sys.executable, "-m", "ksmtrace", "--debug", "replay", str(tiny / "missing")], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_analysis_never_loads_capture_code(tiny):
+    """docs/packaging.md: nothing in ksmtrace imports ksmtrace_tracers; the CLI reaches a tracer
+    only through the entry point, so replaying a trace loads no capture code."""
+    import ast
+    from pathlib import Path
+
+    import ksmtrace
+
+    for f in Path(ksmtrace.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] == "ksmtrace_tracers" for n in names), f"{f} imports ksmtrace_tracers"
+    code = ("import sys; from ksmtrace.cli import main\n"
+            "try:\n    main(['replay', sys.argv[1], '--quiet'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in sys.modules if m.startswith('ksmtrace_tracers')))")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny / "t")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -3,29 +3,13 @@ entry point (the ksmtrace library never imports capture code by name)."""
 from __future__ import annotations
 
 import sys
-from importlib.metadata import entry_points
 
 import click
 
 from ksmtrace.cli import cli
 from ksmtrace.cli._options import emit_json, json_option, kv_lines, quiet_option
-from ksmtrace.errors import CaptureError
 from ksmtrace.progress import Progress
-
-TRACER_GROUP = "ksmtrace.tracers"
-
-
-def load_tracer(name: str = "procfs"):
-    """An instance of the tracer registered as ``name`` in the ``ksmtrace.tracers`` group."""
-    eps = list(entry_points(group=TRACER_GROUP))
-    for ep in eps:
-        if ep.name == name:
-            try:
-                return ep.load()()
-            except ImportError as exc:
-                raise CaptureError(f"tracer {name!r} cannot be loaded: {exc}") from None
-    have = ", ".join(sorted(ep.name for ep in eps)) or "none"
-    raise CaptureError(f"no tracer named {name!r} is installed (installed tracers: {have})")
+from ksmtrace.tracer import load_tracer
 
 
 @cli.command(context_settings={"max_content_width": 100})

@@ -35,6 +35,7 @@ from ksmtrace import kernelksm as K
 from ksmtrace._version import __version__
 from ksmtrace.errors import KsmtraceError
 from ksmtrace.progress import ProgressFn, make as make_progress
+from ksmtrace.tracer import load_tracer
 
 #: the kernel's defaults (Linux 6.x) — every preset sets every one of these
 KERNEL_DEFAULTS: dict[str, Any] = {
@@ -175,23 +176,6 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def _tracer_modules(name: str = "procfs"):
-    """The capture backend, loaded through the ``ksmtrace.tracers`` entry point group when needed
-    (the library never imports capture code at import time)."""
-    from importlib.metadata import entry_points
-
-    from ksmtrace.errors import CaptureError
-
-    eps = list(entry_points(group="ksmtrace.tracers"))
-    for ep in eps:
-        if ep.name == name:
-            try:
-                return ep.load()()
-            except ImportError as exc:
-                raise CaptureError(f"tracer {name!r} cannot be loaded: {exc}") from None
-    raise CaptureError(f"no tracer named {name!r} is installed (validate needs the procfs tracer)")
-
-
 def ground_truth_run(
     opts: ValidateOptions,
     trace_dir: Path,
@@ -213,7 +197,7 @@ def ground_truth_run(
     if os.geteuid() != 0:
         raise KsmtraceError("validate changes KSM settings and reads other processes' memory: run it as root")
     settings = resolve_settings(opts.settings, opts.setting_overrides)
-    tracer = _tracer_modules()
+    tracer = load_tracer("procfs")
     t_wall = time.monotonic()
     ksmd = K.ksmd_pid()
     record: dict[str, Any] = {}
