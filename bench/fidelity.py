@@ -10,7 +10,7 @@ Steps (every KSM setting is restored after each run; no process is left running)
 1. prepares the real programs: ``sample-traces/vm/prepare.sh`` (QEMU guests) and a temporary venv
    with gunicorn (the pre-fork server pool; not a ksmtrace dependency);
 2. ground-truth runs: every workload x parameter set of MATRIX, each real workload at least twice
-   (``--runs``), captured under real KSM (``ksmtrace.fidelity.validate.ground_truth_run``); an
+   (``--runs``), captured under real KSM (``ksmtrace.lab.validate.ground_truth_run``); an
    existing complete trace in the output directory is reused (the bench can be resumed);
 3. calibration: microbenchmarks (the base costs), then ``fit_from_runs`` on the runs, holding out
    the second run of every workload x parameter set; the fitted model is written to
@@ -37,7 +37,7 @@ os.environ.setdefault("KSMTRACE_PROGRESS", "0")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ksmtrace import kernelksm as K  # noqa: E402
+from ksmtrace.lab import kernelksm as K  # noqa: E402
 from ksmtrace.cli._options import table  # noqa: E402
 
 # workload -> (params, [(settings, duration s, interval s)])
@@ -107,7 +107,7 @@ def complete(trace_dir: Path) -> bool:
 
 
 def capture_runs(out: Path, matrix, runs: int, gunicorn: str | None, vms_ok: bool) -> list[dict]:
-    from ksmtrace.fidelity.validate import ValidateOptions, ground_truth_run
+    from ksmtrace.lab.validate import ValidateOptions, ground_truth_run
 
     done = []
     for workload, params, sets in matrix:
@@ -174,7 +174,7 @@ def main() -> int:
             gunicorn = prepare_gunicorn(out)
 
         # --- 0. ksmd's real wake-up cycle (the timer behind sleep_millisecs) -------------------------
-        from ksmtrace.calibrate import ksmd_wakeup_cycle
+        from ksmtrace.lab.microbench import ksmd_wakeup_cycle
 
         cycles = [ksmd_wakeup_cycle(ms, 4.0) for ms in (20, 20, 100)]
         for c in cycles:
@@ -187,7 +187,8 @@ def main() -> int:
 
         # --- 2. calibration ---------------------------------------------------------------------
         say("## calibration")
-        from ksmtrace.calibrate import fit_from_runs, microbenchmark
+        from ksmtrace.calibrate import fit_from_runs
+        from ksmtrace.lab.microbench import microbenchmark
         from ksmtrace.engine.cost import CostModel
 
         if args.base_costs:
@@ -216,7 +217,7 @@ def main() -> int:
         from ksmtrace.fidelity.compare import fidelity
         from ksmtrace.fidelity.goals import evaluate_goals
         from ksmtrace.fidelity.plot import trajectories
-        from ksmtrace.fidelity.programs import RACY
+        from ksmtrace.lab.programs import RACY
         from ksmtrace.plot import save
         from ksmtrace.trace.reader import open_trace
 
@@ -251,7 +252,7 @@ def main() -> int:
             say("## interval study")
             from ksmtrace.fidelity.interval import interval_study, recommend
             from ksmtrace.fidelity.plot import interval_plot
-            from ksmtrace.fidelity.validate import ValidateOptions, ground_truth_run
+            from ksmtrace.lab.validate import ValidateOptions, ground_truth_run
 
             for name, w, p, preset, duration, interval, period in INTERVAL_STUDIES:
                 if w == "prefork":

@@ -26,7 +26,7 @@ _JITTED = (
     "policies/_ksm_fast.py",
     "policies/_pksm_fast.py",
     "policies/_hashtable_fast.py",
-    "calibrate.py",
+    "lab/microbench.py",
 )
 
 

@@ -286,7 +286,7 @@ def next_steps(res: DemoResult) -> list[str]:
 
 
 def format_report(res: DemoResult) -> str:
-    from ksmtrace.cli._options import table  # plain text helper (no click needed to format)
+    from ksmtrace.textfmt import table  # plain text helper (no click needed to format)
 
     f = res.trace_facts
     lines = [

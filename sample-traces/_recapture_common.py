@@ -7,7 +7,7 @@ Not part of the ksmtrace package: these scripts drive a real capture on the host
    project's environment),
 2. runs ``python -m ksmtrace capture ...`` on it into a temporary directory,
 3. optionally starts the real KSM right after the first snapshot committed (so a replay starts
-   from the unmerged state) through :func:`ksmtrace.kernelksm.ksm_settings`, which restores
+   from the unmerged state) through :func:`ksmtrace.lab.kernelksm.ksm_settings`, which restores
    every KSM setting on every path,
 4. moves the finished trace into ``sample-traces/<name>/`` (replacing the old trace files; the
    README, scripts and other files stay) and writes ``capture.json`` beside it: the exact
@@ -99,7 +99,7 @@ def finish_capture(cap: subprocess.Popen, timeout: float) -> dict[str, Any]:
 
 
 def ksm_snapshot() -> dict[str, Any]:
-    from ksmtrace import kernelksm
+    from ksmtrace.lab import kernelksm
 
     if not kernelksm.available():
         return {}

@@ -1,4 +1,4 @@
-"""Helpers shared by the capture tests (imported by tests/test_capture*.py and test_kernelksm.py)."""
+"""Helpers shared by the capture tests (imported by tests/live/ and tests/unit/test_capture_units.py)."""
 from __future__ import annotations
 
 import os

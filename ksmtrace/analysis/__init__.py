@@ -1,8 +1,9 @@
-"""Analyses of traces and results that need no replay.
+"""Analyses of traces and results, and studies built on replays.
 
 * :mod:`ksmtrace.analysis.breakdown` — the sharing breakdown of a trace (zero pages, duplicates
   within one process, across processes, what a same-domain-only rule keeps);
-* :mod:`ksmtrace.analysis.pareto` — non-dominated points (used by sweeps and the Pareto plot).
+* :mod:`ksmtrace.analysis.pareto` — non-dominated points (used by sweeps and the Pareto plot);
+* :mod:`ksmtrace.analysis.delay` — the Delay plan's study (``pksm`` against ``pksm-delay``).
 
 Nothing here imports matplotlib; :mod:`ksmtrace.plot` draws these tables.
 """

@@ -50,7 +50,7 @@ def calibrate_cmd(output, from_runs, runs, base, holdout_every, window, seconds,
     if from_runs and not runs:
         raise click.UsageError("--from-runs needs at least one trace or directory")
     if not from_runs:
-        from ksmtrace.calibrate import microbenchmark
+        from ksmtrace.lab.microbench import microbenchmark
 
         prog = Progress("calibrate", quiet=quiet)
         try:

@@ -99,7 +99,7 @@ def fidelity_cmd(trace, params, plot_path, cost, timing_cost, sim_step, engine, 
         return
     click.echo(rep.text())
     if study is not None:
-        from ksmtrace.cli._options import table
+        from ksmtrace.textfmt import table
 
         cols = ["every", "interval_s", "sharing_real", "sharing_sim", "sharing_final_err", "sharing_nrmse",
                 "t90_err_scans", "cow_real", "cow_sim", "cow_ratio", "full_scans_diff"]

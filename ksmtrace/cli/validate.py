@@ -13,7 +13,7 @@ from ksmtrace.progress import Progress
 
 
 def _settings_help() -> str:
-    from ksmtrace.fidelity.validate import SETTINGS_HELP
+    from ksmtrace.fidelity.settings import SETTINGS_HELP
 
     return "; ".join(f"{k}: {v}" for k, v in SETTINGS_HELP.items())
 
@@ -69,7 +69,8 @@ def validate_cmd(workload, wparams, command, preset, sets, duration, interval, r
       ksmtrace validate --command "python3 my_server.py" --duration 30 --interval 1 --runs 2
     """
     from ksmtrace.fidelity.goals import evaluate_goals, goals_table
-    from ksmtrace.fidelity.validate import ValidateOptions, resolve_settings, validate
+    from ksmtrace.fidelity.settings import resolve_settings
+    from ksmtrace.lab.validate import ValidateOptions, validate
 
     opts = ValidateOptions(workload=workload, workload_params=parse_assignments(list(wparams)), command=command,
                            settings=preset, setting_overrides=parse_assignments(list(sets)), duration=duration,

@@ -2,9 +2,9 @@
 
 * :func:`fidelity` — replay a ground-truth trace (one captured while the host ran KSM) with the
   kernel's own settings and compare every KSM counter over time (``ksmtrace fidelity``);
-* :func:`ksmtrace.fidelity.validate.validate` (``ValidateOptions``) — run workloads under real
-  KSM with chosen settings while capturing them, then compare (``ksmtrace validate``); every KSM
-  setting is restored on every path;
+* ``ksmtrace validate`` (live-host, :mod:`ksmtrace.lab.validate`) — run workloads under real
+  KSM with chosen settings while capturing them, then compare; every KSM setting is restored on
+  every path;
 * :func:`subsample_trace` and :func:`interval_study` — how fidelity degrades as the snapshot
   interval grows;
 * :mod:`.goals` — the acceptance goals of issue 5 evaluated on a set of runs.
@@ -15,9 +15,8 @@ from ksmtrace.fidelity.compare import COUNTERS, COUNTER_NAMES, FidelityReport, f
 from ksmtrace.fidelity.groundtruth import FidelityError, GroundTruth, ksm_params, load_ground_truth, profile_for_release
 
 _LAZY = {
-    "ValidateOptions": "ksmtrace.fidelity.validate",
-    "SETTINGS": "ksmtrace.fidelity.validate",
-    "resolve_settings": "ksmtrace.fidelity.validate",
+    "SETTINGS": "ksmtrace.fidelity.settings",
+    "resolve_settings": "ksmtrace.fidelity.settings",
     "subsample_trace": "ksmtrace.fidelity.subsample",
     "interval_study": "ksmtrace.fidelity.interval",
     "evaluate_goals": "ksmtrace.fidelity.goals",

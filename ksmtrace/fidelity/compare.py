@@ -228,7 +228,7 @@ class FidelityReport:
         })
 
     def text(self) -> str:
-        from ksmtrace.cli._options import table
+        from ksmtrace.textfmt import table
 
         head = [
             f"fidelity of {self.trace_name}: ksm replay ({_params_text(self.params)}) vs the real kernel "

@@ -148,7 +148,7 @@ def evaluate_goals(reports: Sequence[Any], *, workload: str, settings: str, racy
 
 
 def goals_table(rows: Sequence[dict[str, Any]]) -> str:
-    from ksmtrace.cli._options import table
+    from ksmtrace.textfmt import table
 
     return table([{"workload": r["workload"], "settings": r["settings"], "goal": r["goal"],
                    "result": "n/a" if r["ok"] is None else ("PASS" if r["ok"] else "FAIL"),

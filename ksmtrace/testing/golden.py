@@ -7,7 +7,7 @@
 A golden file holds, for one sample trace and one core policy with its default parameters (fast
 engine, the policy's default scope), the run's :attr:`RunResult.summary` minus what depends on the
 machine or on a cost model (``cpu_seconds``, ``cpu_model``), plus the total work units (exact
-counts, from which any cost model derives CPU seconds).  ``tests/test_samples.py`` compares every
+counts, from which any cost model derives CPU seconds).  ``tests/golden/test_samples.py`` compares every
 value exactly (floats to a relative 1e-9).  When a change to the engine or a policy changes the
 numbers on purpose, regenerate them with ``--update`` and commit the diff with the change.
 """

@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dest", type=Path, default=HERE)
     args = ap.parse_args(argv)
 
-    from ksmtrace import kernelksm
+    from ksmtrace.lab import kernelksm
 
     tmp = Path(tempfile.mkdtemp(prefix="ksmtrace-prefork-recapture-"))
     gun = None

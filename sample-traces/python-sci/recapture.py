@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dest", type=Path, default=HERE)
     args = ap.parse_args(argv)
 
-    from ksmtrace import kernelksm
+    from ksmtrace.lab import kernelksm
 
     tmp = Path(tempfile.mkdtemp(prefix="ksmtrace-pysci-recapture-"))
     workers: list[subprocess.Popen] = []

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dest", type=Path, default=HERE, help="where the trace goes (default: this directory)")
     args = ap.parse_args(argv)
 
-    from ksmtrace import kernelksm
+    from ksmtrace.lab import kernelksm
 
     cache = args.cache
     if not args.no_prepare:

@@ -1,0 +1,52 @@
+"""The notebooks in notebooks/ run from a fresh kernel, top to bottom, within a time limit, and use
+only ksmtrace's public API."""
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
+TIMEOUT_PER_CELL = 300
+MAX_SECONDS = 240  # "a couple of minutes at most"
+PUBLIC = {"ksmtrace", "ksmtrace.plot", "ksmtrace.samples", "ksmtrace.sweep", "ksmtrace.replay", "ksmtrace.results",
+          "ksmtrace.analysis.breakdown", "ksmtrace.trace.reader", "ksmtrace.policies.pksm_delay"}
+
+
+def test_the_notebooks_are_there():
+    names = {p.name for p in NOTEBOOKS}
+    assert {"delay-tradeoff.ipynb", "vm-policy-comparison.ipynb"} <= names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_uses_only_the_public_api(path):
+    nb = json.loads(path.read_text())
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    for mod in re.findall(r"^\s*(?:from|import)\s+(ksmtrace[\w.]*)", code, re.M):
+        assert mod in PUBLIC, f"{path.name} imports {mod}, not a public module"
+    assert not re.search(r"ksmtrace[\w.]*\._(?!_)", code), "no private names"
+    for c in nb["cells"]:  # committed without outputs: the numbers come from running it
+        if c["cell_type"] == "code":
+            assert not c.get("outputs"), f"{path.name}: clear the outputs before committing"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_executes(path, tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=TIMEOUT_PER_CELL, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    t0 = time.monotonic()
+    client.execute()
+    elapsed = time.monotonic() - t0
+    print(f"{path.name}: executed in {elapsed:.1f} s")
+    (tmp_path / path.name).write_text(nbformat.writes(nb))  # the executed copy, for a look after a failure
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    md_out = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if "text/markdown" in o.get("data", {})]
+    assert md_out, "the conclusions are generated as Markdown"
+    assert elapsed < MAX_SECONDS, f"{path.name} took {elapsed:.0f} s"
