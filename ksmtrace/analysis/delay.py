@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from ksmtrace.policies.pksm_delay import PKSMDelay
+from ksmtrace.policies.pksm.delay import PKSMDelay
 
 DELAY_KEYS = ("probation_passes", "probation_seconds", "on_change")
 
