@@ -211,6 +211,12 @@ class KernelRuntime:
     name = "kernel"
     sc: np.ndarray
 
+    def __init__(self, params, ctx) -> None:
+        self.p = params
+        self.ctx = ctx
+        self.prep = ctx.prep
+        self.E = ctx.engine.E  # the fast engine's arrays
+
     def check(self) -> None:
         err = int(self.sc[D_ERR])
         if err:

@@ -303,10 +303,7 @@ class HashTableKernel(KernelRuntime):
     name = "hashtable"
 
     def __init__(self, params, ctx) -> None:
-        self.p = params
-        self.ctx = ctx
-        self.prep = ctx.prep
-        self.E = ctx.engine.E
+        super().__init__(params, ctx)
         self.S = new_state(ctx.prep, params, ctx)
         self.sc = self.S.sc
 

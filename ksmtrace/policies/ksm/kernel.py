@@ -774,10 +774,7 @@ class KsmKernel(KernelRuntime):
     name = "ksm"
 
     def __init__(self, params, ctx) -> None:
-        self.p = params
-        self.ctx = ctx
-        self.prep = ctx.prep
-        self.E = ctx.engine.E
+        super().__init__(params, ctx)
         self.K = new_state(ctx.prep, params, ctx, self.E.fr.shape[0])
         self.sc = self.K.sc
         self.v318 = params.profile == "3.18"

@@ -765,10 +765,7 @@ class PksmKernel(KernelRuntime):
     name = "pksm"
 
     def __init__(self, params, ctx, probation: Probation | None = None) -> None:
-        self.p = params
-        self.ctx = ctx
-        self.prep = ctx.prep
-        self.E = ctx.engine.E
+        super().__init__(params, ctx)
         self.delay = probation is not None
         self.ev_key, n_keys, zero_key, self.hash_desc = event_keys(ctx.prep)
         self.S = new_state(ctx.prep, params, ctx, probation, n_keys, zero_key)
