@@ -358,6 +358,7 @@ def sweep(trace_path, policy: str, grid: Mapping[str, Sequence[Any]], out_dir, *
     skipping runs whose result file is already there.  Returns the sweep table (one row per grid
     point, in grid order; see :func:`sweep_table`) and writes it to ``out_dir/sweep.parquet`` and
     ``out_dir/sweep.csv``.  ``report_cost``: the cost model for the table's CPU seconds."""
+    trace_path = getattr(trace_path, "path", trace_path)  # an opened trace or its path
     plan = plan_sweep(trace_path, policy, grid, out_dir, engine=engine, scope=scope, timing_cost=timing_cost,
                       start_s=start_s, seed=seed)
     ids = run_plan(plan, workers=workers, progress=progress)

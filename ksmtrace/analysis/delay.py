@@ -17,6 +17,9 @@ def delay_report(trace, params: Mapping[str, Any] | None = None, engine: str = "
     delay), the probation totals, and both results (``pksm``, ``pksm_delay``).
     """
     from ksmtrace.replay import replay
+    from ksmtrace.trace.reader import as_trace
+
+    trace = as_trace(trace)
 
     full = dataclasses.asdict(PKSMDelay(params or {}).params)
     base = {k: v for k, v in full.items() if k not in DELAY_KEYS}
