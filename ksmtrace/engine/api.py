@@ -100,6 +100,11 @@ class Runtime(Protocol):
         rt.on_snapshot(s, t_s)        # the engine has just applied snapshot s's page events
         rt.counters() / rt.units()    # read for the metrics row of snapshot s
         rt.run_until(t_{s+1})         # the daemon works during [t_s, t_{s+1})
+
+    A kernel may also define ``apply_snapshot(s, now) -> cow breaks``: it then applies the
+    snapshot's events itself, fused with its own step and through the engine's own code (the
+    oracle's fast route, :mod:`ksmtrace.policies.oracle.kernel`), and the driver calls it instead
+    of the engine's.
     """
 
     def on_snapshot(self, s: int, now: int) -> None: ...

@@ -22,18 +22,17 @@ class FastEngine:
         self.now = 0
 
     # --- the driver's side ----------------------------------------------------------------------
-    def apply_snapshot(self, s: int, now: int) -> int:
-        """Apply snapshot ``s``'s page events at virtual time ``now``; returns COW breaks."""
+    def batch(self, s: int, now: int):
+        """Snapshot ``s``'s events, and which processes are new at it; the engine's clock moves to ``now``."""
         p = self.prep
-        sl = p.events(s)
         self._proc_new[:] = p.proc_first_snap == s
         self.now = now
-        return int(
-            st.apply_events(
-                self.E, p.ev_pg[sl], p.ev_kind[sl], p.ev_cid[sl], p.ev_gid[sl], p.ev_thp[sl],
-                self._proc_new, now,
-            )
-        )
+        return p.batch(s), self._proc_new
+
+    def apply_snapshot(self, s: int, now: int) -> int:
+        """Apply snapshot ``s``'s page events at virtual time ``now``; returns COW breaks."""
+        ev, proc_new = self.batch(s, now)
+        return int(st.apply_events(self.E, ev.pg, ev.kind, ev.cid, ev.gid, ev.thp, proc_new, s, now))
 
     def counters(self) -> dict[str, int]:
         ec = self.E.ec

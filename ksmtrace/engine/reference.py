@@ -110,7 +110,8 @@ class ReferenceEngine:
     def merge(self, pg: int, f: int, now: int) -> bool:
         p = self.pages.get(pg)
         fr = self.frames.get(f)
-        if p is None or fr is None or f == ZERO_FRAME or fr.ref <= 0 or not fr.ksm or fr.cid != p.cid:
+        if (p is None or fr is None or f == ZERO_FRAME or fr.ref <= 0 or not fr.ksm or fr.cid != p.cid
+                or p.frame == ZERO_FRAME):  # a page on the zero page is not the policy's to move
             self.violations += 1
             return False
         if p.frame == f:

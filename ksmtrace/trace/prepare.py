@@ -31,7 +31,7 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -52,6 +52,17 @@ EV_THP = 5
 EVENT_NAMES = {EV_APPEAR: "appear", EV_GONE: "gone", EV_UNMERGE: "unmerge", EV_WRITE: "write", EV_THP: "thp"}
 
 _PREP_VERSION = 7
+
+
+class Events(NamedTuple):
+    """One snapshot's page events (parallel arrays, in page order)."""
+
+    pg: np.ndarray  # int32 page id
+    kind: np.ndarray  # uint8 EV_*
+    cid: np.ndarray  # int32 new content (-1 for GONE/UNMERGE)
+    gid: np.ndarray  # frame id shared with other arrivals, -1 = a frame of its own
+    thp: np.ndarray  # huge page id, -1
+    sample: np.ndarray | None  # uint32 sampled hash, when captured
 
 
 @dataclass
@@ -102,6 +113,12 @@ class Prepared:
 
     def events(self, s: int) -> slice:
         return slice(int(self.off[s]), int(self.off[s + 1]))
+
+    def batch(self, s: int) -> Events:
+        """Snapshot ``s``'s events."""
+        sl = self.events(s)
+        return Events(self.ev_pg[sl], self.ev_kind[sl], self.ev_cid[sl], self.ev_gid[sl], self.ev_thp[sl],
+                      None if self.ev_sample is None else self.ev_sample[sl])
 
     def event_frames(self, sl: slice) -> np.ndarray:
         """Frame ids of a slice of events, unique across the trace: an arrival whose frame no
