@@ -20,7 +20,7 @@ import numba
 _JITTED = (
     "engine/state.py",
     "engine/clock.py",
-    "engine/jitutil.py",
+    "jitutil.py",
     "trace/prepare.py",
     "engine/daemon.py",
     "policies/oracle/kernel.py",

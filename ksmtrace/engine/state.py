@@ -20,7 +20,7 @@ import numpy as np
 from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decorator)
 from numba import njit
 
-from ksmtrace.engine.jitutil import prefetch_row
+from ksmtrace.jitutil import prefetch_row
 from ksmtrace.trace.prepare import EV_APPEAR, EV_GONE, EV_THP, EV_UNMERGE, EV_WRITE
 
 ZERO_FRAME = 0

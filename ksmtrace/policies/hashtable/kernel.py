@@ -28,7 +28,7 @@ from ksmtrace.engine.api import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE
 from ksmtrace.engine.cost import UNIT_INDEX
 from ksmtrace.engine.daemon import D_NOW, DU, KernelRuntime, new_block, param_slots, params_array, scalar_slots, sleep, wake_up
 from ksmtrace.engine.state import F_KSM, F_REF, P_CID, P_FRAME, P_PROC
-from ksmtrace.engine.jitutil import prefetch_row
+from ksmtrace.jitutil import prefetch_row
 from ksmtrace.policies.hashtable import HashTableParams
 from ksmtrace.policies.hashtable.runtime import UNLIMITED, alive_procs, hashtable_counters, hashtable_extras, scan_permutation
 

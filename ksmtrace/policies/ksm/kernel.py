@@ -23,8 +23,8 @@ from ksmtrace.engine import state as st
 from ksmtrace.engine.cost import UNIT_INDEX
 from ksmtrace.engine.daemon import (D_BUSY, D_ERR, D_IDLE, D_NOW, D_TWAKE, DU, KernelRuntime, new_block,
                                     param_slots, params_array, scalar_slots, sleep, wake_up, work_so_far)
-from ksmtrace.engine.jitutil import bitlen as _bitlen
-from ksmtrace.engine.jitutil import prefetch_row
+from ksmtrace.jitutil import bitlen as _bitlen
+from ksmtrace.jitutil import prefetch_row
 from ksmtrace.engine.state import F_KSM, P_CID, P_FRAME, P_PROC
 from ksmtrace.policies.ksm import KsmParams
 from ksmtrace.policies.ksm.runtime import ksm_counters

@@ -34,8 +34,8 @@ from ksmtrace.engine.api import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE
 from ksmtrace.engine.cost import UNIT_INDEX
 from ksmtrace.engine.daemon import (D_ERR, D_NOW, DU, KernelRuntime, new_block, param_slots, params_array,
                                     scalar_slots, sleep, wake_up)
-from ksmtrace.engine.jitutil import bitlen as _bitlen
-from ksmtrace.engine.jitutil import prefetch_row
+from ksmtrace.jitutil import bitlen as _bitlen
+from ksmtrace.jitutil import prefetch_row
 from ksmtrace.engine.state import P_CID, P_FRAME, P_PROC
 from ksmtrace.policies.pksm import PksmParams
 from ksmtrace.policies.pksm.runtime import DROP, SUCCESS, TRY, Probation, event_keys, pksm_counters, pksm_extras
