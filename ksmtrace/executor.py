@@ -208,8 +208,11 @@ class LocalExecutor(Executor):
     def _lost(self, slot: int, finished: int, n: int) -> str:
         p = self._procs[slot]
         p.join(timeout=1)
-        how = f"signal {-p.exitcode}" if p.exitcode is not None and p.exitcode < 0 else f"exit status {p.exitcode}"
-        return (f"a worker process died ({how}: killed, or out of memory?) after {finished} of {n} tasks")
+        if p.exitcode is not None and p.exitcode < 0:
+            how = f"killed by signal {-p.exitcode}: out of memory?"
+        else:
+            how = f"exit status {p.exitcode}"
+        return f"a worker process died ({how}) after {finished} of {n} tasks"
 
     def close(self) -> None:
         procs, conns = self._procs, self._conns

@@ -84,7 +84,7 @@ def test_local_workers_own_process_group_and_die_with_parent():
 
 def test_local_lost_worker_is_an_error():
     with LocalExecutor(2) as ex:
-        with pytest.raises(WorkerLost, match="worker process died .*signal 9"):
+        with pytest.raises(WorkerLost, match=r"worker process died \(killed by signal 9"):
             list(ex.run(die, [0, 1, 2, 3]))
 
 
