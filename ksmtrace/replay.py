@@ -1,7 +1,7 @@
 """Replay: feed a trace through a policy in virtual time and collect one metrics row per snapshot.
 
->>> from ksmtrace import open_trace, replay
->>> res = replay(open_trace("t"), "ksm", {"pages_to_scan": 1000})
+>>> from ksmtrace.replay import replay
+>>> res = replay("t", "ksm", {"pages_to_scan": 1000})          # a path or an opened trace
 >>> res.summary["frames_saved_final"], res.table["cow_breaks"].sum()
 
 Virtual time: snapshot ``s`` is taken at ``t_s``; its content holds during ``[t_s, t_{s+1})``.  A page
@@ -18,12 +18,14 @@ import numpy as np
 import polars as pl
 
 from ksmtrace._version import __version__
+from ksmtrace.engine.api import RUNTIMES, RunContext
 from ksmtrace.engine.cost import N_UNITS, UNIT_NAMES, CostModel, resolve_cost_model
 from ksmtrace.errors import KsmtraceError, PolicyContractError
-from ksmtrace.policies.base import Policy, RunContext
+from ksmtrace.policies.base import Policy
 from ksmtrace.policies.registry import get_policy
 from ksmtrace.progress import ProgressFn, make
 from ksmtrace.results import RunResult, make_run_id
+from ksmtrace.trace.reader import as_trace
 
 ENGINES = ("fast", "reference")
 
@@ -49,16 +51,23 @@ def replay(
     start_s: float = 0.0,
     hz: int | None = None,
     seed: int = 0,
+    runtime: str = "auto",
     progress: ProgressFn | None = None,
 ) -> RunResult:
-    """Replay ``trace`` (a :class:`~ksmtrace.trace.reader.Trace`) through ``policy``.
+    """Replay ``trace`` (a :class:`~ksmtrace.trace.reader.Trace` or the path of one) through ``policy``.
 
-    ``engine``: ``fast`` (default) or ``reference`` (the page-by-page executable spec).
+    ``engine``: ``fast`` (default) or ``reference`` (the page-by-page executable spec of the
+    engine).  ``runtime``: ``auto`` (the policy's numba kernel on the fast engine when it has one,
+    else its readable runtime), ``readable`` or ``kernel`` (see :data:`ksmtrace.engine.api.RUNTIMES`);
+    every choice gives the same results.
     ``scope``: ``recorded`` or ``anon`` (default: the policy's).  ``timing_cost``: the cost model
     the daemon's clock uses (default: the shipped one).  ``start_s``: when the daemon starts,
     in seconds after the first snapshot.  ``hz``: tick rate for sleep quantisation (default:
     the traced host's HZ, else 250).
     """
+    trace = as_trace(trace)
+    if runtime not in RUNTIMES:
+        raise KsmtraceError(f"unknown runtime {runtime!r} (runtimes: {', '.join(RUNTIMES)})")
     pol = make_policy(policy, params)
     spec = run_spec(trace, pol, engine=engine, scope=scope, timing_cost=timing_cost, start_s=start_s, hz=hz, seed=seed)
     scope, hz, start_ns = spec["scope"], spec["hz"], spec["start_ns"]
@@ -76,7 +85,8 @@ def replay(
         from ksmtrace.engine.reference import ReferenceEngine
 
         eng = ReferenceEngine(prep)
-    ctx = RunContext(prep=prep, engine=eng, timing_ps=tcost.timing_ps(), hz=hz, start_ns=start_ns, seed=int(seed))
+    ctx = RunContext(prep=prep, engine=eng, timing_ps=tcost.timing_ps(), hz=hz, start_ns=start_ns, seed=int(seed),
+                     runtime=runtime)
     rt = pol.runtime(ctx)
     table, procs = _run(prep, eng, rt, pol, make(progress))
     counters = eng.counters()
@@ -247,6 +257,7 @@ def compare(
     ``"local"``, ``"dask"``, ``"dask://HOST:PORT"``; see :mod:`ksmtrace.executor`) with ``workers``
     workers.  By default (``workers=1``, no executor) the runs are replayed here, one after another.
     A run whose policy raises a :class:`~ksmtrace.errors.KsmtraceError` raises it here."""
+    trace = as_trace(trace)
     items = [(item, None) if isinstance(item, str) else item for item in policies]
     if executor is None and (workers or 1) == 1:
         return [replay(trace, name, params, engine=engine, scope=scope, report_cost=report_cost, progress=progress, **kwargs)

@@ -508,6 +508,7 @@ def sweep(trace_path, policy: str, grid: Mapping[str, Sequence[Any]], out_dir, *
 
     ``out_dir`` is bound to this trace, policy and run settings (``out_dir/sweep.json``): a sweep
     of another trace into it is a :class:`SweepError`; two sweeps into it run one after the other."""
+    trace_path = getattr(trace_path, "path", trace_path)  # an opened trace or its path
     plan = plan_sweep(trace_path, policy, grid, out_dir, engine=engine, scope=scope, timing_cost=timing_cost,
                       start_s=start_s, seed=seed)
     with open_sweep_dir(plan, on_wait=lambda msg: make(progress)(0, 0, msg)) as d:

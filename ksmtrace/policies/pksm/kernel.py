@@ -1,6 +1,6 @@
-"""The fast runtime of ``pksm`` and ``pksm-delay``: the same algorithm as
-:class:`~ksmtrace.policies.pksm.PksmReference`, on numpy arrays, one jitted call per snapshot (the
-hooks) and one per interval (pksmd).
+"""The numba kernel of ``pksm`` and ``pksm-delay``: the accelerator of
+:class:`~ksmtrace.policies.pksm.runtime.PksmRuntime`, the same algorithm on numpy arrays, one jitted
+call per snapshot (the hooks) and one per interval (pksmd).
 
 Layout: the policy's rmap (frame -> its pages, in mapping order) is a doubly linked list threaded
 through the page rows; rmap items live in item rows with a free list (grown from Python between
@@ -12,8 +12,9 @@ reference, in the same order; the differential tests hold them equal on every co
 Packed state (numba passes each array of a tuple to a non-inlined function separately, with
 reference counting, and reads tuple fields inside loops with reference counting it cannot prune):
 one wide int64 array per kind of object (``IT`` items, ``PG`` pages, ``FR`` frames, ``KY`` tree
-keys), the free list ``fl``, and ``sc``: scalars, units, units at the wake-up, picoseconds per unit,
-parameters, the local list of a wake-up, and each process's page range.  Every jitted entry point
+keys), the free list ``fl``, and ``sc``: the daemon's block (:mod:`ksmtrace.engine.daemon`), the
+policy's scalars, its parameters (slots named after ``PksmParams``' fields), the local list of a
+wake-up, and each process's page range.  Every jitted entry point
 binds the arrays to locals; the per-visit path (list moves, probation, cmp_and_merge_page up to the
 trees, the unstable recheck) is written out on them with small inlined helpers that take arrays;
 merges (rmap walks) are ordinary calls.  The hooks prefetch the rows of the events a few iterations
@@ -29,13 +30,15 @@ from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decor
 from numba import njit
 
 from ksmtrace.engine import state as st
-from ksmtrace.engine.clock import next_wake
+from ksmtrace.engine.api import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE
+from ksmtrace.engine.cost import UNIT_INDEX
+from ksmtrace.engine.daemon import (D_ERR, D_NOW, DU, KernelRuntime, new_block, param_slots, params_array,
+                                    scalar_slots, sleep, wake_up)
 from ksmtrace.engine.jitutil import bitlen as _bitlen
 from ksmtrace.engine.jitutil import prefetch_row
-from ksmtrace.engine.cost import N_UNITS, UNIT_INDEX
 from ksmtrace.engine.state import P_CID, P_FRAME, P_PROC
-from ksmtrace.errors import PolicyContractError
-from ksmtrace.policies.pksm import DROP, SUCCESS, TRY, event_keys
+from ksmtrace.policies.pksm import PksmParams
+from ksmtrace.policies.pksm.runtime import DROP, SUCCESS, TRY, Probation, event_keys, pksm_counters, pksm_extras
 
 U_WAKEUPS = UNIT_INDEX["wakeups"]
 U_VISITED = UNIT_INDEX["pages_visited"]
@@ -49,28 +52,20 @@ U_REMAP = UNIT_INDEX["remaps"]
 U_PRUNE = UNIT_INDEX["stale_prunes"]
 U_MOVES = UNIT_INDEX["list_moves"]
 
-# sc: scalar slots
-(S_TWAKE, S_BUSY, S_NOW, S_WAKE, S_RMAP, S_SHARED, S_SHARING, S_ZSHARING, S_SNODES, S_COLL,
+# sc: the daemon's slots (D_*), then the policy's scalars
+(S_WAKE, S_RMAP, S_SHARED, S_SHARING, S_ZSHARING, S_SNODES, S_COLL,
  S_PEND, S_PCHG, S_PDIED, S_STCOUNT, S_UNCOUNT, S_NFREE,
- S_NEW_H, S_NEW_T, S_NEW_N, S_RES_H, S_RES_T, S_RES_N, S_CK_H, S_CK_T, S_DEL_H, S_DEL_T, S_ERR,
- S_CK_N, S_OLOC, S_OPROC, S_NPROC) = range(31)
-N_SCALARS = 31
-# sc: then units, units at the wake-up, picoseconds per unit, parameters; then the local list
-# (at sc[S_OLOC], 2 * pages_to_scan + 8 slots) and each process's first and end page (at
-# sc[S_OPROC], n_procs + n_procs)
-OU = N_SCALARS
-OB = OU + N_UNITS
-OT = OB + N_UNITS
-OP = OT + N_UNITS
-
-# parameter slots
-P_PTS, P_SLEEP, P_PERIOD, P_ROTATE, P_COLL, P_TRACKCOW, P_DELAY, P_PROBN, P_PROBNS, P_RESTART, P_HZ, P_ZEROKEY = range(12)
-N_PARAMS = 12
+ S_NEW_H, S_NEW_T, S_NEW_N, S_RES_H, S_RES_T, S_RES_N, S_CK_H, S_CK_T, S_DEL_H, S_DEL_T,
+ S_CK_N, S_OLOC, S_OPROC, S_NPROC) = scalar_slots(27)
+N_SCALARS = 27
+# then the parameters (at OP): PksmParams' fields by name, then values derived from them; then the
+# local list (at sc[S_OLOC], 2 * pages_to_scan + 8 slots) and each process's first and end page
+# (at sc[S_OPROC], n_procs + n_procs)
+P = param_slots(PksmParams, derived=("delay", "probation_passes", "probation_ns", "restart", "hz", "zero_key"))
+OP = scalar_slots(N_SCALARS).stop
 
 W_NONE, W_NEW, W_RESCAN, W_LOCAL = 0, 1, 2, 3
 T_NONE, T_UNSTABLE, T_STABLE = 0, 1, 2
-
-EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE = 1, 2, 3, 4
 
 ITEM_FIELDS = [
     "it_frame", "it_where", "it_tree", "it_dell", "it_inksm", "it_init", "it_sum", "it_map", "it_nanon",
@@ -103,22 +98,24 @@ def _items(cap: int) -> np.ndarray:
     return np.tile(ITEM_ROW, (cap, 1))
 
 
-def new_state(prep, params_arr, n_keys: int, timing, start_ns: int) -> PksmState:
+def new_state(prep, params, ctx, probation, n_keys: int, zero_key: int) -> PksmState:
     n, f, np_ = prep.n_pages, st.n_frame_slots(prep), prep.n_procs
     cap = max(64, n // 4)
-    n_loc = 2 * int(params_arr[P_PTS]) + 8
-    o_loc = OP + N_PARAMS
+    rule = probation or Probation(0, 0, False)
+    pa = params_array(params, P, {"delay": probation is not None, "probation_passes": rule.passes,
+                                  "probation_ns": rule.ns, "restart": rule.restart, "hz": ctx.hz,
+                                  "zero_key": zero_key})
+    n_loc = 2 * int(params.pages_to_scan) + 8
+    sc = new_block(N_SCALARS, len(P), ctx, extra=n_loc + 2 * np_)
+    o_loc = OP + len(P)
     o_proc = o_loc + n_loc
-    sc = np.zeros(o_proc + 2 * np_, np.int64)
-    sc[S_TWAKE] = start_ns
+    sc[OP : OP + len(P)] = pa
     sc[S_NFREE] = cap
     for h in (S_NEW_H, S_NEW_T, S_RES_H, S_RES_T, S_CK_H, S_CK_T, S_DEL_H, S_DEL_T):
         sc[h] = -1
     sc[S_OLOC] = o_loc
     sc[S_OPROC] = o_proc
     sc[S_NPROC] = np_
-    sc[OT : OT + N_UNITS] = timing
-    sc[OP : OP + N_PARAMS] = params_arr
     sc[o_proc : o_proc + np_] = prep.proc_pg_lo
     sc[o_proc + np_ : o_proc + 2 * np_] = prep.proc_pg_hi
     PG = np.full((n, len(PAGE_FIELDS)), -1, np.int64)
@@ -299,7 +296,7 @@ def _page_freed(IT, FR, fl, sc, f):
 @njit(inline="always")
 def _register(IT, FR, fl, sc, f, now):
     if sc[S_NFREE] == 0:
-        sc[S_ERR] = 1
+        sc[D_ERR] = 1
         return
     sc[S_NFREE] -= 1
     it = fl[sc[S_NFREE]]
@@ -333,7 +330,7 @@ def on_snapshot(E, S, pgs, kinds, keys, now):
     FR = S.FR
     fl = S.fl
     sc = S.sc
-    trackcow = sc[OP + P_TRACKCOW] == 1
+    trackcow = sc[OP + P.track_cow_pages] == 1
     n = len(pgs)
     for i in range(n):  # removals first
         if i + PF_FAR < n:  # (prefetch the rows of the events ahead: pages, then their frames)
@@ -426,7 +423,7 @@ def _rm_tree(IT, KY, sc, it, free_anon):
 def _prune(IT, KY, sc, t):
     """A stale item met in a tree descent leaves the tree."""
     _rm_tree(IT, KY, sc, t, False)
-    sc[OU + U_PRUNE] += 1
+    sc[DU + U_PRUNE] += 1
 
 
 @njit(inline="always")
@@ -434,7 +431,7 @@ def _search(IT, KY, sc, key, col, count):
     """The live item of tree ``col`` (K_ST_ITEM / K_UN_ITEM) under ``key``, or -1; stale items met
     are pruned.  The loop of stable_tree_search, unstable_tree_search_insert and stable_tree_insert."""
     while True:
-        sc[OU + U_HCMP] += _bitlen(sc[count])
+        sc[DU + U_HCMP] += _bitlen(sc[count])
         t = KY[key, col]
         if t < 0:
             return -1
@@ -472,17 +469,17 @@ def _remap_all(E, IT, PG, FR, fl, sc, f, target):
     else:
         equal = cid == epg[FR[target, R_FR_HEAD], P_CID]
     done = 0
-    now = sc[S_NOW]
+    now = sc[D_NOW]
     q = first
     while q >= 0:
         nxt = PG[q, G_PG_NEXT]
-        sc[OU + U_WP] += 1
+        sc[DU + U_WP] += 1
         if target == 0:
-            sc[OU + U_ZCHECK] += 1
+            sc[DU + U_ZCHECK] += 1
         else:
-            sc[OU + U_MEMCMP] += 1
+            sc[DU + U_MEMCMP] += 1
         if equal:
-            sc[OU + U_REMAP] += 1
+            sc[DU + U_REMAP] += 1
             if target == 0:
                 ok = st.merge_zero(E, q, now)
             else:
@@ -506,7 +503,7 @@ def _merge_zero(E, S, f):
     sc[S_ZSHARING] += nz
     if equal:
         return SUCCESS
-    if sc[OP + P_COLL] == 1:
+    if sc[OP + P.collision_counts_as_merge] == 1:
         sc[S_COLL] += 1
         return SUCCESS
     return -1
@@ -518,7 +515,7 @@ def _merge_stable(E, S, f, t):
     IT = S.IT
     sc = S.sc
     nm, equal = _remap_all(E, IT, S.PG, S.FR, S.fl, sc, f, IT[t, I_IT_FRAME])
-    if not equal and sc[OP + P_COLL] == 0:
+    if not equal and sc[OP + P.collision_counts_as_merge] == 0:
         return TRY
     if not equal:
         sc[S_COLL] += 1
@@ -539,13 +536,13 @@ def _merge_unstable(E, S, it, f, t, key):
     sc = S.sc
     tf = IT[t, I_IT_FRAME]
     equal = epg[FR[f, R_FR_HEAD], P_CID] == epg[FR[tf, R_FR_HEAD], P_CID]
-    if not equal and sc[OP + P_COLL] == 0:
+    if not equal and sc[OP + P.collision_counts_as_merge] == 0:
         return TRY
     head = FR[f, R_FR_HEAD]
     pr = epg[head, P_PROC]
     op = sc[S_OPROC]
     st.split_thp(E, head, sc[op + pr], sc[op + sc[S_NPROC] + pr], False)
-    sc[OU + U_WP] += FR[f, R_FR_CNT]
+    sc[DU + U_WP] += FR[f, R_FR_CNT]
     st.stabilize(E, FR[f, R_FR_HEAD])
     FR[f, R_FR_KSM] = 1
     nm, equal = _remap_all(E, IT, PG, FR, S.fl, sc, tf, f)
@@ -568,19 +565,19 @@ def _merge_unstable(E, S, it, f, t, key):
 @njit(inline="always")
 def _probation_over(IT, PG, FR, sc, it):
     IT[it, I_IT_CNT] += 1
-    if IT[it, I_IT_CNT] > sc[OP + P_PROBN] and sc[S_NOW] - IT[it, I_IT_T0] >= sc[OP + P_PROBNS]:
+    if IT[it, I_IT_CNT] > sc[OP + P.probation_passes] and sc[D_NOW] - IT[it, I_IT_T0] >= sc[OP + P.probation_ns]:
         return True
     IT[it, I_IT_WAKE] = sc[S_WAKE]
-    sc[OU + U_VISITED] += 1
-    sc[OU + U_SAMPLED] += 1
+    sc[DU + U_VISITED] += 1
+    sc[DU + U_SAMPLED] += 1
     h = _key(IT, PG, FR, it)
     if IT[it, I_IT_SEEN] >= 0 and h != IT[it, I_IT_SEEN]:
         if IT[it, I_IT_CHANGED] == 0:
             IT[it, I_IT_CHANGED] = 1
             sc[S_PCHG] += 1
-        if sc[OP + P_RESTART] == 1:
+        if sc[OP + P.restart] == 1:
             IT[it, I_IT_CNT] = 0
-            IT[it, I_IT_T0] = sc[S_NOW]
+            IT[it, I_IT_T0] = sc[D_NOW]
     IT[it, I_IT_SEEN] = h
     return False
 
@@ -594,7 +591,7 @@ def _drop(IT, FR, fl, sc, it):
         FR[f, R_FR_ITEM] = -1
     IT[it, I_IT_FRAME] = -1
     sc[S_RMAP] -= 1
-    sc[OU + U_FREE] += 1
+    sc[DU + U_FREE] += 1
     if IT[it, I_IT_TREE] == T_NONE:
         _free_slot(IT, fl, sc, it)
     # (an item dropped while in a tree stays there, stale, as in PKSM; its slot is not reused)
@@ -608,12 +605,12 @@ def ksm_do_scan(E, S, n):
     KY = S.KY
     fl = S.fl
     sc = S.sc
-    probation = sc[OP + P_PROBN] > 0 or sc[OP + P_PROBNS] > 0
-    delay = sc[OP + P_DELAY] == 1
-    zero_key = sc[OP + P_ZEROKEY]
+    probation = sc[OP + P.probation_passes] > 0 or sc[OP + P.probation_ns] > 0
+    delay = sc[OP + P.delay] == 1
+    zero_key = sc[OP + P.zero_key]
     wake = sc[S_WAKE]
     # the local list is built in sc[lo:hi) (the local-list slots): new items are pushed at the front
-    mid = sc[S_OLOC] + (2 * sc[OP + P_PTS] + 8) // 2
+    mid = sc[S_OLOC] + (2 * sc[OP + P.pages_to_scan] + 8) // 2
     lo = mid
     hi = mid
     scan = 0
@@ -622,7 +619,7 @@ def ksm_do_scan(E, S, n):
         if delay and IT[it, I_IT_WAKE] == wake:
             break
         _list_remove(IT, sc, it)
-        sc[OU + U_MOVES] += 1
+        sc[DU + U_MOVES] += 1
         if probation and not _probation_over(IT, PG, FR, sc, it):
             _list_append(IT, sc, it, W_NEW)
         else:
@@ -641,7 +638,7 @@ def ksm_do_scan(E, S, n):
         _list_remove(IT, sc, it)
         if IT[it, I_IT_DELL] == 1:
             continue
-        sc[OU + U_MOVES] += 1
+        sc[DU + U_MOVES] += 1
         IT[it, I_IT_WHERE] = W_LOCAL
         sc[hi] = it
         hi += 1
@@ -658,7 +655,7 @@ def ksm_do_scan(E, S, n):
         f = IT[it, I_IT_FRAME]
         if f < 0 or IT[it, I_IT_INKSM] == 0:
             continue
-        sc[OU + U_VISITED] += 1
+        sc[DU + U_VISITED] += 1
         # ---- cmp_and_merge_page ----
         if FR[f, R_FR_KSM] == 1 or IT[it, I_IT_TREE] == T_STABLE:
             r = DROP
@@ -666,7 +663,7 @@ def ksm_do_scan(E, S, n):
             _rm_tree(IT, KY, sc, it, False)
             if init:
                 IT[it, I_IT_SUM] = PG[FR[f, R_FR_HEAD], G_PG_KEY]
-                sc[OU + U_SAMPLED] += 1
+                sc[DU + U_SAMPLED] += 1
             key = IT[it, I_IT_SUM]
             r = -1
             if key == zero_key:  # the zero page first
@@ -690,7 +687,7 @@ def ksm_do_scan(E, S, n):
         elif r == TRY:
             IT[it, I_IT_INIT] = 1
             _list_append(IT, sc, it, W_RESCAN)
-            sc[OU + U_MOVES] += 1
+            sc[DU + U_MOVES] += 1
     # drain the del list
     it = sc[S_DEL_H]
     sc[S_DEL_H] = -1
@@ -699,7 +696,7 @@ def ksm_do_scan(E, S, n):
         nxt = IT[it, I_DEL_NEXT]
         _rm_tree(IT, KY, sc, it, True)
         sc[S_RMAP] -= 1
-        sc[OU + U_FREE] += 1
+        sc[DU + U_FREE] += 1
         _free_slot(IT, fl, sc, it)
         it = nxt
     update_unstable_page_checksum(S)
@@ -712,17 +709,17 @@ def update_unstable_page_checksum(S):
     FR = S.FR
     KY = S.KY
     sc = S.sc
-    n = sc[OP + P_PTS]
+    n = sc[OP + P.pages_to_scan]
     U = sc[S_UNCOUNT]
     if U < n:
         need = U
     else:
-        need = (U * sc[OP + P_SLEEP]) // (sc[OP + P_PERIOD] * 1000)
+        need = (U * sc[OP + P.sleep_millisecs]) // (sc[OP + P.period_seconds] * 1000)
     if need <= 0:
         return
     if need > n:
         need = n
-    rotate = sc[OP + P_ROTATE] == 1
+    rotate = sc[OP + P.recheck_rotate] == 1
     limit = sc[S_CK_N] if rotate else -1  # the number of entries on the list now
     scan = 0
     it = sc[S_CK_H]
@@ -731,19 +728,19 @@ def update_unstable_page_checksum(S):
             break
         nxt = IT[it, I_CK_NEXT]
         if IT[it, I_IT_FRAME] >= 0 and IT[it, I_IT_TREE] == T_UNSTABLE:
-            sc[OU + U_VISITED] += 1
-            sc[OU + U_SAMPLED] += 1
+            sc[DU + U_VISITED] += 1
+            sc[DU + U_SAMPLED] += 1
             c = _key(IT, PG, FR, it)
             if c != IT[it, I_IT_SUM]:
                 _rm_tree(IT, KY, sc, it, False)
                 IT[it, I_IT_SUM] = c
                 IT[it, I_IT_INIT] = 0
                 _list_append(IT, sc, it, W_RESCAN)
-                sc[OU + U_MOVES] += 1
+                sc[DU + U_MOVES] += 1
             elif rotate:
                 _ck_remove(IT, sc, it)
                 _ck_append(IT, sc, it)
-                sc[OU + U_MOVES] += 1
+                sc[DU + U_MOVES] += 1
                 if nxt < 0:  # it was the last one: the walk would meet it again
                     nxt = -1
         if scan > need:
@@ -755,48 +752,24 @@ def update_unstable_page_checksum(S):
 @njit(cache=True)
 def run_until(E, S, t_end):
     sc = S.sc
-    while sc[S_TWAKE] < t_end:
-        for i in range(N_UNITS):
-            sc[OB + i] = sc[OU + i]
-        sc[S_NOW] = sc[S_TWAKE]
+    while wake_up(sc, t_end):
         sc[S_WAKE] += 1
-        sc[OU + U_WAKEUPS] += 1
-        ksm_do_scan(E, S, sc[OP + P_PTS])
-        w = 0
-        for i in range(N_UNITS):  # work_ns
-            w += (sc[OU + i] - sc[OB + i]) * sc[OT + i]
-        w //= 1000
-        sc[S_BUSY] += w
-        sc[S_TWAKE] = next_wake(sc[S_TWAKE] + w, sc[OP + P_SLEEP], sc[OP + P_HZ])
+        ksm_do_scan(E, S, sc[OP + P.pages_to_scan])
+        sleep(sc, sc[OP + P.sleep_millisecs], sc[OP + P.hz])
 
 
 # --- the runtime object ------------------------------------------------------------------------------------
-def params_array(p, hz: int, delay: bool, zero_key: int) -> np.ndarray:
-    a = np.zeros(N_PARAMS, np.int64)
-    a[P_PTS] = p.pages_to_scan
-    a[P_SLEEP] = p.sleep_millisecs
-    a[P_PERIOD] = p.period_seconds
-    a[P_ROTATE] = int(p.recheck_rotate)
-    a[P_COLL] = int(p.collision_counts_as_merge)
-    a[P_TRACKCOW] = int(p.track_cow_pages)
-    a[P_DELAY] = int(delay)
-    a[P_PROBN] = int(getattr(p, "probation_passes", 0)) if delay else 0
-    a[P_PROBNS] = int(round(float(getattr(p, "probation_seconds", 0.0)) * 1e9)) if delay else 0
-    a[P_RESTART] = int(delay and getattr(p, "on_change", "restart") == "restart")
-    a[P_HZ] = hz
-    a[P_ZEROKEY] = zero_key
-    return a
+class PksmKernel(KernelRuntime):
+    """The kernel behind the driver's calls; counters as :class:`~ksmtrace.policies.pksm.runtime.PksmRuntime`."""
 
+    name = "pksm"
 
-class PksmFast:
-    def __init__(self, params, ctx, delay: bool = False) -> None:
-        self.p = params
-        self.ctx = ctx
-        self.prep = ctx.prep
-        self.E = ctx.engine.E
-        self.delay = delay
+    def __init__(self, params, ctx, probation: Probation | None = None) -> None:
+        super().__init__(params, ctx)
+        self.delay = probation is not None
         self.ev_key, n_keys, zero_key, self.hash_desc = event_keys(ctx.prep)
-        self.S = new_state(ctx.prep, params_array(params, ctx.hz, delay, zero_key), n_keys, ctx.timing_ps, ctx.start_ns)
+        self.S = new_state(ctx.prep, params, ctx, probation, n_keys, zero_key)
+        self.sc = self.S.sc
         kinds = self.prep.ev_kind
         arr = ((kinds == EV_APPEAR) | (kinds == EV_WRITE)).astype(np.int64)
         self._arrivals = np.concatenate([[0], np.cumsum(arr)])
@@ -808,48 +781,27 @@ class PksmFast:
         if self.S.sc[S_NFREE] < need:
             self.S = grow(self.S, need)
         on_snapshot(self.E, self.S, p.ev_pg[sl], p.ev_kind[sl], self.ev_key[sl], np.int64(now))
-        self._check()
+        self.check()
 
     def run_until(self, t_end: int) -> None:
         run_until(self.E, self.S, np.int64(t_end))
-        self._check()
+        self.check()
 
-    def _check(self) -> None:
-        if self.S.sc[S_ERR]:
-            raise PolicyContractError(f"pksm fast runtime internal error {int(self.S.sc[S_ERR])}")
+    def _probation_counts(self) -> dict:
+        sc = self.sc
+        return {"probation_ended": int(sc[S_PEND]), "probation_changed": int(sc[S_PCHG]),
+                "probation_died": int(sc[S_PDIED])} if self.delay else {}
 
     def counters(self) -> dict:
-        sc = self.S.sc
-        out = {
-            "pages_shared": int(sc[S_SHARED]),
-            "pages_sharing": int(sc[S_SHARING] + sc[S_ZSHARING]),
-            "pages_zero_sharing": int(sc[S_ZSHARING]),
-            "pages_unshared": int(sc[S_UNCOUNT]),
-            "full_scans": 0,
-            "stable_nodes": int(sc[S_SNODES]),
-            "rmap_items": int(sc[S_RMAP]),
-            "new_list": int(sc[S_NEW_N]),
-            "rescan_list": int(sc[S_RES_N]),
-            "collision_merges": int(sc[S_COLL]),
-        }
-        if self.delay:
-            out.update(probation_ended=int(sc[S_PEND]), probation_changed=int(sc[S_PCHG]), probation_died=int(sc[S_PDIED]))
-        return out
-
-    def units(self) -> np.ndarray:
-        return self.S.sc[OU : OU + N_UNITS]
-
-    def busy_ns(self) -> int:
-        return int(self.S.sc[S_BUSY])
+        sc = self.sc
+        return pksm_counters(
+            shared=int(sc[S_SHARED]), sharing=int(sc[S_SHARING]), zero_sharing=int(sc[S_ZSHARING]),
+            unstable=int(sc[S_UNCOUNT]), stable_nodes=int(sc[S_SNODES]), rmap_items=int(sc[S_RMAP]),
+            new_list=int(sc[S_NEW_N]), rescan_list=int(sc[S_RES_N]), collisions=int(sc[S_COLL]),
+            probation=self._probation_counts(),
+        )
 
     def extras(self) -> dict:
-        sc = self.S.sc
-        out = {
-            "sampled_hash": self.hash_desc,
-            "stable_tree_nodes": int(sc[S_STCOUNT]),
-            "unstable_tree_nodes": int(sc[S_UNCOUNT]),
-            "collision_merges": int(sc[S_COLL]),
-        }
-        if self.delay:
-            out.update(probation_ended=int(sc[S_PEND]), probation_changed=int(sc[S_PCHG]), probation_died=int(sc[S_PDIED]))
-        return out
+        sc = self.sc
+        return pksm_extras(self.hash_desc, int(sc[S_STCOUNT]), int(sc[S_UNCOUNT]), int(sc[S_COLL]),
+                           self._probation_counts())

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from ksmtrace.policies.base import param
 from ksmtrace.policies.pksm import PKSM, PksmParams
+from ksmtrace.policies.pksm.runtime import Probation
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,6 @@ class PKSMDelay(PKSM):
     Params = PksmDelayParams
     default_scope = "anon"
     kernel_counters = PKSM.kernel_counters + ("probation_ended", "probation_changed", "probation_died")
-    delay = True
     sensitivity = {
         **PKSM.sensitivity,
         "period_seconds": (1, "mixed", {**PKSM._RECHECK, "probation_passes": 0}),
@@ -57,3 +57,8 @@ class PKSMDelay(PKSM):
         "probation_seconds": (0.3, "mixed", {"probation_passes": 0}),
         "on_change": ("keep", "mixed", {"probation_passes": 20}),
     }
+
+    def runtime_options(self) -> dict:
+        p = self.params
+        return {"probation": Probation(passes=int(p.probation_passes), ns=int(round(float(p.probation_seconds) * 1e9)),
+                                       restart=p.on_change == "restart")}

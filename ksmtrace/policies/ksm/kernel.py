@@ -1,12 +1,14 @@
-"""The fast runtime of the ``ksm`` policy: the same algorithm as :class:`~ksmtrace.policies.ksm.KsmReference`,
-on numpy arrays inside one jitted loop per snapshot interval.
+"""The numba kernel of the ``ksm`` policy: the accelerator of :class:`~ksmtrace.policies.ksm.runtime.KsmRuntime`,
+the same algorithm on numpy arrays inside one jitted loop per snapshot interval.  The differential
+suite (tests/differential) holds the two equal on every counter of every snapshot.
 
 Layout (packed: numba passes each array of a tuple separately, with reference counting, so the
 state lives in a few wide arrays): ``it`` one row per page = its rmap item; ``nd`` one row per
 stable node (plain, dup or chain) with a free list; a node's hlist and a chain's dups are doubly
 linked lists threaded through ``it`` and ``nd``; ``ct`` one row per content = the stable tree root
 and the unstable tree entry (valid only for the scan that set it); ``fn`` frame -> stable node;
-``mm`` the ksm_mm_head list; ``sc`` scalars, cost units and parameters.  Every function mirrors a
+``mm`` the ksm_mm_head list; ``sc`` the daemon's block (:mod:`ksmtrace.engine.daemon`: clock,
+cost units), the policy's scalars and its parameters (slots named after ``KsmParams``' fields).  Every function mirrors a
 method of the reference, in the same order; the per-visit path is inlined into ``run_until``.
 """
 from __future__ import annotations
@@ -18,12 +20,14 @@ from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decor
 from numba import njit
 
 from ksmtrace.engine import state as st
-from ksmtrace.engine.clock import next_wake
+from ksmtrace.engine.cost import UNIT_INDEX
+from ksmtrace.engine.daemon import (D_BUSY, D_ERR, D_IDLE, D_NOW, D_TWAKE, DU, KernelRuntime, new_block,
+                                    param_slots, params_array, scalar_slots, sleep, wake_up, work_so_far)
 from ksmtrace.engine.jitutil import bitlen as _bitlen
 from ksmtrace.engine.jitutil import prefetch_row
-from ksmtrace.engine.cost import N_UNITS, UNIT_INDEX
 from ksmtrace.engine.state import F_KSM, P_CID, P_FRAME, P_PROC
-from ksmtrace.errors import PolicyContractError
+from ksmtrace.policies.ksm import KsmParams
+from ksmtrace.policies.ksm.runtime import ksm_counters
 
 # unit indices
 U_WAKEUPS = UNIT_INDEX["wakeups"]
@@ -41,19 +45,13 @@ U_WP = UNIT_INDEX["write_protects"]
 U_REMAP = UNIT_INDEX["remaps"]
 U_PRUNE = UNIT_INDEX["stale_prunes"]
 
-# sc: scalars
-S_TWAKE, S_BUSY, S_CUR, S_CURPG, S_SEQNR, S_SHARED, S_SHARING, S_UNSHARED = range(8)
-S_SCANNED, S_SKIPPED, S_CHAINS, S_DUPS, S_PTS, S_ADV_START, S_ADV_CHANGE, S_ADV_SCANTIME = range(8, 16)
-S_ADV_CPU, S_IDLE, S_UNCOUNT, S_STCOUNT, S_NFREE, S_RMAP, S_NOW, S_ERR = range(16, 24)
-N_SCALARS = 24
-# sc: then units, units at the batch start, picoseconds per unit, parameters
-OU = N_SCALARS
-OB = OU + N_UNITS
-OT = OB + N_UNITS
-OP = OT + N_UNITS
-P_PTS, P_SLEEP, P_SMART, P_ZERO, P_MAXSHARE, P_PRUNE, P_ADVISOR, P_TARGET = range(8)
-P_MAXCPU, P_MINPAGES, P_MAXPAGES, P_NEWORDER, P_V318, P_REMAP, P_HZ = range(8, 15)
-N_PARAMS = 15
+# sc: the daemon's slots (D_*), then the policy's scalars, then its parameters (at OP)
+(S_CUR, S_CURPG, S_SEQNR, S_SHARED, S_SHARING, S_UNSHARED, S_SCANNED, S_SKIPPED, S_CHAINS, S_DUPS, S_PTS,
+ S_ADV_START, S_ADV_CHANGE, S_ADV_SCANTIME, S_ADV_CPU, S_UNCOUNT, S_STCOUNT, S_NFREE, S_RMAP) = scalar_slots(19)
+N_SCALARS = 19
+# parameter slots: KsmParams' fields by name, then values derived from them
+P = param_slots(KsmParams, derived=("neworder", "v318", "remap", "hz"))
+OP = scalar_slots(N_SCALARS).stop
 
 # it: rmap item columns
 I_ALLOC, I_OLD, I_AGE, I_SKIPS, I_FLAG, I_SEQ, I_UKEY, I_NODE, I_NEXT, I_PREV = range(10)
@@ -71,7 +69,7 @@ F_NONE, F_UNSTABLE, F_STABLE = 0, 1, 2
 KsmState = namedtuple("KsmState", ["it", "nd", "ct", "fn", "mm", "sc"])
 
 
-def new_state(prep, params_arr: np.ndarray, timing: np.ndarray, start_ns: int, n_frames: int) -> KsmState:
+def new_state(prep, params, ctx, n_frames: int) -> KsmState:
     n, c, f, np_ = prep.n_pages, prep.n_cids, n_frames, prep.n_procs
     cap = 2 * n + 16
     it = np.zeros((n, 10), np.int32)  # int32 halves the scan's memory traffic
@@ -85,14 +83,20 @@ def new_state(prep, params_arr: np.ndarray, timing: np.ndarray, start_ns: int, n
     mm[:, M_PREV] = np_
     mm[:np_, M_LO] = prep.proc_pg_lo
     mm[:np_, M_HI] = prep.proc_pg_hi
-    sc = np.zeros(OP + N_PARAMS, np.int64)
-    sc[S_TWAKE] = start_ns
+    v318 = params.profile == "3.18"
+    pa = params_array(params, P, {
+        "max_page_sharing": (1 << 62) if v318 else params.max_page_sharing,
+        "neworder": params.profile in ("6.11", "6.12"),
+        "v318": v318,
+        "remap": params.profile == "6.12",
+        "hz": ctx.hz,
+    })
+    sc = new_block(N_SCALARS, len(P), ctx)
+    sc[OP : OP + len(P)] = pa
     sc[S_CUR] = np_  # the head
-    sc[S_PTS] = params_arr[P_MINPAGES] if params_arr[P_ADVISOR] else params_arr[P_PTS]
-    sc[S_IDLE] = 1
+    sc[S_PTS] = params.advisor_min_pages_to_scan if params.advisor_mode == "scan-time" else params.pages_to_scan
+    sc[D_IDLE] = 1
     sc[S_NFREE] = cap
-    sc[OT : OT + N_UNITS] = timing
-    sc[OP : OP + N_PARAMS] = params_arr
     return KsmState(it=it, nd=nd, ct=ct, fn=np.full(f, -1, np.int64), mm=mm, sc=sc)
 
 
@@ -109,15 +113,15 @@ def _node_alive(E, K, nd):
 
 @njit(inline="always")
 def _candidate(K, nd, offset):
-    if K.sc[OP + P_V318] == 1:
+    if K.sc[OP + P.v318] == 1:
         return True
-    return K.nd[nd, N_LEN] > 0 and K.nd[nd, N_LEN] + offset < K.sc[OP + P_MAXSHARE]
+    return K.nd[nd, N_LEN] > 0 and K.nd[nd, N_LEN] + offset < K.sc[OP + P.max_page_sharing]
 
 
 @njit
 def _alloc_node(K):
     if K.sc[S_NFREE] == 0:
-        K.sc[S_ERR] = 1
+        K.sc[D_ERR] = 1
         return -1
     K.sc[S_NFREE] -= 1
     nd = K.nd[K.sc[S_NFREE], N_FREEL]
@@ -161,10 +165,10 @@ def ksm_enter(K, proc, now):
     """__ksm_enter: just behind the cursor (the tail when the cursor is at the head)."""
     _list_insert_before(K, proc, K.sc[S_CUR])
     K.mm[proc, M_IN] = 1
-    if K.sc[S_IDLE] == 1:
-        K.sc[S_IDLE] = 0
-        if K.sc[S_TWAKE] < now:
-            K.sc[S_TWAKE] = now
+    if K.sc[D_IDLE] == 1:
+        K.sc[D_IDLE] = 0
+        if K.sc[D_TWAKE] < now:
+            K.sc[D_TWAKE] = now
 
 
 @njit(cache=True)
@@ -214,7 +218,7 @@ def remove_node_from_stable_tree(K, nd):
         it = nxt
     K.nd[nd, N_FIRST] = -1
     K.nd[nd, N_LEN] = 0
-    K.sc[OU + U_PRUNE] += 1
+    K.sc[DU + U_PRUNE] += 1
     f = K.nd[nd, N_FRAME]
     if f >= 0 and K.fn[f] == nd:
         K.fn[f] = -1
@@ -261,7 +265,7 @@ def _rm_local(E, K, it, ct, sc, pg):
         seq = sc[S_SEQNR]
         age = (seq - it[pg, I_SEQ]) & 0xFF
         if age > 1:
-            sc[S_ERR] = 2
+            sc[D_ERR] = 2
         if age == 0:
             u = it[pg, I_UKEY]
             if ct[u, C_UITEM] == pg and ct[u, C_USCAN] == seq:
@@ -280,8 +284,8 @@ def remove_rmap_item_from_tree(E, K, pg):
 
 @njit
 def stable_node_dup(E, K, ch, prune):
-    now = K.sc[S_NOW]
-    if prune == 0 or now < K.nd[ch, N_PRUNE] + K.sc[OP + P_PRUNE] * 1000000:
+    now = K.sc[D_NOW]
+    if prune == 0 or now < K.nd[ch, N_PRUNE] + K.sc[OP + P.stable_node_chains_prune_millisecs] * 1000000:
         prune = 0
     else:
         K.nd[ch, N_PRUNE] = now
@@ -290,7 +294,7 @@ def stable_node_dup(E, K, ch, prune):
     d = K.nd[ch, N_DFIRST]
     while d >= 0:
         nxt = K.nd[d, N_DNEXT]
-        K.sc[OU + U_SNODE] += 1
+        K.sc[DU + U_SNODE] += 1
         if not _node_alive(E, K, d):
             remove_node_from_stable_tree(K, d)
             d = nxt
@@ -342,13 +346,13 @@ def _stable_lookup(E, K, c, prune):
         if K.nd[root, N_KIND] == K_CHAIN:
             d = stable_node_dup(E, K, root, prune)
             if d < 0:
-                if K.sc[OP + P_V318] == 1:
+                if K.sc[OP + P.v318] == 1:
                     return -1
                 continue
             return d
         if not _node_alive(E, K, root):
             remove_node_from_stable_tree(K, root)
-            if K.sc[OP + P_V318] == 1:
+            if K.sc[OP + P.v318] == 1:
                 return -1
             continue
         return root
@@ -357,7 +361,7 @@ def _stable_lookup(E, K, c, prune):
 @njit
 def stable_tree_search(E, K, pg):
     c = E.pg[pg, P_CID]
-    K.sc[OU + U_SNODE] += _bitlen(K.sc[S_STCOUNT])
+    K.sc[DU + U_SNODE] += _bitlen(K.sc[S_STCOUNT])
     if K.ct[c, C_ROOT] < 0:
         return -1
     d = _stable_lookup(E, K, c, 1)
@@ -368,9 +372,9 @@ def stable_tree_search(E, K, pg):
 
 @njit
 def stable_tree_insert(E, K, frame, gen, c):
-    K.sc[OU + U_SNODE] += _bitlen(K.sc[S_STCOUNT])
+    K.sc[DU + U_SNODE] += _bitlen(K.sc[S_STCOUNT])
     existing = _stable_lookup(E, K, c, 0)
-    if existing >= 0 and K.sc[OP + P_V318] == 1:
+    if existing >= 0 and K.sc[OP + P.v318] == 1:
         return -1
     new = _alloc_node(K)
     if new < 0:
@@ -390,7 +394,7 @@ def stable_tree_insert(E, K, frame, gen, c):
                 return -1
             K.nd[ch, N_KIND] = K_CHAIN
             K.nd[ch, N_CID] = c
-            K.nd[ch, N_PRUNE] = K.sc[S_NOW]
+            K.nd[ch, N_PRUNE] = K.sc[D_NOW]
             K.nd[root, N_KIND] = K_DUP
             K.nd[root, N_CHAIN] = ch
             K.nd[ch, N_DFIRST] = root
@@ -436,7 +440,7 @@ def stable_tree_append(K, pg, nd):
 @njit
 def _split(E, K, pg):
     pr = E.pg[pg, P_PROC]
-    st.split_thp(E, pg, K.mm[pr, M_LO], K.mm[pr, M_HI], K.sc[OP + P_REMAP] == 1)
+    st.split_thp(E, pg, K.mm[pr, M_LO], K.mm[pr, M_HI], K.sc[OP + P.remap] == 1)
     return _scannable(E, pg)
 
 
@@ -444,22 +448,22 @@ def _split(E, K, pg):
 def _merge_with_ksm_page(E, K, pg, nd):
     if not _split(E, K, pg):
         return False
-    K.sc[OU + U_WP] += 1
-    K.sc[OU + U_MEMCMP] += 1
-    K.sc[OU + U_REMAP] += 1
-    return st.merge(E, pg, K.nd[nd, N_FRAME], K.sc[S_NOW])
+    K.sc[DU + U_WP] += 1
+    K.sc[DU + U_MEMCMP] += 1
+    K.sc[DU + U_REMAP] += 1
+    return st.merge(E, pg, K.nd[nd, N_FRAME], K.sc[D_NOW])
 
 
 @njit
 def _merge_with_zero_page(E, K, pg):
-    if K.sc[OP + P_ZERO] == 0 or K.sc[OP + P_V318] == 1 or E.pg[pg, P_CID] != 0:
+    if K.sc[OP + P.use_zero_pages] == 0 or K.sc[OP + P.v318] == 1 or E.pg[pg, P_CID] != 0:
         return False
     if not _split(E, K, pg):
         return True
-    K.sc[OU + U_WP] += 1
-    K.sc[OU + U_MEMCMP] += 1
-    K.sc[OU + U_REMAP] += 1
-    return st.merge_zero(E, pg, K.sc[S_NOW])
+    K.sc[DU + U_WP] += 1
+    K.sc[DU + U_MEMCMP] += 1
+    K.sc[DU + U_REMAP] += 1
+    return st.merge_zero(E, pg, K.sc[D_NOW])
 
 
 @njit
@@ -469,10 +473,10 @@ def _merge_two_pages(E, K, pg, tpg):
     if not _split(E, K, tpg):
         return -1
     gen = st.stabilize(E, pg)
-    K.sc[OU + U_WP] += 2
-    K.sc[OU + U_MEMCMP] += 1
-    K.sc[OU + U_REMAP] += 1
-    if not st.merge(E, tpg, E.pg[pg, P_FRAME], K.sc[S_NOW]):
+    K.sc[DU + U_WP] += 2
+    K.sc[DU + U_MEMCMP] += 1
+    K.sc[DU + U_REMAP] += 1
+    if not st.merge(E, tpg, E.pg[pg, P_FRAME], K.sc[D_NOW]):
         return -1
     return gen
 
@@ -514,32 +518,23 @@ def _free_item(E, K, pg):
     K.it[pg, I_NODE] = -1
     K.mm[E.pg[pg, P_PROC], M_ITEMS] -= 1
     K.sc[S_RMAP] -= 1
-    K.sc[OU + U_FREE] += 1
-
-
-@njit
-def _work_so_far(K):
-    sc = K.sc
-    tot = 0
-    for i in range(N_UNITS):
-        tot += (sc[OU + i] - sc[OB + i]) * sc[OT + i]
-    return tot // 1000
+    K.sc[DU + U_FREE] += 1
 
 
 @njit
 def _advisor(K):
     sc = K.sc
-    now = sc[S_NOW] + _work_so_far(K)
+    now = sc[D_NOW] + work_so_far(K.sc)
     scan_time = (now - sc[S_ADV_START]) // 1000000 // 1000
     if scan_time == 0:
         scan_time = 1
-    cpu_time = sc[S_BUSY] + _work_so_far(K)
+    cpu_time = sc[D_BUSY] + work_so_far(K.sc)
     cpu_ms = (cpu_time - sc[S_ADV_CPU]) // 1000 // 1000
     cpu_percent = (cpu_ms * 100) // (scan_time * 1000)
     if cpu_percent == 0:
         cpu_percent = 1
     last = sc[S_ADV_SCANTIME] if sc[S_ADV_SCANTIME] != 0 else scan_time
-    factor = sc[OP + P_TARGET] * 100 // scan_time
+    factor = sc[OP + P.advisor_target_scan_time] * 100 // scan_time
     if factor == 0:
         factor = 1
     change = scan_time * 100 // last
@@ -552,9 +547,9 @@ def _advisor(K):
     ppc = pts // cpu_percent
     if ppc == 0:
         ppc = 1
-    pages = min(pages, ppc * sc[OP + P_MAXCPU])
+    pages = min(pages, ppc * sc[OP + P.advisor_max_cpu])
     pages = max(pages, ppc * 10)
-    pages = min(pages, sc[OP + P_MAXPAGES])
+    pages = min(pages, sc[OP + P.advisor_max_pages_to_scan])
     sc[S_ADV_CHANGE] = change
     sc[S_ADV_SCANTIME] = scan_time
     sc[S_ADV_CPU] = cpu_time
@@ -579,7 +574,7 @@ def _end_of_mm(E, K, proc, head):
         mm[proc, M_ITEMS] = 0
     sc[S_CUR] = nxt
     if nxt == head:
-        if sc[OP + P_ADVISOR] == 1:
+        if sc[OP + P.advisor_mode] == 1:
             _advisor(K)
         sc[S_SEQNR] += 1
         return True
@@ -590,9 +585,9 @@ def _end_of_mm(E, K, proc, head):
 @njit
 def _start_scan(K, head):
     sc = K.sc
-    if sc[OP + P_ADVISOR] == 1:
-        sc[S_ADV_START] = sc[S_NOW] + _work_so_far(K)
-    sc[OU + U_SCAN_STARTS] += 1
+    if sc[OP + P.advisor_mode] == 1:
+        sc[S_ADV_START] = sc[D_NOW] + work_so_far(K.sc)
+    sc[DU + U_SCAN_STARTS] += 1
     sc[S_UNCOUNT] = 0  # the unstable root is reset: entries of older scans are invalid
     sc[S_CUR] = K.mm[head, M_NEXT]
     sc[S_CURPG] = K.mm[sc[S_CUR], M_LO]
@@ -628,20 +623,17 @@ def run_until(E, K, t_end):
     mm = K.mm
     sc = K.sc
     head = mm.shape[0] - 1
-    smart = sc[OP + P_SMART] == 1 and sc[OP + P_V318] == 0
-    neworder = sc[OP + P_NEWORDER] == 1
-    v318 = sc[OP + P_V318] == 1
-    use_zero = sc[OP + P_ZERO] == 1 and not v318
-    u_csum = OU + (U_JHASH if v318 else U_CSUM)
-    while sc[S_TWAKE] < t_end:
+    smart = sc[OP + P.smart_scan] == 1 and sc[OP + P.v318] == 0
+    neworder = sc[OP + P.neworder] == 1
+    v318 = sc[OP + P.v318] == 1
+    use_zero = sc[OP + P.use_zero_pages] == 1 and not v318
+    u_csum = DU + (U_JHASH if v318 else U_CSUM)
+    while sc[D_TWAKE] < t_end:
         if mm[head, M_NEXT] == head:  # ksmd_should_run() is false: wait for an mm
-            sc[S_IDLE] = 1
-            sc[S_TWAKE] = t_end
+            sc[D_IDLE] = 1
+            sc[D_TWAKE] = t_end
             return
-        for i in range(N_UNITS):
-            sc[OB + i] = sc[OU + i]
-        sc[S_NOW] = sc[S_TWAKE]
-        sc[OU + U_WAKEUPS] += 1
+        wake_up(sc, t_end)
         n = sc[S_PTS]
         for _ in range(n):
             # ---- scan_get_next_rmap_item ----
@@ -675,8 +667,8 @@ def run_until(E, K, t_end):
                                 it[q, I_ALLOC] = 1
                                 mm[proc, M_ITEMS] += 1
                                 sc[S_RMAP] += 1
-                                sc[OU + U_ALLOC] += 1
-                            sc[OU + U_VISITED] += 1
+                                sc[DU + U_ALLOC] += 1
+                            sc[DU + U_VISITED] += 1
                             # ---- should_skip_rmap_item ----
                             if smart and not (fq > 0 and efr[fq, F_KSM] == 1):
                                 age = it[q, I_AGE]
@@ -701,7 +693,7 @@ def run_until(E, K, t_end):
                             sc[S_CURPG] = q + 1
                             pg = q
                             break
-                        sc[OU + U_WALKED] += 1
+                        sc[DU + U_WALKED] += 1
                         if it[q, I_ALLOC] == 1:
                             _free_item(E, K, q)
                         q += 1
@@ -733,13 +725,13 @@ def run_until(E, K, t_end):
                     if _zero_or_stable(E, K, pg, True):
                         continue
                 else:
-                    sc[OU + U_SNODE] += _bitlen(sc[S_STCOUNT])  # a descent that finds nothing
+                    sc[DU + U_SNODE] += _bitlen(sc[S_STCOUNT])  # a descent that finds nothing
             else:
                 if ct[c, C_ROOT] >= 0:
                     if _zero_or_stable(E, K, pg, False):
                         continue
                 else:
-                    sc[OU + U_SNODE] += _bitlen(sc[S_STCOUNT])
+                    sc[DU + U_SNODE] += _bitlen(sc[S_STCOUNT])
                     _rm_local(E, K, it, ct, sc, pg)
                 sc[u_csum] += 1
                 if it[pg, I_OLD] != c:
@@ -751,7 +743,7 @@ def run_until(E, K, t_end):
                     if not _scannable(E, pg):
                         continue
             # ---- unstable_tree_search_insert ----
-            sc[OU + U_UNODE] += _bitlen(sc[S_UNCOUNT])
+            sc[DU + U_UNODE] += _bitlen(sc[S_UNCOUNT])
             seq = sc[S_SEQNR]
             tpg = -1
             if ct[c, C_USCAN] == seq and ct[c, C_UITEM] >= 0:
@@ -772,40 +764,19 @@ def run_until(E, K, t_end):
             ct[c, C_USCAN] = seq
             sc[S_UNCOUNT] += 1
             sc[S_UNSHARED] += 1
-        w = _work_so_far(K)
-        sc[S_BUSY] += w
-        sc[S_TWAKE] = next_wake(sc[S_TWAKE] + w, sc[OP + P_SLEEP], sc[OP + P_HZ])
+        sleep(sc, sc[OP + P.sleep_millisecs], sc[OP + P.hz])
 
 
 # --- the runtime object -------------------------------------------------------------------------------
-def params_array(p, hz: int) -> np.ndarray:
-    a = np.zeros(N_PARAMS, np.int64)
-    v318 = p.profile == "3.18"
-    a[P_PTS] = p.pages_to_scan
-    a[P_SLEEP] = p.sleep_millisecs
-    a[P_SMART] = int(p.smart_scan and not v318)
-    a[P_ZERO] = int(p.use_zero_pages)
-    a[P_MAXSHARE] = (1 << 62) if v318 else p.max_page_sharing
-    a[P_PRUNE] = p.stable_node_chains_prune_millisecs
-    a[P_ADVISOR] = int(p.advisor_mode == "scan-time")
-    a[P_TARGET] = p.advisor_target_scan_time
-    a[P_MAXCPU] = p.advisor_max_cpu
-    a[P_MINPAGES] = p.advisor_min_pages_to_scan
-    a[P_MAXPAGES] = p.advisor_max_pages_to_scan
-    a[P_NEWORDER] = int(p.profile in ("6.11", "6.12"))
-    a[P_V318] = int(v318)
-    a[P_REMAP] = int(p.profile == "6.12")
-    a[P_HZ] = hz
-    return a
+class KsmKernel(KernelRuntime):
+    """The kernel behind the driver's calls; counters as :class:`~ksmtrace.policies.ksm.runtime.KsmRuntime`."""
 
+    name = "ksm"
 
-class KsmFast:
     def __init__(self, params, ctx) -> None:
-        self.p = params
-        self.ctx = ctx
-        self.prep = ctx.prep
-        self.E = ctx.engine.E
-        self.K = new_state(ctx.prep, params_array(params, ctx.hz), ctx.timing_ps, ctx.start_ns, self.E.fr.shape[0])
+        super().__init__(params, ctx)
+        self.K = new_state(ctx.prep, params, ctx, self.E.fr.shape[0])
+        self.sc = self.K.sc
         self.v318 = params.profile == "3.18"
 
     def on_snapshot(self, s: int, now: int) -> None:
@@ -819,41 +790,16 @@ class KsmFast:
 
     def run_until(self, t_end: int) -> None:
         run_until(self.E, self.K, np.int64(t_end))
-        if self.K.sc[S_ERR]:
-            raise PolicyContractError(f"ksm fast runtime internal error {int(self.K.sc[S_ERR])} (node table full or unstable item too old)")
+        self.check()
 
     def counters(self) -> dict:
-        sc = self.K.sc
-        rmap = int(sc[S_RMAP])
-        shared, sharing, unshared = int(sc[S_SHARED]), int(sc[S_SHARING]), int(sc[S_UNSHARED])
-        zero = int(self.E.ec[st.C_KSM_ZERO])
-        out = {
-            "pages_shared": shared,
-            "pages_sharing": sharing,
-            "pages_unshared": unshared,
-            "pages_volatile": max(0, rmap - shared - sharing - unshared),
-            "full_scans": int(sc[S_SEQNR]),
-            "rmap_items": rmap,
-            "stable_node_chains": int(sc[S_CHAINS]),
-            "stable_node_dups": int(sc[S_DUPS]),
-            "pages_to_scan": int(sc[S_PTS]),
-        }
-        if self.v318:
-            out.update(pages_scanned=None, pages_skipped=None, ksm_zero_pages=None, general_profit=None)
-        else:
-            out.update(
-                pages_scanned=int(sc[S_SCANNED]),
-                pages_skipped=int(sc[S_SKIPPED]),
-                ksm_zero_pages=zero,
-                general_profit=(sharing + zero) * 4096 - rmap * 64,
-            )
-        return out
-
-    def units(self) -> np.ndarray:
-        return self.K.sc[OU : OU + N_UNITS]
-
-    def busy_ns(self) -> int:
-        return int(self.K.sc[S_BUSY])
+        sc = self.sc
+        return ksm_counters(
+            shared=int(sc[S_SHARED]), sharing=int(sc[S_SHARING]), unshared=int(sc[S_UNSHARED]),
+            rmap_items=int(sc[S_RMAP]), full_scans=int(sc[S_SEQNR]), chains=int(sc[S_CHAINS]), dups=int(sc[S_DUPS]),
+            pages_to_scan=int(sc[S_PTS]), scanned=int(sc[S_SCANNED]), skipped=int(sc[S_SKIPPED]),
+            ksm_zero_pages=int(self.E.ec[st.C_KSM_ZERO]), v318=self.v318,
+        )
 
     def extras(self) -> dict:
         mm = self.K.mm
@@ -863,4 +809,4 @@ class KsmFast:
         while p != head:
             n += 1
             p = mm[p, M_NEXT]
-        return {"stable_tree_nodes": int(self.K.sc[S_STCOUNT]), "mm_slots": n}
+        return {"stable_tree_nodes": int(self.sc[S_STCOUNT]), "mm_slots": n}

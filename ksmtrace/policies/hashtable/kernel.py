@@ -1,5 +1,5 @@
-"""The fast runtime of ``hashtable``: the same algorithm as
-:class:`~ksmtrace.policies.hashtable.HashTableReference` on arrays (the table is indexed by the
+"""The numba kernel of ``hashtable``: the accelerator of
+:class:`~ksmtrace.policies.hashtable.runtime.HashTableRuntime`, the same algorithm on arrays (the table is indexed by the
 content id, which is the collision-free full-page hash), one jitted call per snapshot (the fault
 side) and one per interval (the scanner).
 
@@ -8,7 +8,8 @@ reference counting, and reads tuple fields inside loops with reference counting 
 ``ENT`` one row per key (the table entry), ``PGS`` one row per page (the hint it holds, the frame it
 maps in the policy's view), ``frk`` frame -> key of its shared entry, ``perm`` the scan
 permutation, ``mm`` one row per process (cursor, alive, page range) whose ``M_ORDER`` column is the
-round-robin order, ``sc`` scalars, units, units at the wake-up, picoseconds per unit, parameters.
+round-robin order, ``sc`` the daemon's block (:mod:`ksmtrace.engine.daemon`), the policy's scalars and its
+parameters (slots named after ``HashTableParams``' fields).
 ``run_until`` binds them to locals and spells out the scan loop and the common part of a visit
 (skip, re-hint, table lookup, stale hint); merges (which call the engine) are ordinary calls.  The
 scan order is random, so the loop prefetches the rows of the pages a few steps ahead
@@ -23,11 +24,13 @@ from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decor
 from numba import njit
 
 from ksmtrace.engine import state as st
-from ksmtrace.engine.clock import next_wake
-from ksmtrace.engine.cost import N_UNITS, UNIT_INDEX
+from ksmtrace.engine.api import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE
+from ksmtrace.engine.cost import UNIT_INDEX
+from ksmtrace.engine.daemon import D_NOW, DU, KernelRuntime, new_block, param_slots, params_array, scalar_slots, sleep, wake_up
 from ksmtrace.engine.state import F_KSM, F_REF, P_CID, P_FRAME, P_PROC
 from ksmtrace.engine.jitutil import prefetch_row
-from ksmtrace.policies.hashtable import UNLIMITED, alive_procs, scan_permutation
+from ksmtrace.policies.hashtable import HashTableParams
+from ksmtrace.policies.hashtable.runtime import UNLIMITED, alive_procs, hashtable_counters, hashtable_extras, scan_permutation
 
 U_WAKEUPS = UNIT_INDEX["wakeups"]
 U_WALKED = UNIT_INDEX["addresses_walked"]
@@ -40,17 +43,12 @@ U_ZCHECK = UNIT_INDEX["zero_checks"]
 U_WP = UNIT_INDEX["write_protects"]
 U_REMAP = UNIT_INDEX["remaps"]
 
-S_TWAKE, S_BUSY, S_NOW, S_RR, S_GCRED, S_PCRED, S_NHINT, S_NSHARED, S_REFS, S_STALE, S_SCANNED, S_NORDER = range(12)
-N_SCALARS = 12
-# sc: then units, units at the wake-up, picoseconds per unit, parameters
-OU = N_SCALARS
-OB = OU + N_UNITS
-OT = OB + N_UNITS
-OP = OT + N_UNITS
-P_GRATE, P_PRATE, P_SLEEP, P_BYTES, P_ZERO, P_HZ = range(6)
-N_PARAMS = 6
+# sc: the daemon's slots (D_*), then the policy's scalars, then its parameters (at OP)
+S_RR, S_GCRED, S_PCRED, S_NHINT, S_NSHARED, S_REFS, S_STALE, S_SCANNED, S_NORDER = scalar_slots(9)
+N_SCALARS = 9
+P = param_slots(HashTableParams, derived=("hz",))
+OP = scalar_slots(N_SCALARS).stop
 K_NONE, K_HINT, K_SHARED = 0, 1, 2
-EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE = 1, 2, 3, 4
 
 E_KIND, E_X, E_REF = range(3)  # table entry columns (one row per key)
 Q_HINT, Q_FRAME = range(2)  # page columns: key of the hint it holds, frame (policy's view)
@@ -63,13 +61,11 @@ PF_NEAR = 8
 HtState = namedtuple("HtState", ["ENT", "PGS", "frk", "perm", "mm", "sc"])
 
 
-def new_state(prep, params_arr, perm, timing, start_ns) -> HtState:
+def new_state(prep, params, ctx) -> HtState:
     n, c, f, np_ = prep.n_pages, max(prep.n_cids, 1), st.n_frame_slots(prep), prep.n_procs
-    sc = np.zeros(OP + N_PARAMS, np.int64)
-    sc[S_TWAKE] = start_ns
+    sc = new_block(N_SCALARS, len(P), ctx)
+    sc[OP : OP + len(P)] = params_array(params, P, {"hz": ctx.hz})
     sc[S_NORDER] = len(prep.proc_order)
-    sc[OT : OT + N_UNITS] = timing
-    sc[OP : OP + N_PARAMS] = params_arr
     ENT = np.zeros((c, 3), np.int64)
     ENT[:, E_X] = -1
     mm = np.zeros((max(np_, len(prep.proc_order), 1), 5), np.int64)
@@ -78,7 +74,7 @@ def new_state(prep, params_arr, perm, timing, start_ns) -> HtState:
     mm[: len(prep.proc_order), M_ORDER] = prep.proc_order
     return HtState(
         ENT=ENT, PGS=np.full((n, 2), -1, np.int64), frk=np.full(f, -1, np.int64),
-        perm=perm.astype(np.int64), mm=mm, sc=sc,
+        perm=scan_permutation(prep, ctx.seed).astype(np.int64), mm=mm, sc=sc,
     )
 
 
@@ -101,7 +97,7 @@ def on_snapshot(E, S, pgs, kinds):
         PGS[pg, Q_FRAME] = -1
         key = frk[f]
         if key >= 0:  # _unref
-            sc[OU + U_FOPS] += 1
+            sc[DU + U_FOPS] += 1
             ENT[key, E_REF] -= 1
             sc[S_REFS] -= 1
             if ENT[key, E_REF] == 0:
@@ -131,11 +127,11 @@ def _split(E, mm, pg):
 def _merge_zero(E, S, pg):
     """An all-zero page: onto the zero page (no entry)."""
     sc = S.sc
-    sc[OU + U_ZCHECK] += 1
-    sc[OU + U_WP] += 1
-    sc[OU + U_REMAP] += 1
+    sc[DU + U_ZCHECK] += 1
+    sc[DU + U_WP] += 1
+    sc[DU + U_REMAP] += 1
     _split(E, S.mm, pg)
-    st.merge_zero(E, pg, sc[S_NOW])
+    st.merge_zero(E, pg, sc[D_NOW])
     S.PGS[pg, Q_FRAME] = 0
 
 
@@ -146,13 +142,13 @@ def _merge_hint(E, S, pg, h, hf, key):
     ENT = S.ENT
     PGS = S.PGS
     sc = S.sc
-    sc[OU + U_MEMCMP] += 1
+    sc[DU + U_MEMCMP] += 1
     _split(E, S.mm, h)
     _split(E, S.mm, pg)
     st.stabilize(E, h)
-    sc[OU + U_WP] += efr[hf, F_REF] + 1
-    sc[OU + U_REMAP] += 1
-    st.merge(E, pg, hf, sc[S_NOW])
+    sc[DU + U_WP] += efr[hf, F_REF] + 1
+    sc[DU + U_REMAP] += 1
+    st.merge(E, pg, hf, sc[D_NOW])
     PGS[pg, Q_FRAME] = hf
     PGS[h, Q_HINT] = -1
     PGS[pg, Q_HINT] = -1
@@ -164,7 +160,7 @@ def _merge_hint(E, S, pg, h, hf, key):
     sc[S_REFS] += nref
     sc[S_NHINT] -= 1
     sc[S_NSHARED] += 1
-    sc[OU + U_OPS] += 1
+    sc[DU + U_OPS] += 1
 
 
 @njit
@@ -173,11 +169,11 @@ def _merge_shared(E, S, pg, key):
     ENT = S.ENT
     sc = S.sc
     sf = ENT[key, E_X]
-    sc[OU + U_MEMCMP] += 1
-    sc[OU + U_WP] += 1
-    sc[OU + U_REMAP] += 1
+    sc[DU + U_MEMCMP] += 1
+    sc[DU + U_WP] += 1
+    sc[DU + U_REMAP] += 1
     _split(E, S.mm, pg)
-    st.merge(E, pg, sf, sc[S_NOW])
+    st.merge(E, pg, sf, sc[D_NOW])
     S.PGS[pg, Q_FRAME] = sf
     S.PGS[pg, Q_HINT] = -1
     ENT[key, E_REF] += 1
@@ -203,16 +199,12 @@ def run_until(E, S, t_end):
     perm = S.perm
     mm = S.mm
     sc = S.sc
-    zero = sc[OP + P_ZERO] == 1
+    zero = sc[OP + P.zero_page] == 1
     nord = sc[S_NORDER]
-    while sc[S_TWAKE] < t_end:
-        for i in range(N_UNITS):
-            sc[OB + i] = sc[OU + i]
-        sc[S_NOW] = sc[S_TWAKE]
-        sc[OU + U_WAKEUPS] += 1
+    while wake_up(sc, t_end):
         # ---- scan_batch ----
-        total, sc[S_GCRED] = _budget(sc[OP + P_GRATE], sc[OP + P_SLEEP], sc[S_GCRED])
-        per_proc, sc[S_PCRED] = _budget(sc[OP + P_PRATE], sc[OP + P_SLEEP], sc[S_PCRED])
+        total, sc[S_GCRED] = _budget(sc[OP + P.pages_per_second], sc[OP + P.sleep_millisecs], sc[S_GCRED])
+        per_proc, sc[S_PCRED] = _budget(sc[OP + P.process_pages_per_second], sc[OP + P.sleep_millisecs], sc[S_PCRED])
         if nord > 0:
             start = sc[S_RR]
             sc[S_RR] = (start + 1) % nord
@@ -251,16 +243,16 @@ def run_until(E, S, t_end):
                     steps += 1
                     f = epg[pg, P_FRAME]
                     if epg[pg, P_CID] < 0 or f <= 0:
-                        sc[OU + U_WALKED] += 1
+                        sc[DU + U_WALKED] += 1
                         continue
                     quota -= 1
                     total -= 1
                     # ---- visit ----
-                    sc[OU + U_VISITED] += 1
+                    sc[DU + U_VISITED] += 1
                     sc[S_SCANNED] += 1
                     if efr[f, F_KSM] == 1:  # already sharing a COW frame: nothing to do
                         continue
-                    sc[OU + U_FHASH] += 1
+                    sc[DU + U_FHASH] += 1
                     key = epg[pg, P_CID]
                     old = PGS[pg, Q_HINT]
                     if old >= 0 and old != key:  # its content changed: drop its old hint
@@ -269,11 +261,11 @@ def run_until(E, S, t_end):
                             ENT[old, E_KIND] = K_NONE
                             ENT[old, E_X] = -1
                             sc[S_NHINT] -= 1
-                            sc[OU + U_OPS] += 1
+                            sc[DU + U_OPS] += 1
                     if key == 0 and zero:
                         _merge_zero(E, S, pg)
                         continue
-                    sc[OU + U_OPS] += 1
+                    sc[DU + U_OPS] += 1
                     kind = ENT[key, E_KIND]
                     if kind == K_NONE:
                         ENT[key, E_KIND] = K_HINT
@@ -289,41 +281,31 @@ def run_until(E, S, t_end):
                         hf = epg[h, P_FRAME]
                         if hc >= 0 and hf == f:  # another mapping of the hint's frame
                             continue
-                        sc[OU + U_FHASH] += 1  # re-hash the hint page
+                        sc[DU + U_FHASH] += 1  # re-hash the hint page
                         if hc != key or hf <= 0 or efr[hf, F_KSM] == 1:
                             sc[S_STALE] += 1
                             ENT[key, E_X] = pg
                             if PGS[h, Q_HINT] == key:
                                 PGS[h, Q_HINT] = -1
                             PGS[pg, Q_HINT] = key
-                            sc[OU + U_OPS] += 1
+                            sc[DU + U_OPS] += 1
                             continue
                         _merge_hint(E, S, pg, h, hf, key)
                         continue
                     _merge_shared(E, S, pg, key)
                 mm[proc, M_CURSOR] = cur
-        w = 0
-        for i in range(N_UNITS):  # work_ns
-            w += (sc[OU + i] - sc[OB + i]) * sc[OT + i]
-        w //= 1000
-        sc[S_BUSY] += w
-        sc[S_TWAKE] = next_wake(sc[S_TWAKE] + w, sc[OP + P_SLEEP], sc[OP + P_HZ])
+        sleep(sc, sc[OP + P.sleep_millisecs], sc[OP + P.hz])
 
 
-class HashTableFast:
+class HashTableKernel(KernelRuntime):
+    """The kernel behind the driver's calls; counters as :class:`~ksmtrace.policies.hashtable.runtime.HashTableRuntime`."""
+
+    name = "hashtable"
+
     def __init__(self, params, ctx) -> None:
-        self.p = params
-        self.ctx = ctx
-        self.prep = ctx.prep
-        self.E = ctx.engine.E
-        a = np.zeros(N_PARAMS, np.int64)
-        a[P_GRATE] = params.pages_per_second
-        a[P_PRATE] = params.process_pages_per_second
-        a[P_SLEEP] = params.sleep_millisecs
-        a[P_BYTES] = params.bytes_per_entry
-        a[P_ZERO] = int(params.zero_page)
-        a[P_HZ] = ctx.hz
-        self.S = new_state(ctx.prep, a, scan_permutation(ctx.prep, ctx.seed), ctx.timing_ps, ctx.start_ns)
+        super().__init__(params, ctx)
+        self.S = new_state(ctx.prep, params, ctx)
+        self.sc = self.S.sc
 
     def on_snapshot(self, s: int, now: int) -> None:
         p = self.prep
@@ -333,27 +315,13 @@ class HashTableFast:
 
     def run_until(self, t_end: int) -> None:
         run_until(self.E, self.S, np.int64(t_end))
+        self.check()
 
     def counters(self) -> dict:
-        sc = self.S.sc
-        entries = int(sc[S_NHINT] + sc[S_NSHARED])
-        return {
-            "table_entries": entries,
-            "hint_entries": int(sc[S_NHINT]),
-            "shared_entries": int(sc[S_NSHARED]),
-            "table_bytes": entries * self.p.bytes_per_entry,
-            "shared_refs": int(sc[S_REFS]),
-            "zero_pages": int(self.E.ec[st.C_KSM_ZERO]),
-            "stale_hints": int(sc[S_STALE]),
-            "pages_scanned": int(sc[S_SCANNED]),
-        }
-
-    def units(self) -> np.ndarray:
-        return self.S.sc[OU : OU + N_UNITS]
-
-    def busy_ns(self) -> int:
-        return int(self.S.sc[S_BUSY])
+        sc = self.sc
+        return hashtable_counters(hints=int(sc[S_NHINT]), shared=int(sc[S_NSHARED]), bytes_per_entry=self.p.bytes_per_entry,
+                                  refs=int(sc[S_REFS]), zero_pages=int(self.E.ec[st.C_KSM_ZERO]),
+                                  stale=int(sc[S_STALE]), scanned=int(sc[S_SCANNED]))
 
     def extras(self) -> dict:
-        c = self.counters()
-        return {"table_entries": c["table_entries"], "table_bytes": c["table_bytes"], "stale_hints": c["stale_hints"], "scan_order_seed": int(self.ctx.seed)}
+        return hashtable_extras(self.counters(), self.ctx.seed)
