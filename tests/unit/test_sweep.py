@@ -446,19 +446,26 @@ def test_concurrent_sweeps_into_one_directory_serialise(trace_path, reference, t
            "-p", "sleep_millisecs=20,200", "-j", "1", "-o", str(out)]
     lock = os.open(out / S.LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(lock, fcntl.LOCK_EX)  # another sweep holds the directory
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    logs = [tmp_path / f"err{i}.txt" for i in range(2)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w")) for log in logs]
     try:
-        time.sleep(3)
+        deadline = time.monotonic() + 120  # both reach the lock (however slow the start-up) and wait
+        while time.monotonic() < deadline and not all("waiting for another sweep" in log.read_text() for log in logs):
+            assert all(p.poll() is None for p in procs), "a sweep did not wait for the lock"
+            time.sleep(0.1)
+        time.sleep(1)
         assert all(p.poll() is None for p in procs), "a sweep did not wait for the lock"
         assert _results(out) == []
         fcntl.flock(lock, fcntl.LOCK_UN)
-        errs = [p.communicate(timeout=120)[1] for p in procs]
+        for p in procs:
+            p.wait(timeout=120)
+        errs = [log.read_text() for log in logs]
     finally:
         os.close(lock)
         for p in procs:
             if p.poll() is None:
                 p.kill()
-                p.communicate()
+                p.wait()
     assert [p.returncode for p in procs] == [0, 0], errs
     assert all("waiting for another sweep" in e for e in errs)
     # one of them ran all six runs; the other found them done
