@@ -47,8 +47,8 @@ U_PRUNE = UNIT_INDEX["stale_prunes"]
 
 # sc: the daemon's slots (D_*), then the policy's scalars, then its parameters (at OP)
 (S_CUR, S_CURPG, S_SEQNR, S_SHARED, S_SHARING, S_UNSHARED, S_SCANNED, S_SKIPPED, S_CHAINS, S_DUPS, S_PTS,
- S_ADV_START, S_ADV_CHANGE, S_ADV_SCANTIME, S_ADV_CPU, S_UNCOUNT, S_STCOUNT, S_NFREE, S_RMAP) = scalar_slots(19)
-N_SCALARS = 19
+ S_ADV_START, S_ADV_CHANGE, S_ADV_SCANTIME, S_ADV_CPU, S_UNCOUNT, S_STCOUNT, S_NFREE, S_RMAP, S_GROW) = scalar_slots(20)
+N_SCALARS = 20
 # parameter slots: KsmParams' fields by name, then values derived from them
 P = param_slots(KsmParams, derived=("neworder", "v318", "remap", "hz"))
 OP = scalar_slots(N_SCALARS).stop
@@ -56,7 +56,9 @@ OP = scalar_slots(N_SCALARS).stop
 # it: rmap item columns
 I_ALLOC, I_OLD, I_AGE, I_SKIPS, I_FLAG, I_SEQ, I_UKEY, I_NODE, I_NEXT, I_PREV = range(10)
 # nd: stable node columns
-N_KIND, N_CID, N_FRAME, N_GEN, N_FIRST, N_LEN, N_CHAIN, N_DFIRST, N_DNEXT, N_DPREV, N_NDUPS, N_PRUNE, N_FREEL = range(13)
+# (int32; a chain's last prune time, in ns, is split over N_PRUNE_HI and N_PRUNE_LO)
+N_KIND, N_CID, N_FRAME, N_GEN, N_FIRST, N_LEN, N_CHAIN, N_DFIRST, N_DNEXT, N_DPREV, N_NDUPS, N_PRUNE_HI, N_PRUNE_LO, N_FREEL = range(14)
+N_NCOLS = 14
 # ct: content columns
 C_ROOT, C_UITEM, C_USCAN = range(3)
 # mm: list columns (row n_procs is ksm_mm_head)
@@ -67,16 +69,13 @@ PF_AHEAD = 12  # pages ahead whose frame and content rows are prefetched
 F_NONE, F_UNSTABLE, F_STABLE = 0, 1, 2
 
 KsmState = namedtuple("KsmState", ["it", "nd", "ct", "fn", "mm", "sc"])
+NODES_START = 1024  # stable node rows to start with (plus one per 64 pages); grown on demand
 
 
 def new_state(prep, params, ctx, n_frames: int) -> KsmState:
     n, c, f, np_ = prep.n_pages, prep.n_cids, n_frames, prep.n_procs
-    cap = 2 * n + 16
     it = np.zeros((n, 10), np.int32)  # int32 halves the scan's memory traffic
     it[:, [I_OLD, I_UKEY, I_NODE, I_NEXT, I_PREV]] = -1
-    nd = np.zeros((cap, 13), np.int64)
-    nd[:, [N_CID, N_FIRST, N_CHAIN, N_DFIRST, N_DNEXT, N_DPREV]] = -1
-    nd[:, N_FREEL] = np.arange(cap - 1, -1, -1)
     ct = np.full((c, 3), -1, np.int32)
     mm = np.zeros((np_ + 1, 7), np.int64)
     mm[:, M_NEXT] = np_
@@ -96,8 +95,25 @@ def new_state(prep, params, ctx, n_frames: int) -> KsmState:
     sc[S_CUR] = np_  # the head
     sc[S_PTS] = params.advisor_min_pages_to_scan if params.advisor_mode == "scan-time" else params.pages_to_scan
     sc[D_IDLE] = 1
-    sc[S_NFREE] = cap
-    return KsmState(it=it, nd=nd, ct=ct, fn=np.full(f, -1, np.int64), mm=mm, sc=sc)
+    K = KsmState(it=it, nd=np.zeros((0, N_NCOLS), np.int32), ct=ct, fn=np.full(f, -1, np.int32), mm=mm, sc=sc)
+    return grow_nodes(K, NODES_START + n // 64)
+
+
+def grow_nodes(K: KsmState, extra: int) -> KsmState:
+    """Room for ``extra`` more stable nodes (from Python, between jitted calls: run_until returns
+    with S_GROW set before a wake-up that could run out).  Stable nodes are few next to pages, so
+    the node table grows with them instead of being sized for the worst case (two per page)."""
+    old = len(K.nd)
+    new = max(2 * old, old + extra)
+    nd = np.zeros((new, N_NCOLS), np.int32)
+    nd[:old] = K.nd
+    nd[old:, [N_CID, N_FIRST, N_CHAIN, N_DFIRST, N_DNEXT, N_DPREV]] = -1
+    nfree = int(K.sc[S_NFREE])
+    # the free stack: today's free nodes, then the new ones (taken first)
+    nd[nfree : nfree + new - old, N_FREEL] = np.arange(new - 1, old - 1, -1)
+    K.sc[S_NFREE] = nfree + new - old
+    K.sc[S_GROW] = 0
+    return K._replace(nd=nd)
 
 
 # --- small helpers --------------------------------------------------------------------------------
@@ -116,6 +132,17 @@ def _candidate(K, nd, offset):
     if K.sc[OP + P.v318] == 1:
         return True
     return K.nd[nd, N_LEN] > 0 and K.nd[nd, N_LEN] + offset < K.sc[OP + P.max_page_sharing]
+
+
+@njit(inline="always")
+def _prune_time(K, ch):
+    return (np.int64(K.nd[ch, N_PRUNE_HI]) << 32) | (np.int64(K.nd[ch, N_PRUNE_LO]) & 0xFFFFFFFF)
+
+
+@njit(inline="always")
+def _set_prune_time(K, ch, t):
+    K.nd[ch, N_PRUNE_HI] = t >> 32
+    K.nd[ch, N_PRUNE_LO] = t & 0xFFFFFFFF
 
 
 @njit
@@ -285,10 +312,10 @@ def remove_rmap_item_from_tree(E, K, pg):
 @njit
 def stable_node_dup(E, K, ch, prune):
     now = K.sc[D_NOW]
-    if prune == 0 or now < K.nd[ch, N_PRUNE] + K.sc[OP + P.stable_node_chains_prune_millisecs] * 1000000:
+    if prune == 0 or now < _prune_time(K, ch) + K.sc[OP + P.stable_node_chains_prune_millisecs] * 1000000:
         prune = 0
     else:
-        K.nd[ch, N_PRUNE] = now
+        _set_prune_time(K, ch, now)
     found = -1
     found_len = 0
     d = K.nd[ch, N_DFIRST]
@@ -394,7 +421,7 @@ def stable_tree_insert(E, K, frame, gen, c):
                 return -1
             K.nd[ch, N_KIND] = K_CHAIN
             K.nd[ch, N_CID] = c
-            K.nd[ch, N_PRUNE] = K.sc[D_NOW]
+            _set_prune_time(K, ch, K.sc[D_NOW])
             K.nd[root, N_KIND] = K_DUP
             K.nd[root, N_CHAIN] = ch
             K.nd[ch, N_DFIRST] = root
@@ -633,6 +660,9 @@ def run_until(E, K, t_end):
             sc[D_IDLE] = 1
             sc[D_TWAKE] = t_end
             return
+        if sc[S_NFREE] < 2 * sc[S_PTS] + 4:  # a batch allocates at most two stable nodes a visit
+            sc[S_GROW] = 1
+            return
         wake_up(sc, t_end)
         n = sc[S_PTS]
         for _ in range(n):
@@ -789,7 +819,11 @@ class KsmKernel(KernelRuntime):
             ksm_enter(K, proc, now)
 
     def run_until(self, t_end: int) -> None:
-        run_until(self.E, self.K, np.int64(t_end))
+        while True:
+            run_until(self.E, self.K, np.int64(t_end))
+            if not self.sc[S_GROW]:
+                break
+            self.K = grow_nodes(self.K, 2 * int(self.sc[S_PTS]) + 4)
         self.check()
 
     def counters(self) -> dict:
