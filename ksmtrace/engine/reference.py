@@ -163,9 +163,8 @@ class ReferenceEngine:
     def apply_snapshot(self, s: int, now: int) -> int:
         prep = self.prep
         self.now = now
-        sl = prep.events(s)
-        events = list(zip(prep.ev_pg[sl].tolist(), prep.ev_kind[sl].tolist(), prep.ev_cid[sl].tolist(),
-                          prep.ev_gid[sl].tolist(), prep.ev_thp[sl].tolist()))
+        ev = prep.batch(s)
+        events = list(zip(ev.pg.tolist(), ev.kind.tolist(), ev.cid.tolist(), ev.gid.tolist(), ev.thp.tolist()))
         cows = 0
         for pg, kind, cid, gid, thp in events:  # removals first
             p = self.pages.get(pg)

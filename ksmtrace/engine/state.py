@@ -107,7 +107,7 @@ P_THP = 3  # huge page id, -1
 P_PROC = 4  # the page's process (dense index)
 N_PCOLS = 5
 # frame columns.  Frames live in recycled slots (a live frame has at least one candidate page,
-# so there are never more than n_pages + 1 of them); slot 0 is the kernel's zero page.
+# so there are never more than candidate pages, see n_frame_slots); slot 0 is the kernel's zero page.
 F_REF = 0  # candidate pages mapping the frame
 F_KSM = 1  # 1 = a KSM page (write-protected, copied on write)
 F_GEN = 2  # bumped each time the slot becomes a KSM page (never reset: stale nodes fail the keyhole)
@@ -133,8 +133,11 @@ EngineArrays = namedtuple("EngineArrays", ["pg", "fr", "gm", "ec"])
 
 
 def n_frame_slots(prep) -> int:
-    """Frame slots the fast engine needs: never more live frames than candidate pages (+ zero page)."""
-    return max(2, prep.n_pages + 1)
+    """Frame slots the fast engine needs: never more live frames than candidate pages (+ the zero
+    page's slot), and never more candidates than at the end of some snapshot (a snapshot's
+    removals come before its arrivals) -- fewer than pages ever seen, which grow with churn."""
+    most = int(prep.base_pages.max()) if len(prep.base_pages) else 0
+    return max(2, min(prep.n_pages, most) + 2)
 
 
 def new_arrays(prep) -> EngineArrays:
@@ -152,7 +155,7 @@ def new_arrays(prep) -> EngineArrays:
     fr[:, F_CID] = -1
     fr[:, F_GID] = -1
     fr[:, F_FDOM] = -1
-    fr[: f - 1, F_FREEL] = np.arange(f - 1, 0, -1)  # slots 1..f-1 free; slot 0 is the zero page
+    fr[: f - 1, F_FREEL] = np.arange(f - 1, 0, -1, dtype=np.int32)  # slots 1..f-1 free; slot 0 is the zero page
     gm = np.full((max(prep.n_gids, 1), 3), -1, np.int32)
     n_procs, n_snaps = prep.n_procs, prep.n_snaps
     o_proc = TS0

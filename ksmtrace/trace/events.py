@@ -42,6 +42,9 @@ class Events(NamedTuple):
 #: arrival's frame number, -1 when it shares with no one) only until preparation is done
 COLUMNS = (("pg", np.int32), ("kind", np.uint8), ("cid", np.int32), ("gid", np.int32), ("thp", np.int32))
 OPTIONAL = (("sample", np.uint32), ("pfn", np.int64))
+#: columns a spilled store returns as a zero-memory broadcast when a block holds a single value
+#: (frames shared by no one, pages in no huge page: -1 throughout most blocks)
+CONSTANT_PRONE = ("gid", "thp")
 
 
 def spill_bytes() -> int:
@@ -68,6 +71,9 @@ class EventStore:
         self.path: Path | None = None
         self._fd: int | None = None
         self._offsets: list[int] = []  # file offset of each block
+        self._const: dict[tuple[int, str], int] = {}  # (block, column) -> the one value it holds
+        self._side: dict[str, tuple] = {}  # other arrays: in memory (array,) or in the file (offset, n, dtype)
+        self._whole: dict[str, np.ndarray] = {}  # whole columns read from the file (kept once read)
         self._end = 0
         self.token = ""
         self._dropped: set[str] = set()
@@ -114,8 +120,13 @@ class EventStore:
     def commit(self, bufs: dict[str, np.ndarray], m: int) -> None:
         """The first ``m`` events of the buffers from :meth:`reserve` are the next block."""
         if not self._filling:
+            blk = len(self._offsets)
             self._offsets.append(self._end)
-            self._end += _pwritev(self._fd, [bufs[name][:m] for name, _ in self.columns], self._end)
+            cols = [bufs[name][:m] for name, _ in self.columns]
+            self._end += _pwritev(self._fd, cols, self._end)
+            for (name, _), col in zip(self.columns, cols):
+                if name in CONSTANT_PRONE and m and col[0] == col[-1] and not np.any(col != col[0]):
+                    self._const[(blk, name)] = int(col[0])
         self.n += m
         self.starts.append(self.n)
 
@@ -159,13 +170,18 @@ class EventStore:
 
     def column_range(self, name: str, a: int, b: int) -> np.ndarray:
         """Column ``name`` of events ``[a, b)`` (a view in memory, a fresh array from a file)."""
-        if self._mem is not None:
-            return self._mem[name][a:b]
+        mem = self._arr if self._filling else self._mem
+        if mem is not None:
+            return mem[name][a:b]
         dt = dict(self.columns)[name]
-        out = np.empty(max(b - a, 0), dt)
         if b <= a:
-            return out
+            return np.empty(0, dt)
         blk = int(np.searchsorted(self.starts, a, side="right")) - 1
+        last = int(np.searchsorted(self.starts, b, side="left")) - 1
+        vals = {self._const.get((i, name)) for i in range(blk, last + 1)}
+        if len(vals) == 1 and None not in vals:  # one value throughout: no memory at all
+            return np.broadcast_to(np.array(vals.pop(), dt), (b - a,))
+        out = np.empty(b - a, dt)
         pos = a
         while pos < b:
             lo, hi = self.starts[blk], self.starts[blk + 1]
@@ -186,8 +202,33 @@ class EventStore:
         )
 
     def column(self, name: str) -> np.ndarray:
-        """A whole column (read from the file for a spilled store: that costs its full size)."""
-        return self.column_range(name, 0, self.n)
+        """A whole column (a spilled store reads it from its file once and keeps it: that costs
+        its full size in memory; a replay reads blocks, :meth:`read`)."""
+        if self._mem is not None or self._filling:
+            return self.column_range(name, 0, self.n)
+        if name not in self._whole:
+            self._whole[name] = self.column_range(name, 0, self.n)
+        return self._whole[name]
+
+    # --- arrays beside the events (in memory, or at the end of the file) -------------------------
+    def put(self, name: str, arr: np.ndarray) -> None:
+        """Keep ``arr`` with the events (after the last block; a spilled store writes it to its file)."""
+        arr = np.ascontiguousarray(arr)
+        if self._fd is None:
+            self._side[name] = (arr,)
+            return
+        self._side[name] = (self._end, len(arr), arr.dtype.str)
+        self._end += _pwritev(self._fd, [arr], self._end)
+
+    def get(self, name: str) -> np.ndarray:
+        """An array kept with :meth:`put` (a spilled store reads it from its file each time)."""
+        v = self._side[name]
+        if len(v) == 1:
+            return v[0]
+        off, n, dt = v
+        out = np.empty(n, np.dtype(dt))
+        _pread_into(self._fd, out, off)
+        return out
 
     def blocks(self):
         """(block index, first event index, last + 1) of every block that holds events."""
@@ -201,18 +242,21 @@ class EventStore:
         values = np.ascontiguousarray(values, dtype=dt)
         if not len(values):
             return
-        if self._mem is not None:
-            self._mem[name][a : a + len(values)] = values
+        mem = self._arr if self._filling else self._mem
+        if mem is not None:
+            mem[name][a : a + len(values)] = values
             return
         blk = int(np.searchsorted(self.starts, a, side="right")) - 1
         if a + len(values) > self.starts[blk + 1]:
             raise ValueError("write_column spans blocks")
         off, dtt = self._col_offset(blk, name)
         _pwritev(self._fd, [values], off + (a - self.starts[blk]) * dtt.itemsize)
+        self._const.pop((blk, name), None)
+        self._whole.pop(name, None)
 
     # --- pickling: in memory, the arrays; spilled, the file's path and token ---------------------
     def __getstate__(self):
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_fd", "_arr")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_fd", "_arr", "_whole")}
         if self._fd is not None and self.path is None:
             raise TypeError("an event store spilled to an anonymous file cannot be pickled")
         return state
@@ -220,6 +264,7 @@ class EventStore:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._arr = {}
+        self._whole = {}
         self._fd = None
         if self.path is not None:
             try:

@@ -55,7 +55,7 @@ EV_WRITE = 4
 EV_THP = 5
 EVENT_NAMES = {EV_APPEAR: "appear", EV_GONE: "gone", EV_UNMERGE: "unmerge", EV_WRITE: "write", EV_THP: "thp"}
 
-_PREP_VERSION = 8
+_PREP_VERSION = 9
 
 
 @dataclass
@@ -67,7 +67,6 @@ class Prepared:
     times_ns: np.ndarray  # int64 [n_snaps], ns since the first snapshot
     n_pages: int
     page_proc: np.ndarray  # int32 [n_pages]
-    page_vpn: np.ndarray  # int64 [n_pages]
     n_procs: int
     proc_pid: np.ndarray  # int64 [n_procs]
     proc_comm: list[str]
@@ -94,6 +93,12 @@ class Prepared:
     @property
     def n_snaps(self) -> int:
         return len(self.times_ns)
+
+    @property
+    def page_vpn(self) -> np.ndarray:
+        """int64 [n_pages]: each page's virtual page number (kept with the events: a replay has no
+        use for it)."""
+        return self.store.get("page_vpn")
 
     @property
     def oracle_saved(self) -> np.ndarray:
@@ -219,6 +224,7 @@ A_ZERO = 5  # zero-filled candidates now
 A_EVENTS = 6  # events so far (global index of the next)
 N_ACC = 7
 
+CHUNK_ROWS = 1 << 20  # rows of a snapshot derived at a time (a keyframe of a big host is many)
 BLOOM_BITS_PER_ROW = 12  # the frame-key filter's size: ~1.6% false positives (each only costs a lookup)
 BLOOM_MIN_WORDS = 1024
 
@@ -565,11 +571,13 @@ def _real_ksm_zero_rules(trace) -> tuple[bool, bool]:
 
 
 def _page_keys(trace):
-    """Pass 1: per process (trace proc id) the sorted virtual pages that have a NEW row, and the
-    first pid and snapshot of every process in the page rows (non-SAME rows)."""
+    """Pass 1: per process (trace proc id) the sorted virtual pages that have a NEW row, the first
+    pid and snapshot of every process in the page rows (non-SAME rows), and per snapshot its rows
+    and whether they are in (process, address) order."""
     vpns: dict[int, list[np.ndarray]] = {}
     seen: dict[int, tuple[int, int]] = {}
     rows = np.zeros(trace.n_snapshots, np.int64)
+    in_order = np.zeros(trace.n_snapshots, bool)
 
     def load(s: int):
         df = trace.read_table("pages", [s], ["proc", "pid", "vpn", "op"])
@@ -578,13 +586,16 @@ def _page_keys(trace):
         proc, pid, vpn = df["proc"].to_numpy(), df["pid"].to_numpy(), df["vpn"].to_numpy()
         if not keep.all():
             proc, pid, vpn, op = proc[keep], pid[keep], vpn[keep], op[keep]
-        if len(proc) and bool(np.any(proc[1:] < proc[:-1])):
+        vpn = vpn.astype(np.int64)
+        ordered = _sorted_rows(proc.astype(np.int64), vpn)
+        if not ordered:
             order = np.argsort(proc, kind="stable")
             proc, pid, vpn, op = proc[order], pid[order], vpn[order], op[order]
-        return proc, pid, vpn.astype(np.int64), op == S.OP_NEW
+        return proc, pid, vpn, op == S.OP_NEW, ordered
 
-    for s, (proc, pid, vpn, new) in enumerate(_ahead(load, trace.n_snapshots)):
+    for s, (proc, pid, vpn, new, ordered) in enumerate(_ahead(map(load, range(trace.n_snapshots)))):
         rows[s] = len(proc)
+        in_order[s] = ordered
         if not len(proc):
             continue
         starts = np.flatnonzero(np.r_[True, proc[1:] != proc[:-1]])
@@ -596,20 +607,23 @@ def _page_keys(trace):
             v = vpn[a:b][new[a:b]]
             if len(v):
                 vpns.setdefault(p, []).append(v)
-    return vpns, seen, rows
+    return vpns, seen, rows, in_order
 
 
-def _ahead(fn, n: int):
-    """fn(0), fn(1), ..., fn(n - 1), each computed in a worker thread while the caller works on the
-    one before (reading and decoding Parquet, and the nogil numba steps, overlap the caller's)."""
-    if n <= 0:
-        return
+_END = object()
+
+
+def _ahead(items):
+    """The items of an iterator, each computed in a worker thread while the caller works on the one
+    before (reading and decoding Parquet, and the nogil numba steps, overlap the caller's)."""
+    it = iter(items)
     with ThreadPoolExecutor(1, thread_name_prefix="ksmtrace-prepare") as ex:
-        fut = ex.submit(fn, 0)
-        for s in range(n):
+        fut = ex.submit(next, it, _END)
+        while True:
             r = fut.result()
-            if s + 1 < n:
-                fut = ex.submit(fn, s + 1)
+            if r is _END:
+                return
+            fut = ex.submit(next, it, _END)
             yield r
 
 
@@ -651,7 +665,7 @@ def _fork_parents(trace, procs: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return parent, first_snap
 
 
-def _inherit_frames(forks, o_pg, o_cid, o_pfn, o_row, pfn, ev0, parent, page_proc, page_vpn, proc_pg_lo, proc_pg_hi,
+def _inherit_frames(forks: list, store: EventStore, parent, page_proc, page_vpn, proc_pg_lo, proc_pg_hi,
                     pst, pcid, fpfn, flapfn, flaev, bloom, hits: list, pairs: list) -> None:
     """A fork child's page that appears mapping a page the real kernel had merged gets its
     parent's frame key.
@@ -664,10 +678,10 @@ def _inherit_frames(forks, o_pg, o_cid, o_pfn, o_row, pfn, ev0, parent, page_pro
     parent page maps in the replay (its frame, or the replay's KSM page).  Otherwise the child's
     page is a frame of its own that the replay has not merged yet, and early writes to it are not
     COW breaks (measured: forkdiverge lost 11% of its COW breaks).  Called after a snapshot's rows,
-    so the parent page's state is its row at this snapshot.
+    so the parent page's state is its row at this snapshot.  ``forks``: (event, page, content,
+    the row's PFN) of the snapshot's candidates, in row order.
     """
-    for e in forks.tolist():
-        q = int(o_pg[e])
+    for ev, q, cid, row_pfn in forks:
         c = int(page_proc[q])
         par = int(parent[c])
         lo, hi = int(proc_pg_lo[par]), int(proc_pg_hi[par])
@@ -675,16 +689,16 @@ def _inherit_frames(forks, o_pg, o_cid, o_pfn, o_row, pfn, ev0, parent, page_pro
         j = lo + int(np.searchsorted(page_vpn[lo:hi], v))
         if j >= hi or page_vpn[j] != v:
             continue
-        if not (pst[j] & ST_KSM) or fpfn[j] != pfn[o_row[e]] or pcid[j] != o_cid[e]:
+        if not (pst[j] & ST_KSM) or fpfn[j] != row_pfn or pcid[j] != cid:
             continue
         if flaev[j] < 0:
             continue
         if flapfn[j] >= 0:
-            o_pfn[e] = flapfn[j]
-            if _bloom_seen(bloom, np.int64(flapfn[j]), np.int64(o_cid[e])):
-                hits.append(np.array([[flapfn[j], o_cid[e]]], np.int64))
+            store.write_column("pfn", ev, np.array([flapfn[j]], np.int64))
+            if _bloom_seen(bloom, np.int64(flapfn[j]), np.int64(cid)):
+                hits.append(np.array([[flapfn[j], cid]], np.int64))
         else:
-            pairs.append((int(flaev[j]), ev0 + e))
+            pairs.append((int(flaev[j]), ev))
         flapfn[q] = flapfn[j]
         flaev[q] = flaev[j]
 
@@ -776,7 +790,7 @@ def _shared_frame_counts(kinds, pgs, gids, cur, cnt, acc):
                 cnt[g] += 1
 
 
-def _shared_frames(store: EventStore, hits: list, pairs: list, n_pages: int, n_snaps: int) -> tuple[int, np.ndarray | None]:
+def _shared_frames(store: EventStore, off: np.ndarray, hits: list, pairs: list, n_pages: int) -> tuple[int, np.ndarray | None]:
     """Pass 3: dense ids for the frame keys with two or more arrivals (in order of first arrival;
     then frames shared through a fork child's inheritance, in order of the parent's arrival),
     written into the events' ``gid``.  Returns (shared frames, per snapshot the pages on a shared
@@ -812,9 +826,9 @@ def _shared_frames(store: EventStore, hits: list, pairs: list, n_pages: int, n_s
     cur = np.full(n_pages, -1, np.int32)
     cnt = np.zeros(n_shared, np.int64)
     acc = np.zeros(2, np.int64)
-    excess = np.zeros(n_snaps, np.int64)
-    for s in range(n_snaps):  # (one block per snapshot)
-        a, b = store.starts[s], store.starts[s + 1]
+    excess = np.zeros(len(off) - 1, np.int64)
+    for s in range(len(off) - 1):
+        a, b = int(off[s]), int(off[s + 1])
         if b > a:
             _shared_frame_counts(store.column_range("kind", a, b), store.column_range("pg", a, b),
                                  store.column_range("gid", a, b), cur, cnt, acc)
@@ -828,7 +842,7 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
     has_sample = trace.has_sample_hash
 
     # --- pass 1: pages and processes ------------------------------------------------------------
-    vpns, seen, rows_per_snap = _page_keys(trace)
+    vpns, seen, rows_per_snap, in_order = _page_keys(trace)
     procs = _process_table(trace, seen)
     n_procs = procs.height
     proc_ids = procs["proc"].to_numpy().astype(np.int64)
@@ -876,56 +890,70 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
     recorded = scope == "recorded"
     n_hashed = np.zeros(1, np.int64)
 
-    def load(s: int) -> SimpleNamespace:
-        """Snapshot s's rows in page order, with their page and content ids (in a worker thread,
-        while the previous snapshot's events are derived; content ids stay in snapshot order)."""
-        df = trace.read_table("pages", [s], cols)
-        op = df["op"].to_numpy()
-        keep = op != S.OP_SAME
-        if not keep.all():
-            df = df.filter(pl.Series(keep))
-            op = op[keep]
-        n = len(op)
-        dproc = np.searchsorted(proc_ids, df["proc"].to_numpy().astype(np.int64)).astype(np.int64)
-        vpn = df["vpn"].to_numpy().astype(np.int64)
-        order = None if _sorted_rows(dproc, vpn) else np.lexsort((vpn, dproc))
-        get = (lambda a: a) if order is None else (lambda a: a[order])
-        dproc, vpn, op = get(dproc), get(vpn), get(op)
-        pg = np.empty(n, np.int64)
-        bad = _page_ids(dproc, vpn, proc_pg_lo, proc_pg_hi, page_vpn, pg)
-        if bad >= 0:
-            raise TraceError(f"{trace.path / S.snapshot_file('pages', s)}: page (proc {int(proc_ids[dproc[bad]])}, "
-                             f"vpn {int(vpn[bad]):#x}) has a row but was never NEW (a row was dropped)")
-        flags = get(df["flags"].to_numpy()).astype(np.int64)
-        hkey = np.ascontiguousarray(get(df["hash"].to_numpy())).view(np.int64)
-        ctab.ensure(n)
-        cin = np.empty(n, np.int64)
-        _content_ids(op, flags, hkey, recorded, ctab.tab, n_hashed, cin)
-        ctab.count = int(n_hashed[0])
-        return SimpleNamespace(n=n, pg=pg, dproc=dproc, op=op, flags=flags, cin=cin, n_hashed=ctab.count,
-                               pfn=get(df["pfn"].to_numpy()).astype(np.int64),
-                               sample=get(df["sample"].to_numpy()) if has_sample else None)
+    def chunks():
+        """Every snapshot's rows in page order, in chunks of at most CHUNK_ROWS rows (a snapshot
+        whose file is not in (process, address) order: whole, sorted), with their page and content
+        ids.  Runs in a worker thread, one chunk ahead of the caller; content ids are handed out in
+        row order."""
+        for s in range(n_snaps):
+            df = trace.read_table("pages", [s], cols)
+            op_all = df["op"].to_numpy()
+            keep = op_all != S.OP_SAME
+            if not keep.all():
+                df = df.filter(pl.Series(keep))
+            n_all = df.height
+            step = CHUNK_ROWS if in_order[s] else max(n_all, 1)
+            for a in range(0, max(n_all, 1), step):
+                part = df.slice(a, step)
+                n = part.height
+                dproc = np.searchsorted(proc_ids, part["proc"].to_numpy().astype(np.int64)).astype(np.int64)
+                vpn = part["vpn"].to_numpy().astype(np.int64)
+                order = None if in_order[s] else np.lexsort((vpn, dproc))
+                get = (lambda x: x) if order is None else (lambda x, o=order: x[o])
+                dproc, vpn, op = get(dproc), get(vpn), get(part["op"].to_numpy())
+                pg = np.empty(n, np.int64)
+                bad = _page_ids(dproc, vpn, proc_pg_lo, proc_pg_hi, page_vpn, pg)
+                if bad >= 0:
+                    raise TraceError(f"{trace.path / S.snapshot_file('pages', s)}: page (proc {int(proc_ids[dproc[bad]])}, "
+                                     f"vpn {int(vpn[bad]):#x}) has a row but was never NEW (a row was dropped)")
+                del vpn
+                flags = get(part["flags"].to_numpy()).astype(np.int64)
+                hkey = np.ascontiguousarray(get(part["hash"].to_numpy())).view(np.int64)
+                ctab.ensure(n)
+                cin = np.empty(n, np.int64)
+                _content_ids(op, flags, hkey, recorded, ctab.tab, n_hashed, cin)
+                ctab.count = int(n_hashed[0])
+                yield SimpleNamespace(s=s, last=a + step >= n_all, n=n, pg=pg, dproc=dproc, op=op, flags=flags,
+                                      cin=cin, n_hashed=ctab.count, pfn=get(part["pfn"].to_numpy()).astype(np.int64),
+                                      sample=get(part["sample"].to_numpy()) if has_sample else None)
 
-    for s, r in enumerate(_ahead(load, n_snaps)):
-        n, pg, dproc, op, flags, cin, pfn = r.n, r.pg, r.dproc, r.op, r.flags, r.cin, r.pfn
-        ttab.ensure(int(np.count_nonzero(flags & S.F_THP)))
-        if len(cnt) < r.n_hashed:
-            cnt = np.concatenate([cnt, np.zeros(max(len(cnt), r.n_hashed - len(cnt)), np.int32)])
-        buf = store.reserve(n)
-        o_row, o_hits, o_forks = np.empty(n, np.int64), np.empty((n, 2), np.int64), np.empty(n, np.int64)
-        ev0 = int(acc[A_EVENTS])
-        m, nh, nf = _derive_events(s, pg, dproc, op, flags, cin, pfn, cfg, pst, pcid, pthp, fpfn, flapfn, flaev,
-                                   cnt, ttab.tab, bloom, acc, first_cand, parent, child_first, buf["pg"], buf["kind"],
-                                   buf["cid"], buf["gid"], buf["thp"], buf["pfn"], o_row, o_hits, o_forks)
-        ttab.count = int(acc[A_NTHP])
-        if nh:
-            hits.append(o_hits[:nh].copy())
-        if nf:
-            _inherit_frames(o_forks[:nf], buf["pg"], buf["cid"], buf["pfn"], o_row, pfn, ev0, parent, page_proc,
-                            page_vpn, proc_pg_lo, proc_pg_hi, pst, pcid, fpfn, flapfn, flaev, bloom, hits, pairs)
-        if has_sample:
-            buf["sample"][:m] = r.sample[o_row[:m]]
-        store.commit(buf, m)
+    forks: list[tuple[int, int, int, int]] = []
+    for r in _ahead(chunks()):
+        s, n = r.s, r.n
+        if n:
+            ttab.ensure(int(np.count_nonzero(r.flags & S.F_THP)))
+            if len(cnt) < r.n_hashed:
+                cnt = np.concatenate([cnt, np.zeros(max(len(cnt), r.n_hashed - len(cnt)), np.int32)])
+            buf = store.reserve(n)
+            o_row, o_hits, o_forks = np.empty(n, np.int64), np.empty((n, 2), np.int64), np.empty(n, np.int64)
+            ev0 = int(acc[A_EVENTS])
+            m, nh, nf = _derive_events(s, r.pg, r.dproc, r.op, r.flags, r.cin, r.pfn, cfg, pst, pcid, pthp, fpfn,
+                                       flapfn, flaev, cnt, ttab.tab, bloom, acc, first_cand, parent, child_first,
+                                       buf["pg"], buf["kind"], buf["cid"], buf["gid"], buf["thp"], buf["pfn"],
+                                       o_row, o_hits, o_forks)
+            ttab.count = int(acc[A_NTHP])
+            if nh:
+                hits.append(o_hits[:nh].copy())
+            forks += [(ev0 + e, int(buf["pg"][e]), int(buf["cid"][e]), int(r.pfn[o_row[e]])) for e in o_forks[:nf].tolist()]
+            if has_sample:
+                buf["sample"][:m] = r.sample[o_row[:m]]
+            store.commit(buf, m)
+        if not r.last:
+            continue
+        if forks:  # after every row of the snapshot: the parents' pages are at this snapshot
+            _inherit_frames(forks, store, parent, page_proc, page_vpn, proc_pg_lo, proc_pg_hi, pst, pcid, fpfn,
+                            flapfn, flaev, bloom, hits, pairs)
+            forks = []
         off[s + 1] = acc[A_EVENTS]
         base_pages[s] = acc[A_CAND]
         zpm[s] = acc[A_ZPM]
@@ -943,8 +971,10 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
                 store.write_column("cid", a, np.where(bad, n_normal + 1 + (-c - 2), c))
 
     # --- pass 3: frames shared by several arrivals ---------------------------------------------------
-    n_gids, excess = _shared_frames(store, hits, pairs, n_pages, n_snaps)
+    n_gids, excess = _shared_frames(store, off, hits, pairs, n_pages)
     store.drop("pfn")
+    store.put("page_vpn", page_vpn)
+    del page_vpn
     base_frames = base_pages - excess if excess is not None else base_pages.copy()
     # naive: every present page in scope (zero-page mapped ones read as zeros) minus distinct hashes
     naive_distinct = oracle_frames + (zero_filled > 0) + ((zpm > 0) & (zero_filled == 0))
@@ -954,7 +984,6 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
         times_ns=times,
         n_pages=n_pages,
         page_proc=page_proc,
-        page_vpn=page_vpn,
         n_procs=n_procs,
         proc_pid=procs["pid"].to_numpy().astype(np.int64),
         proc_comm=procs["comm"].to_list(),

@@ -196,11 +196,14 @@ def _same_arrays(a, b):
 
 def test_spilled_events_are_the_same_and_not_in_memory(tmp_path, monkeypatch):
     tr = open_trace(Path(__file__).resolve().parents[2] / "sample-traces" / "prefork")
+    monkeypatch.setenv("KSMTRACE_SPILL_MB", "256")
     mem = tr.prepare("recorded", cache=False)
     monkeypatch.setenv("KSMTRACE_SPILL_MB", "0")
     spilled = tr.prepare("recorded", cache=False)
     assert spilled.store.spilled and not mem.store.spilled
     assert spilled.store._mem is None  # nothing but the file holds the events
+    thp = [spilled.batch(s).thp for s in range(spilled.n_snaps)]
+    assert any(t.strides == (0,) for t in thp if len(t))  # a block of -1 only is a broadcast
     _same_arrays(_arrays(mem), _arrays(spilled))
     a = replay(tr, "ksm", {"pages_to_scan": 500})
     monkeypatch.setenv("KSMTRACE_NO_CACHE", "1")
@@ -235,6 +238,17 @@ def test_bloom_false_positives_change_nothing(monkeypatch):
     want = _arrays(tr.prepare("recorded", cache=False))
     monkeypatch.setattr(P, "BLOOM_BITS_PER_ROW", 0)
     monkeypatch.setattr(P, "BLOOM_MIN_WORDS", 1)
+    _same_arrays(want, _arrays(tr.prepare("recorded", cache=False)))
+
+
+def test_snapshots_in_chunks_are_the_same(monkeypatch):
+    """A big snapshot (a keyframe) is derived in chunks of rows: any chunk size gives the same
+    (prefork: fork children inherit frames, resolved once every chunk of their snapshot is in)."""
+    from ksmtrace import samples
+
+    tr = samples.open_sample("prefork")
+    want = _arrays(tr.prepare("recorded", cache=False))
+    monkeypatch.setattr(P, "CHUNK_ROWS", 777)
     _same_arrays(want, _arrays(tr.prepare("recorded", cache=False)))
 
 

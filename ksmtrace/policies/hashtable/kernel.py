@@ -310,8 +310,8 @@ class HashTableKernel(KernelRuntime):
     def on_snapshot(self, s: int, now: int) -> None:
         p = self.prep
         self.S.mm[: p.n_procs, M_ALIVE] = alive_procs(p, s)
-        sl = p.events(s)
-        on_snapshot(self.E, self.S, p.ev_pg[sl], p.ev_kind[sl])
+        ev = p.batch(s)
+        on_snapshot(self.E, self.S, ev.pg, ev.kind)
 
     def run_until(self, t_end: int) -> None:
         run_until(self.E, self.S, np.int64(t_end))

@@ -29,8 +29,8 @@ class OracleRuntime(NoDaemon):
 
     def on_snapshot(self, s: int, now: int) -> None:
         prep, eng = self.ctx.prep, self.eng
-        sl = prep.events(s)
-        for pg, kind in zip(prep.ev_pg[sl].tolist(), prep.ev_kind[sl].tolist()):
+        ev = prep.batch(s)
+        for pg, kind in zip(ev.pg.tolist(), ev.kind.tolist()):
             if kind not in (EV_APPEAR, EV_WRITE) or not eng.is_candidate(pg):
                 continue
             c = eng.cid(pg)

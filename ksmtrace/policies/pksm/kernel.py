@@ -780,7 +780,8 @@ class PksmKernel(KernelRuntime):
         need = int(self._arrivals[sl.stop] - self._arrivals[sl.start])
         if self.S.sc[S_NFREE] < need:
             self.S = grow(self.S, need)
-        on_snapshot(self.E, self.S, p.ev_pg[sl], p.ev_kind[sl], self.ev_key[sl], np.int64(now))
+        ev = p.batch(s)
+        on_snapshot(self.E, self.S, ev.pg, ev.kind, self.ev_key[sl], np.int64(now))
         self.check()
 
     def run_until(self, t_end: int) -> None:

@@ -176,8 +176,9 @@ class PksmRuntime(Daemon):
     def on_snapshot(self, s: int, now: int) -> None:
         prep, eng = self.prep, self.eng
         sl = prep.events(s)
-        pgs = prep.ev_pg[sl].tolist()
-        kinds = prep.ev_kind[sl].tolist()
+        ev = prep.batch(s)
+        pgs = ev.pg.tolist()
+        kinds = ev.kind.tolist()
         keys = self.ev_key[sl].tolist()
         moving: dict[int, Optional[Item]] = {}  # in-place writes: page -> the item that follows it
         for pg, kind in zip(pgs, kinds):  # removals first, as the engine applies them
