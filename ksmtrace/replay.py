@@ -179,6 +179,7 @@ def _run(prep, eng, rt, pol: Policy, progress) -> pl.DataFrame:
             "zero_filled_pages": int(prep.zero_filled[s]),
             "cow_breaks": cows,
             "cow_ksm": c["cow_ksm"],
+            "cow_zero": c["cow_zero"],
             "merges": c["merges"] - prev_eng["merges"],
             "exposed_merges": c["exposed_merges"] - prev_eng["exposed_merges"],
             "merge_latency_sum_s": (c["merge_latency_sum_ns"] - prev_eng["merge_latency_sum_ns"]) / 1e9,

@@ -132,6 +132,26 @@ def test_zero_pages_with_and_without_use_zero_pages(tmp_path, engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_write_to_a_zero_merged_page_is_not_cow_ksm(tmp_path, engine):
+    """use_zero_pages: a write to a page KSM mapped to the zero page allocates a fresh page; the
+    kernel counts COW_KSM only for KSM folios (do_wp_page: ``folio && folio_test_ksm(folio)``), so
+    cow_ksm stays 0 and the write is counted in cow_zero; ksm_zero_pages drops at once."""
+    zeros = {(0, v): 0 for v in range(3)}
+    written = {**zeros, (0, 1): "x"}
+    p = {"pages_to_scan": 100, "sleep_millisecs": 10, "use_zero_pages": 1}
+    res = run(tmp_path, [zeros, zeros, written, written], p, [0, 0.015, 0.017, 0.025], engine)
+    assert col(res, "ksm_zero_pages") == [0, 3, 2, 2]
+    assert col(res, "cow_breaks") == [0, 0, 0, 0]
+    assert col(res, "cow_ksm") == [0, 0, 0, 0]
+    assert col(res, "cow_zero") == [0, 0, 1, 1]
+    assert res.summary["cow_zero"] == 1 and res.summary["cow_breaks"] == 0
+    # the same pages merged into an ordinary KSM page (use_zero_pages=0): the write is a KSM COW
+    off = run(tmp_path, [zeros, zeros, written, written], {**p, "use_zero_pages": 0}, [0, 0.015, 0.017, 0.025],
+              engine, name="off")
+    assert col(off, "cow_ksm") == [0, 0, 1, 1] and col(off, "cow_zero") == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_write_to_merged_page_is_one_cow_and_counters_wait_for_the_scanner(tmp_path, engine):
     a = {(0, 0): "a", (0, 1): "a", (0, 2): "u"}
     b = {(0, 0): "a", (0, 1): "written", (0, 2): "u"}

@@ -80,6 +80,20 @@ def test_cow_breaks_and_exposed_merges(tmp_path, engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_writes_to_zero_mapped_pages_are_cow_zero_not_cow_ksm(tmp_path, engine):
+    """The oracle maps zero pages to the zero page and merges the rest: a write to a zero-mapped
+    page is counted in cow_zero, a write to a KSM page in cow_breaks/cow_ksm, an unmerge alike."""
+    s0 = {(0, 0): 0, (0, 1): 0, (0, 2): "a", (1, 2): "a", (1, 3): 0}
+    s1 = {(0, 0): "x", (0, 1): 0, (0, 2): "y", (1, 2): "a", (1, 3): {"c": 0, "mergeable": False}}
+    tr = make_trace(tmp_path / "t", [s0, s1])
+    o = replay(tr, "oracle", engine=engine)
+    assert o.table["cow_breaks"].to_list() == [0, 1]
+    assert o.table["cow_ksm"].to_list() == [0, 1]
+    assert o.table["cow_zero"].to_list() == [0, 2]  # (0, 0) written, (1, 3) unmerged
+    assert o.summary["cow_zero"] == 2
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_thp_split_maps_zero_subpages_to_the_zero_page_on_612(tmp_path, engine):
     """KSM splits a THP before merging a subpage; since 6.12 the split maps the huge page's
     all-zero subpages to the shared zero page: memory saved that no KSM counter reports."""
