@@ -115,6 +115,30 @@ def test_max_page_sharing_chains(tmp_path, engine, copies, shared, sharing, unsh
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_chain_collapse_rule_610_and_611(tmp_path, engine):
+    """max_page_sharing=2, five equal pages: two full dups A (pages 0, 1) and B (2, 3) in a chain.
+    Pages 0 and 1 are written (A goes stale) and later page 2 (B drops below the limit).
+    6.11+ (``hlist_is_singular_node``) collapses the chain into a plain node at the first lookup
+    after A is pruned; up to 6.10 (``prune_stale_stable_nodes && nr == 1``) the chain of one full
+    dup stays (``stable_node_dup_any``), and collapses only in a pruning lookup that finds the
+    single dup below the limit.  Frames are the same either way."""
+    a = {(0, v): "a" for v in range(5)}
+    w = {**a, (0, 0): "x0", (0, 1): "x1"}
+    w2 = {**w, (0, 2): "x2"}
+    snaps, times = [a, a, w, w, w2, w2], [0, 0.035, 0.037, 0.075, 0.077, 0.115]
+    p = {"pages_to_scan": 100, "sleep_millisecs": 10, "max_page_sharing": 2}
+    got = {}
+    for prof in ("6.11", "6.10"):
+        for prune in (2000, 0):
+            r = run(tmp_path, snaps, {**p, "profile": prof, "stable_node_chains_prune_millisecs": prune}, times, engine,
+                    name=f"{prof}-{prune}")
+            got[prof, prune] = (col(r, "stable_node_chains"), col(r, "stable_node_dups"), col(r, "frames_saved"))
+    assert got["6.11", 2000] == got["6.11", 0] == ([0, 1, 1, 0, 0, 0], [0, 2, 2, 0, 0, 0], [0, 2, 1, 1, 0, 1])
+    assert got["6.10", 2000] == ([0, 1, 1, 1, 1, 1], [0, 2, 2, 1, 1, 1], [0, 2, 1, 1, 0, 1])
+    assert got["6.10", 0] == ([0, 1, 1, 1, 1, 0], [0, 2, 2, 1, 1, 0], [0, 2, 1, 1, 0, 1])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_zero_pages_with_and_without_use_zero_pages(tmp_path, engine):
     page = {(0, v): 0 for v in range(5)}
     page[(0, 9)] = "x"

@@ -28,7 +28,11 @@ What it models (read beside ``mm/ksm.c``; function names below are the kernel's)
   with the sharing limit bypassed).
 * **Profiles**: ``6.11`` (default; checksum before the stable search, Chengming Zhou's series),
   ``6.12`` (6.11 plus: splitting a THP maps its all-zero subpages to the shared zero page),
-  ``6.10`` (stable search first: a page equal to a KSM page merges on its first visit),
+  ``6.10`` (stable search first: a page equal to a KSM page merges on its first visit; and the
+  pre-6.11 ``stable_node_dup``: only a dup below the sharing limit is chosen, a chain collapses
+  only when a pruning lookup finds exactly one live dup (``prune_stale_stable_nodes && nr == 1``),
+  and with every dup full the search takes ``stable_node_dup_any``; 6.11+ collapses a chain left
+  with a single dup at every lookup),
   ``3.18`` (stable search first, jhash2 checksum, no smart_scan, no zero pages, no chains, no
   advisor, a stale node in a search is a miss rather than a restart).
 * **Counters** exactly as the kernel keeps them, lazily where it is lazy: ``pages_shared``,

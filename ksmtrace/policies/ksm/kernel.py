@@ -50,7 +50,7 @@ U_PRUNE = UNIT_INDEX["stale_prunes"]
  S_ADV_START, S_ADV_CHANGE, S_ADV_SCANTIME, S_ADV_CPU, S_UNCOUNT, S_STCOUNT, S_NFREE, S_RMAP) = scalar_slots(19)
 N_SCALARS = 19
 # parameter slots: KsmParams' fields by name, then values derived from them
-P = param_slots(KsmParams, derived=("neworder", "v318", "remap", "hz"))
+P = param_slots(KsmParams, derived=("neworder", "v318", "remap", "hz", "oldchains"))
 OP = scalar_slots(N_SCALARS).stop
 
 # it: rmap item columns
@@ -90,6 +90,7 @@ def new_state(prep, params, ctx, n_frames: int) -> KsmState:
         "v318": v318,
         "remap": params.profile == "6.12",
         "hz": ctx.hz,
+        "oldchains": params.profile == "6.10",
     })
     sc = new_block(N_SCALARS, len(P), ctx)
     sc[OP : OP + len(P)] = pa
@@ -289,6 +290,8 @@ def stable_node_dup(E, K, ch, prune):
         prune = 0
     else:
         K.nd[ch, N_PRUNE] = now
+    if K.sc[OP + P.oldchains] == 1:
+        return _stable_node_dup_610(E, K, ch, prune)
     found = -1
     found_len = 0
     d = K.nd[ch, N_DFIRST]
@@ -308,25 +311,9 @@ def stable_node_dup(E, K, ch, prune):
     c = K.nd[ch, N_CID]
     if found >= 0:
         if K.nd[ch, N_NDUPS] == 1:  # collapse the chain into a plain node
-            K.ct[c, C_ROOT] = found
-            K.nd[found, N_KIND] = K_PLAIN
-            K.nd[found, N_CHAIN] = -1
-            K.nd[found, N_DNEXT] = -1
-            K.nd[found, N_DPREV] = -1
-            _free_node(K, ch)
-            K.sc[S_CHAINS] -= 1
-            K.sc[S_DUPS] -= 1
+            _collapse(K, ch, found)
         elif K.nd[ch, N_DFIRST] != found and _candidate(K, found, 1):
-            p = K.nd[found, N_DPREV]
-            n = K.nd[found, N_DNEXT]
-            K.nd[p, N_DNEXT] = n
-            if n >= 0:
-                K.nd[n, N_DPREV] = p
-            first = K.nd[ch, N_DFIRST]
-            K.nd[found, N_DNEXT] = first
-            K.nd[found, N_DPREV] = -1
-            K.nd[first, N_DPREV] = found
-            K.nd[ch, N_DFIRST] = found
+            _to_head(K, ch, found)
     else:  # free_stable_node_chain
         if K.ct[c, C_ROOT] == ch:
             K.ct[c, C_ROOT] = -1
@@ -334,6 +321,73 @@ def stable_node_dup(E, K, ch, prune):
         K.sc[S_CHAINS] -= 1
         _free_node(K, ch)
     return found
+
+
+@njit
+def _collapse(K, ch, found):
+    """A chain of one dup becomes that plain node."""
+    K.ct[K.nd[ch, N_CID], C_ROOT] = found
+    K.nd[found, N_KIND] = K_PLAIN
+    K.nd[found, N_CHAIN] = -1
+    K.nd[found, N_DNEXT] = -1
+    K.nd[found, N_DPREV] = -1
+    _free_node(K, ch)
+    K.sc[S_CHAINS] -= 1
+    K.sc[S_DUPS] -= 1
+
+
+@njit
+def _to_head(K, ch, found):
+    """Move dup ``found`` to the head of its chain."""
+    p = K.nd[found, N_DPREV]
+    n = K.nd[found, N_DNEXT]
+    K.nd[p, N_DNEXT] = n
+    if n >= 0:
+        K.nd[n, N_DPREV] = p
+    first = K.nd[ch, N_DFIRST]
+    K.nd[found, N_DNEXT] = first
+    K.nd[found, N_DPREV] = -1
+    K.nd[first, N_DPREV] = found
+    K.nd[ch, N_DFIRST] = found
+
+
+@njit
+def _stable_node_dup_610(E, K, ch, prune):
+    """stable_node_dup up to 6.10 (KsmRuntime._stable_node_dup_610)."""
+    found = -1
+    found_len = 0
+    nr = 0
+    d = K.nd[ch, N_DFIRST]
+    while d >= 0:
+        nxt = K.nd[d, N_DNEXT]
+        K.sc[DU + U_SNODE] += 1
+        if not _node_alive(E, K, d):
+            remove_node_from_stable_tree(K, d)
+            d = nxt
+            continue
+        nr += 1
+        if _candidate(K, d, 0) and (found < 0 or K.nd[d, N_LEN] > found_len):
+            found = d
+            found_len = K.nd[d, N_LEN]
+            if prune == 0:
+                break
+        d = nxt
+    if found >= 0:
+        if prune != 0 and nr == 1:
+            _collapse(K, ch, found)
+        elif K.nd[ch, N_DFIRST] != found and _candidate(K, found, 1):
+            _to_head(K, ch, found)
+        return found
+    first = K.nd[ch, N_DFIRST]
+    if first >= 0:  # stable_node_dup_any: every dup is full
+        return first
+    c = K.nd[ch, N_CID]  # free_stable_node_chain
+    if K.ct[c, C_ROOT] == ch:
+        K.ct[c, C_ROOT] = -1
+        K.sc[S_STCOUNT] -= 1
+    K.sc[S_CHAINS] -= 1
+    _free_node(K, ch)
+    return -1
 
 
 @njit(inline="always")

@@ -78,6 +78,7 @@ class KsmRuntime(Daemon):
         self.new_order = prof in ("6.11", "6.12")  # checksum before stable search
         self.v318 = prof == "3.18"
         self.zero_remap = prof == "6.12"
+        self.old_chains = prof == "6.10"  # stable_node_dup before Chengming Zhou's 6.11 rework
         self.max_sharing = 1 << 62 if self.v318 else params.max_page_sharing
         # ksm_mm_head list: proc ids, in list order; the cursor is an index or None (= at head)
         self.mm_list: list[int] = []
@@ -302,11 +303,17 @@ class KsmRuntime(Daemon):
         return len(node.hlist) > 0 and len(node.hlist) + offset < self.max_sharing
 
     def stable_node_dup(self, chain: StableChain, prune: bool):
-        """Choose a dup of a chain (and prune stale ones); returns the dup or None."""
+        """Choose a dup of a chain (and prune stale ones); returns the dup or None.
+
+        6.11+: the best dup, a candidate if there is one; a chain left with one dup collapses into
+        a plain node at every lookup (``hlist_is_singular_node``); an empty chain is freed here.
+        """
         if not prune or self.now < chain.prune_time + self.p.stable_node_chains_prune_millisecs * 1_000_000:
             prune = False
         else:
             chain.prune_time = self.now
+        if self.old_chains:
+            return self._stable_node_dup_610(chain, prune)
         found = None
         found_len = 0
         for dup in list(chain.dups):
@@ -334,6 +341,44 @@ class KsmRuntime(Daemon):
                 del self.stable[chain.cid]
             self.chains -= 1
         return found
+
+    def _stable_node_dup_610(self, chain: StableChain, prune: bool):
+        """``stable_node_dup`` up to 6.10: only a dup below the sharing limit is ever chosen (the
+        fullest one when pruning, else the first); the chain collapses only when pruning found
+        exactly one live dup (``prune_stale_stable_nodes && nr == 1``).  With no candidate the
+        caller takes ``stable_node_dup_any``: the first dup (not a candidate: the search misses),
+        or, if every dup was stale, frees the chain and searches again."""
+        found = None
+        found_len = 0
+        nr = 0
+        for dup in list(chain.dups):
+            self.charge("stable_node_visits")
+            if not self._node_alive(dup):
+                self.remove_node_from_stable_tree(dup)
+                continue
+            nr += 1
+            if self.is_page_sharing_candidate(dup) and (found is None or len(dup.hlist) > found_len):
+                found = dup
+                found_len = len(dup.hlist)
+                if not prune:
+                    break
+        if found is not None:
+            if prune and nr == 1:  # collapse the chain into a plain node
+                self.stable[chain.cid] = found
+                found.chain = None
+                chain.dups = []
+                self.chains -= 1
+                self.dups -= 1
+            elif chain.dups[0] is not found and self.is_page_sharing_candidate(found, 1):
+                chain.dups.remove(found)
+                chain.dups.insert(0, found)
+            return found
+        if chain.dups:  # stable_node_dup_any: all dups are full
+            return chain.dups[0]
+        if self.stable.get(chain.cid) is chain:  # free_stable_node_chain
+            del self.stable[chain.cid]
+        self.chains -= 1
+        return None
 
     def _stable_lookup(self, cid: int, prune: bool):
         """The node of equal content in the stable tree after stale handling: (dup, any) or None."""
