@@ -85,7 +85,7 @@ def replay(
 
         eng = ReferenceEngine(prep)
     ctx = RunContext(prep=prep, engine=eng, timing_ps=tcost.timing_ps(), hz=hz, start_ns=start_ns, seed=int(seed),
-                     runtime=runtime)
+                     runtime=runtime, trace=trace)
     rt = pol.runtime(ctx)
     table, procs = _run(prep, eng, rt, pol, make(progress))
     counters = eng.counters()

@@ -132,3 +132,4 @@ class RunContext:
     seed: int
     runtime: str = "auto"  # one of RUNTIMES
     options: dict = dataclasses.field(default_factory=dict)
+    trace: Any = None  # the opened trace (ksmtrace.trace.reader.Trace), for tables prep does not hold
