@@ -8,7 +8,8 @@ suite checks it, so a parameter that is not wired up fails a test.
   processes, many copies of one content (for sharing limits and chains), zero-filled pages, pages
   rewritten every few snapshots (COW breaks, volatile pages), stable unique pages (smart_scan),
   a forked child sharing frames, a process that exits, a huge page with zero subpages; one of the
-  processes is in another security domain.
+  processes is in another security domain.  Its VMAs (:func:`mixed_vmas`) leave holes in a
+  mergeable VMA, are cloned by the fork child and split later.
 * ``mixed-slow`` — the same, 0.5 s apart (20 s in all), for behaviour that needs full scans of
   several seconds (the scan-time advisor).
 * ``random-N`` — a seeded random trace (``random-7``): churn, forks and exits.
@@ -67,6 +68,17 @@ def mixed_snapshots(n_snaps: int = 40) -> list[dict]:
 
 
 MIXED_PROCS = {3: {"uid": 1000, "cgroup": "/other"}, 4: {"ppid": 1000}}
+
+
+def mixed_vmas(n_snaps: int = 40) -> list[dict]:
+    """The VMAs of ``mixed``: each process's pages in one anonymous mergeable VMA, proc 0's with
+    140 unpopulated pages after them (holes), cloned by its fork child (proc 4), and split in two
+    by an mprotect-like change at snapshot 30."""
+    out = []
+    for s in range(n_snaps):
+        v0 = [(0, 200)] if s < 30 else [(0, 100), (100, 200)]
+        out.append({0: v0, 1: [(0, 64)], 2: [(0, 16)], 3: [(512, 1024)], 4: [(0, 200)]})
+    return out
 
 
 def random_snapshots(seed: int, nproc: int = 3, npages: int = 60, nsnap: int = 12, ncontent: int = 8) -> list[dict]:
@@ -134,9 +146,9 @@ def library_trace(path: str | os.PathLike, n: int = 8, pages: int = 24):
 
 def scenario(name: str, path: str | os.PathLike):
     if name == "mixed":
-        return make_trace(path, mixed_snapshots(), interval=0.05, procs=MIXED_PROCS)
+        return make_trace(path, mixed_snapshots(), interval=0.05, procs=MIXED_PROCS, vmas=mixed_vmas())
     if name == "mixed-slow":  # the same pages, 0.5 s apart (for multi-second full scans)
-        return make_trace(path, mixed_snapshots(), interval=0.5, procs=MIXED_PROCS)
+        return make_trace(path, mixed_snapshots(), interval=0.5, procs=MIXED_PROCS, vmas=mixed_vmas())
     if name.startswith("random-"):
         seed = int(name.split("-", 1)[1])
         return make_trace(path, random_snapshots(seed), interval=0.03)

@@ -84,6 +84,13 @@ class AddressSpaces:
     def has_vmas(self) -> bool:
         return len(self.start) > 0
 
+    def snap_index(self, prep) -> np.ndarray:
+        """The trace snapshot whose tables hold at each of ``prep``'s snapshots (the same index for
+        a plain prepared view; a refined view, with empty snapshots inserted, maps each to the last
+        real one at or before it)."""
+        times = np.asarray(self.extras["times_ns"], np.int64)
+        return np.maximum(np.searchsorted(times, np.asarray(prep.times_ns, np.int64), side="right") - 1, 0)
+
     def rows(self, s: int, p: int) -> slice:
         i = s * self.n_procs + p
         return slice(int(self.off[i]), int(self.off[i + 1]))
@@ -308,10 +315,11 @@ _CACHE: dict[tuple[str, str], AddressSpaces] = {}
 
 
 def address_spaces(trace, prep) -> AddressSpaces:
-    """The :class:`AddressSpaces` of ``trace`` in ``prep``'s dense process order (cached per trace)."""
+    """The :class:`AddressSpaces` of ``trace`` in ``prep``'s dense process order (cached per trace).
+    Its snapshots are the trace's: map a prepared view's with :meth:`AddressSpaces.snap_index`."""
     key = (trace.fingerprint, str(trace.path))
     hit = _CACHE.get(key)
-    if hit is not None and hit.n_procs == prep.n_procs and hit.n_snaps == prep.n_snaps:
+    if hit is not None and hit.n_procs == prep.n_procs:
         return hit
     asp = _build(trace, prep)
     if len(_CACHE) > 8:
@@ -321,7 +329,8 @@ def address_spaces(trace, prep) -> AddressSpaces:
 
 
 def _build(trace, prep) -> AddressSpaces:
-    n_snaps, n_procs = int(prep.n_snaps), int(prep.n_procs)
+    n_snaps, n_procs = int(trace.n_snapshots), int(prep.n_procs)
+    times_ns = np.asarray(trace.times_ns, np.int64)
     ids = _proc_ids(trace)
     dense = {int(x): i for i, x in enumerate(ids.tolist())}
     parent = np.full(n_procs, -1, np.int64)
@@ -364,7 +373,7 @@ def _build(trace, prep) -> AddressSpaces:
             r, seen = int(parent[r]), seen + 1
         family[c] = r
     # an unknown start time ranks as the time of the first snapshot the process is in
-    first_t = np.asarray(prep.times_ns, np.int64)[np.minimum(first, n_snaps - 1)]
+    first_t = times_ns[np.minimum(first, n_snaps - 1)]
     key = np.where(start_ns == NO_TIME, first_t, start_ns)
     rank = np.empty(n_procs, np.int64)
     rank[np.lexsort((np.arange(n_procs), key))] = np.arange(n_procs)
@@ -373,7 +382,7 @@ def _build(trace, prep) -> AddressSpaces:
     asp = AddressSpaces(n_snaps=n_snaps, n_procs=n_procs, proc_parent=parent, proc_family=family,
                         proc_start_ns=start_ns, proc_rank=rank, snap=empty, proc=empty, start=empty, end=empty, flags=empty, path=empty,
                         group=empty, off=np.zeros(n_snaps * n_procs + 1, np.int64),
-                        changed=np.zeros((n_snaps, n_procs), bool))
+                        changed=np.zeros((n_snaps, n_procs), bool), extras={"times_ns": times_ns})
     if not trace.has_table("vmas") or len(ids) != n_procs:
         return asp
     v = trace.read_table("vmas", columns=["snap", "proc", "start", "end", "flags", "path", "anon_pages", "captured_pages"])

@@ -7,7 +7,11 @@ What it models (read beside ``mm/ksm.c``; function names below are the kernel's)
   model, advances virtual time, so aggressive settings scan slower than budget / sleep.
 * **Scan order** (``scan_get_next_rmap_item``): mm slots in list order, each mm's pages in address
   order; only present candidate pages are returned (zero-page PTEs, absent pages are walked over
-  and their rmap items freed, as ``get_next_rmap_item`` does).  A new mm is inserted *behind the
+  and their rmap items freed, as ``get_next_rmap_item`` does).  Without ``range_walk`` (every
+  kernel before commit f5548c318d65: 6.18-rc6, backported to 6.12.59 and 5.10.249) the walk also
+  looks up every 4 KiB address of a ``VM_MERGEABLE`` VMA with an anon_vma where no page is: those
+  holes, counted from the trace's VMA table, are charged as ``addresses_walked`` where the walk
+  passes them (:class:`~ksmtrace.policies.ksm.runtime.Holes`).  A new mm is inserted *behind the
   cursor* (``__ksm_enter``), so it is first scanned in the next full scan; an exiting mm with
   rmap items is moved *after* the cursor (``__ksm_exit``) and its items are freed when ksmd gets
   there, which is when its counters drop.  The budget counts only pages handed to
@@ -78,6 +82,8 @@ class KsmParams(Params):
     advisor_max_cpu: int = param(70, "advisor: CPU cap", "%", minimum=1, maximum=100)
     advisor_min_pages_to_scan: int = param(500, "advisor: initial pages_to_scan", "pages", minimum=1)
     advisor_max_pages_to_scan: int = param(30000, "advisor: maximum pages_to_scan", "pages", minimum=1)
+    range_walk: bool = param(False, "the kernel jumps over holes in mergeable VMAs (f5548c318d65: 6.18, 6.12.59+, 5.10.249+); "
+                                    "off: every 4 KiB address of a mergeable VMA with an anon_vma is looked up")
 
     def check(self) -> None:
         if self.profile == "3.18":
@@ -122,6 +128,7 @@ class KSM(Policy):
         "advisor_max_cpu": (1, "mixed-slow", {**_ADV_SLOW, "advisor_target_scan_time": 1}),
         "advisor_min_pages_to_scan": (50, "mixed", _ADV),
         "advisor_max_pages_to_scan": (600, "mixed", _ADV),
+        "range_walk": (True, "mixed", {}),
     }
 
     Runtime = KsmRuntime

@@ -27,7 +27,7 @@ from ksmtrace.engine.jitutil import bitlen as _bitlen
 from ksmtrace.engine.jitutil import prefetch_row
 from ksmtrace.engine.state import F_KSM, P_CID, P_FRAME, P_PROC
 from ksmtrace.policies.ksm import KsmParams
-from ksmtrace.policies.ksm.runtime import ksm_counters
+from ksmtrace.policies.ksm.runtime import Holes, ksm_counters
 
 # unit indices
 U_WAKEUPS = UNIT_INDEX["wakeups"]
@@ -66,10 +66,10 @@ K_FREE, K_PLAIN, K_DUP, K_CHAIN = 0, 1, 2, 3
 PF_AHEAD = 12  # pages ahead whose frame and content rows are prefetched
 F_NONE, F_UNSTABLE, F_STABLE = 0, 1, 2
 
-KsmState = namedtuple("KsmState", ["it", "nd", "ct", "fn", "mm", "sc"])
+KsmState = namedtuple("KsmState", ["it", "nd", "ct", "fn", "mm", "sc", "hg", "ht"])
 
 
-def new_state(prep, params, ctx, n_frames: int) -> KsmState:
+def new_state(prep, params, ctx, n_frames: int, holes) -> KsmState:
     n, c, f, np_ = prep.n_pages, prep.n_cids, n_frames, prep.n_procs
     cap = 2 * n + 16
     it = np.zeros((n, 10), np.int32)  # int32 halves the scan's memory traffic
@@ -98,7 +98,7 @@ def new_state(prep, params, ctx, n_frames: int) -> KsmState:
     sc[S_PTS] = params.advisor_min_pages_to_scan if params.advisor_mode == "scan-time" else params.pages_to_scan
     sc[D_IDLE] = 1
     sc[S_NFREE] = cap
-    return KsmState(it=it, nd=nd, ct=ct, fn=np.full(f, -1, np.int64), mm=mm, sc=sc)
+    return KsmState(it=it, nd=nd, ct=ct, fn=np.full(f, -1, np.int64), mm=mm, sc=sc, hg=holes.gap, ht=holes.tail)
 
 
 # --- small helpers --------------------------------------------------------------------------------
@@ -616,6 +616,8 @@ def _end_of_mm(E, K, proc, head):
     mm = K.mm
     it = K.it
     sc = K.sc
+    if mm[proc, M_EXITED] == 0:
+        sc[DU + U_WALKED] += K.ht[proc]  # holes after the mm's last page (no range walk)
     if mm[proc, M_EXITED] == 1:
         for q in range(mm[proc, M_LO], mm[proc, M_HI]):
             if it[q, I_ALLOC] == 1:
@@ -676,6 +678,7 @@ def run_until(E, K, t_end):
     fn = K.fn
     mm = K.mm
     sc = K.sc
+    hg = K.hg
     head = mm.shape[0] - 1
     smart = sc[OP + P.smart_scan] == 1 and sc[OP + P.v318] == 0
     neworder = sc[OP + P.neworder] == 1
@@ -705,6 +708,7 @@ def run_until(E, K, t_end):
                     if q < lo:
                         q = lo
                     while q < hi:
+                        sc[DU + U_WALKED] += hg[q]  # holes of mergeable VMAs before q (no range walk)
                         # cache hints for the page PF_AHEAD visits ahead: its frame and content rows
                         # are random accesses (no effect on results)
                         qa = q + PF_AHEAD
@@ -829,12 +833,14 @@ class KsmKernel(KernelRuntime):
 
     def __init__(self, params, ctx) -> None:
         super().__init__(params, ctx)
-        self.K = new_state(ctx.prep, params, ctx, self.E.fr.shape[0])
+        self.holes = Holes(ctx, not params.range_walk)
+        self.K = new_state(ctx.prep, params, ctx, self.E.fr.shape[0], self.holes)
         self.sc = self.K.sc
         self.v318 = params.profile == "3.18"
 
     def on_snapshot(self, s: int, now: int) -> None:
         prep, K = self.prep, self.K
+        self.holes.update(s)
         order = prep.proc_order
         for proc in order[prep.proc_exit_snap[order] == s].tolist():
             if K.mm[proc, M_IN] and not K.mm[proc, M_EXITED]:

@@ -8,7 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
+
 from ksmtrace.engine.daemon import Daemon
+from ksmtrace.trace.addrspace import address_spaces
 
 PROFILES = ("6.12", "6.11", "6.10", "3.18")
 RMAP_ITEM_SIZE = 64
@@ -28,6 +31,35 @@ def skip_age(age: int) -> int:
 def tree_depth(n: int) -> int:
     """Node visits charged for one descent of a tree of ``n`` nodes."""
     return int(n).bit_length()
+
+
+class Holes:
+    """The addresses a ksmd without the range walk (before commit f5548c318d65: 6.18-rc6, 6.12.59,
+    5.10.249) looks up one by one although no page is there: every 4 KiB of a ``VM_MERGEABLE``
+    VMA with an anon_vma (``folio_walk_start`` per address in ``scan_get_next_rmap_item``).  The
+    model's walk visits page ids only, so the holes between page ``pg - 1`` and page ``pg`` of a
+    process are charged as ``gap[pg]`` addresses walked when the walk reaches ``pg``, and those
+    after a process's last page as ``tail[proc]`` at the end of its mm.  Updated at every snapshot
+    from the trace's VMA table (:meth:`ksmtrace.trace.addrspace.AddressSpaces.hole_gaps`); all zero
+    with the range walk, or for a trace without one.  Shared by the runtime and its kernel."""
+
+    def __init__(self, ctx, on: bool) -> None:
+        prep = ctx.prep
+        self.gap = np.zeros(max(prep.n_pages, 1), np.int64)
+        self.tail = np.zeros(max(prep.n_procs, 1), np.int64)
+        self.asp = address_spaces(ctx.trace, prep) if on and ctx.trace is not None else None
+        self.on = self.asp is not None and self.asp.has_vmas
+        self.prep = prep
+        self.snap = self.asp.snap_index(prep) if self.on else None
+        self.last = -1
+
+    def update(self, s: int) -> None:
+        if not self.on or self.snap[s] == self.last:
+            return
+        ts = int(self.snap[s])
+        procs = np.flatnonzero(self.asp.changed[ts]).tolist() if ts == self.last + 1 else None
+        self.asp.hole_gaps(ts, self.prep, self.gap, self.tail, procs)
+        self.last = ts
 
 
 @dataclass(eq=False)
@@ -105,10 +137,12 @@ class KsmRuntime(Daemon):
         self.adv_scan_time = 0
         self.adv_cpu = 0
         self.idle = True
+        self.holes = Holes(ctx, not params.range_walk)
 
     # --- snapshots: mm registration and exit ---------------------------------------------------
     def on_snapshot(self, s: int, now: int) -> None:
         prep = self.prep
+        self.holes.update(s)
         for proc in prep.proc_order.tolist():
             if prep.proc_exit_snap[proc] == s and proc in self.mm_list and proc not in self.exited:
                 self._ksm_exit(proc)
@@ -177,9 +211,12 @@ class KsmRuntime(Daemon):
         while True:
             proc = self.cursor
             lo, hi = int(self.prep.proc_pg_lo[proc]), int(self.prep.proc_pg_hi[proc])
+            gap = self.holes.gap
             if proc not in self.exited:
                 pg = max(self.cur_pg, lo)
                 while pg < hi:
+                    if gap[pg]:  # holes of mergeable VMAs before this page (no range walk)
+                        self.charge("addresses_walked", int(gap[pg]))
                     if self._scannable(pg):
                         item = self.items.get(pg)
                         if item is None:
@@ -194,6 +231,8 @@ class KsmRuntime(Daemon):
                     if pg in self.items:  # get_next_rmap_item frees items it walks past
                         self._free_item(self.items[pg])
                     pg += 1
+                if self.holes.tail[proc]:
+                    self.charge("addresses_walked", int(self.holes.tail[proc]))
             # end of this mm: remove_trailing_rmap_items (all of them if the mm exited)
             for q in range(lo, hi):
                 if q in self.items and (proc in self.exited):
