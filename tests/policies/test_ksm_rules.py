@@ -209,6 +209,29 @@ def test_write_to_merged_page_is_one_cow_and_counters_wait_for_the_scanner(tmp_p
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_fork_child_joins_the_scan_list_at_fork_time(tmp_path, engine):
+    """ksm_fork puts a child of a registered mm on the list at fork time, behind the cursor as it
+    is then.  A (4 pages) and B (4) are scanned one mm per wake-up (pages_to_scan=4, every 20 ms):
+    A at 0, B at 20, end of scan at 40, A at 60, ... C forks from A at 30 ms (cursor on B: the list
+    becomes A C B) and first shows in the snapshot at 70 ms.  At fork time it is scanned at 80 ms and
+    the scan ends at 120; registered at the snapshot instead (cursor on A: C A B) B comes at 80, the
+    scan ends at 100 and C waits until 120."""
+    a = {(0, v): f"a{v}" for v in range(4)}
+    b = {(1, v): f"b{v}" for v in range(4)}
+    c = {(2, v): f"c{v}" for v in range(4)}
+    snaps = [{**a, **b}, {**a, **b, **c}, {**a, **b, **c}, {**a, **b, **c}]
+    times = [0, 0.07, 0.09, 0.11]
+    p = {"pages_to_scan": 4, "sleep_millisecs": 20, "smart_scan": 0}
+    fork = run(tmp_path, snaps, p, times, engine, procs={2: {"ppid": 1000, "start": 3}}, name="fork")
+    snap = run(tmp_path, snaps, p, times, engine, procs={2: {"ppid": 1000}}, name="snap")  # starts at 70 ms
+    assert col(fork, "rmap_items") == [0, 8, 12, 12] and col(snap, "rmap_items") == [0, 8, 8, 8]
+    assert col(fork, "full_scans") == [0, 1, 1, 1] and col(snap, "full_scans") == [0, 1, 1, 2]
+    # a child of a process that is not registered (its parent is not in the trace) waits for the snapshot
+    orphan = run(tmp_path, snaps, p, times, engine, procs={2: {"ppid": 77, "start": 3}}, name="orphan")
+    assert col(orphan, "rmap_items") == col(snap, "rmap_items")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_advisor_new_pages_to_scan_after_a_full_scan(tmp_path, engine):
     """scan_time_advisor by hand.  1200 pages, advisor on (pages_to_scan starts at 500), a clock
     where each page visit costs 1 ms of ksmd CPU and nothing else costs anything, sleep 100 ms:

@@ -12,7 +12,9 @@ What it models (read beside ``mm/ksm.c``; function names below are the kernel's)
   looks up every 4 KiB address of a ``VM_MERGEABLE`` VMA with an anon_vma where no page is: those
   holes, counted from the trace's VMA table, are charged as ``addresses_walked`` where the walk
   passes them (:class:`~ksmtrace.policies.ksm.runtime.Holes`).  A new mm is inserted *behind the
-  cursor* (``__ksm_enter``), so it is first scanned in the next full scan; an exiting mm with
+  cursor* (``__ksm_enter``), so it is first scanned in the next full scan — a fork child of a
+  registered mm at its fork time (``ksm_fork``; the start time in the trace), others at the first
+  snapshot with a mergeable VMA; an exiting mm with
   rmap items is moved *after* the cursor (``__ksm_exit``) and its items are freed when ksmd gets
   there, which is when its counters drop.  The budget counts only pages handed to
   ``cmp_and_merge_page``; the rest of a batch is lost when a full scan ends (``seqnr++``).

@@ -27,7 +27,7 @@ from ksmtrace.engine.jitutil import bitlen as _bitlen
 from ksmtrace.engine.jitutil import prefetch_row
 from ksmtrace.engine.state import F_KSM, P_CID, P_FRAME, P_PROC
 from ksmtrace.policies.ksm import KsmParams
-from ksmtrace.policies.ksm.runtime import Holes, ksm_counters
+from ksmtrace.policies.ksm.runtime import Holes, fork_registrations, ksm_counters
 
 # unit indices
 U_WAKEUPS = UNIT_INDEX["wakeups"]
@@ -834,6 +834,7 @@ class KsmKernel(KernelRuntime):
     def __init__(self, params, ctx) -> None:
         super().__init__(params, ctx)
         self.holes = Holes(ctx, not params.range_walk)
+        self.forks = fork_registrations(ctx)
         self.K = new_state(ctx.prep, params, ctx, self.E.fr.shape[0], self.holes)
         self.sc = self.K.sc
         self.v318 = params.profile == "3.18"
@@ -846,9 +847,16 @@ class KsmKernel(KernelRuntime):
             if K.mm[proc, M_IN] and not K.mm[proc, M_EXITED]:
                 ksm_exit(K, proc)
         for proc in order[(prep.proc_reg_snap[order] == s) & (prep.proc_exit_snap[order] > s)].tolist():
-            ksm_enter(K, proc, now)
+            if not K.mm[proc, M_IN]:
+                ksm_enter(K, proc, now)
 
     def run_until(self, t_end: int) -> None:
+        mm = self.K.mm
+        while self.forks and self.forks[0][0] < t_end:  # ksm_fork: see KsmRuntime.run_until
+            t, child, parent = self.forks.pop(0)
+            run_until(self.E, self.K, np.int64(t))
+            if mm[parent, M_IN] and not mm[parent, M_EXITED] and not mm[child, M_IN]:
+                ksm_enter(self.K, child, np.int64(t))
         run_until(self.E, self.K, np.int64(t_end))
         self.check()
 

@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 
 from ksmtrace.engine.daemon import Daemon
-from ksmtrace.trace.addrspace import address_spaces
+from ksmtrace.trace.addrspace import NO_TIME, address_spaces
 
 PROFILES = ("6.12", "6.11", "6.10", "3.18")
 RMAP_ITEM_SIZE = 64
@@ -60,6 +60,30 @@ class Holes:
         procs = np.flatnonzero(self.asp.changed[ts]).tolist() if ts == self.last + 1 else None
         self.asp.hole_gaps(ts, self.prep, self.gap, self.tail, procs)
         self.last = ts
+
+
+def fork_registrations(ctx) -> list[tuple[int, int, int]]:
+    """``(time_ns, child, parent)`` of every process that ``ksm_fork`` puts on ksmd's list at fork
+    time, in time order: a child of a process in the trace (``ppid``), whose start time (the
+    trace's ``start_ticks``) lies before the first snapshot it appears in, and that registers at
+    that snapshot (it has a mergeable VMA there, as a fork inherits them).  The runtime registers
+    it then if its parent is on the list at that moment (``MMF_VM_MERGEABLE``); otherwise, or for
+    any other process, registration waits for the snapshot (``prepare._registration``)."""
+    prep, trace = ctx.prep, ctx.trace
+    if trace is None:
+        return []
+    asp = address_spaces(trace, prep)
+    times = np.asarray(prep.times_ns, np.int64)
+    out = []
+    for c in range(prep.n_procs):
+        p, t = int(asp.proc_parent[c]), int(asp.proc_start_ns[c])
+        first = int(prep.proc_first_snap[c])
+        if p < 0 or t == NO_TIME or first <= 0 or first >= prep.n_snaps or prep.proc_reg_snap[c] != first:
+            continue
+        if t < times[first]:
+            out.append((max(t, int(times[0])), c, p))
+    out.sort(key=lambda x: (x[0], int(asp.proc_rank[x[1]])))
+    return out
 
 
 @dataclass(eq=False)
@@ -138,6 +162,7 @@ class KsmRuntime(Daemon):
         self.adv_cpu = 0
         self.idle = True
         self.holes = Holes(ctx, not params.range_walk)
+        self.forks = fork_registrations(ctx)
 
     # --- snapshots: mm registration and exit ---------------------------------------------------
     def on_snapshot(self, s: int, now: int) -> None:
@@ -147,7 +172,7 @@ class KsmRuntime(Daemon):
             if prep.proc_exit_snap[proc] == s and proc in self.mm_list and proc not in self.exited:
                 self._ksm_exit(proc)
         for proc in prep.proc_order.tolist():
-            if prep.proc_reg_snap[proc] == s and prep.proc_exit_snap[proc] > s:
+            if prep.proc_reg_snap[proc] == s and prep.proc_exit_snap[proc] > s and proc not in self.mm_list:
                 self._ksm_enter(proc, now)
 
     def _ksm_enter(self, proc: int, now: int) -> None:
@@ -177,6 +202,16 @@ class KsmRuntime(Daemon):
 
     # --- the daemon ------------------------------------------------------------------------------
     def run_until(self, t_end: int) -> None:
+        """ksmd until ``t_end``; a process forked meanwhile from a registered one joins the list at
+        its fork time (``ksm_fork`` -> ``__ksm_enter``), behind the cursor as it is then."""
+        while self.forks and self.forks[0][0] < t_end:
+            t, child, parent = self.forks.pop(0)
+            self._run(t)
+            if parent in self.mm_list and parent not in self.exited and child not in self.mm_list:
+                self._ksm_enter(child, t)
+        self._run(t_end)
+
+    def _run(self, t_end: int) -> None:
         while self.t_wake < t_end:
             if not self.mm_list:  # ksmd_should_run() is false: sleep until an mm registers
                 self.idle = True
