@@ -63,6 +63,8 @@ def mixed_snapshots(n_snaps: int = 40) -> list[dict]:
         # a late page identical to the hot content appears in proc 1 (first-visit merges in 6.10)
         if s >= 15:
             pages[(1, 40)] = "hot"
+            # and a template page in proc 0 after its fork: on the anon_vma its child's VMA shares
+            pages[(0, 60)] = "t1"
         snaps.append(pages)
     return snaps
 
