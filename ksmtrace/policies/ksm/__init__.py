@@ -68,6 +68,7 @@ from dataclasses import dataclass
 from ksmtrace.errors import PolicyParamError
 from ksmtrace.policies.base import Params, Policy, param
 from ksmtrace.policies.ksm.runtime import PROFILES, KsmRuntime
+from ksmtrace.policies.sameaddr import SA_KEYS
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,11 @@ class KsmParams(Params):
     advisor_max_pages_to_scan: int = param(30000, "advisor: maximum pages_to_scan", "pages", minimum=1)
     range_walk: bool = param(False, "the kernel jumps over holes in mergeable VMAs (f5548c318d65: 6.18, 6.12.59+, 5.10.249+); "
                                     "off: every 4 KiB address of a mergeable VMA with an anon_vma is looked up")
+    same_address_first: bool = param(False, "what-if: before any tree search, compare the page with the pages at the same "
+                                            "virtual address in related processes and merge on equality")
+    same_address_key: str = param("family", "same_address_first: which pages are related (fork family at the same vpn; "
+                                            "a VMA of the same path and length at the same offset; any process at the same vpn)",
+                                  choices=SA_KEYS)
 
     def check(self) -> None:
         if self.profile == "3.18":
@@ -131,6 +137,8 @@ class KSM(Policy):
         "advisor_min_pages_to_scan": (50, "mixed", _ADV),
         "advisor_max_pages_to_scan": (600, "mixed", _ADV),
         "range_walk": (True, "mixed", {}),
+        "same_address_first": (True, "families", {}),
+        "same_address_key": ("any", "families", {"same_address_first": True}),
     }
 
     Runtime = KsmRuntime

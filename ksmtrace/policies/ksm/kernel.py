@@ -28,6 +28,7 @@ from ksmtrace.engine.jitutil import prefetch_row
 from ksmtrace.engine.state import F_KSM, P_CID, P_FRAME, P_PROC
 from ksmtrace.policies.ksm import KsmParams
 from ksmtrace.policies.ksm.runtime import Holes, fork_registrations, ksm_counters
+from ksmtrace.policies.sameaddr import SameAddress
 
 # unit indices
 U_WAKEUPS = UNIT_INDEX["wakeups"]
@@ -66,10 +67,10 @@ K_FREE, K_PLAIN, K_DUP, K_CHAIN = 0, 1, 2, 3
 PF_AHEAD = 12  # pages ahead whose frame and content rows are prefetched
 F_NONE, F_UNSTABLE, F_STABLE = 0, 1, 2
 
-KsmState = namedtuple("KsmState", ["it", "nd", "ct", "fn", "mm", "sc", "hg", "ht"])
+KsmState = namedtuple("KsmState", ["it", "nd", "ct", "fn", "mm", "sc", "hg", "ht", "sa_cls", "sa_off", "sa_mem"])
 
 
-def new_state(prep, params, ctx, n_frames: int, holes) -> KsmState:
+def new_state(prep, params, ctx, n_frames: int, holes, same) -> KsmState:
     n, c, f, np_ = prep.n_pages, prep.n_cids, n_frames, prep.n_procs
     cap = 2 * n + 16
     it = np.zeros((n, 10), np.int32)  # int32 halves the scan's memory traffic
@@ -98,7 +99,8 @@ def new_state(prep, params, ctx, n_frames: int, holes) -> KsmState:
     sc[S_PTS] = params.advisor_min_pages_to_scan if params.advisor_mode == "scan-time" else params.pages_to_scan
     sc[D_IDLE] = 1
     sc[S_NFREE] = cap
-    return KsmState(it=it, nd=nd, ct=ct, fn=np.full(f, -1, np.int64), mm=mm, sc=sc, hg=holes.gap, ht=holes.tail)
+    return KsmState(it=it, nd=nd, ct=ct, fn=np.full(f, -1, np.int64), mm=mm, sc=sc, hg=holes.gap, ht=holes.tail,
+                    sa_cls=same.cls, sa_off=same.off, sa_mem=same.mem)
 
 
 # --- small helpers --------------------------------------------------------------------------------
@@ -550,14 +552,57 @@ def _stable_merge(E, K, pg):
 @njit
 def _unstable_merge(E, K, pg, tpg):
     remove_rmap_item_from_tree(E, K, tpg)
+    _merge_two(E, K, pg, tpg, True)
+
+
+@njit
+def _merge_two(E, K, pg, tpg, tpg_item):
+    """try_to_merge_two_pages and the new KSM page into the stable tree (KsmRuntime._merge_two)."""
     gen = _merge_two_pages(E, K, pg, tpg)
     if gen < 0:
         return
     nd = stable_tree_insert(E, K, E.pg[pg, P_FRAME], gen, E.pg[pg, P_CID])
     if nd < 0:
         return
-    stable_tree_append(K, tpg, nd)
+    if tpg_item:
+        stable_tree_append(K, tpg, nd)
     stable_tree_append(K, pg, nd)
+
+
+@njit
+def _same_address_merge(E, K, pg):
+    """same_address_first (KsmRuntime.same_address_merge): True if the visit ends here."""
+    epg = E.pg
+    c = epg[pg, P_CID]
+    f = epg[pg, P_FRAME]
+    proc = epg[pg, P_PROC]
+    cls = K.sa_cls[pg]
+    if cls < 0:
+        return False
+    for j in range(K.sa_off[cls], K.sa_off[cls + 1]):
+        q = K.sa_mem[j]
+        if q == pg or epg[q, P_PROC] == proc:
+            continue
+        if not _scannable(E, q):
+            K.sc[DU + U_WALKED] += 1
+            continue
+        K.sc[DU + U_UNODE] += 1
+        fq = epg[q, P_FRAME]
+        if epg[q, P_CID] != c or fq == f:
+            continue
+        if E.fr[fq, F_KSM] == 1:
+            nd = K.fn[fq]
+            if nd < 0 or not _node_alive(E, K, nd) or not _candidate(K, nd, 0):
+                continue
+            if _merge_with_ksm_page(E, K, pg, nd):
+                stable_tree_append(K, pg, nd)
+            return True
+        has_item = K.it[q, I_ALLOC] == 1
+        if has_item:
+            remove_rmap_item_from_tree(E, K, q)
+        _merge_two(E, K, pg, q, has_item)
+        return True
+    return False
 
 
 # --- scanning ---------------------------------------------------------------------------------------
@@ -651,12 +696,14 @@ def _start_scan(K, head):
 
 @njit
 def _zero_or_stable(E, K, pg, neworder):
-    """The rare part of cmp_and_merge_page between the gate and the unstable tree: the zero page
-    and the stable tree.  Returns True if the visit ends here."""
+    """The rare part of cmp_and_merge_page between the gate and the unstable tree: the zero page,
+    the same-address shortcut and the stable tree.  Returns True if the visit ends here."""
     if neworder:
         if _merge_with_zero_page(E, K, pg):
             return True
         if not _scannable(E, pg):
+            return True
+        if K.sc[OP + P.same_address_first] == 1 and _same_address_merge(E, K, pg):
             return True
         return _stable_merge(E, K, pg)
     if _stable_merge(E, K, pg):
@@ -684,6 +731,7 @@ def run_until(E, K, t_end):
     neworder = sc[OP + P.neworder] == 1
     v318 = sc[OP + P.v318] == 1
     use_zero = sc[OP + P.use_zero_pages] == 1 and not v318
+    same = sc[OP + P.same_address_first] == 1
     u_csum = DU + (U_JHASH if v318 else U_CSUM)
     while sc[D_TWAKE] < t_end:
         if mm[head, M_NEXT] == head:  # ksmd_should_run() is false: wait for an mm
@@ -779,7 +827,7 @@ def run_until(E, K, t_end):
                 if it[pg, I_OLD] != c:
                     it[pg, I_OLD] = c
                     continue
-                if (use_zero and c == 0) or ct[c, C_ROOT] >= 0:
+                if (use_zero and c == 0) or ct[c, C_ROOT] >= 0 or same:
                     if _zero_or_stable(E, K, pg, True):
                         continue
                 else:
@@ -800,6 +848,8 @@ def run_until(E, K, t_end):
                         continue
                     if not _scannable(E, pg):
                         continue
+                if same and _same_address_merge(E, K, pg):
+                    continue
             # ---- unstable_tree_search_insert ----
             sc[DU + U_UNODE] += _bitlen(sc[S_UNCOUNT])
             seq = sc[S_SEQNR]
@@ -835,13 +885,15 @@ class KsmKernel(KernelRuntime):
         super().__init__(params, ctx)
         self.holes = Holes(ctx, not params.range_walk)
         self.forks = fork_registrations(ctx)
-        self.K = new_state(ctx.prep, params, ctx, self.E.fr.shape[0], self.holes)
+        self.same = SameAddress(ctx, params.same_address_first, params.same_address_key)
+        self.K = new_state(ctx.prep, params, ctx, self.E.fr.shape[0], self.holes, self.same)
         self.sc = self.K.sc
         self.v318 = params.profile == "3.18"
 
     def on_snapshot(self, s: int, now: int) -> None:
         prep, K = self.prep, self.K
         self.holes.update(s)
+        self.same.update(s)
         order = prep.proc_order
         for proc in order[prep.proc_exit_snap[order] == s].tolist():
             if K.mm[proc, M_IN] and not K.mm[proc, M_EXITED]:

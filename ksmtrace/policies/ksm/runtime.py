@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 
 from ksmtrace.engine.daemon import Daemon
+from ksmtrace.policies.sameaddr import SameAddress
 from ksmtrace.trace.addrspace import NO_TIME, address_spaces
 
 PROFILES = ("6.12", "6.11", "6.10", "3.18")
@@ -163,11 +164,13 @@ class KsmRuntime(Daemon):
         self.idle = True
         self.holes = Holes(ctx, not params.range_walk)
         self.forks = fork_registrations(ctx)
+        self.same = SameAddress(ctx, params.same_address_first, params.same_address_key)
 
     # --- snapshots: mm registration and exit ---------------------------------------------------
     def on_snapshot(self, s: int, now: int) -> None:
         prep = self.prep
         self.holes.update(s)
+        self.same.update(s)
         for proc in prep.proc_order.tolist():
             if prep.proc_exit_snap[proc] == s and proc in self.mm_list and proc not in self.exited:
                 self._ksm_exit(proc)
@@ -561,8 +564,7 @@ class KsmRuntime(Daemon):
         self.charge("remaps")
         return self.eng.merge_zero(pg, self.now)
 
-    def try_to_merge_two_pages(self, pg: int, tree_item: RmapItem) -> Optional[int]:
-        tpg = tree_item.pg
+    def try_to_merge_two_pages(self, pg: int, tpg: int) -> Optional[int]:
         if not self._split(pg) or not self._split(tpg):
             return None
         gen = self.eng.stabilize(pg)
@@ -595,6 +597,8 @@ class KsmRuntime(Daemon):
                 return
             if not self._scannable(pg):
                 return
+            if self.same.on and self.same_address_merge(item, pg):
+                return
             if self._stable_merge(item, pg):
                 return
         else:
@@ -606,18 +610,63 @@ class KsmRuntime(Daemon):
                 return
             if not self._scannable(pg):
                 return
+            if self.same.on and self.same_address_merge(item, pg):  # (after the gate: see sameaddr)
+                return
         tree_item = self.unstable_tree_search_insert(item, pg)
         if tree_item is None:
             return
         self.remove_rmap_item_from_tree(tree_item)
-        gen = self.try_to_merge_two_pages(pg, tree_item)
+        self._merge_two(item, pg, tree_item, tree_item.pg)
+
+    def _merge_two(self, item: RmapItem, pg: int, tree_item: Optional[RmapItem], tpg: int) -> None:
+        """try_to_merge_two_pages, then the new KSM page into the stable tree with both items."""
+        eng = self.eng
+        gen = self.try_to_merge_two_pages(pg, tpg)
         if gen is None:
             return
         node = self.stable_tree_insert(eng.frame(pg), gen, eng.cid(pg))
         if node is None:  # cannot happen in this model (3.18's insert race); keep the kernel's shape
             return
-        self.stable_tree_append(tree_item, node)
+        if tree_item is not None:
+            self.stable_tree_append(tree_item, node)
         self.stable_tree_append(item, node)
+
+    def same_address_merge(self, item: RmapItem, pg: int) -> bool:
+        """``same_address_first``: compare the page with the pages at the same virtual address in
+        its related processes (:mod:`ksmtrace.policies.sameaddr`), in process start order, and merge
+        with the first equal one: onto its KSM page if it maps one below the sharing limit (as a
+        stable-tree hit), else the two pages into a new KSM page (as an unstable-tree hit: the
+        partner's rmap item, if it has one, leaves its tree and joins the new stable node).  Each
+        page looked at costs a page lookup in another mm and a memcmp (``unstable_node_visits``),
+        an address with no page a lookup (``addresses_walked``).  True if the visit ends here."""
+        eng = self.eng
+        c = eng.cid(pg)
+        f = eng.frame(pg)
+        proc = int(self.prep.page_proc[pg])
+        page_proc = self.prep.page_proc
+        for q in self.same.related(pg).tolist():
+            if q == pg or int(page_proc[q]) == proc:
+                continue
+            if not self._scannable(q):
+                self.charge("addresses_walked")
+                continue
+            self.charge("unstable_node_visits")
+            fq = eng.frame(q)
+            if eng.cid(q) != c or fq == f:
+                continue
+            if eng.page_is_ksm(q):
+                node = self.frame_node.get(fq)
+                if node is None or not self._node_alive(node) or not self.is_page_sharing_candidate(node):
+                    continue
+                if self.try_to_merge_with_ksm_page(pg, node):
+                    self.stable_tree_append(item, node)
+                return True
+            partner = self.items.get(q)
+            if partner is not None:
+                self.remove_rmap_item_from_tree(partner)
+            self._merge_two(item, pg, partner, q)
+            return True
+        return False
 
     def _stable_merge(self, item: RmapItem, pg: int) -> bool:
         """Search the stable tree and merge with what it finds; True if the visit ends here."""

@@ -40,6 +40,7 @@ from ksmtrace.engine.state import P_CID, P_FRAME, P_PROC
 from ksmtrace.policies.pksm import PksmParams
 from ksmtrace.policies.pksm.runtime import (DROP, SUCCESS, TRY, AnonVmaWalk, Probation, event_keys, pksm_counters,
                                             pksm_extras)
+from ksmtrace.policies.sameaddr import SameAddress
 from ksmtrace.trace.addrspace import _row_at, tree_rows
 
 U_WAKEUPS = UNIT_INDEX["wakeups"]
@@ -53,6 +54,8 @@ U_WP = UNIT_INDEX["write_protects"]
 U_REMAP = UNIT_INDEX["remaps"]
 U_PRUNE = UNIT_INDEX["stale_prunes"]
 U_MOVES = UNIT_INDEX["list_moves"]
+U_WALKED = UNIT_INDEX["addresses_walked"]
+U_UNODE = UNIT_INDEX["unstable_node_visits"]
 
 # sc: the daemon's slots (D_*), then the policy's scalars
 (S_WAKE, S_RMAP, S_SHARED, S_SHARING, S_ZSHARING, S_SNODES, S_COLL,
@@ -94,7 +97,9 @@ ITEM_ROW = np.array([ITEM_FILL.get(n, 0) for n in ITEM_FIELDS], np.int64)
 PF_FAR = 16
 PF_NEAR = 8
 
-PksmState = namedtuple("PksmState", ["IT", "PG", "FR", "KY", "fl", "sc", "AV"])
+PksmState = namedtuple("PksmState", ["IT", "PG", "FR", "KY", "fl", "sc", "AV", "SA"])
+# same_address_first: the class of every page and the pages of each class (SameAddress)
+SameAddr = namedtuple("SameAddr", ["cls", "off", "mem"])
 # the anon_vma walk's view of the trace (AnonVmaWalk, ksmtrace.trace.addrspace), and two scratch
 # buffers: the walk's pages and the tree's rows
 AnonVma = namedtuple("AnonVma", ["off", "start", "end", "snap", "proc", "group", "blocked", "desc_off", "desc",
@@ -116,7 +121,7 @@ def _items(cap: int) -> np.ndarray:
     return np.tile(ITEM_ROW, (cap, 1))
 
 
-def new_state(prep, params, ctx, probation, n_keys: int, zero_key: int, walk: AnonVmaWalk) -> PksmState:
+def new_state(prep, params, ctx, probation, n_keys: int, zero_key: int, walk: AnonVmaWalk, same) -> PksmState:
     n, f, np_ = prep.n_pages, st.n_frame_slots(prep), prep.n_procs
     cap = max(64, n // 4)
     rule = probation or Probation(0, 0, False)
@@ -144,6 +149,7 @@ def new_state(prep, params, ctx, probation, n_keys: int, zero_key: int, walk: An
     return PksmState(
         IT=_items(cap), PG=PG, FR=FR, KY=np.full((n_keys, len(KEY_FIELDS)), -1, np.int64),
         fl=np.arange(cap - 1, -1, -1, dtype=np.int64), sc=sc, AV=_anon_vma(walk, prep),
+        SA=SameAddr(same.cls, same.off, same.mem),
     )
 
 
@@ -620,6 +626,42 @@ def _merge_stable(E, S, f, t):
 
 
 @njit
+def _same_address_merge(E, S, it, f, key):
+    """same_address_first (PksmRuntime.same_address_merge): a result code, or -1 (no partner)."""
+    epg = E.pg
+    IT = S.IT
+    FR = S.FR
+    sc = S.sc
+    A = S.SA
+    pg = FR[f, R_FR_HEAD]
+    c = epg[pg, P_CID]
+    proc = epg[pg, P_PROC]
+    cls = A.cls[pg]
+    if cls < 0:
+        return -1
+    for j in range(A.off[cls], A.off[cls + 1]):
+        q = A.mem[j]
+        if q == pg or epg[q, P_PROC] == proc:
+            continue
+        if epg[q, P_CID] < 0 or epg[q, P_FRAME] == 0:
+            sc[DU + U_WALKED] += 1
+            continue
+        sc[DU + U_UNODE] += 1
+        fq = epg[q, P_FRAME]
+        if fq == f or epg[q, P_CID] != c:
+            continue
+        t = FR[fq, R_FR_ITEM]
+        if t < 0 or IT[t, I_IT_DELL] == 1 or IT[t, I_IT_FRAME] < 0:
+            continue
+        if IT[t, I_IT_TREE] == T_STABLE:
+            return _merge_stable(E, S, f, t)
+        if FR[fq, R_FR_KSM] == 1:
+            continue
+        return _merge_unstable(E, S, it, f, t, key)
+    return -1
+
+
+@njit
 def _merge_unstable(E, S, it, f, t, key):
     """An unstable tree item ``t`` has the key: try_to_merge_two_pages, then the stable tree."""
     epg = E.pg
@@ -710,6 +752,7 @@ def ksm_do_scan(E, S, n):
     probation = sc[OP + P.probation_passes] > 0 or sc[OP + P.probation_ns] > 0
     delay = sc[OP + P.delay] == 1
     zero_key = sc[OP + P.zero_key]
+    same = sc[OP + P.same_address_first] == 1
     wake = sc[S_WAKE]
     # the local list is built in sc[lo:hi) (the local-list slots): new items are pushed at the front
     mid = sc[S_OLOC] + (2 * sc[OP + P.pages_to_scan] + 8) // 2
@@ -770,6 +813,8 @@ def ksm_do_scan(E, S, n):
             r = -1
             if key == zero_key:  # the zero page first
                 r = _merge_zero(E, S, f)
+            if r < 0 and same:  # what-if: the pages at the same virtual address
+                r = _same_address_merge(E, S, it, f, key)
             if r < 0:
                 t = _search(IT, KY, sc, key, K_ST_ITEM, S_STCOUNT)  # stable_tree_search
                 if t >= 0:
@@ -870,7 +915,9 @@ class PksmKernel(KernelRuntime):
         super().__init__(params, ctx)
         self.delay = probation is not None
         self.ev_key, n_keys, zero_key, self.hash_desc = event_keys(ctx.prep)
-        self.S = new_state(ctx.prep, params, ctx, probation, n_keys, zero_key, AnonVmaWalk(ctx, params.anon_vma_walk))
+        self.same = SameAddress(ctx, params.same_address_first, params.same_address_key)
+        self.S = new_state(ctx.prep, params, ctx, probation, n_keys, zero_key, AnonVmaWalk(ctx, params.anon_vma_walk),
+                           self.same)
         self.sc = self.S.sc
         kinds = self.prep.ev_kind
         arr = ((kinds == EV_APPEAR) | (kinds == EV_WRITE)).astype(np.int64)
@@ -883,6 +930,7 @@ class PksmKernel(KernelRuntime):
         if self.S.sc[S_NFREE] < need:
             self.S = grow(self.S, need)
         self.S.sc[S_SNAP] = s
+        self.same.update(s)
         on_snapshot(self.E, self.S, p.ev_pg[sl], p.ev_kind[sl], self.ev_key[sl], np.int64(now))
         self.check()
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from ksmtrace.engine.api import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE
 from ksmtrace.engine.daemon import Daemon
+from ksmtrace.policies.sameaddr import SameAddress
 from ksmtrace.trace import schema as S
 from ksmtrace.trace.addrspace import address_spaces
 
@@ -152,6 +153,7 @@ class PksmRuntime(Daemon):
         self.restart = bool(rule.restart)
         self.wake_no = 0
         self.walk = AnonVmaWalk(ctx, params.anon_vma_walk)
+        self.same = SameAddress(ctx, params.same_address_first, params.same_address_key)
         self.snap = 0
 
     # --- the rmap (policy side) -------------------------------------------------------------------
@@ -218,6 +220,7 @@ class PksmRuntime(Daemon):
     def on_snapshot(self, s: int, now: int) -> None:
         prep, eng = self.prep, self.eng
         self.snap = s
+        self.same.update(s)
         sl = prep.events(s)
         registered: list[Item] = []
         pgs = prep.ev_pg[sl].tolist()
@@ -513,26 +516,70 @@ class PksmRuntime(Daemon):
                 return SUCCESS
             if f not in self.frame_pages:  # every mapping went to the zero page before the DROP
                 return SUCCESS
+        # what-if: the pages at the same virtual address first
+        if self.same.on:
+            r = self.same_address_merge(it, f, key)
+            if r is not None:
+                return r
         # the stable tree
         t = self.stable_tree_search(key)
         if t is not None:
-            n, equal, ok = self._remap_all(f, t.frame)
-            if not ok:  # pksm_rmap_walk failed: the PTEs replaced so far stay, the page is dropped
-                self.sharing += n
-                t.mapcount += n
-                return DROP
-            if not equal and not self.p.collision_counts_as_merge:
-                return TRY
-            if not equal:
-                self.collisions += 1
-            self.sharing += n
-            t.mapcount += n
-            self.stable_tree_append(t)
-            return SUCCESS
+            return self._merge_stable(f, t)
         # the unstable tree
         t = self.unstable_tree_search_insert(it, key)
         if t is None:
             return SUCCESS
+        return self._merge_unstable(it, f, t, key)
+
+    def same_address_merge(self, it: Item, f: int, key: int) -> Optional[int]:
+        """``same_address_first`` (:mod:`ksmtrace.policies.sameaddr`): compare the page with the
+        pages at the same virtual address in its related processes (in process start order) and
+        merge with the first equal one that PKSM tracks: onto its KSM page if it is a stable-tree
+        item, else both into a new KSM page as an unstable-tree hit would.  Each page looked at is
+        a page lookup in another mm and a memcmp (``unstable_node_visits``); an address with no
+        page, a lookup (``addresses_walked``).  None: no partner, go on to the trees."""
+        eng, prep = self.eng, self.prep
+        pg = self._rep(f)
+        c = eng.cid(pg)
+        proc = int(prep.page_proc[pg])
+        for q in self.same.related(pg).tolist():
+            if q == pg or int(prep.page_proc[q]) == proc:
+                continue
+            if not eng.is_candidate(q) or eng.frame(q) == 0:
+                self.charge("addresses_walked")
+                continue
+            self.charge("unstable_node_visits")
+            fq = eng.frame(q)
+            if fq == f or eng.cid(q) != c:
+                continue
+            t = self.frame_item.get(fq)
+            if t is None or self._stale(t):
+                continue
+            if t.tree == "stable":
+                return self._merge_stable(f, t)
+            if fq in self.frame_ksm:
+                continue
+            return self._merge_unstable(it, f, t, key)
+        return None
+
+    def _merge_stable(self, f: int, t: Item) -> int:
+        """A stable tree item ``t`` has the key: map the page onto its KSM page."""
+        n, equal, ok = self._remap_all(f, t.frame)
+        if not ok:  # pksm_rmap_walk failed: the PTEs replaced so far stay, the page is dropped
+            self.sharing += n
+            t.mapcount += n
+            return DROP
+        if not equal and not self.p.collision_counts_as_merge:
+            return TRY
+        if not equal:
+            self.collisions += 1
+        self.sharing += n
+        t.mapcount += n
+        self.stable_tree_append(t)
+        return SUCCESS
+
+    def _merge_unstable(self, it: Item, f: int, t: Item, key: int) -> int:
+        """An unstable tree item ``t`` has the key: try_to_merge_two_pages, then the stable tree."""
         tf = t.frame
         equal = self.eng.cid(self._rep(f)) == self.eng.cid(self._rep(tf))
         if not equal and not self.p.collision_counts_as_merge:
