@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ksmtrace.trace.addrspace import SA_KEYS, address_spaces, class_members
+from ksmtrace.trace.addrspace import SA_KEYS, address_spaces, class_members, dense_rows
 
 __all__ = ["SA_KEYS", "SameAddress"]
 
@@ -47,7 +47,8 @@ class SameAddress:
         if not self.on:
             return
         ts = int(self.snap[s])
-        if self.last >= 0 and (self.key != "vma" or ts == self.last):
+        if self.last >= 0 and (self.key != "vma" or ts == self.last
+                               or (ts == self.last + 1 and not self.asp.changed[ts].any())):
             self.last = ts
             return
         prep = self.prep
@@ -82,7 +83,5 @@ class SameAddress:
                 cls_ev[sl] = self.cls[prep.ev_pg[sl]]
         ok = (cls_ev >= 0) & (prep.ev_cid >= 0)
         if ok.any():
-            _, inv = np.unique(np.stack([cls_ev[ok], prep.ev_cid[ok].astype(np.int64)], axis=1), axis=0,
-                               return_inverse=True)
-            out[ok] = inv.reshape(-1)
+            out[ok] = dense_rows(np.stack([cls_ev[ok], prep.ev_cid[ok].astype(np.int64)], axis=1))
         return out, int(out.max()) + 1 if ok.any() else 0

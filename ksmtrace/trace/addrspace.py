@@ -160,10 +160,10 @@ class AddressSpaces:
             raise ValueError(f"unknown same-address key {key!r}")
         vpn = prep.page_vpn.astype(np.int64)
         if key == "any":
-            return _dense_rows(np.stack([vpn], axis=1))
+            return dense_rows(np.stack([vpn], axis=1))
         if key == "family":
             fam = self.proc_family[prep.page_proc.astype(np.int64)]
-            return _dense_rows(np.stack([fam, vpn], axis=1))
+            return dense_rows(np.stack([fam, vpn], axis=1))
         cls = np.full(prep.n_pages, -1, np.int64)
         if not self.has_vmas:
             return cls
@@ -183,15 +183,21 @@ class AddressSpaces:
             keys[lo:hi, 2] = np.where(inside, v - self.start[r], -1)
         has = keys[:, 0] >= 0
         if has.any():
-            cls[has] = _dense_rows(keys[has])
+            cls[has] = dense_rows(keys[has])
         return cls
 
 
-def _dense_rows(keys: np.ndarray) -> np.ndarray:
+def dense_rows(keys: np.ndarray) -> np.ndarray:
+    """Dense ids (in sorted order) of the rows of an int64 matrix."""
     if len(keys) == 0:
         return np.zeros(0, np.int64)
-    _, inv = np.unique(keys, axis=0, return_inverse=True)
-    return inv.reshape(-1).astype(np.int64)
+    order = np.lexsort(keys.T[::-1])
+    srt = keys[order]
+    new = np.ones(len(keys), bool)
+    new[1:] = (srt[1:] != srt[:-1]).any(axis=1)
+    out = np.empty(len(keys), np.int64)
+    out[order] = np.cumsum(new) - 1
+    return out
 
 
 def class_members(cls: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -470,7 +476,8 @@ def _build(trace, prep) -> AddressSpaces:
     if n:
         cell = vs * n_procs + vp
         h1 = (st.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (en.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F))
-        h2 = h1 ^ (fl.astype(np.uint64) << np.uint64(17)) ^ (anon_first[grp] <= vs).astype(np.uint64)
+        h2 = (h1 ^ (fl.astype(np.uint64) << np.uint64(17)) ^ (anon_first[grp] <= vs).astype(np.uint64)
+              ^ (path.astype(np.uint64) * np.uint64(0x27D4EB2F165667C5)))
         np.add.at(sig, cell, h1)
         np.add.at(sig2, cell, h2 * np.uint64(0x165667B19E3779F9))
     cnt = np.diff(off)
