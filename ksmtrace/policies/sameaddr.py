@@ -20,9 +20,22 @@ from __future__ import annotations
 
 import numpy as np
 
+from ksmtrace.policies.base import param
 from ksmtrace.trace.addrspace import SA_KEYS, address_spaces, class_members, dense_rows
 
-__all__ = ["SA_KEYS", "SameAddress"]
+__all__ = ["SA_KEYS", "SameAddress", "same_address_first_param", "same_address_key_param"]
+
+
+def same_address_first_param():
+    """The ``same_address_first`` parameter of ``ksm`` and ``pksm``."""
+    return param(False, "what-if: before any tree search, compare the page with the pages at the same virtual address "
+                        "in related processes (same_address_key) and merge on equality")
+
+
+def same_address_key_param():
+    """The ``same_address_key`` parameter of every policy that has the plan."""
+    return param("family", "which pages are related: the same vpn in the fork family; the same offset in a VMA of "
+                           "the same path and length; the same vpn in any process", choices=SA_KEYS)
 
 
 class SameAddress:

@@ -68,7 +68,7 @@ from dataclasses import dataclass
 from ksmtrace.errors import PolicyParamError
 from ksmtrace.policies.base import Params, Policy, param
 from ksmtrace.policies.ksm.runtime import PROFILES, KsmRuntime
-from ksmtrace.policies.sameaddr import SA_KEYS
+from ksmtrace.policies.sameaddr import same_address_first_param, same_address_key_param
 
 
 @dataclass(frozen=True)
@@ -87,11 +87,8 @@ class KsmParams(Params):
     advisor_max_pages_to_scan: int = param(30000, "advisor: maximum pages_to_scan", "pages", minimum=1)
     range_walk: bool = param(False, "the kernel jumps over holes in mergeable VMAs (f5548c318d65: 6.18, 6.12.59+, 5.10.249+); "
                                     "off: every 4 KiB address of a mergeable VMA with an anon_vma is looked up")
-    same_address_first: bool = param(False, "what-if: before any tree search, compare the page with the pages at the same "
-                                            "virtual address in related processes and merge on equality")
-    same_address_key: str = param("family", "same_address_first: which pages are related (fork family at the same vpn; "
-                                            "a VMA of the same path and length at the same offset; any process at the same vpn)",
-                                  choices=SA_KEYS)
+    same_address_first: bool = same_address_first_param()
+    same_address_key: str = same_address_key_param()
 
     def check(self) -> None:
         if self.profile == "3.18":

@@ -287,75 +287,13 @@ def remove_rmap_item_from_tree(E, K, pg):
 
 @njit
 def stable_node_dup(E, K, ch, prune):
+    """KsmRuntime.stable_node_dup (both rules: 6.11+, and up to 6.10 with ``oldchains``)."""
     now = K.sc[D_NOW]
     if prune == 0 or now < K.nd[ch, N_PRUNE] + K.sc[OP + P.stable_node_chains_prune_millisecs] * 1000000:
         prune = 0
     else:
         K.nd[ch, N_PRUNE] = now
-    if K.sc[OP + P.oldchains] == 1:
-        return _stable_node_dup_610(E, K, ch, prune)
-    found = -1
-    found_len = 0
-    d = K.nd[ch, N_DFIRST]
-    while d >= 0:
-        nxt = K.nd[d, N_DNEXT]
-        K.sc[DU + U_SNODE] += 1
-        if not _node_alive(E, K, d):
-            remove_node_from_stable_tree(K, d)
-            d = nxt
-            continue
-        if found < 0 or (_candidate(K, d, 0) and ((not _candidate(K, found, 0)) or K.nd[d, N_LEN] > found_len)):
-            found = d
-            found_len = K.nd[d, N_LEN]
-            if prune == 0 and _candidate(K, found, 0):
-                break
-        d = nxt
-    c = K.nd[ch, N_CID]
-    if found >= 0:
-        if K.nd[ch, N_NDUPS] == 1:  # collapse the chain into a plain node
-            _collapse(K, ch, found)
-        elif K.nd[ch, N_DFIRST] != found and _candidate(K, found, 1):
-            _to_head(K, ch, found)
-    else:  # free_stable_node_chain
-        if K.ct[c, C_ROOT] == ch:
-            K.ct[c, C_ROOT] = -1
-            K.sc[S_STCOUNT] -= 1
-        K.sc[S_CHAINS] -= 1
-        _free_node(K, ch)
-    return found
-
-
-@njit
-def _collapse(K, ch, found):
-    """A chain of one dup becomes that plain node."""
-    K.ct[K.nd[ch, N_CID], C_ROOT] = found
-    K.nd[found, N_KIND] = K_PLAIN
-    K.nd[found, N_CHAIN] = -1
-    K.nd[found, N_DNEXT] = -1
-    K.nd[found, N_DPREV] = -1
-    _free_node(K, ch)
-    K.sc[S_CHAINS] -= 1
-    K.sc[S_DUPS] -= 1
-
-
-@njit
-def _to_head(K, ch, found):
-    """Move dup ``found`` to the head of its chain."""
-    p = K.nd[found, N_DPREV]
-    n = K.nd[found, N_DNEXT]
-    K.nd[p, N_DNEXT] = n
-    if n >= 0:
-        K.nd[n, N_DPREV] = p
-    first = K.nd[ch, N_DFIRST]
-    K.nd[found, N_DNEXT] = first
-    K.nd[found, N_DPREV] = -1
-    K.nd[first, N_DPREV] = found
-    K.nd[ch, N_DFIRST] = found
-
-
-@njit
-def _stable_node_dup_610(E, K, ch, prune):
-    """stable_node_dup up to 6.10 (KsmRuntime._stable_node_dup_610)."""
+    old = K.sc[OP + P.oldchains] == 1
     found = -1
     found_len = 0
     nr = 0
@@ -368,23 +306,44 @@ def _stable_node_dup_610(E, K, ch, prune):
             d = nxt
             continue
         nr += 1
-        if _candidate(K, d, 0) and (found < 0 or K.nd[d, N_LEN] > found_len):
+        cand = _candidate(K, d, 0)
+        if old:
+            better = cand and (found < 0 or K.nd[d, N_LEN] > found_len)
+        else:
+            better = found < 0 or (cand and ((not _candidate(K, found, 0)) or K.nd[d, N_LEN] > found_len))
+        if better:
             found = d
             found_len = K.nd[d, N_LEN]
-            if prune == 0:
+            if prune == 0 and _candidate(K, found, 0):
                 break
         d = nxt
+    c = K.nd[ch, N_CID]
     if found >= 0:
-        if prune != 0 and nr == 1:
-            _collapse(K, ch, found)
-        elif K.nd[ch, N_DFIRST] != found and _candidate(K, found, 1):
-            _to_head(K, ch, found)
+        collapse = (prune != 0 and nr == 1) if old else K.nd[ch, N_NDUPS] == 1
+        if collapse:  # the chain becomes the plain node
+            K.ct[c, C_ROOT] = found
+            K.nd[found, N_KIND] = K_PLAIN
+            K.nd[found, N_CHAIN] = -1
+            K.nd[found, N_DNEXT] = -1
+            K.nd[found, N_DPREV] = -1
+            _free_node(K, ch)
+            K.sc[S_CHAINS] -= 1
+            K.sc[S_DUPS] -= 1
+        elif K.nd[ch, N_DFIRST] != found and _candidate(K, found, 1):  # move it to the head
+            p = K.nd[found, N_DPREV]
+            n = K.nd[found, N_DNEXT]
+            K.nd[p, N_DNEXT] = n
+            if n >= 0:
+                K.nd[n, N_DPREV] = p
+            first = K.nd[ch, N_DFIRST]
+            K.nd[found, N_DNEXT] = first
+            K.nd[found, N_DPREV] = -1
+            K.nd[first, N_DPREV] = found
+            K.nd[ch, N_DFIRST] = found
         return found
-    first = K.nd[ch, N_DFIRST]
-    if first >= 0:  # stable_node_dup_any: every dup is full
-        return first
-    c = K.nd[ch, N_CID]  # free_stable_node_chain
-    if K.ct[c, C_ROOT] == ch:
+    if old and K.nd[ch, N_DFIRST] >= 0:  # stable_node_dup_any: every dup is full
+        return K.nd[ch, N_DFIRST]
+    if K.ct[c, C_ROOT] == ch:  # free_stable_node_chain
         K.ct[c, C_ROOT] = -1
         K.sc[S_STCOUNT] -= 1
     K.sc[S_CHAINS] -= 1

@@ -384,47 +384,17 @@ class KsmRuntime(Daemon):
 
         6.11+: the best dup, a candidate if there is one; a chain left with one dup collapses into
         a plain node at every lookup (``hlist_is_singular_node``); an empty chain is freed here.
+        Up to 6.10 (``old_chains``): only a dup below the sharing limit is chosen (the fullest when
+        pruning, else the first); the chain collapses only when a pruning lookup found exactly one
+        live dup (``prune_stale_stable_nodes && nr == 1``); with no candidate the caller took
+        ``stable_node_dup_any``: the first dup (not a candidate: the search misses), or, if every
+        dup was stale, the chain is freed and the search starts again.
         """
         if not prune or self.now < chain.prune_time + self.p.stable_node_chains_prune_millisecs * 1_000_000:
             prune = False
         else:
             chain.prune_time = self.now
-        if self.old_chains:
-            return self._stable_node_dup_610(chain, prune)
-        found = None
-        found_len = 0
-        for dup in list(chain.dups):
-            self.charge("stable_node_visits")
-            if not self._node_alive(dup):
-                self.remove_node_from_stable_tree(dup)
-                continue
-            if found is None or (self.is_page_sharing_candidate(dup) and (not self.is_page_sharing_candidate(found) or len(dup.hlist) > found_len)):
-                found = dup
-                found_len = len(dup.hlist)
-                if not prune and self.is_page_sharing_candidate(found):
-                    break
-        if found is not None:
-            if len(chain.dups) == 1:  # collapse the chain into a plain node
-                self.stable[chain.cid] = found
-                found.chain = None
-                chain.dups = []
-                self.chains -= 1
-                self.dups -= 1
-            elif chain.dups[0] is not found and self.is_page_sharing_candidate(found, 1):
-                chain.dups.remove(found)
-                chain.dups.insert(0, found)
-        else:  # free_stable_node_chain
-            if self.stable.get(chain.cid) is chain:
-                del self.stable[chain.cid]
-            self.chains -= 1
-        return found
-
-    def _stable_node_dup_610(self, chain: StableChain, prune: bool):
-        """``stable_node_dup`` up to 6.10: only a dup below the sharing limit is ever chosen (the
-        fullest one when pruning, else the first); the chain collapses only when pruning found
-        exactly one live dup (``prune_stale_stable_nodes && nr == 1``).  With no candidate the
-        caller takes ``stable_node_dup_any``: the first dup (not a candidate: the search misses),
-        or, if every dup was stale, frees the chain and searches again."""
+        old = self.old_chains
         found = None
         found_len = 0
         nr = 0
@@ -434,13 +404,18 @@ class KsmRuntime(Daemon):
                 self.remove_node_from_stable_tree(dup)
                 continue
             nr += 1
-            if self.is_page_sharing_candidate(dup) and (found is None or len(dup.hlist) > found_len):
+            cand = self.is_page_sharing_candidate(dup)
+            if old:
+                better = cand and (found is None or len(dup.hlist) > found_len)
+            else:
+                better = found is None or (cand and (not self.is_page_sharing_candidate(found) or len(dup.hlist) > found_len))
+            if better:
                 found = dup
                 found_len = len(dup.hlist)
-                if not prune:
+                if not prune and self.is_page_sharing_candidate(found):
                     break
         if found is not None:
-            if prune and nr == 1:  # collapse the chain into a plain node
+            if (prune and nr == 1) if old else len(chain.dups) == 1:  # collapse the chain into a plain node
                 self.stable[chain.cid] = found
                 found.chain = None
                 chain.dups = []
@@ -450,7 +425,7 @@ class KsmRuntime(Daemon):
                 chain.dups.remove(found)
                 chain.dups.insert(0, found)
             return found
-        if chain.dups:  # stable_node_dup_any: all dups are full
+        if old and chain.dups:  # stable_node_dup_any: every dup is full
             return chain.dups[0]
         if self.stable.get(chain.cid) is chain:  # free_stable_node_chain
             del self.stable[chain.cid]

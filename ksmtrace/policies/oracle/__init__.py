@@ -22,7 +22,7 @@ import numpy as np
 from ksmtrace.engine.api import EV_APPEAR, EV_WRITE, RunContext
 from ksmtrace.engine.daemon import NoDaemon
 from ksmtrace.policies.base import Params, Policy, param
-from ksmtrace.policies.sameaddr import SA_KEYS, SameAddress
+from ksmtrace.policies.sameaddr import SameAddress, same_address_key_param
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,7 @@ class OracleParams(Params):
     same_address_only: bool = param(False, "bound of the same-address plan: merge only pages of equal content at the same "
                                            "virtual address in related processes (same_address_key); zero pages too, as "
                                            "any content, instead of mapping them to the zero page")
-    same_address_key: str = param("family", "same_address_only: which pages are related (fork family at the same vpn; "
-                                            "a VMA of the same path and length at the same offset; any process at the same vpn)",
-                                  choices=SA_KEYS)
+    same_address_key: str = same_address_key_param()
 
 
 def merge_keys(params, ctx: RunContext) -> tuple[np.ndarray | None, int]:

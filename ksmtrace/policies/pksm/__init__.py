@@ -81,7 +81,7 @@ from dataclasses import dataclass
 
 from ksmtrace.policies.base import Params, Policy, param
 from ksmtrace.policies.pksm.runtime import PksmRuntime
-from ksmtrace.policies.sameaddr import SA_KEYS
+from ksmtrace.policies.sameaddr import same_address_first_param, same_address_key_param
 
 
 @dataclass(frozen=True)
@@ -94,11 +94,8 @@ class PksmParams(Params):
     track_cow_pages: bool = param(False, "quirk switch: register COW copies as new pages (False = only do_anonymous_page registers)")
     anon_vma_walk: bool = param(True, "quirk switch: the rmap walk visits every VMA of the page's anon_vma and drops the page "
                                       "at the first that does not map it (pksm_rmap_walk); False = only the page's mappings")
-    same_address_first: bool = param(False, "what-if: before any tree search, compare the page with the pages at the same "
-                                            "virtual address in related processes and merge on equality")
-    same_address_key: str = param("family", "same_address_first: which pages are related (fork family at the same vpn; "
-                                            "a VMA of the same path and length at the same offset; any process at the same vpn)",
-                                  choices=SA_KEYS)
+    same_address_first: bool = same_address_first_param()
+    same_address_key: str = same_address_key_param()
 
 
 class PKSM(Policy):
