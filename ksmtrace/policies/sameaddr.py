@@ -46,9 +46,12 @@ class SameAddress:
     def __init__(self, ctx, on: bool, key: str) -> None:
         prep = ctx.prep
         n = max(int(prep.n_pages), 1)
-        self.cls = np.full(n, -1, np.int64)
-        self.off = np.zeros(n + 2, np.int64)
-        self.mem = np.zeros(n, np.int64)
+        # one buffer (a kernel takes it as one array): cls [n], off [n + 2], mem [n]
+        self.buf = np.zeros(3 * n + 2, np.int64)
+        self.cls = self.buf[:n]
+        self.off = self.buf[n: 2 * n + 2]
+        self.mem = self.buf[2 * n + 2:]
+        self.cls[:] = -1
         self.key = key
         self.prep = prep
         self.on = bool(on) and ctx.trace is not None and prep.n_pages > 0

@@ -67,10 +67,12 @@ K_FREE, K_PLAIN, K_DUP, K_CHAIN = 0, 1, 2, 3
 PF_AHEAD = 12  # pages ahead whose frame and content rows are prefetched
 F_NONE, F_UNSTABLE, F_STABLE = 0, 1, 2
 
-KsmState = namedtuple("KsmState", ["it", "nd", "ct", "fn", "mm", "sc", "hg", "ht", "sa_cls", "sa_off", "sa_mem"])
+KsmState = namedtuple("KsmState", ["it", "nd", "ct", "fn", "mm", "sc"])
+# (the holes and the same-address classes are separate arguments of the calls that read them: every
+# array of K is passed, and reference counted, at each non-inlined call that takes K)
 
 
-def new_state(prep, params, ctx, n_frames: int, holes, same) -> KsmState:
+def new_state(prep, params, ctx, n_frames: int) -> KsmState:
     n, c, f, np_ = prep.n_pages, prep.n_cids, n_frames, prep.n_procs
     cap = 2 * n + 16
     it = np.zeros((n, 10), np.int32)  # int32 halves the scan's memory traffic
@@ -99,8 +101,7 @@ def new_state(prep, params, ctx, n_frames: int, holes, same) -> KsmState:
     sc[S_PTS] = params.advisor_min_pages_to_scan if params.advisor_mode == "scan-time" else params.pages_to_scan
     sc[D_IDLE] = 1
     sc[S_NFREE] = cap
-    return KsmState(it=it, nd=nd, ct=ct, fn=np.full(f, -1, np.int64), mm=mm, sc=sc, hg=holes.gap, ht=holes.tail,
-                    sa_cls=same.cls, sa_off=same.off, sa_mem=same.mem)
+    return KsmState(it=it, nd=nd, ct=ct, fn=np.full(f, -1, np.int64), mm=mm, sc=sc)
 
 
 # --- small helpers --------------------------------------------------------------------------------
@@ -529,17 +530,17 @@ def _merge_two(E, K, pg, tpg, tpg_item):
 
 
 @njit
-def _same_address_merge(E, K, pg):
+def _same_address_merge(E, K, sa_cls, sa_off, sa_mem, pg):
     """same_address_first (KsmRuntime.same_address_merge): True if the visit ends here."""
     epg = E.pg
     c = epg[pg, P_CID]
     f = epg[pg, P_FRAME]
     proc = epg[pg, P_PROC]
-    cls = K.sa_cls[pg]
+    cls = sa_cls[pg]
     if cls < 0:
         return False
-    for j in range(K.sa_off[cls], K.sa_off[cls + 1]):
-        q = K.sa_mem[j]
+    for j in range(sa_off[cls], sa_off[cls + 1]):
+        q = sa_mem[j]
         if q == pg or epg[q, P_PROC] == proc:
             continue
         if not _scannable(E, q):
@@ -615,13 +616,13 @@ def _advisor(K):
 
 
 @njit
-def _end_of_mm(E, K, proc, head):
+def _end_of_mm(E, K, ht, proc, head):
     """Free an exited mm's items and slot, move the cursor on; True at the end of a full scan."""
     mm = K.mm
     it = K.it
     sc = K.sc
     if mm[proc, M_EXITED] == 0:
-        sc[DU + U_WALKED] += K.ht[proc]  # holes after the mm's last page (no range walk)
+        sc[DU + U_WALKED] += ht[proc]  # holes after the mm's last page (no range walk)
     if mm[proc, M_EXITED] == 1:
         for q in range(mm[proc, M_LO], mm[proc, M_HI]):
             if it[q, I_ALLOC] == 1:
@@ -654,24 +655,16 @@ def _start_scan(K, head):
 
 
 @njit
-def _zero_or_stable(E, K, pg, neworder):
-    """The rare part of cmp_and_merge_page between the gate and the unstable tree: the zero page,
-    the same-address shortcut and the stable tree.  Returns True if the visit ends here."""
-    if neworder:
-        if _merge_with_zero_page(E, K, pg):
-            return True
-        if not _scannable(E, pg):
-            return True
-        if K.sc[OP + P.same_address_first] == 1 and _same_address_merge(E, K, pg):
-            return True
-        return _stable_merge(E, K, pg)
-    if _stable_merge(E, K, pg):
+def _zero_then_scannable(E, K, pg):
+    """6.11: the zero page after the gate.  True if the visit ends here (merged, or the split took
+    the page)."""
+    if _merge_with_zero_page(E, K, pg):
         return True
-    return False
+    return not _scannable(E, pg)
 
 
 @njit(cache=True)
-def run_until(E, K, t_end):
+def run_until(E, K, hg, ht, sa_cls, sa_off, sa_mem, t_end):
     """ksmd's loop from the next wake-up until ``t_end``.
 
     The per-visit path (scan_get_next_rmap_item, should_skip_rmap_item, cmp_and_merge_page up to
@@ -684,7 +677,6 @@ def run_until(E, K, t_end):
     fn = K.fn
     mm = K.mm
     sc = K.sc
-    hg = K.hg
     head = mm.shape[0] - 1
     smart = sc[OP + P.smart_scan] == 1 and sc[OP + P.v318] == 0
     neworder = sc[OP + P.neworder] == 1
@@ -764,7 +756,7 @@ def run_until(E, K, t_end):
                         q += 1
                 if pg >= 0:
                     break
-                if _end_of_mm(E, K, proc, head):
+                if _end_of_mm(E, K, ht, proc, head):
                     break
             if pg < 0:
                 break
@@ -786,14 +778,18 @@ def run_until(E, K, t_end):
                 if it[pg, I_OLD] != c:
                     it[pg, I_OLD] = c
                     continue
-                if (use_zero and c == 0) or ct[c, C_ROOT] >= 0 or same:
-                    if _zero_or_stable(E, K, pg, True):
+                if use_zero and c == 0 and _zero_then_scannable(E, K, pg):
+                    continue
+                if same and _same_address_merge(E, K, sa_cls, sa_off, sa_mem, pg):
+                    continue
+                if ct[c, C_ROOT] >= 0:
+                    if _stable_merge(E, K, pg):
                         continue
                 else:
                     sc[DU + U_SNODE] += _bitlen(sc[S_STCOUNT])  # a descent that finds nothing
             else:
                 if ct[c, C_ROOT] >= 0:
-                    if _zero_or_stable(E, K, pg, False):
+                    if _stable_merge(E, K, pg):
                         continue
                 else:
                     sc[DU + U_SNODE] += _bitlen(sc[S_STCOUNT])
@@ -802,12 +798,9 @@ def run_until(E, K, t_end):
                 if it[pg, I_OLD] != c:
                     it[pg, I_OLD] = c
                     continue
-                if use_zero and c == 0:
-                    if _merge_with_zero_page(E, K, pg):
-                        continue
-                    if not _scannable(E, pg):
-                        continue
-                if same and _same_address_merge(E, K, pg):
+                if use_zero and c == 0 and _zero_then_scannable(E, K, pg):
+                    continue
+                if same and _same_address_merge(E, K, sa_cls, sa_off, sa_mem, pg):
                     continue
             # ---- unstable_tree_search_insert ----
             sc[DU + U_UNODE] += _bitlen(sc[S_UNCOUNT])
@@ -845,7 +838,7 @@ class KsmKernel(KernelRuntime):
         self.holes = Holes(ctx, not params.range_walk)
         self.forks = fork_registrations(ctx)
         self.same = SameAddress(ctx, params.same_address_first, params.same_address_key)
-        self.K = new_state(ctx.prep, params, ctx, self.E.fr.shape[0], self.holes, self.same)
+        self.K = new_state(ctx.prep, params, ctx, self.E.fr.shape[0])
         self.sc = self.K.sc
         self.v318 = params.profile == "3.18"
 
@@ -865,11 +858,15 @@ class KsmKernel(KernelRuntime):
         mm = self.K.mm
         while self.forks and self.forks[0][0] < t_end:  # ksm_fork: see KsmRuntime.run_until
             t, child, parent = self.forks.pop(0)
-            run_until(self.E, self.K, np.int64(t))
+            self._run(t)
             if mm[parent, M_IN] and not mm[parent, M_EXITED] and not mm[child, M_IN]:
                 ksm_enter(self.K, child, np.int64(t))
-        run_until(self.E, self.K, np.int64(t_end))
+        self._run(t_end)
         self.check()
+
+    def _run(self, t: int) -> None:
+        h, sa = self.holes, self.same
+        run_until(self.E, self.K, h.gap, h.tail, sa.cls, sa.off, sa.mem, np.int64(t))
 
     def counters(self) -> dict:
         sc = self.sc

@@ -97,24 +97,34 @@ ITEM_ROW = np.array([ITEM_FILL.get(n, 0) for n in ITEM_FIELDS], np.int64)
 PF_FAR = 16
 PF_NEAR = 8
 
-PksmState = namedtuple("PksmState", ["IT", "PG", "FR", "KY", "fl", "sc", "AV", "SA"])
-# same_address_first: the class of every page and the pages of each class (SameAddress)
-SameAddr = namedtuple("SameAddr", ["cls", "off", "mem"])
-# the anon_vma walk's view of the trace (AnonVmaWalk, ksmtrace.trace.addrspace), and two scratch
-# buffers: the walk's pages and the tree's rows
-AnonVma = namedtuple("AnonVma", ["off", "start", "end", "snap", "proc", "group", "blocked", "desc_off", "desc",
-                                 "grow_off", "grow", "rank", "snap_map", "page_vpn", "pages", "rows"])
+PksmState = namedtuple("PksmState", ["IT", "PG", "FR", "KY", "fl", "sc", "VR", "VI", "VB", "SA"])
+# The anon_vma walk's view of the trace (AnonVmaWalk, ksmtrace.trace.addrspace) packed into three
+# arrays — every array of S is passed, and reference counted, at each merge call: ``VR`` one row
+# per VMA row (start, end, snapshot, process, lineage group, blocked); ``VI`` a header of 9 section
+# offsets, then the (snapshot, process) row offsets, the groups' tree CSR, the groups' rows CSR,
+# process ranks, the prepared snapshots' trace snapshots and every page's vpn; ``VB`` scratch: the
+# walk's pages, then the tree's rows (VB[0]: where those start).  ``SA``: SameAddress.buf.
+V_START, V_END, V_SNAP, V_PROC, V_GROUP, V_BLOCKED = range(6)
 
 
-def _anon_vma(walk: AnonVmaWalk, prep) -> AnonVma:
-    z = np.zeros(1, np.int64)
-    if not walk.on:
-        return AnonVma(z, z, z, z, z, z, z, z, z, z, z, z, z, z, np.zeros(prep.n_pages + 8, np.int64), z)
-    a = walk.asp
-    per_snap = np.bincount(a.snap, minlength=1)
-    return AnonVma(a.off, a.start, a.end, a.snap, a.proc, a.group, walk.blocked, a.desc_off, a.desc, a.grow_off,
-                   a.grow, a.proc_rank, walk.snap, prep.page_vpn.astype(np.int64),
-                   np.zeros(prep.n_pages + 8, np.int64), np.zeros(int(per_snap.max()) + 8, np.int64))
+def _anon_vma(walk: AnonVmaWalk, prep) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    vpn = prep.page_vpn.astype(np.int64)
+    if walk.on:
+        a = walk.asp
+        vr = np.stack([a.start, a.end, a.snap, a.proc, a.group, walk.blocked], axis=1).astype(np.int64)
+        parts = [a.off, a.desc_off, a.desc, a.grow_off, a.grow, a.proc_rank, walk.snap, vpn]
+        n_rows = int(np.bincount(a.snap, minlength=1).max())
+    else:
+        vr = np.zeros((1, 6), np.int64)
+        z = np.zeros(1, np.int64)
+        parts = [z, z, z, z, z, z, z, vpn]
+        n_rows = 0
+    head = np.cumsum([9] + [len(x) for x in parts])
+    vi = np.concatenate([head, *[np.asarray(x, np.int64) for x in parts]])
+    n_pages = prep.n_pages + 8
+    vb = np.zeros(1 + n_pages + n_rows + 8, np.int64)
+    vb[0] = 1 + n_pages
+    return vr, vi, vb
 
 
 def _items(cap: int) -> np.ndarray:
@@ -128,6 +138,7 @@ def new_state(prep, params, ctx, probation, n_keys: int, zero_key: int, walk: An
     pa = params_array(params, P, {"delay": probation is not None, "probation_passes": rule.passes,
                                   "probation_ns": rule.ns, "restart": rule.restart, "hz": ctx.hz,
                                   "zero_key": zero_key, "walk_on": walk.on})
+    vr, vi, vb = _anon_vma(walk, prep)
     n_loc = 2 * int(params.pages_to_scan) + 8
     sc = new_block(N_SCALARS, len(P), ctx, extra=n_loc + 2 * np_)
     o_loc = OP + len(P)
@@ -148,8 +159,7 @@ def new_state(prep, params, ctx, probation, n_keys: int, zero_key: int, walk: An
     FR[:, R_FR_KSM] = 0
     return PksmState(
         IT=_items(cap), PG=PG, FR=FR, KY=np.full((n_keys, len(KEY_FIELDS)), -1, np.int64),
-        fl=np.arange(cap - 1, -1, -1, dtype=np.int64), sc=sc, AV=_anon_vma(walk, prep),
-        SA=SameAddr(same.cls, same.off, same.mem),
+        fl=np.arange(cap - 1, -1, -1, dtype=np.int64), sc=sc, VR=vr, VI=vi, VB=vb, SA=same.buf,
     )
 
 
@@ -419,7 +429,11 @@ def on_snapshot(E, S, pgs, kinds, keys, now):
             if mv >= 0:
                 _item_page_freed(IT, fl, sc, mv)
     if sc[OP + P.walk_on] == 1:  # the origin of the items registered now (PksmRuntime._set_origin)
-        A = S.AV
+        VR = S.VR
+        VI = S.VI
+        rank = VI[VI[5]:VI[6]]
+        smap = VI[VI[6]:VI[7]]
+        vpn = VI[VI[7]:VI[8]]
         for i in range(n):
             k = kinds[i]
             pg = pgs[i]
@@ -432,13 +446,14 @@ def on_snapshot(E, S, pgs, kinds, keys, now):
             best = -1
             q = FR[f, R_FR_HEAD]
             while q >= 0:
-                if best < 0 or A.rank[epg[q, P_PROC]] < A.rank[epg[best, P_PROC]] or (
-                        A.rank[epg[q, P_PROC]] == A.rank[epg[best, P_PROC]] and q < best):
+                if best < 0 or rank[epg[q, P_PROC]] < rank[epg[best, P_PROC]] or (
+                        rank[epg[q, P_PROC]] == rank[epg[best, P_PROC]] and q < best):
                     best = q
                 q = PG[q, G_PG_NEXT]
             IT[it, I_IT_ORIGIN] = best
-            r = _row_at(A.off, A.start, A.end, sc[S_NPROC], A.snap_map[sc[S_SNAP]], epg[best, P_PROC], A.page_vpn[best])
-            IT[it, I_IT_GROUP] = A.group[r] if r >= 0 else -1
+            r = _row_at(VI[VI[0]:VI[1]], VR[:, V_START], VR[:, V_END], sc[S_NPROC], smap[sc[S_SNAP]], epg[best, P_PROC],
+                        vpn[best])
+            IT[it, I_IT_GROUP] = VR[r, V_GROUP] if r >= 0 else -1
 
 
 # --- trees ---------------------------------------------------------------------------------------------
@@ -500,35 +515,37 @@ def _key(IT, PG, FR, it):
 
 
 @njit
-def _rmap_walk(IT, PG, FR, sc, A, f):
+def _rmap_walk(IT, PG, FR, sc, VR, VI, VB, f):
     """pksm_rmap_walk over physical page f (PksmRuntime._rmap_walk): the mappings it visits go to
-    ``A.pages``; returns (how many, whether the walk ends in success)."""
-    out = A.pages
+    the scratch ``VB``; returns (how many, whether the walk ends in success)."""
+    out = VB[1: VB[0]]
     n = 0
     it = FR[f, R_FR_ITEM]
     g = IT[it, I_IT_GROUP] if it >= 0 else -1
     if sc[OP + P.walk_on] == 1 and g >= 0:
-        v = A.page_vpn[IT[it, I_IT_ORIGIN]]
-        m = tree_rows(A.desc_off, A.desc, A.grow_off, A.grow, A.start, A.snap, A.proc, A.rank,
-                      A.snap_map[sc[S_SNAP]], g, A.rows)
+        vpn = VI[VI[7]:VI[8]]
+        v = vpn[IT[it, I_IT_ORIGIN]]
+        rows = VB[VB[0]:]
+        m = tree_rows(VI[VI[1]:VI[2]], VI[VI[2]:VI[3]], VI[VI[3]:VI[4]], VI[VI[4]:VI[5]], VR[:, V_START], VR[:, V_SNAP],
+                      VR[:, V_PROC], VI[VI[5]:VI[6]], VI[VI[6] + sc[S_SNAP]], g, rows)
         op = sc[S_OPROC]
         npr = sc[S_NPROC]
         for k in range(m):
-            r = A.rows[k]
-            if A.blocked[r] == 1:  # vma_can_enter fails
+            r = rows[k]
+            if VR[r, V_BLOCKED] == 1:  # vma_can_enter fails
                 return n, n > 0
             q = -1
-            if A.start[r] <= v and v < A.end[r]:
-                pr = A.proc[r]
+            if VR[r, V_START] <= v and v < VR[r, V_END]:
+                pr = VR[r, V_PROC]
                 lo = sc[op + pr]
                 hi = sc[op + npr + pr]
                 while lo < hi:  # the page id of (pr, v)
                     mid = (lo + hi) // 2
-                    if A.page_vpn[mid] < v:
+                    if vpn[mid] < v:
                         lo = mid + 1
                     else:
                         hi = mid
-                if lo < sc[op + npr + pr] and A.page_vpn[lo] == v:
+                if lo < sc[op + npr + pr] and vpn[lo] == v:
                     q = lo
             if q < 0 or PG[q, G_PG_FRAME] != f:
                 return n, False
@@ -550,11 +567,12 @@ def _rmap_walk(IT, PG, FR, sc, A, f):
 
 
 @njit(inline="always")
-def _remap_all(E, IT, PG, FR, fl, sc, A, f, target):
+def _remap_all(E, IT, PG, FR, fl, sc, S, f, target):
     """rmap walk of page f onto KSM page target (0: the zero page): (PTEs replaced, equal, walk ok).
     Inlined into the three merges below, so that a merge is one call from ksm_do_scan."""
     epg = E.pg
-    nw, ok = _rmap_walk(IT, PG, FR, sc, A, f)
+    nw, ok = _rmap_walk(IT, PG, FR, sc, S.VR, S.VI, S.VB, f)
+    pages = S.VB[1: S.VB[0]]
     first = FR[f, R_FR_HEAD]
     pr = epg[first, P_PROC]
     op = sc[S_OPROC]
@@ -567,7 +585,7 @@ def _remap_all(E, IT, PG, FR, fl, sc, A, f, target):
     done = 0
     now = sc[D_NOW]
     for j in range(nw):
-        q = A.pages[j]
+        q = pages[j]
         sc[DU + U_WP] += 1
         if target == 0:
             sc[DU + U_ZCHECK] += 1
@@ -593,7 +611,7 @@ def _remap_all(E, IT, PG, FR, fl, sc, A, f, target):
 def _merge_zero(E, S, f):
     """The sampled hash is the zero page's: SUCCESS, or -1 to go on to the trees."""
     sc = S.sc
-    nz, equal, ok = _remap_all(E, S.IT, S.PG, S.FR, S.fl, sc, S.AV, f, 0)
+    nz, equal, ok = _remap_all(E, S.IT, S.PG, S.FR, S.fl, sc, S, f, 0)
     sc[S_ZSHARING] += nz
     if ok and equal:
         return SUCCESS
@@ -610,7 +628,7 @@ def _merge_stable(E, S, f, t):
     """A stable tree item ``t`` has the key: map the page onto it."""
     IT = S.IT
     sc = S.sc
-    nm, equal, ok = _remap_all(E, IT, S.PG, S.FR, S.fl, sc, S.AV, f, IT[t, I_IT_FRAME])
+    nm, equal, ok = _remap_all(E, IT, S.PG, S.FR, S.fl, sc, S, f, IT[t, I_IT_FRAME])
     if not ok:  # the walk failed: PTEs replaced so far stay, the page is dropped
         sc[S_SHARING] += nm
         IT[t, I_IT_MAP] += nm
@@ -632,15 +650,18 @@ def _same_address_merge(E, S, it, f, key):
     IT = S.IT
     FR = S.FR
     sc = S.sc
-    A = S.SA
+    n_pg = S.PG.shape[0]
+    sa_cls = S.SA[:n_pg]
+    sa_off = S.SA[n_pg: 2 * n_pg + 2]
+    sa_mem = S.SA[2 * n_pg + 2:]
     pg = FR[f, R_FR_HEAD]
     c = epg[pg, P_CID]
     proc = epg[pg, P_PROC]
-    cls = A.cls[pg]
+    cls = sa_cls[pg]
     if cls < 0:
         return -1
-    for j in range(A.off[cls], A.off[cls + 1]):
-        q = A.mem[j]
+    for j in range(sa_off[cls], sa_off[cls + 1]):
+        q = sa_mem[j]
         if q == pg or epg[q, P_PROC] == proc:
             continue
         if epg[q, P_CID] < 0 or epg[q, P_FRAME] == 0:
@@ -678,14 +699,14 @@ def _merge_unstable(E, S, it, f, t, key):
     pr = epg[head, P_PROC]
     op = sc[S_OPROC]
     st.split_thp(E, head, sc[op + pr], sc[op + sc[S_NPROC] + pr], False)
-    nw, ok = _rmap_walk(IT, PG, FR, sc, S.AV, f)
+    nw, ok = _rmap_walk(IT, PG, FR, sc, S.VR, S.VI, S.VB, f)
     sc[DU + U_WP] += nw
     if nw > 0:
         st.stabilize(E, FR[f, R_FR_HEAD])
         FR[f, R_FR_KSM] = 1
     if not ok:
         return DROP
-    nm, equal, ok = _remap_all(E, IT, PG, FR, S.fl, sc, S.AV, tf, f)
+    nm, equal, ok = _remap_all(E, IT, PG, FR, S.fl, sc, S, tf, f)
     if not equal:
         sc[S_COLL] += 1
     sc[S_SHARING] += nm
