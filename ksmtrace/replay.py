@@ -25,6 +25,54 @@ from ksmtrace.progress import ProgressFn, make
 from ksmtrace.results import RunResult, make_run_id
 
 ENGINES = ("fast", "reference")
+AUTO = "auto"
+
+
+def choose_scope(trace) -> tuple[str, str]:
+    """The scope every policy is replayed under when none is given, and why.
+
+    ``recorded`` (the pages of mergeable VMAs: what ksmd scans) when the trace holds any such page;
+    else ``anon`` (every private anonymous page: what KSM would scan if the processes opted in with
+    ``madvise(MADV_MERGEABLE)`` or ``prctl(PR_SET_MEMORY_MERGE)``).  One scope for every policy, so
+    that their savings and the oracle's are counted over the same pages."""
+    rec = trace.prepare("recorded")
+    n_rec = int(rec.base_pages.max()) if rec.n_snaps else 0
+    if n_rec > 0:
+        procs = int(np.count_nonzero(np.bincount(rec.page_proc, minlength=rec.n_procs) > 0)) if rec.n_pages else 0
+        return "recorded", (f"scope recorded: up to {n_rec:,} pages in mergeable VMAs (madvise/prctl) of {procs} "
+                            f"traced process{'es' if procs != 1 else ''}, what ksmd scans")
+    anon = trace.prepare("anon")
+    n_anon = int(anon.base_pages.max()) if anon.n_snaps else 0
+    return "anon", (f"scope anon: no traced page is in a mergeable VMA (no madvise(MADV_MERGEABLE) or "
+                    f"prctl(PR_SET_MEMORY_MERGE)), so every private anonymous page ({n_anon:,} at most) is a candidate: "
+                    "what KSM would scan if the processes opted in")
+
+
+def resolve_scope(trace, scope: str | None) -> tuple[str, str]:
+    """``scope`` as given (``recorded`` or ``anon``), or :func:`choose_scope` for ``auto``/None."""
+    if scope in (None, AUTO):
+        return choose_scope(trace)
+    return scope, f"scope {scope}: as given"
+
+
+def trace_params(trace, policy: str | Policy | type[Policy], params: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """``params`` plus what the trace implies for ``policy`` and the caller did not set, and why:
+    a policy with a kernel ``profile`` parameter (``ksm``) gets the profile of the traced kernel
+    (:func:`ksmtrace.fidelity.groundtruth.kernel_profile`) when the trace names its kernel
+    release.  The commands (replay, compare, sweep, frontier, advise, demo) apply it; the library's
+    :func:`replay` replays exactly the parameters it is given."""
+    from ksmtrace.fidelity.groundtruth import kernel_profile
+
+    out = dict(params or {})
+    notes: list[str] = []
+    cls = type(policy) if isinstance(policy, Policy) else (get_policy(policy) if isinstance(policy, str) else policy)
+    table = {p["name"]: p for p in cls.parameter_table()}
+    if "profile" in table and "profile" not in out:
+        prof, why = kernel_profile(trace)
+        if prof is not None and table["profile"]["choices"] and prof in table["profile"]["choices"]:
+            out["profile"] = prof
+            notes.append(f"{cls.name} profile {prof}: {why}")
+    return out, notes
 
 
 def make_policy(policy: str | Policy | type[Policy], params: Mapping[str, Any] | None = None) -> Policy:
@@ -53,12 +101,14 @@ def replay(
     """Replay ``trace`` (a :class:`~ksmtrace.trace.reader.Trace`) through ``policy``.
 
     ``engine``: ``fast`` (default) or ``reference`` (the page-by-page executable spec).
-    ``scope``: ``recorded`` or ``anon`` (default: the policy's).  ``timing_cost``: the cost model
-    the daemon's clock uses (default: the shipped one).  ``start_s``: when the daemon starts,
-    in seconds after the first snapshot.  ``hz``: tick rate for sleep quantisation (default:
+    ``scope``: ``recorded`` or ``anon`` (default: the policy's; ``auto``: :func:`choose_scope`).
+    ``timing_cost``: the cost model the daemon's clock uses (default: the shipped one).
+    ``start_s``: when the daemon starts, in seconds after the first snapshot.  ``hz``: tick rate for sleep quantisation (default:
     the traced host's HZ, else 250).
     """
     pol = make_policy(policy, params)
+    if scope == AUTO:
+        scope = choose_scope(trace)[0]
     spec = run_spec(trace, pol, engine=engine, scope=scope, timing_cost=timing_cost, start_s=start_s, hz=hz, seed=seed)
     scope, hz, start_ns = spec["scope"], spec["hz"], spec["start_ns"]
     tcost = resolve_cost_model(timing_cost)
@@ -212,7 +262,10 @@ def compare(
     progress: ProgressFn | None = None,
     **kwargs: Any,
 ) -> list[RunResult]:
-    """Replay several policies on one trace (same scope unless a policy says otherwise)."""
+    """Replay several policies on one trace, all under one scope: ``scope``, or the one
+    :func:`choose_scope` picks (so every saving is counted over the same pages as the oracle's)."""
+    if scope in (None, AUTO):
+        scope = choose_scope(trace)[0]
     out = []
     for item in policies:
         name, params = (item, None) if isinstance(item, str) else item

@@ -70,8 +70,9 @@ BREAKDOWN_DEFINITIONS = {
 def breakdown(source, scope: str | None = None, *, snaps: Iterable[int] | None = None) -> pl.DataFrame:
     """The sharing breakdown of every snapshot (or of ``snaps``) as a DataFrame of frame counts.
 
-    ``source`` is a :class:`~ksmtrace.trace.reader.Trace` (prepared under ``scope``, default
-    ``recorded``) or an already :class:`~ksmtrace.trace.prepare.Prepared` one.  Columns:
+    ``source`` is a :class:`~ksmtrace.trace.reader.Trace` (prepared under ``scope``; default: the
+    one :func:`ksmtrace.replay.choose_scope` picks) or an already
+    :class:`~ksmtrace.trace.prepare.Prepared` one.  Columns:
     :data:`BREAKDOWN_COLUMNS`, defined in :data:`BREAKDOWN_DEFINITIONS` and the module docstring.
     """
     from ksmtrace.trace.prepare import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE, Prepared
@@ -81,7 +82,11 @@ def breakdown(source, scope: str | None = None, *, snaps: Iterable[int] | None =
             raise KsmtraceError(f"breakdown: the prepared trace has scope {source.scope!r}, not {scope!r}")
         prep = source
     elif hasattr(source, "prepare"):
-        prep = source.prepare(scope or "recorded")
+        if scope in (None, "auto"):
+            from ksmtrace.replay import choose_scope
+
+            scope = choose_scope(source)[0]
+        prep = source.prepare(scope)
     else:
         raise KsmtraceError(f"breakdown: expected a trace or a prepared trace, got {type(source).__name__}")
 

@@ -46,11 +46,20 @@ def sweep_cmd(trace, policy, grid_items, out_dir, workers, pareto, dry_run, engi
       ksmtrace sweep my-trace -P pksm-delay -p probation_passes=0:4 -p on_change=restart,keep -o sweeps/delay
       ksmtrace plot sweeps/ksm --kind pareto -o ksm-pareto.png
     """
+    from ksmtrace.replay import resolve_scope, trace_params
     from ksmtrace.sweep import parse_grid, pareto_front, plan_sweep, run_plan, sweep_table, write_sweep_table
+    from ksmtrace.trace.reader import open_trace
 
     grid = parse_grid(grid_items)
+    tr = open_trace(trace)
+    scope, scope_why = resolve_scope(tr, scope)
+    implied, notes = trace_params(tr, policy, {k: None for k in grid})
+    if grid:  # an empty grid is an error plan_sweep reports
+        grid.update({k: [v] for k, v in implied.items() if k not in grid})
     plan = plan_sweep(trace, policy, grid, out_dir, engine=engine, scope=scope, timing_cost=timing_cost,
                       start_s=start_s, seed=seed)
+    for line in [scope_why] + notes:
+        note(line, quiet or as_json)
     n_total = len({r.run_id for r in plan.runs})
     n_todo = len(plan.todo)
     if dry_run:
