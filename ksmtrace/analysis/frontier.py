@@ -372,7 +372,12 @@ def target_table_rows(fr: Frontier) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"policy": pol}
         for r in rows:
             if r["policy"] == pol:
-                cell = "never" if r["cpu_pct"] is None else f"{_cpu(r['cpu_pct'])} CPU, from {r['reached_at_s']:.0f} s"
+                if r["cpu_pct"] is None:
+                    cell = "never"
+                elif r["reached_at_s"] >= fr.duration_s - 1e-9:
+                    cell = f"{_cpu(r['cpu_pct'])} CPU, only at the end"
+                else:
+                    cell = f"{_cpu(r['cpu_pct'])} CPU, from {r['reached_at_s']:.0f} s"
                 row[f"{r['target_pct']:g} % of oracle"] = cell
         out.append(row)
     return out
@@ -399,11 +404,12 @@ def format_frontier(fr: Frontier) -> str:
         "Each policy's front (no other setting of it saves more for less CPU):",
     ]
     front = fr.runs.filter(pl.col("on_cpu_front")).sort(["policy", "cpu_pct"])
-    lines.append(table([{**r, "cpu": _cpu(r["cpu_pct"]), "saved": _pct(r["pct_of_oracle"])}
-                        for r in front.to_dicts()],
+    lines.append(table([{**r, "cpu": _cpu(r["cpu_pct"]), "saved": _pct(r["pct_of_oracle"]),
+                         "mib_saved_mean": round(r["mib_saved_mean"], 1)} for r in front.to_dicts()],
                        ["policy", "settings", "cpu", "saved", "mib_saved_mean", "cow_breaks"],
                        {"mib_saved_mean": "saved (MiB)", "cow_breaks": "COW breaks", "saved": "saved (% oracle)",
                         "cpu": "CPU (% core)"}))
-    lines += ["", "-: no setting of the sweep fits the budget; never: no setting keeps that share to the end of the trace.",
+    lines += ["", "-: no setting of the sweep fits the budget; never: no setting keeps that share to the end of the trace; "
+                  "only at the end: reached at the last snapshot, so whether it lasts is not known.",
               "CPU (% core) = modelled ksmd CPU seconds / trace duration x 100 (docs/cost-model.md)."]
     return "\n".join(lines)
