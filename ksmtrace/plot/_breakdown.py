@@ -12,10 +12,12 @@ from ksmtrace.plot._common import (NAIVE_COLOR, ORACLE_COLOR, cap_to, check_unit
 
 PARTS = (
     ("zero_saved", "all-zero pages (→ kernel zero page)", "#bdbdbd"),
-    ("within_process_saved", "non-zero, within one process", "#1f77b4"),
+    ("within_process_saved", "non-zero, within one process", "#17becf"),
     ("across_process_saved", "non-zero, across processes", "#ff7f0e"),
 )
-SAME_DOMAIN_COLOR = "#2ca02c"
+# none of these is a policy's colour (ksmtrace.plot.palette): this figure shows the trace, no policy
+SAME_DOMAIN_COLOR = "#bcbd22"
+NONZERO_COLOR = "#e377c2"
 
 
 def breakdown(data, *, scope: str | None = None, trace_name: str | None = None, units: str = "MiB") -> Figure:
@@ -77,7 +79,7 @@ def breakdown(data, *, scope: str | None = None, trace_name: str | None = None, 
         with np.errstate(divide="ignore", invalid="ignore"):
             pct = {k: np.where(base > 0, 100.0 * v / base, np.nan) for k, v in col.items()}
         axp.plot(t, pct["oracle_saved"], color=ORACLE_COLOR, label="all duplicates (oracle)", gid="pct:oracle_saved")
-        axp.plot(t, pct["nonzero_saved"], color="#9467bd", label="excluding zero pages", gid="pct:nonzero_saved")
+        axp.plot(t, pct["nonzero_saved"], color=NONZERO_COLOR, label="excluding zero pages", gid="pct:nonzero_saved")
         axp.plot(t, pct["same_domain_saved"], color=SAME_DOMAIN_COLOR, linestyle="--", label="same-domain-only rule",
                  gid="pct:same_domain_saved")
         axp.plot(t, pct["within_process_saved"], color=PARTS[1][2], label="non-zero within one process",

@@ -160,8 +160,7 @@ def heatmap(results: Sequence, *, value: str = "fraction", top: int = 20, scale:
             ax.grid(False)
             ax.set_ylabel("process (comm (pid))")
             ax.set_xlabel("time since first snapshot (s)")
-            ax.set_title(f"{lab}: {n_procs} processes; rows: the top {len(order)} by merged pages over all panels",
-                         loc="left")
+            ax.set_title(f"{lab}: {n_procs} processes", loc="left")
         if mesh is not None:
             extend = "neither"
             if scale == "percentile":
@@ -171,5 +170,7 @@ def heatmap(results: Sequence, *, value: str = "fraction", top: int = 20, scale:
             cb = fig.colorbar(mesh, ax=list(axes), extend=extend, fraction=0.04, pad=0.01)
             cb.set_label(cbar_label, fontsize=7.5)
         what = "fraction of candidate pages merged" if value == "fraction" else "merged pages"
-        titles(fig, f"Sharing by process over time ({what})", runs_subtitle(results))
+        titles(fig, f"Sharing by process over time ({what})", runs_subtitle(
+            results, extra=f"rows: the top {len(order)} processes by merged pages over all panels, in the same order "
+                           "in every panel"))
     return fig

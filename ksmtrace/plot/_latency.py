@@ -58,9 +58,10 @@ def latency(results: Sequence) -> Figure:
         ax.set_xscale("log")
         ax.set_xlim(4e-4, xmax * 1.5)
         ax.set_ylim(0, 1.02)
-        ax.set_xlabel("merge latency (s, log scale; each merge at its histogram bin's upper edge, under 1 ms drawn at 1 ms)")
+        ax.set_xlabel("merge latency (s, log scale)")
         ax.set_ylabel("fraction of merges with latency ≤ x (fraction)")
         ax.set_title("time from two equal pages existing to sharing one frame", loc="left")
         legend_outside(ax)
-        titles(fig, "Merge latency CDF", runs_subtitle(results))
+        titles(fig, "Merge latency CDF", runs_subtitle(
+            results, extra="each merge at its histogram bin's upper edge; under 1 ms drawn at 1 ms"))
     return fig

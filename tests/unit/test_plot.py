@@ -234,7 +234,8 @@ def test_heatmap_content(world):
     assert ax.get_xlabel() == "time since first snapshot (s)"
     cbar = fig.axes[-1]
     assert "fraction" in cbar.get_ylabel() and "percentile" in cbar.get_ylabel()
-    assert "3 processes; rows: the top 3" in ax.get_title(loc="left")
+    assert ax.get_title(loc="left").endswith(": 3 processes")
+    assert "rows: the top 3 processes by merged pages over all panels" in _texts(fig)
 
 
 def test_heatmap_log_top_and_errors(world):
