@@ -414,7 +414,7 @@ def advise(trace, *, cpu_budget_pct: float = DEFAULT_BUDGET_PCT, target_latency_
         settings = {k: _sysfs(chosen.params[k]) for k in SYSFS_KEYS if k in chosen.params}
         if settings.get("advisor_mode") != "scan-time":
             for k in list(settings):
-                if k.startswith("advisor_"):
+                if k.startswith("advisor_") and k != "advisor_mode":
                     settings.pop(k)
         return Advice(
             trace_name=tr.name, trace_path=str(tr.path), scope=scope, scope_reason=scope_why, notes=notes,
@@ -539,15 +539,21 @@ def _confidence(tr) -> dict[str, Any]:
 
 
 def _process_index(tr) -> pl.DataFrame:
-    """Every traced process: proc, pid, comm, cgroup, first snapshot, exit snapshot (None: alive at the end)."""
+    """Every traced process: proc, pid, comm, cgroup, first snapshot, exit snapshot (the snapshot
+    that records it ``exited``, else the one after the last that lists it; None: alive at the end)."""
     p = tr.read_table("processes", columns=["snap", "proc", "pid", "comm", "cgroup", "state"])
     if p.height == 0:
         return pl.DataFrame(schema={"proc": pl.Int64, "pid": pl.Int64, "comm": pl.String, "cgroup": pl.String,
                                     "first_snap": pl.Int64, "exit_snap": pl.Int64})
+    last = tr.n_snapshots - 1
     return (p.group_by("proc").agg(pl.col("pid").first().cast(pl.Int64), pl.col("comm").first(), pl.col("cgroup").first(),
                                    pl.col("snap").min().cast(pl.Int64).alias("first_snap"),
-                                   pl.col("snap").filter(pl.col("state") == "exited").min().cast(pl.Int64).alias("exit_snap"))
-            .with_columns(pl.col("proc").cast(pl.Int64)).sort("proc"))
+                                   pl.col("snap").filter(pl.col("state") == "exited").min().cast(pl.Int64).alias("exited"),
+                                   pl.col("snap").max().cast(pl.Int64).alias("seen"))
+            .with_columns(pl.col("proc").cast(pl.Int64),
+                          pl.coalesce(pl.col("exited"), pl.when(pl.col("seen") < last).then(pl.col("seen") + 1))
+                          .alias("exit_snap"))
+            .drop("exited", "seen").sort("proc"))
 
 
 def _short_lived(tr, res, oracle) -> dict[str, Any]:
