@@ -394,6 +394,8 @@ def format_frontier(fr: Frontier) -> str:
         f"ceiling: the oracle (perfect, instantaneous dedup) saves {fr.oracle_saved_mean * MIB_PER_FRAME:,.1f} MiB on "
         f"average ({fr.oracle_saved_mean:,.0f} frames; {fr.oracle_saved_final:,} at the end); CPU from cost model "
         f"{fr.cost_model!r}",
+        *(["no duplicate pages in this scope: a perfect dedup saves nothing, so every share of it is undefined (-)"]
+          if fr.oracle_saved_mean <= 0 else []),
         "",
         "Saving at a matched CPU budget (mean saving in % of the oracle; best setting within the budget):",
         table(budget_table_rows(fr)),
