@@ -15,6 +15,7 @@ policy the same colour and marker (:mod:`ksmtrace.plot.palette`) and keeps its l
 from ksmtrace.plot._common import STYLE, changed_params, run_labels, save
 from ksmtrace.plot._advise import advise
 from ksmtrace.plot._breakdown import breakdown
+from ksmtrace.plot._fleet import fleet_matrix
 from ksmtrace.plot._frontier import frontier_cow, frontier_cpu, frontier_points
 from ksmtrace.plot._heatmap import heatmap, heatmap_matrix
 from ksmtrace.plot._latency import latency, latency_cdf_points
@@ -24,6 +25,7 @@ from ksmtrace.plot._timeline import timeline
 KINDS = ("timeline", "pareto", "latency", "breakdown", "heatmap")
 
 __all__ = [
-    "KINDS", "STYLE", "advise", "breakdown", "changed_params", "frontier_cow", "frontier_cpu", "frontier_points", "heatmap", "heatmap_matrix", "latency", "latency_cdf_points",
+    "KINDS", "STYLE", "advise", "breakdown", "changed_params", "fleet_matrix", "frontier_cow", "frontier_cpu",
+    "frontier_points", "heatmap", "heatmap_matrix", "latency", "latency_cdf_points",
     "pareto", "pareto_points", "run_labels", "save", "timeline",
 ]
