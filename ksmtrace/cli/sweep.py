@@ -61,8 +61,7 @@ def sweep_cmd(trace, policy, grid_items, out_dir, workers, executor, pareto, dry
         grid.update({k: [v] for k, v in implied.items() if k not in grid})
     plan = plan_sweep(trace, policy, grid, out_dir, engine=engine, scope=scope, timing_cost=timing_cost,
                       start_s=start_s, seed=seed)
-    for line in [scope_why] + notes:
-        note(line, quiet or as_json)
+    why = [scope_why] + notes  # said once the sweep can start (an error is one line, nothing before it)
     n_total = len({r.run_id for r in plan.runs})
     n_todo = len(plan.todo)
     if dry_run:
@@ -73,12 +72,16 @@ def sweep_cmd(trace, policy, grid_items, out_dir, workers, executor, pareto, dry
                        "runs": rows, "to_run": n_todo})
             return
         echo_table(rows, plan.keys + ["status", "run_id"])
+        for line in why:
+            note(line, quiet)
         note(f"{n_total} runs, {n_total - n_todo} already in {plan.out_dir}, {n_todo} to run", quiet)
         return
     prog = Progress(f"sweep {plan.policy}", quiet=quiet)
     try:
         with open_sweep_dir(plan, on_wait=lambda msg: note(msg, quiet)) as sweep_dir:
             n_todo = len(plan.todo)  # another sweep may have finished some while we waited
+            for line in why:
+                note(line, quiet)
             note(f"sweep {plan.policy} on {plan.trace_name}: {n_total} runs, {n_total - n_todo} already in "
                  f"{plan.out_dir}, {n_todo} to run", quiet)
             ids = run_plan(plan, workers=workers, progress=prog, executor=executor)
