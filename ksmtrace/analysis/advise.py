@@ -185,9 +185,10 @@ def _pick(runs: Sequence[_Run], budget: float, latency: float | None) -> _Run | 
 
 
 class _Search:
-    def __init__(self, tr, scope: str, base: dict[str, Any], out: Path, cost, dur: float, workers, prog, total: int):
+    def __init__(self, tr, scope: str, base: dict[str, Any], out: Path, cost, dur: float, workers, executor, prog,
+                 total: int):
         self.tr, self.scope, self.base, self.out, self.cost, self.dur = tr, scope, base, out, cost, dur
-        self.workers, self.prog, self.total = workers, prog, total
+        self.workers, self.executor, self.prog, self.total = workers, executor, prog, total
         self.runs: list[_Run] = []
         self.by_key: dict[str, _Run] = {}
         self.done = 0
@@ -207,7 +208,7 @@ class _Search:
             self.prog(min(self.done + d, self.total), self.total, f"{stage} {m}")
 
         table = sweep(str(self.tr.path), "ksm", full, self.out, workers=self.workers, progress=sub, scope=self.scope,
-                      write_table=False)
+                      write_table=False, executor=self.executor)
         self.done += n
         out = []
         for row in table.iter_rows(named=True):
@@ -265,12 +266,13 @@ def _neighbours(values: Sequence[int], lo: int) -> list[int]:
 
 
 def advise(trace, *, cpu_budget_pct: float = DEFAULT_BUDGET_PCT, target_latency_s: float | None = None,
-           min_saving_pct: float = 1.0, out_dir=None, cost=None, workers: int | None = 1,
+           min_saving_pct: float = 1.0, out_dir=None, cost=None, workers: int | None = 1, executor=None,
            attribution: bool = True, progress: ProgressFn | None = None) -> Advice:
     """Search ``ksm`` settings for ``trace`` (a path, sample name or Trace) within ``cpu_budget_pct``
     % of one core (and a p90 merge latency of at most ``target_latency_s``), and return the
     :class:`Advice`.  ``out_dir``: where the replays' result files are kept (default: a temporary
-    directory); a second call with the same directory reuses them."""
+    directory); a second call with the same directory reuses them.  ``workers``, ``executor``: where the
+    search's sweeps run (:func:`ksmtrace.sweep.sweep`; default: here, one run after another)."""
     from ksmtrace.analysis.frontier import rate_grid
     from ksmtrace.engine.cost import resolve_cost_model
     from ksmtrace.replay import replay, resolve_scope, trace_params
@@ -300,7 +302,7 @@ def advise(trace, *, cpu_budget_pct: float = DEFAULT_BUDGET_PCT, target_latency_
         grid = rate_grid("ksm")
         n_grid = int(np.prod([len(v) for v in grid.values()]))
         total = n_grid + 2 * len(grid['sleep_millisecs']) + 2 + len(KNOBS) + 1 + 3
-        search = _Search(tr, scope, base, out / "ksm", model, dur, workers, prog, total)
+        search = _Search(tr, scope, base, out / "ksm", model, dur, workers, executor, prog, total)
         budget, latency = float(cpu_budget_pct), target_latency_s
         why: list[str] = []
 

@@ -202,12 +202,14 @@ def _tcol(x: float) -> str:
 def frontier(trace, policies: Sequence[str] = DEFAULT_POLICIES, out_dir=None, *, level: str = "standard",
              grids: Mapping[str, Mapping[str, Sequence[Any]]] | None = None, scope: str | None = None,
              budgets_pct: Sequence[float] = BUDGETS_PCT, targets_pct: Sequence[float] = TARGETS_PCT,
-             cost=None, workers: int | None = 1, progress: ProgressFn | None = None) -> Frontier:
+             cost=None, workers: int | None = 1, executor=None, progress: ProgressFn | None = None) -> Frontier:
     """Sweep every policy of ``policies`` over its rate grid on ``trace`` (a path, sample name or
     Trace) and return the :class:`Frontier`.  ``out_dir``: where the sweeps keep their result files
     (one sub-directory per policy; default: a temporary directory, removed afterwards).
     ``grids``: a policy's own grid instead of :func:`rate_grid` (``{"ksm": {"pages_to_scan": [...]}}``).
-    ``cost``: the cost model for the CPU column (the timing model is the shipped one)."""
+    ``cost``: the cost model for the CPU column (the timing model is the shipped one).
+    ``workers``, ``executor``: where the sweeps run (:func:`ksmtrace.sweep.sweep`; default: here,
+    one run after another)."""
     from ksmtrace.engine.cost import resolve_cost_model
     from ksmtrace.policies.registry import get_policy
     from ksmtrace.replay import replay, resolve_scope, trace_params
@@ -264,7 +266,7 @@ def frontier(trace, policies: Sequence[str] = DEFAULT_POLICIES, out_dir=None, *,
                     prog(_k + d, n_runs, f"{_n} {m}")
 
                 table = sweep(str(tr.path), n, g, base / n, workers=workers, progress=sub, scope=scope,
-                              report_cost=model)
+                              report_cost=model, executor=executor)
                 run_ids = list(dict.fromkeys(table["run_id"].to_list()))
                 done += table.height
             else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import emit_json, json_option, note, quiet_option
+from ksmtrace.cli._options import emit_json, executor_option, json_option, note, quiet_option
 from ksmtrace.progress import Progress
 
 
@@ -25,9 +25,10 @@ from ksmtrace.progress import Progress
 @click.option("--no-attribution", is_flag=True, help="Skip the per-process opt-out replays.")
 @click.option("-j", "--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes for the search's sweeps.")
+@executor_option
 @json_option
 @quiet_option
-def advise_cmd(trace, budget, latency, min_saving, cost, output, plot_path, no_attribution, workers, as_json, quiet):
+def advise_cmd(trace, budget, latency, min_saving, cost, output, plot_path, no_attribution, workers, executor, as_json, quiet):
     """Should KSM be enabled for the processes in TRACE, and with which settings?
 
     Searches ksm settings by replaying TRACE (a grid of pages_to_scan x sleep_millisecs, then
@@ -51,7 +52,9 @@ def advise_cmd(trace, budget, latency, min_saving, cost, output, plot_path, no_a
     prog = Progress("advise", quiet=quiet or as_json)
     try:
         adv = advise(trace, cpu_budget_pct=budget, target_latency_s=latency, min_saving_pct=min_saving, out_dir=output,
-                     cost=cost, workers=workers, attribution=not no_attribution, progress=prog)
+                     cost=cost, workers=workers,
+                     executor=None if workers == 1 and executor == "local" else executor,
+                     attribution=not no_attribution, progress=prog)
     finally:
         prog.close()
     files = {}
