@@ -380,7 +380,7 @@ def advise(trace, *, cpu_budget_pct: float = DEFAULT_BUDGET_PCT, target_latency_
             else:
                 why.append("advisor_mode stays none: the scan-time advisor "
                            + (f"does no better within the budget (best {adv_best.pct:.1f} % of the oracle)" if adv_best
-                              else f"exceeds the budget (its CPU cap advisor_max_cpu cannot go below 1 % of a core)"
+                              else "exceeds the budget (its CPU cap advisor_max_cpu cannot go below 1 % of a core)"
                               if budget < 1 else "exceeds the budget or misses the latency target"))
         chosen = best
         table = search.table(budget, latency, chosen)
@@ -720,7 +720,7 @@ def format_advice(a: Advice) -> str:
               f"the worst interval ({e['cow_breaks']:,} in all)",
               f"  unmerge headroom           {e['unmerge_headroom_mib']:,.1f} MiB: free memory the host needs at once if "
               "everything is un-merged (run=2, or a burst of writes)",
-              f"  merge latency p50 / p90    " + " / ".join("-" if v is None else f"{v:.3g} s"
+              "  merge latency p50 / p90    " + " / ".join("-" if v is None else f"{v:.3g} s"
                                                         for v in (e['merge_latency_p50_s'], e['merge_latency_p90_s']))]
     if a.grid_best:
         g = a.grid_best

@@ -35,7 +35,7 @@ is listed separately, with the resident memory the vmas table shows where there 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -298,7 +298,6 @@ def _classify(state: pl.DataFrame, vmas: _Vmas, times: np.ndarray, s: int, scan:
     bad = has(S.F_READ_FAILED)
     zero = has(S.F_ZERO_FILLED)
     anon = has(S.F_ANON)
-    filef = has(S.F_FILE)
     usable = present & ~zp & ~huge
     cand = usable & anon & has(S.F_MERGEABLE)  # unreadable pages too: each a content of its own
     not_merg = usable & anon & ~has(S.F_MERGEABLE)

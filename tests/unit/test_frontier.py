@@ -7,7 +7,6 @@ import itertools
 import json
 
 import numpy as np
-import polars as pl
 import pytest
 
 from ksmtrace.analysis import measures as M
