@@ -22,6 +22,7 @@ _JITTED = (
     "engine/clock.py",
     "jitutil.py",
     "trace/prepare.py",
+    "trace/addrspace.py",
     "engine/daemon.py",
     "policies/oracle/kernel.py",
     "policies/ksm/kernel.py",

@@ -28,6 +28,7 @@ import polars as pl
 from ksmtrace.engine.cost import DAEMON_MASK, UNIT_NAMES, CostModel, resolve_cost_model
 from ksmtrace.engine.state import lat_bin_edges_ms
 from ksmtrace.errors import ResultError
+from ksmtrace.textfmt import dumps
 
 FRAMES_SAVED_DEFINITION = (
     "frames_saved = physical 4 KiB frames the candidate pages use with no dedup minus frames they "
@@ -117,6 +118,7 @@ class RunResult:
             "hash_only_saved_final": int(last.get("hash_only_saved", 0) or 0),
             "cow_breaks": int(t["cow_breaks"].sum()) if t.height else 0,
             "cow_breaks_max_interval": int(t["cow_breaks"].max() or 0) if t.height else 0,
+            "cow_zero": int(last.get("cow_zero", 0) or 0),
             "merges": merges,
             "exposed_merges": int(t["exposed_merges"].sum()) if t.height else 0,
             "merge_latency_mean_s": (lat_sum / merges / 1e9) if merges else float("nan"),
@@ -158,7 +160,7 @@ class RunResult:
             self.procs.write_parquet(tmpp)
             os.replace(tmpp, pp)
         tmpj = js_path.with_name("." + js_path.name + ".tmp")
-        tmpj.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        tmpj.write_text(dumps(self.to_json()) + "\n")
         os.replace(tmpj, js_path)  # the JSON is written last: its presence marks a complete result
         return js_path
 

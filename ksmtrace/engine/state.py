@@ -27,7 +27,7 @@ ZERO_FRAME = 0
 
 # indices into the engine counter array
 C_FRAMES = 0  # frames in use by candidate pages (zero page excluded)
-C_COW = 1  # cumulative COW breaks of merged pages (cow_ksm)
+C_COW = 1  # cumulative COW breaks of KSM pages (cow_ksm)
 C_MERGES = 2  # cumulative merges (a page stops using a frame of its own)
 C_EXPOSED = 3  # cumulative merges across security domains
 C_KSM_ZERO = 4  # pages currently mapped to the zero page by the policy (ksm_zero_pages)
@@ -37,7 +37,8 @@ C_LAT_SUM = 7  # cumulative merge latency, ns
 C_CAND = 8  # candidate pages now
 C_UNMERGED = 9  # cumulative COW breaks caused by a VMA becoming unmergeable (part of C_COW)
 C_SPLITS = 10  # cumulative THP splits
-N_COUNTERS = 11
+C_COW_ZERO = 11  # cumulative writes (and unmerges) of pages the policy mapped to the zero page (not cow_ksm)
+N_COUNTERS = 12
 COUNTER_NAMES = (
     "frames_in_use",
     "cow_ksm",
@@ -50,6 +51,7 @@ COUNTER_NAMES = (
     "candidate_pages",
     "unmerge_cows",
     "thp_splits",
+    "cow_zero",
 )
 # engine bookkeeping after the counters (not reported)
 C_NFREE = N_COUNTERS  # free frame slots (top of the free stack)
@@ -349,7 +351,10 @@ def split_thp(E, pg, lo, hi, remap_zero):
 @njit(inline="always")
 def apply_removals(P, F, G, ec, pgs, kinds, thps):
     """Step 1 of a snapshot: pages that stop being candidates or are written leave their frame
-    (a COW break when they were merged); huge-page membership changes.  Returns the COW breaks."""
+    (a COW break when they were merged); huge-page membership changes.  Returns the COW breaks of
+    KSM pages (``cow_ksm``: the kernel counts ``COW_KSM`` only when the written PTE maps a KSM
+    folio; a write to a page the policy mapped to the zero page allocates a fresh page and is
+    counted in ``cow_zero``)."""
     opc = ec[C_OPROC]
     cows = 0
     n = len(pgs)
@@ -371,9 +376,12 @@ def apply_removals(P, F, G, ec, pgs, kinds, thps):
             merged = f == ZERO_FRAME or F[f, F_KSM] == 1
             if merged:
                 if k == EV_WRITE or k == EV_UNMERGE:
-                    cows += 1
-                    if k == EV_UNMERGE:
-                        ec[C_UNMERGED] += 1
+                    if f != ZERO_FRAME:  # do_wp_page copies a KSM folio: COW_KSM
+                        cows += 1
+                        if k == EV_UNMERGE:
+                            ec[C_UNMERGED] += 1
+                    else:  # the zero page has no folio: no COW_KSM
+                        ec[C_COW_ZERO] += 1
                 if f == ZERO_FRAME:
                     ec[C_KSM_ZERO] -= 1
                 ec[opc + 2 * P[pg, P_PROC] + 1] -= 1

@@ -55,7 +55,7 @@ EV_WRITE = 4
 EV_THP = 5
 EVENT_NAMES = {EV_APPEAR: "appear", EV_GONE: "gone", EV_UNMERGE: "unmerge", EV_WRITE: "write", EV_THP: "thp"}
 
-_PREP_VERSION = 9
+_PREP_VERSION = 10
 
 
 @dataclass
@@ -359,6 +359,67 @@ def _sorted_rows(dproc, vpn):
 
 
 @njit(inline="always")
+def _kz_rule(f, cand, zp_now, has_prev, prev_source, zero_on, split_remap):
+    """A row mapping the zero page that the trace's real KSM put there (see _real_ksm_zero_rules):
+    its previous row was such a row or a zero-filled candidate the rule applies to (``prev_source``).
+    Returns (this row is one, it is a source for the next row)."""
+    zf = (f & 32) != 0  # F_ZERO_FILLED
+    in_thp = (f & 128) != 0  # F_THP
+    source = cand and zf and ((not in_thp and zero_on) or (in_thp and split_remap))
+    kz = zp_now and has_prev and prev_source
+    return kz, source or kz
+
+
+@njit(cache=True)
+def _kz_rows(order, pg, flags, cand, zp_now, zero_on, split_remap, n_pages):
+    """_kz_rule over rows given in (page, snapshot) ``order``."""
+    state = np.zeros(n_pages, np.uint8)  # 1: seen, 2: a source for the next row
+    out = np.zeros(len(pg), np.bool_)
+    for r in order:
+        p = pg[r]
+        kz, src = _kz_rule(flags[r], cand[r], zp_now[r], state[p] != 0, (state[p] & 2) != 0, zero_on, split_remap)
+        out[r] = kz
+        state[p] = 1 | (2 if src else 0)
+    return out
+
+
+def _real_ksm_zero_merges(trace, pg, snap, flags, cand, zp_now):
+    """Rows (whole-trace arrays) at which a page maps the shared zero page because the real
+    kernel's KSM put it there while the trace was captured, or None (the rule prepare applies row
+    by row, for callers that hold every row: ``analysis/doctor``)."""
+    if not zp_now.any():
+        return None
+    zero_on, split_remap = _real_ksm_zero_rules(trace)
+    if not (zero_on or split_remap):
+        return None
+    n_pages = int(pg.max()) + 1 if len(pg) else 0
+    return _kz_rows(np.lexsort((snap, pg)), np.asarray(pg, np.int64), np.asarray(flags, np.int64), np.asarray(cand),
+                    np.asarray(zp_now), zero_on, split_remap, n_pages)
+
+
+def _dense2(a: np.ndarray, b: np.ndarray, ordered: bool = False) -> tuple[np.ndarray, int]:
+    """Dense ids of pairs (a, b): in (a, b) order if ``ordered``, else in order of first appearance
+    (for callers that hold every row: ``analysis/doctor``)."""
+    if len(a) == 0:
+        return np.zeros(0, np.int64), 0
+    order = np.lexsort((b, a))
+    sa, sb = a[order], b[order]
+    new = np.ones(len(a), dtype=bool)
+    new[1:] = (sa[1:] != sa[:-1]) | (sb[1:] != sb[:-1])
+    ids_sorted = np.cumsum(new) - 1
+    ids = np.empty(len(a), np.int64)
+    ids[order] = ids_sorted
+    k = int(ids_sorted[-1]) + 1
+    if ordered:
+        return ids, k
+    first = np.full(k, len(a), np.int64)
+    np.minimum.at(first, ids, np.arange(len(a)))
+    rank = np.empty(k, np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(k)
+    return rank[ids], k
+
+
+@njit(inline="always")
 def _needs_hash(op, f, recorded):
     """A candidate row with readable, non-zero content (its hash gets a content id)."""
     return (op != 2 and (f & 1) != 0 and (f & 2) == 0 and (f & 64) != 0 and (f & 512) == 0 and (f & 16384) == 0
@@ -435,11 +496,7 @@ def _derive_events(s, pg, dproc, op, flags, cin, pfn, cfg, pst, pcid, pthp, fpfn
         srckz = False
         kz = False
         if kz_on:
-            zf = (f & 32) != 0  # F_ZERO_FILLED
-            in_thp = (f & 128) != 0  # F_THP
-            source = cand and zf and ((not in_thp and zero_on) or (in_thp and split_remap))
-            kz = zp_now and has_prev and (st & ST_SRCKZ) != 0
-            srckz = source or kz
+            kz, srckz = _kz_rule(f, cand, zp_now, has_prev, (st & ST_SRCKZ) != 0, zero_on, split_remap)
             if kz:
                 cand = True
                 zp_now = False
@@ -636,6 +693,70 @@ def _sorted_unique(runs: list[np.ndarray]) -> np.ndarray:
     keep[:1] = True
     np.not_equal(v[1:], v[:-1], out=keep[1:])
     return v if keep.all() else v[keep]
+
+
+def _capture_gaps(trace, proc_ids, proc_pg_lo, proc_pg_hi, page_vpn, n_pages: int) -> dict[int, tuple]:
+    """Pages the capture dropped for one snapshot while the real KSM remapped them: per snapshot,
+    (pages, flags, hashes, pfns) of the rows that stand for them (their previous rows).
+
+    The capture reads a page's PTE (pagemap) and then its frame's flags (kpageflags); when ksmd
+    replaces the PTE in between (a merge into a KSM page, or ``use_zero_pages``) and frees the old
+    frame, kpageflags no longer shows an anonymous page and the capture leaves the page out of the
+    snapshot (measured: ``validate --workload zero --settings zero`` lost 38-683 pages per run this
+    way, the whole of its ``ksm_zero_pages`` deficit; ``prefork`` holds 1,333 such gaps).  Such a
+    page is absent for exactly one snapshot between a present row and a row at the next snapshot
+    that shows the remap: a real-KSM page with the same content, or the zero page after a
+    zero-filled page (when _real_ksm_zero_rules would accept it).  It is taken to have been there,
+    unchanged (its previous row), so the replay neither loses nor re-adds it.  A pass over the
+    trace with each page's previous row, only for traces captured while the real KSM ran."""
+    if not trace.has_ground_truth:
+        return {}
+    g = trace.read_table("ksm", columns=["run", "use_zero_pages"])
+    running = g["run"] == 1
+    if not bool(running.any()):
+        return {}
+    zero_on = bool((running & (g["use_zero_pages"] == 1)).any())
+    split_remap = _kernel_at_least(trace.host.get("kernel_release"), 6, 12)
+    ok = np.zeros(n_pages, bool)  # the page has a previous row, and it is not GONE
+    pflags = np.zeros(n_pages, np.int64)
+    phash = np.zeros(n_pages, np.int64)
+    ppfn = np.zeros(n_pages, np.int64)
+    pend = (np.zeros(0, np.int64),) * 4
+    out: dict[int, tuple] = {}
+    for s in range(trace.n_snapshots):
+        df = trace.read_table("pages", [s], ["proc", "vpn", "op", "flags", "hash", "pfn"])
+        df = df.filter(pl.col("op") != S.OP_SAME)
+        dproc = np.searchsorted(proc_ids, df["proc"].to_numpy().astype(np.int64)).astype(np.int64)
+        vpn = df["vpn"].to_numpy().astype(np.int64)
+        order = np.lexsort((vpn, dproc))
+        pg = np.empty(len(vpn), np.int64)
+        if _page_ids(dproc[order], vpn[order], proc_pg_lo, proc_pg_hi, page_vpn, pg) >= 0:
+            continue  # (pass 2 reports the row)
+        op = df["op"].to_numpy()[order]
+        flags = df["flags"].to_numpy()[order].astype(np.int64)
+        h = np.ascontiguousarray(df["hash"].to_numpy()[order]).view(np.int64)
+        pfn = df["pfn"].to_numpy()[order].astype(np.int64)
+        # last snapshot's GONE rows whose page shows the remap now
+        ppg, pf, ph, pp = pend
+        if len(ppg):
+            j = np.minimum(np.searchsorted(pg, ppg), max(len(pg) - 1, 0))
+            here = (len(pg) > 0) & (pg[j] == ppg) if len(pg) else np.zeros(len(ppg), bool)
+            qf, qh, qop = flags[j], h[j], op[j]
+            in_thp = (pf & S.F_THP) != 0
+            ksm = ((qf & S.F_KSM) != 0) & (qh == ph)
+            zero = (((qf & S.F_ZERO_PAGE) != 0) & ((pf & S.F_ZERO_FILLED) != 0)
+                    & ((~in_thp & zero_on) | (in_thp & split_remap)))
+            heal = here & (qop != S.OP_GONE) & (ksm | zero)
+            if heal.any():
+                out[s - 1] = (ppg[heal], pf[heal], ph[heal], pp[heal])
+        gone = op == S.OP_GONE
+        q = pg[gone]
+        cand = ok[q] & ((pflags[q] & (S.F_PRESENT | S.F_ANON)) == (S.F_PRESENT | S.F_ANON)) & ((pflags[q] & S.F_ZERO_PAGE) == 0)
+        q = q[cand]
+        pend = (q, pflags[q], phash[q], ppfn[q])
+        ok[pg] = ~gone
+        pflags[pg], phash[pg], ppfn[pg] = flags, h, pfn
+    return out
 
 
 def _fork_parents(trace, procs: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -859,6 +980,7 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
         raise TraceError(f"{trace.path}: too large to prepare ({n_pages:,} pages; 32-bit page and event ids)")
 
     # --- pass 2: events, snapshot by snapshot -----------------------------------------------------
+    gaps = _capture_gaps(trace, proc_ids, proc_pg_lo, proc_pg_hi, page_vpn, n_pages)
     zero_on, split_remap = _real_ksm_zero_rules(trace)
     parent, child_first = _fork_parents(trace, procs)
     track_fork = bool((parent >= 0).any())
@@ -919,12 +1041,20 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
                 del vpn
                 flags = get(part["flags"].to_numpy()).astype(np.int64)
                 hkey = np.ascontiguousarray(get(part["hash"].to_numpy())).view(np.int64)
+                pfn = get(part["pfn"].to_numpy()).astype(np.int64)
+                if s in gaps:  # rows the capture dropped: their previous rows (see _capture_gaps)
+                    gpg, gf, gh, gp = gaps[s]
+                    j = np.minimum(np.searchsorted(gpg, pg), len(gpg) - 1)
+                    hit = np.flatnonzero(gpg[j] == pg)
+                    if len(hit):
+                        op, flags, hkey, pfn = op.copy(), flags.copy(), hkey.copy(), pfn.copy()
+                        op[hit], flags[hit], hkey[hit], pfn[hit] = S.OP_CHANGED, gf[j[hit]], gh[j[hit]], gp[j[hit]]
                 ctab.ensure(n)
                 cin = np.empty(n, np.int64)
                 _content_ids(op, flags, hkey, recorded, ctab.tab, n_hashed, cin)
                 ctab.count = int(n_hashed[0])
                 yield SimpleNamespace(s=s, last=a + step >= n_all, n=n, pg=pg, dproc=dproc, op=op, flags=flags,
-                                      cin=cin, n_hashed=ctab.count, pfn=get(part["pfn"].to_numpy()).astype(np.int64),
+                                      cin=cin, n_hashed=ctab.count, pfn=pfn,
                                       sample=get(part["sample"].to_numpy()) if has_sample else None)
 
     forks: list[tuple[int, int, int, int]] = []

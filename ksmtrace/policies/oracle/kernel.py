@@ -5,9 +5,10 @@ The engine applies a snapshot's removals, then its arrivals; the oracle then mer
 with the KSM page of its content (or the zero page).  This route does the three in one call, on
 the engine's arrays and with the engine's accounting code (``state.apply_removals``,
 ``state.apply_arrivals``, ``state.merge``...), and lets the arrivals step put an arriving page
-straight onto the live KSM page of its content (``kpage``) instead of giving it a fresh frame the
-oracle would free again.  The differential tests hold it equal to the readable runtime on both
-engines (every column, the per-process table, the latency histogram).
+straight onto the live KSM page of its content (``kp``) instead of giving it a fresh frame the
+oracle would free again (not with ``same_address_only``, whose merge keys are not contents).  The
+differential tests hold it equal to the readable runtime on both engines (every column, the
+per-process table, the latency histogram).
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from numba import njit
 from ksmtrace.engine import state as st
 from ksmtrace.engine.api import EV_APPEAR, EV_WRITE
 from ksmtrace.engine.daemon import NoDaemon
+from ksmtrace.policies.oracle import merge_keys
 
-# kp columns (one row per content): its KSM page and that page's generation, and the one unmerged
-# page holding the content
+# kp columns (one row per merge key: a content, or with same_address_only a (class, content)): its
+# KSM page and that page's generation, and the one unmerged page holding the key
 K_FRAME, K_GEN, K_HOLDER = range(3)
 
 
@@ -30,9 +32,13 @@ class OracleKernel(NoDaemon):
     def __init__(self, params, ctx) -> None:
         self.ctx = ctx
         self.eng = ctx.engine
-        kp = np.full((max(ctx.prep.n_cids, 1), 3), -1, dtype=np.int32)
+        keys, n_keys = merge_keys(params, ctx)
+        self.sa = keys is not None
+        self.keys = keys
+        kp = np.full((max(n_keys if self.sa else ctx.prep.n_cids, 1), 3), -1, dtype=np.int32)
         kp[:, K_GEN] = 0
         self.kp = kp
+        self.hkey = np.full(max(ctx.prep.n_pages, 1) if self.sa else 1, -1, dtype=np.int32)
         off = ctx.prep.off
         self.pend = np.zeros(max(1, int(np.diff(off).max()) if len(off) > 1 else 1), np.int64)
 
@@ -40,15 +46,17 @@ class OracleKernel(NoDaemon):
         """The engine's snapshot step and the oracle's merges, fused; returns the COW breaks."""
         eng = self.eng
         ev, proc_new = eng.batch(s, now)
-        short = not bool((ev.gid >= 0).any())  # see state.apply_arrivals
-        return int(_oracle_snapshot(eng.E, ev.pg, ev.kind, ev.cid, ev.gid, ev.thp, proc_new, s, now, self.kp, self.pend, short))
+        short = not self.sa and not bool((ev.gid >= 0).any())  # see state.apply_arrivals
+        keys = self.keys[self.ctx.prep.events(s)] if self.sa else ev.cid
+        return int(_oracle_snapshot(eng.E, ev.pg, ev.kind, ev.cid, ev.gid, ev.thp, proc_new, s, now, self.kp,
+                                    self.pend, short, keys, self.sa, self.hkey))
 
     def on_snapshot(self, s: int, now: int) -> None:
         return None  # done in apply_snapshot
 
 
 @njit(cache=True)
-def _oracle_snapshot(E, pgs, kinds, cids, gids, thps, proc_new, s, now, kp, pend, short):
+def _oracle_snapshot(E, pgs, kinds, cids, gids, thps, proc_new, s, now, kp, pend, short, keys, sa, hkey):
     ec = E.ec
     ec[ec[st.C_OTIME] + s] = now
     cows = st.apply_removals(E.pg, E.fr, E.gm, ec, pgs, kinds, thps)
@@ -56,12 +64,12 @@ def _oracle_snapshot(E, pgs, kinds, cids, gids, thps, proc_new, s, now, kp, pend
         m = st.apply_arrivals(E.pg, E.fr, E.gm, ec, pgs, kinds, cids, gids, thps, proc_new, s, now, kp, pend)
     else:
         m = st.apply_arrivals(E.pg, E.fr, E.gm, ec, pgs, kinds, cids, gids, thps, proc_new, s, now, kp[:0], pend)
-    _oracle_step(E, pgs, kinds, pend[:m], kp, now)
+    _oracle_step(E, pgs, kinds, pend[:m], kp, keys, sa, hkey, now)
     return cows
 
 
 @njit(inline="always")
-def _oracle_step(E, pgs, kinds, idx, kp, now):
+def _oracle_step(E, pgs, kinds, idx, kp, keys, sa, hkey, now):
     """OracleRuntime.on_snapshot on the arrays, over the arrivals ``idx`` that the arrivals step
     did not already merge."""
     P = E.pg
@@ -74,7 +82,11 @@ def _oracle_step(E, pgs, kinds, idx, kp, now):
         if not (k == EV_APPEAR or k == EV_WRITE) or c < 0:
             continue
         f = P[pg, st.P_FRAME]
-        if c == 0:
+        if sa:  # same_address_only: merge within the page's class, zero pages too
+            c = keys[i]
+            if c < 0:
+                continue
+        elif c == 0:
             if f != st.ZERO_FRAME:
                 st.merge_zero(E, pg, now)
             continue
@@ -84,8 +96,10 @@ def _oracle_step(E, pgs, kinds, idx, kp, now):
                 st.merge(E, pg, kf, now)
             continue
         h = kp[c, K_HOLDER]
-        if h < 0 or h == pg or P[h, st.P_CID] != c:
+        if h < 0 or h == pg or P[h, st.P_CID] != P[pg, st.P_CID] or (sa and hkey[h] != c):
             kp[c, K_HOLDER] = pg
+            if sa:
+                hkey[pg] = c
             continue
         fh = P[h, st.P_FRAME]
         if fh == f:
