@@ -207,7 +207,9 @@ def prepare(trace, scope: str = "recorded", cache: bool = True) -> Prepared:
 # 3. ``_shared_frames``: the candidate keys that really have two or more arrivals get dense frame
 #    ids (in order of first arrival), written into the events; frames with no dedup per snapshot.
 
-# bits of a page's state (its previous row)
+# a page's state (its previous row): columns of one int32 row (one cache line for the three)
+PS_BITS, PS_CID, PS_THP = range(3)
+# bits of PS_BITS
 ST_SEEN = 1
 ST_CAND = 2
 ST_ZP = 4
@@ -446,7 +448,7 @@ def _content_ids(op, flags, hkey, recorded, tab, count, out):
 
 
 @njit(cache=True, nogil=True)
-def _derive_events(s, pg, dproc, op, flags, cin, pfn, cfg, pst, pcid, pthp, fpfn, flapfn, flaev,
+def _derive_events(s, pg, dproc, op, flags, cin, pfn, cfg, ps, fpfn, flapfn, flaev,
                    cnt, ttab, bloom, acc, first_cand, child_parent, child_first,
                    o_pg, o_kind, o_cid, o_gid, o_thp, o_pfn, o_row, hits, forks):
     """One snapshot's rows (in page order) against each page's previous row: the events, the
@@ -468,13 +470,10 @@ def _derive_events(s, pg, dproc, op, flags, cin, pfn, cfg, pst, pcid, pthp, fpfn
         # of a nearer one, and its Bloom word
         ib = i + 32
         if ib < n:
-            q = pg[ib]
-            prefetch_at(pst, q)
-            prefetch_at(pcid, q)
-            prefetch_at(pthp, q)
+            prefetch_row(ps, pg[ib])
         ia = i + 16
         if ia < n:
-            ca = pcid[pg[ia]]
+            ca = ps[pg[ia], PS_CID]
             if ca > 0:
                 prefetch_at(cnt, ca - 1)
             ca = cin[ia]
@@ -491,7 +490,7 @@ def _derive_events(s, pg, dproc, op, flags, cin, pfn, cfg, pst, pcid, pthp, fpfn
         in_scope = (f & 1024) != 0 if recorded else True  # F_MERGEABLE
         cand = anon_present and in_scope
         zp_now = present and zp and in_scope
-        st = pst[p]
+        st = ps[p, PS_BITS]
         has_prev = (st & ST_SEEN) != 0
         srckz = False
         kz = False
@@ -518,12 +517,12 @@ def _derive_events(s, pg, dproc, op, flags, cin, pfn, cfg, pst, pcid, pthp, fpfn
             if t == acc[A_NTHP]:
                 acc[A_NTHP] += 1
         if kz:
-            t = pthp[p]
+            t = ps[p, PS_THP]
         cand_prev = (st & ST_CAND) != 0
         ksm_prev = (st & ST_KSM) != 0
         zp_prev = (st & ST_ZP) != 0
-        cid_prev = pcid[p]
-        thp_prev = pthp[p]
+        cid_prev = ps[p, PS_CID]
+        thp_prev = ps[p, PS_THP]
         ksm = (f & 256) != 0  # F_KSM
         kind = 0
         if cand and not cand_prev:
@@ -589,9 +588,9 @@ def _derive_events(s, pg, dproc, op, flags, cin, pfn, cfg, pst, pcid, pthp, fpfn
                         nf += 1
         if track_fork:
             fpfn[p] = pfn[i]
-        pst[p] = ST_SEEN | (ST_CAND if cand else 0) | (ST_ZP if zp_now else 0) | (ST_KSM if ksm else 0) | (ST_SRCKZ if srckz else 0)
-        pcid[p] = c
-        pthp[p] = t
+        ps[p, PS_BITS] = ST_SEEN | (ST_CAND if cand else 0) | (ST_ZP if zp_now else 0) | (ST_KSM if ksm else 0) | (ST_SRCKZ if srckz else 0)
+        ps[p, PS_CID] = c
+        ps[p, PS_THP] = t
     acc[A_EVENTS] += m
     return m, nh, nf
 
@@ -636,11 +635,16 @@ def _page_keys(trace):
     rows = np.zeros(trace.n_snapshots, np.int64)
     in_order = np.zeros(trace.n_snapshots, bool)
 
+    # (the pid of a process's first row is needed only when the trace has no processes table)
+    has_procs = any(e.get("files", {}).get("processes", {}).get("rows", 0) for e in trace.snapshots)
+    cols = ["proc", "vpn", "op"] if has_procs else ["proc", "pid", "vpn", "op"]
+
     def load(s: int):
-        df = trace.read_table("pages", [s], ["proc", "pid", "vpn", "op"])
+        df = trace.read_table("pages", [s], cols)
         op = df["op"].to_numpy()
         keep = op != S.OP_SAME
-        proc, pid, vpn = df["proc"].to_numpy(), df["pid"].to_numpy(), df["vpn"].to_numpy()
+        proc, vpn = df["proc"].to_numpy(), df["vpn"].to_numpy()
+        pid = df["pid"].to_numpy() if "pid" in cols else np.zeros(len(proc), np.uint32)
         if not keep.all():
             proc, pid, vpn, op = proc[keep], pid[keep], vpn[keep], op[keep]
         vpn = vpn.astype(np.int64)
@@ -787,7 +791,7 @@ def _fork_parents(trace, procs: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _inherit_frames(forks: list, store: EventStore, parent, page_proc, page_vpn, proc_pg_lo, proc_pg_hi,
-                    pst, pcid, fpfn, flapfn, flaev, bloom, hits: list, pairs: list) -> None:
+                    ps, fpfn, flapfn, flaev, bloom, hits: list, pairs: list) -> None:
     """A fork child's page that appears mapping a page the real kernel had merged gets its
     parent's frame key.
 
@@ -810,7 +814,7 @@ def _inherit_frames(forks: list, store: EventStore, parent, page_proc, page_vpn,
         j = lo + int(np.searchsorted(page_vpn[lo:hi], v))
         if j >= hi or page_vpn[j] != v:
             continue
-        if not (pst[j] & ST_KSM) or fpfn[j] != row_pfn or pcid[j] != cid:
+        if not (ps[j, PS_BITS] & ST_KSM) or fpfn[j] != row_pfn or ps[j, PS_CID] != cid:
             continue
         if flaev[j] < 0:
             continue
@@ -825,16 +829,22 @@ def _inherit_frames(forks: list, store: EventStore, parent, page_proc, page_vpn,
 
 
 @njit(cache=True, nogil=True)
-def _count_keys(pfns, cids, keys_pfn, keys_cid, slots, count, first, ev0):
-    """Arrivals per candidate key (an open-addressing table over the unique Bloom hits) and the
-    first arrival of each."""
+def _count_keys(pfns, cids, keys_pfn, keys_cid, slots, bits, count, first, ev0):
+    """Arrivals per candidate key (an open-addressing table over the unique Bloom hits, behind a
+    one-bit-per-key filter ``bits`` that rejects most arrivals at once) and the first arrival of
+    each."""
     cap = len(slots)
+    nb = len(bits) * 64
     for i in range(len(pfns)):
         p = pfns[i]
         if p < 0:
             continue
         c = cids[i]
-        h = _slot(_mix(p ^ _mix(c + _MIX2)), cap)
+        hk = _mix(p ^ _mix(c + _MIX2))
+        b = _slot(hk, nb)
+        if (bits[b >> 6] >> np.uint64(b & 63)) & np.uint64(1) == 0:
+            continue
+        h = _slot(hk, cap)
         while True:
             k = slots[h]
             if k < 0:
@@ -871,18 +881,24 @@ def _assign_keys(pfns, cids, keys_pfn, keys_cid, slots, gid_of, out):
                 h = 0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _key_table(keys_pfn, keys_cid):
+    """An open-addressing table of the candidate keys, and a filter of one bit per key (16 bits a key)."""
     cap = max(16, 2 * len(keys_pfn))
     slots = np.full(cap, -1, np.int64)
+    bits = np.zeros(max(1, len(keys_pfn) // 4 + 1), np.uint64)
+    nb = len(bits) * 64
     for k in range(len(keys_pfn)):
-        h = _slot(_mix(keys_pfn[k] ^ _mix(keys_cid[k] + _MIX2)), cap)
+        hk = _mix(keys_pfn[k] ^ _mix(keys_cid[k] + _MIX2))
+        b = _slot(hk, nb)
+        bits[b >> 6] |= np.uint64(1) << np.uint64(b & 63)
+        h = _slot(hk, cap)
         while slots[h] >= 0:
             h += 1
             if h == cap:
                 h = 0
         slots[h] = k
-    return slots
+    return slots, bits
 
 
 @njit(cache=True, nogil=True)
@@ -920,11 +936,12 @@ def _shared_frames(store: EventStore, off: np.ndarray, hits: list, pairs: list, 
     if hits:
         h = np.unique(np.concatenate(hits), axis=0)
         keys_pfn, keys_cid = np.ascontiguousarray(h[:, 0]), np.ascontiguousarray(h[:, 1])
-        slots = _key_table(keys_pfn, keys_cid)
+        slots, bits = _key_table(keys_pfn, keys_cid)
         count = np.zeros(len(keys_pfn), np.int64)
         first = np.full(len(keys_pfn), -1, np.int64)
         for _, a, b in store.blocks():
-            _count_keys(store.column_range("pfn", a, b), store.column_range("cid", a, b), keys_pfn, keys_cid, slots, count, first, a)
+            _count_keys(store.column_range("pfn", a, b), store.column_range("cid", a, b), keys_pfn, keys_cid, slots, bits,
+                        count, first, a)
         shared = np.flatnonzero(count >= 2)
         gid_of = np.full(len(keys_pfn), -1, np.int64)
         gid_of[shared[np.argsort(first[shared], kind="stable")]] = np.arange(len(shared))
@@ -985,9 +1002,8 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
     parent, child_first = _fork_parents(trace, procs)
     track_fork = bool((parent >= 0).any())
     cfg = np.array([scope == "recorded", zero_on, split_remap, bool(trace.capture.get("soft_dirty")), track_fork], np.int64)
-    pst = np.zeros(n_pages, np.uint8)
-    pcid = np.full(n_pages, -1, np.int32)
-    pthp = np.full(n_pages, -1, np.int32)
+    ps = np.full((n_pages, 3), -1, np.int32)  # each page's previous row: PS_BITS, PS_CID, PS_THP
+    ps[:, PS_BITS] = 0
     if track_fork:
         fpfn, flapfn, flaev = np.zeros(n_pages, np.int64), np.full(n_pages, -1, np.int64), np.full(n_pages, -1, np.int64)
     else:
@@ -1014,9 +1030,8 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
 
     def chunks():
         """Every snapshot's rows in page order, in chunks of at most CHUNK_ROWS rows (a snapshot
-        whose file is not in (process, address) order: whole, sorted), with their page and content
-        ids.  Runs in a worker thread, one chunk ahead of the caller; content ids are handed out in
-        row order."""
+        whose file is not in (process, address) order: whole, sorted), with their page ids.  Runs
+        in a worker thread, one chunk ahead of the caller."""
         for s in range(n_snaps):
             df = trace.read_table("pages", [s], cols)
             op_all = df["op"].to_numpy()
@@ -1049,25 +1064,24 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
                     if len(hit):
                         op, flags, hkey, pfn = op.copy(), flags.copy(), hkey.copy(), pfn.copy()
                         op[hit], flags[hit], hkey[hit], pfn[hit] = S.OP_CHANGED, gf[j[hit]], gh[j[hit]], gp[j[hit]]
-                ctab.ensure(n)
-                cin = np.empty(n, np.int64)
-                _content_ids(op, flags, hkey, recorded, ctab.tab, n_hashed, cin)
-                ctab.count = int(n_hashed[0])
                 yield SimpleNamespace(s=s, last=a + step >= n_all, n=n, pg=pg, dproc=dproc, op=op, flags=flags,
-                                      cin=cin, n_hashed=ctab.count, pfn=pfn,
-                                      sample=get(part["sample"].to_numpy()) if has_sample else None)
+                                      hkey=hkey, pfn=pfn, sample=get(part["sample"].to_numpy()) if has_sample else None)
 
     forks: list[tuple[int, int, int, int]] = []
     for r in _ahead(chunks()):
         s, n = r.s, r.n
         if n:
+            ctab.ensure(n)  # content ids, in row order (here: the worker reads the next chunk meanwhile)
+            cin = np.empty(n, np.int64)
+            _content_ids(r.op, r.flags, r.hkey, recorded, ctab.tab, n_hashed, cin)
+            ctab.count = int(n_hashed[0])
             ttab.ensure(int(np.count_nonzero(r.flags & S.F_THP)))
-            if len(cnt) < r.n_hashed:
-                cnt = np.concatenate([cnt, np.zeros(max(len(cnt), r.n_hashed - len(cnt)), np.int32)])
+            if len(cnt) < ctab.count:
+                cnt = np.concatenate([cnt, np.zeros(max(len(cnt), ctab.count - len(cnt)), np.int32)])
             buf = store.reserve(n)
             o_row, o_hits, o_forks = np.empty(n, np.int64), np.empty((n, 2), np.int64), np.empty(n, np.int64)
             ev0 = int(acc[A_EVENTS])
-            m, nh, nf = _derive_events(s, r.pg, r.dproc, r.op, r.flags, r.cin, r.pfn, cfg, pst, pcid, pthp, fpfn,
+            m, nh, nf = _derive_events(s, r.pg, r.dproc, r.op, r.flags, cin, r.pfn, cfg, ps, fpfn,
                                        flapfn, flaev, cnt, ttab.tab, bloom, acc, first_cand, parent, child_first,
                                        buf["pg"], buf["kind"], buf["cid"], buf["gid"], buf["thp"], buf["pfn"],
                                        o_row, o_hits, o_forks)
@@ -1081,7 +1095,7 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
         if not r.last:
             continue
         if forks:  # after every row of the snapshot: the parents' pages are at this snapshot
-            _inherit_frames(forks, store, parent, page_proc, page_vpn, proc_pg_lo, proc_pg_hi, pst, pcid, fpfn,
+            _inherit_frames(forks, store, parent, page_proc, page_vpn, proc_pg_lo, proc_pg_hi, ps, fpfn,
                             flapfn, flaev, bloom, hits, pairs)
             forks = []
         off[s + 1] = acc[A_EVENTS]
@@ -1090,7 +1104,7 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
         oracle_frames[s] = acc[A_DISTINCT]
         zero_filled[s] = acc[A_ZERO]
     store.finish()
-    del pst, pthp, fpfn, flapfn, flaev, ctab, ttab, cnt, bloom, pcid
+    del ps, fpfn, flapfn, flaev, ctab, ttab, cnt, bloom
     n_normal, n_bad = int(n_hashed[0]), int(acc[A_BAD])
     n_cids = n_normal + 1 + n_bad
     if n_bad:  # unreadable pages' own contents: numbered after every hashed one
