@@ -55,7 +55,9 @@ P = param_slots(KsmParams, derived=("neworder", "v318", "remap", "hz", "oldchain
 OP = scalar_slots(N_SCALARS).stop
 
 # it: rmap item columns
-I_ALLOC, I_OLD, I_AGE, I_SKIPS, I_FLAG, I_SEQ, I_UKEY, I_NODE, I_NEXT, I_PREV = range(10)
+# (int32; the small fields share I_BITS: _get/_put with a (shift, mask) field)
+I_BITS, I_OLD, I_UKEY, I_NODE, I_NEXT, I_PREV = range(6)
+B_ALLOC, B_FLAG, B_AGE, B_SKIPS, B_SEQ = (0, 1), (1, 3), (3, 255), (11, 15), (15, 255)
 # nd: stable node columns
 # (int32; a chain's last prune time, in ns, is split over N_PRUNE_HI and N_PRUNE_LO)
 N_KIND, N_CID, N_FRAME, N_GEN, N_FIRST, N_LEN, N_CHAIN, N_DFIRST, N_DNEXT, N_DPREV, N_NDUPS, N_PRUNE_HI, N_PRUNE_LO, N_FREEL = range(14)
@@ -77,8 +79,8 @@ NODES_START = 1024  # stable node rows to start with (plus one per 64 pages); gr
 
 def new_state(prep, params, ctx, n_frames: int) -> KsmState:
     n, c, f, np_ = prep.n_pages, prep.n_cids, n_frames, prep.n_procs
-    it = np.zeros((n, 10), np.int32)  # int32 halves the scan's memory traffic
-    it[:, [I_OLD, I_UKEY, I_NODE, I_NEXT, I_PREV]] = -1
+    it = np.full((n, 6), -1, np.int32)  # 24 bytes a page: the scan's memory traffic
+    it[:, I_BITS] = 0
     ct = np.full((c, 3), -1, np.int32)
     mm = np.zeros((np_ + 1, 7), np.int64)
     mm[:, M_NEXT] = np_
@@ -121,6 +123,20 @@ def grow_nodes(K: KsmState, extra: int) -> KsmState:
 
 
 # --- small helpers --------------------------------------------------------------------------------
+@njit(inline="always")
+def _get(it, q, field):
+    """A small field of rmap item ``q`` (allocated, tree flag, age, skips, seqnr & 0xff)."""
+    shift, mask = field
+    return (it[q, I_BITS] >> shift) & mask
+
+
+@njit(inline="always")
+def _put(it, q, field, v):
+    shift, mask = field
+    it[q, I_BITS] = (it[q, I_BITS] & ~(mask << shift)) | ((v & mask) << shift)
+
+
+
 @njit(inline="always")
 def _scannable(E, pg):
     return E.pg[pg, P_CID] >= 0 and E.pg[pg, P_FRAME] != 0
@@ -242,7 +258,7 @@ def remove_node_from_stable_tree(K, nd):
             K.sc[S_SHARING] -= 1
         else:
             K.sc[S_SHARED] -= 1
-        K.it[it, I_FLAG] = F_NONE
+        _put(K.it, it, B_FLAG, F_NONE)
         K.it[it, I_NODE] = -1
         K.it[it, I_NEXT] = -1
         K.it[it, I_PREV] = -1
@@ -284,17 +300,17 @@ def _remove_stable_item(E, K, pg):
         K.sc[S_SHARING] -= 1
     else:
         K.sc[S_SHARED] -= 1
-    K.it[pg, I_FLAG] = F_NONE
+    _put(K.it, pg, B_FLAG, F_NONE)
     K.it[pg, I_NODE] = -1
 
 
 @njit(inline="always")
 def _rm_local(E, K, it, ct, sc, pg):
     """remove_rmap_item_from_tree on local arrays: the unstable case inline, the stable one a call."""
-    fl = it[pg, I_FLAG]
+    fl = _get(it, pg, B_FLAG)
     if fl == F_UNSTABLE:
         seq = sc[S_SEQNR]
-        age = (seq - it[pg, I_SEQ]) & 0xFF
+        age = (seq - _get(it, pg, B_SEQ)) & 0xFF
         if age > 1:
             sc[D_ERR] = 2
         if age == 0:
@@ -303,7 +319,7 @@ def _rm_local(E, K, it, ct, sc, pg):
                 ct[u, C_UITEM] = -1
             sc[S_UNCOUNT] -= 1
         sc[S_UNSHARED] -= 1
-        it[pg, I_FLAG] = F_NONE
+        _put(it, pg, B_FLAG, F_NONE)
     elif fl == F_STABLE:
         _remove_stable_item(E, K, pg)
 
@@ -472,7 +488,7 @@ def stable_tree_append(K, pg, nd):
     K.nd[nd, N_FIRST] = pg
     K.nd[nd, N_LEN] += 1
     K.it[pg, I_NODE] = nd
-    K.it[pg, I_FLAG] = F_STABLE
+    _put(K.it, pg, B_FLAG, F_STABLE)
     if K.nd[nd, N_LEN] > 1:
         K.sc[S_SHARING] += 1
     else:
@@ -584,7 +600,7 @@ def _same_address_merge(E, K, sa_cls, sa_off, sa_mem, pg):
             if _merge_with_ksm_page(E, K, pg, nd):
                 stable_tree_append(K, pg, nd)
             return True
-        has_item = K.it[q, I_ALLOC] == 1
+        has_item = _get(K.it, q, B_ALLOC) == 1
         if has_item:
             remove_rmap_item_from_tree(E, K, q)
         _merge_two(E, K, pg, q, has_item)
@@ -596,11 +612,11 @@ def _same_address_merge(E, K, sa_cls, sa_off, sa_mem, pg):
 @njit
 def _free_item(E, K, pg):
     remove_rmap_item_from_tree(E, K, pg)
-    K.it[pg, I_ALLOC] = 0
+    _put(K.it, pg, B_ALLOC, 0)
     K.it[pg, I_OLD] = -1
-    K.it[pg, I_AGE] = 0
-    K.it[pg, I_SKIPS] = 0
-    K.it[pg, I_FLAG] = F_NONE
+    _put(K.it, pg, B_AGE, 0)
+    _put(K.it, pg, B_SKIPS, 0)
+    _put(K.it, pg, B_FLAG, F_NONE)
     K.it[pg, I_NODE] = -1
     K.mm[E.pg[pg, P_PROC], M_ITEMS] -= 1
     K.sc[S_RMAP] -= 1
@@ -652,7 +668,7 @@ def _end_of_mm(E, K, ht, proc, head):
         sc[DU + U_WALKED] += ht[proc]  # holes after the mm's last page (no range walk)
     if mm[proc, M_EXITED] == 1:
         for q in range(mm[proc, M_LO], mm[proc, M_HI]):
-            if it[q, I_ALLOC] == 1:
+            if _get(it, q, B_ALLOC) == 1:
                 _free_item(E, K, q)
     nxt = mm[proc, M_NEXT]
     if mm[proc, M_EXITED] == 1:
@@ -750,30 +766,30 @@ def run_until(E, K, hg, ht, sa_cls, sa_off, sa_mem, t_end):
                                 prefetch_row(ct, ca)
                         fq = epg[q, P_FRAME]
                         if epg[q, P_CID] >= 0 and fq != 0:
-                            if it[q, I_ALLOC] == 0:
-                                it[q, I_ALLOC] = 1
+                            if _get(it, q, B_ALLOC) == 0:
+                                _put(it, q, B_ALLOC, 1)
                                 mm[proc, M_ITEMS] += 1
                                 sc[S_RMAP] += 1
                                 sc[DU + U_ALLOC] += 1
                             sc[DU + U_VISITED] += 1
                             # ---- should_skip_rmap_item ----
                             if smart and not (fq > 0 and efr[fq, F_KSM] == 1):
-                                age = it[q, I_AGE]
+                                age = _get(it, q, B_AGE)
                                 if age != 255:
-                                    it[q, I_AGE] = age + 1
+                                    _put(it, q, B_AGE, age + 1)
                                 if age >= 3:
-                                    if it[q, I_SKIPS] == 0:
+                                    if _get(it, q, B_SKIPS) == 0:
                                         if age <= 3:
-                                            it[q, I_SKIPS] = 1
+                                            _put(it, q, B_SKIPS, 1)
                                         elif age <= 5:
-                                            it[q, I_SKIPS] = 2
+                                            _put(it, q, B_SKIPS, 2)
                                         elif age <= 8:
-                                            it[q, I_SKIPS] = 4
+                                            _put(it, q, B_SKIPS, 4)
                                         else:
-                                            it[q, I_SKIPS] = 8
+                                            _put(it, q, B_SKIPS, 8)
                                     else:
                                         sc[S_SKIPPED] += 1
-                                        it[q, I_SKIPS] -= 1
+                                        _put(it, q, B_SKIPS, _get(it, q, B_SKIPS) - 1)
                                         _rm_local(E, K, it, ct, sc, q)
                                         q += 1
                                         continue
@@ -781,7 +797,7 @@ def run_until(E, K, hg, ht, sa_cls, sa_off, sa_mem, t_end):
                             pg = q
                             break
                         sc[DU + U_WALKED] += 1
-                        if it[q, I_ALLOC] == 1:
+                        if _get(it, q, B_ALLOC) == 1:
                             _free_item(E, K, q)
                         q += 1
                 if pg >= 0:
@@ -796,7 +812,7 @@ def run_until(E, K, hg, ht, sa_cls, sa_off, sa_mem, t_end):
             if f > 0 and efr[f, F_KSM] == 1:
                 page_node = fn[f]
                 if page_node >= 0:
-                    if it[pg, I_FLAG] == F_STABLE and it[pg, I_NODE] == page_node:
+                    if _get(it, pg, B_FLAG) == F_STABLE and it[pg, I_NODE] == page_node:
                         continue
                     _rm_local(E, K, it, ct, sc, pg)
                     stable_tree_append(K, pg, page_node)
@@ -847,8 +863,8 @@ def run_until(E, K, hg, ht, sa_cls, sa_off, sa_mem, t_end):
             if tpg >= 0:
                 _unstable_merge(E, K, pg, tpg)
                 continue
-            it[pg, I_FLAG] = F_UNSTABLE
-            it[pg, I_SEQ] = seq & 0xFF
+            _put(it, pg, B_FLAG, F_UNSTABLE)
+            _put(it, pg, B_SEQ, seq & 0xFF)
             it[pg, I_UKEY] = c
             ct[c, C_UITEM] = pg
             ct[c, C_USCAN] = seq
