@@ -288,6 +288,10 @@ class _Table:
         self.tab = np.full((0, 2), -1, np.int64)
         self.count = 0
 
+    def reserve(self, total: int) -> None:
+        """Room for ``total`` keys in all, below 70% full (before the first key)."""
+        self.tab = np.full((int(total / 0.7) + 1, 2), -1, np.int64)
+
     def ensure(self, need: int) -> None:
         """Room (below 70% full) for ``need`` more keys."""
         if (self.count + need) * 10 <= len(self.tab) * 7:
@@ -626,37 +630,62 @@ def _real_ksm_zero_rules(trace) -> tuple[bool, bool]:
     return zero_on, split_remap
 
 
-def _page_keys(trace):
+def _page_keys(trace, recorded: bool):
     """Pass 1: per process (trace proc id) the sorted virtual pages that have a NEW row, the first
-    pid and snapshot of every process in the page rows (non-SAME rows), and per snapshot its rows
-    and whether they are in (process, address) order."""
+    pid and snapshot of every process in the page rows (non-SAME rows), per snapshot its rows and
+    whether they are in (process, address) order; and for a trace of more than HLL_ROWS rows, an
+    estimate of its distinct contents (a HyperLogLog of the hashes that pass 2 numbers), so that
+    pass 2 sizes its content table once -- a table that grows holds its old and new self at once,
+    the peak of a big host's prepare."""
     vpns: dict[int, list[np.ndarray]] = {}
     seen: dict[int, tuple[int, int]] = {}
     rows = np.zeros(trace.n_snapshots, np.int64)
     in_order = np.zeros(trace.n_snapshots, bool)
+    total = sum(int(e.get("files", {}).get("pages", {}).get("rows", 0)) for e in trace.snapshots)
+    regs = np.zeros(1 << HLL_BITS, np.uint8) if total > HLL_ROWS else None
 
     # (the pid of a process's first row is needed only when the trace has no processes table)
     has_procs = any(e.get("files", {}).get("processes", {}).get("rows", 0) for e in trace.snapshots)
     cols = ["proc", "vpn", "op"] if has_procs else ["proc", "pid", "vpn", "op"]
+    if regs is not None:
+        cols += ["flags", "hash"]
 
-    def load(s: int):
-        df = trace.read_table("pages", [s], cols)
-        op = df["op"].to_numpy()
-        keep = op != S.OP_SAME
-        proc, vpn = df["proc"].to_numpy(), df["vpn"].to_numpy()
-        pid = df["pid"].to_numpy() if "pid" in cols else np.zeros(len(proc), np.uint32)
-        if not keep.all():
-            proc, pid, vpn, op = proc[keep], pid[keep], vpn[keep], op[keep]
-        vpn = vpn.astype(np.int64)
-        ordered = _sorted_rows(proc.astype(np.int64), vpn)
-        if not ordered:
-            order = np.argsort(proc, kind="stable")
-            proc, pid, vpn, op = proc[order], pid[order], vpn[order], op[order]
-        return proc, pid, vpn, op == S.OP_NEW, ordered
+    def batches():
+        """(snapshot, its rows' proc, pid, vpn, NEW?, in (proc, vpn) order?) batch by batch."""
+        for s in range(trace.n_snapshots):
+            any_rows = False
+            for df in trace.read_batches("pages", s, cols, CHUNK_ROWS):
+                op = df["op"].to_numpy()
+                keep = op != S.OP_SAME
+                if regs is not None:
+                    _hll_add(regs, op, df["flags"].to_numpy(), np.ascontiguousarray(df["hash"].to_numpy()).view(np.int64),
+                             recorded)
+                proc, vpn = df["proc"].to_numpy(), df["vpn"].to_numpy()
+                pid = df["pid"].to_numpy() if "pid" in cols else np.zeros(len(proc), np.uint32)
+                if not keep.all():
+                    proc, pid, vpn, op = proc[keep], pid[keep], vpn[keep], op[keep]
+                vpn = vpn.astype(np.int64)
+                ordered = _sorted_rows(proc.astype(np.int64), vpn)
+                if not ordered:
+                    order = np.argsort(proc, kind="stable")
+                    proc, pid, vpn, op = proc[order], pid[order], vpn[order], op[order]
+                any_rows = True
+                yield s, proc, pid, vpn, op == S.OP_NEW, ordered
+            if not any_rows:
+                e = np.zeros(0, np.int64)
+                yield s, e, e, e, e.astype(bool), True
 
-    for s, (proc, pid, vpn, new, ordered) in enumerate(_ahead(map(load, range(trace.n_snapshots)))):
-        rows[s] = len(proc)
-        in_order[s] = ordered
+    last_key = {}  # snapshot -> (proc, vpn) of its last row so far (order across batches)
+    for s, proc, pid, vpn, new, ordered in _ahead(batches()):
+        if s not in last_key:
+            in_order[s] = True
+        if len(proc) and s in last_key and last_key[s] is not None:
+            lp, lv = last_key[s]
+            if (int(proc[0]), int(vpn[0])) <= (lp, lv):
+                ordered = False
+        in_order[s] &= ordered
+        last_key[s] = (int(proc[-1]), int(vpn[-1])) if len(proc) else last_key.get(s)
+        rows[s] += len(proc)
         if not len(proc):
             continue
         starts = np.flatnonzero(np.r_[True, proc[1:] != proc[:-1]])
@@ -668,7 +697,37 @@ def _page_keys(trace):
             v = vpn[a:b][new[a:b]]
             if len(v):
                 vpns.setdefault(p, []).append(v)
-    return vpns, seen, rows, in_order
+    return vpns, seen, rows, in_order, (_hll_estimate(regs) if regs is not None else None)
+
+
+HLL_ROWS = 1 << 24  # traces of more rows estimate their distinct contents in pass 1
+HLL_BITS = 14  # 16 K registers: a standard error of 0.8%
+
+
+@njit(cache=True, nogil=True)
+def _hll_add(regs, op, flags, hkey, recorded):
+    """HyperLogLog registers of the hashes of the rows that get a content id (_needs_hash)."""
+    for i in range(len(op)):
+        if not _needs_hash(op[i], flags[i], recorded):
+            continue
+        h = _mix(hkey[i])
+        j = (h >> (64 - HLL_BITS)) & ((1 << HLL_BITS) - 1)
+        w = h << HLL_BITS
+        rho = 1
+        while w > 0 and rho <= 64 - HLL_BITS:  # leading zeros of the rest, plus one
+            w <<= 1
+            rho += 1
+        if rho > regs[j]:
+            regs[j] = rho
+
+
+def _hll_estimate(regs: np.ndarray) -> int:
+    m = len(regs)
+    est = 0.7213 / (1 + 1.079 / m) * m * m / float(np.sum(np.ldexp(1.0, -regs.astype(np.int64))))
+    zeros = int(np.count_nonzero(regs == 0))
+    if est <= 2.5 * m and zeros:
+        est = m * np.log(m / zeros)  # linear counting for small counts
+    return int(est)
 
 
 _END = object()
@@ -980,7 +1039,8 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
     has_sample = trace.has_sample_hash
 
     # --- pass 1: pages and processes ------------------------------------------------------------
-    vpns, seen, rows_per_snap, in_order = _page_keys(trace)
+    recorded = scope == "recorded"
+    vpns, seen, rows_per_snap, in_order, distinct = _page_keys(trace, recorded)
     procs = _process_table(trace, seen)
     n_procs = procs.height
     proc_ids = procs["proc"].to_numpy().astype(np.int64)
@@ -1010,6 +1070,9 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
         fpfn = flapfn = flaev = np.zeros(0, np.int64)
     ctab, ttab = _Table(), _Table()
     cnt = np.zeros(1024, np.int32)
+    if distinct is not None:  # sized once: the estimate, five standard errors and a chunk more
+        ctab.reserve(int(distinct * 1.04) + CHUNK_ROWS)
+        cnt = np.zeros(int(distinct * 1.04) + CHUNK_ROWS, np.int32)
     total_rows = int(rows_per_snap.sum())
     bloom = np.zeros(max(BLOOM_MIN_WORDS, total_rows * BLOOM_BITS_PER_ROW // 64 + 1), np.uint64)
     acc = np.zeros(N_ACC, np.int64)
@@ -1025,23 +1088,30 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
     hits: list[np.ndarray] = []
     pairs: list[tuple[int, int]] = []
     cols = ["proc", "vpn", "op", "hash", "flags", "pfn"] + (["sample"] if has_sample else [])
-    recorded = scope == "recorded"
     n_hashed = np.zeros(1, np.int64)
 
     def chunks():
         """Every snapshot's rows in page order, in chunks of at most CHUNK_ROWS rows (a snapshot
         whose file is not in (process, address) order: whole, sorted), with their page ids.  Runs
         in a worker thread, one chunk ahead of the caller."""
+        def parts(s: int):
+            """(rows, last): the snapshot's file in batches when it is in page order, else whole."""
+            if in_order[s]:
+                it = trace.read_batches("pages", s, cols, CHUNK_ROWS)
+            else:
+                it = iter([trace.read_table("pages", [s], cols)])
+            df = next(it, None)
+            while df is not None:
+                nxt = next(it, None)
+                op_all = df["op"].to_numpy()
+                keep = op_all != S.OP_SAME
+                yield (df if keep.all() else df.filter(pl.Series(keep))), nxt is None
+                df = nxt
+
         for s in range(n_snaps):
-            df = trace.read_table("pages", [s], cols)
-            op_all = df["op"].to_numpy()
-            keep = op_all != S.OP_SAME
-            if not keep.all():
-                df = df.filter(pl.Series(keep))
-            n_all = df.height
-            step = CHUNK_ROWS if in_order[s] else max(n_all, 1)
-            for a in range(0, max(n_all, 1), step):
-                part = df.slice(a, step)
+            done = False
+            for part, last in parts(s):
+                done = last
                 n = part.height
                 dproc = np.searchsorted(proc_ids, part["proc"].to_numpy().astype(np.int64)).astype(np.int64)
                 vpn = part["vpn"].to_numpy().astype(np.int64)
@@ -1064,8 +1134,12 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
                     if len(hit):
                         op, flags, hkey, pfn = op.copy(), flags.copy(), hkey.copy(), pfn.copy()
                         op[hit], flags[hit], hkey[hit], pfn[hit] = S.OP_CHANGED, gf[j[hit]], gh[j[hit]], gp[j[hit]]
-                yield SimpleNamespace(s=s, last=a + step >= n_all, n=n, pg=pg, dproc=dproc, op=op, flags=flags,
+                yield SimpleNamespace(s=s, last=last, n=n, pg=pg, dproc=dproc, op=op, flags=flags,
                                       hkey=hkey, pfn=pfn, sample=get(part["sample"].to_numpy()) if has_sample else None)
+            if not done:  # no rows at all
+                e = np.zeros(0, np.int64)
+                yield SimpleNamespace(s=s, last=True, n=0, pg=e, dproc=e, op=e.astype(np.uint8), flags=e, hkey=e,
+                                      pfn=e, sample=None)
 
     forks: list[tuple[int, int, int, int]] = []
     for r in _ahead(chunks()):

@@ -158,7 +158,7 @@ class Trace:
             return None
         return self.path / info["path"]
 
-    def _read_file(self, path: Path, table: str, columns: list[str] | None = None) -> pa.Table:
+    def _open_file(self, path: Path, table: str) -> pq.ParquetFile:
         try:
             pf = pq.ParquetFile(path)
         except FileNotFoundError:
@@ -170,10 +170,28 @@ class Trace:
         missing = [f for f in want.names if f not in names]
         if missing:
             raise TraceError(f"{path}: foreign Parquet file (no column {missing[0]!r} of the {table} table)")
+        return pf
+
+    def _read_file(self, path: Path, table: str, columns: list[str] | None = None) -> pa.Table:
+        pf = self._open_file(path, table)
         try:
             return pf.read(columns=columns)
         except (pa.ArrowInvalid, OSError) as exc:
             raise TraceError(f"{path}: corrupt or truncated ({_short(exc)})") from None
+
+    def read_batches(self, table: str, snap: int, columns: list[str] | None = None,
+                     rows: int = 1 << 20) -> Iterator[pl.DataFrame]:
+        """One snapshot's file of ``table`` in batches of at most ``rows`` rows, in file order (a
+        big host's keyframe is never in memory at once)."""
+        f = self._file(table, snap)
+        if f is None:
+            return
+        pf = self._open_file(f, table)
+        try:
+            for b in pf.iter_batches(batch_size=rows, columns=columns):
+                yield pl.from_arrow(b)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise TraceError(f"{f}: corrupt or truncated ({_short(exc)})") from None
 
     def read_table(self, table: str, snaps: range | list[int] | None = None, columns: list[str] | None = None) -> pl.DataFrame:
         """One table over the committed snapshots (all, or ``snaps``), as a polars DataFrame."""

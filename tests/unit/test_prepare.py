@@ -252,6 +252,25 @@ def test_snapshots_in_chunks_are_the_same(monkeypatch):
     _same_arrays(want, _arrays(tr.prepare("recorded", cache=False)))
 
 
+def test_a_big_trace_sizes_its_content_table_once(monkeypatch):
+    """Past HLL_ROWS rows, pass 1 estimates the distinct contents and pass 2's table never grows;
+    the result is the same (and a low estimate only means the table grows after all)."""
+    from ksmtrace import samples
+
+    tr = samples.open_sample("python-sci")
+    want = _arrays(tr.prepare("anon", cache=False))
+    grown = []
+    real = P._table_grow
+    monkeypatch.setattr(P, "_table_grow", lambda *a: grown.append(1) or real(*a))
+    monkeypatch.setattr(P, "HLL_ROWS", 0)
+    _same_arrays(want, _arrays(tr.prepare("anon", cache=False)))
+    assert not grown
+    monkeypatch.setattr(P, "_hll_estimate", lambda regs: 10)
+    monkeypatch.setattr(P, "CHUNK_ROWS", 1000)
+    _same_arrays(want, _arrays(tr.prepare("anon", cache=False)))
+    assert grown
+
+
 def _rewrite_pages(src: Path, dst: Path, edit) -> None:
     shutil.copytree(src, dst)
     for f in sorted((dst / "pages").glob("*.parquet")):
