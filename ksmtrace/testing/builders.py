@@ -12,6 +12,18 @@ optionally ``frame`` (a label: pages with the same label share one physical fram
 ``zero_page`` (maps the kernel zero page), ``ksm`` (a real-kernel KSM page), ``swapped``,
 ``anon`` (default True), ``soft_dirty``.
 
+Fingerprints: ``samples`` (content -> u32) writes the 64-word sampled hash column ``sample``;
+``strengths=True`` writes the sampled hash at every strength of ``SAMPLE_STRENGTHS`` (format
+version 2), each derived from the content label (:func:`strength_sample`): the zero page gets its
+true value at every strength, any other content a hash of its label per strength, so different
+contents never collide unless ``collisions`` says so: ``{content: (group, upto)}`` makes a content
+hash as ``group`` at every strength <= ``upto`` (all members of a group collide there; group ``0``
+collides with the zero page).
+
+VMAs: ``vmas`` (one mapping per snapshot, proc -> list of ``(start_vpn, end_vpn)`` or
+``(start_vpn, end_vpn, vmflags)``) writes the vmas table (private anonymous VMAs in scope, VmFlags
+``"rd wr mr mw me ac"`` by default); without it the trace has no vmas table.
+
 The trace goes through the real :class:`~ksmtrace.trace.writer.TraceWriter` and delta encoder, so
 it is a trace like any captured one.
 """
@@ -26,6 +38,7 @@ import xxhash
 
 from ksmtrace.trace import delta as D
 from ksmtrace.trace import schema as S
+from ksmtrace.trace.sampled import zero_sample
 from ksmtrace.trace.writer import TraceWriter
 
 ZERO_PFN = 0x1000
@@ -40,6 +53,18 @@ def _is_zero(c: Any) -> bool:
     return c == 0 or c == "zero"
 
 
+def strength_sample(c: Any, strength: int, collisions: Mapping[Any, tuple[Any, int]] | None = None) -> int:
+    """The builder's sampled hash of content ``c`` at ``strength`` (see the module docstring)."""
+    group, upto = (collisions or {}).get(c, (c, 0))
+    label = group if strength <= upto else c
+    if _is_zero(label) or _is_zero(c):
+        return zero_sample(strength)
+    return xxhash.xxh3_64_intdigest(f"{label!r}@{strength}".encode(), seed=_KEY) & 0xFFFFFFFF
+
+
+DEFAULT_VMFLAGS = "rd wr mr mw me ac"
+
+
 def make_trace(
     path: str | os.PathLike,
     snapshots: list[Mapping[tuple[int, int], Any]],
@@ -52,6 +77,9 @@ def make_trace(
     ground_truth: list[list[Mapping[str, Any]]] | None = None,
     keyframe_every: int = 0,
     samples: Mapping[Any, int] | None = None,
+    strengths: bool = False,
+    collisions: Mapping[Any, tuple[Any, int]] | None = None,
+    vmas: list[Mapping[int, list[tuple]]] | None = None,
 ):
     """Write a trace and return it opened (:class:`~ksmtrace.trace.reader.Trace`)."""
     from ksmtrace.trace.reader import open_trace
@@ -62,8 +90,9 @@ def make_trace(
     host_facts.update(host or {})
     cap = {"scope": "anon", "interval_s": interval, "soft_dirty": False, "contents": False, "hash": {"algorithm": "xxh3_64", "key_fingerprint": "test"}}
     cap.update(capture or {})
-    with_sample = samples is not None
-    pschema = S.pages_schema(sample=with_sample)
+    with_sample = samples is not None or strengths
+    pschema = S.pages_schema(sample=with_sample, strengths=strengths)
+    fp_cols = tuple(n for n in pschema.names if n not in S.PAGES_SCHEMA.names)
     w = TraceWriter(path, host=host_facts, capture=cap, tracer={"name": "builder", "version": "1"}, pages_schema=pschema)
     next_pfn = [0x100000]
     labels: dict[Any, int] = {}
@@ -97,7 +126,7 @@ def make_trace(
             hashes = np.zeros(n, np.uint64)
             flags = np.zeros(n, np.uint32)
             pfns = np.zeros(n, np.uint64)
-            samp = np.zeros(n, np.uint32)
+            fps = {name: np.zeros(n, np.uint32) for name in fp_cols}
             any_mergeable = False
             for i, (v, d) in enumerate(pages):
                 c = d.get("c")
@@ -140,13 +169,13 @@ def make_trace(
                 hashes[i] = content_hash(0) if _is_zero(c) else content_hash(c)
                 flags[i] = f
                 pfns[i] = pfn
-                if with_sample:
-                    samp[i] = int(samples.get(c, content_hash(c) & 0xFFFFFFFF)) & 0xFFFFFFFF
-            cur = {"vpn": vpn, "hash": hashes, "flags": flags, "pfn": pfns}
-            extra: tuple[str, ...] = ()
-            if with_sample:
-                cur["sample"] = samp
-                extra = ("sample",)
+                if strengths:
+                    for st_ in S.SAMPLE_STRENGTHS:
+                        fps[S.strength_column(st_)][i] = strength_sample(c, st_, collisions)
+                if samples is not None:
+                    fps["sample"][i] = int(samples.get(c, content_hash(c) & 0xFFFFFFFF)) & 0xFFFFFFFF
+            cur = {"vpn": vpn, "hash": hashes, "flags": flags, "pfn": pfns, **fps}
+            extra = fp_cols
             keyframe = s == 0 or (keyframe_every and s % keyframe_every == 0)
             prev = prev_state.get(proc)
             dl = D.diff(prev, cur)
@@ -169,13 +198,15 @@ def make_trace(
             pid = int(info.get("pid", 1000 + proc))
             empty = {k: v[:0] for k, v in prev.items()}
             dl = D.diff(prev, empty)
-            page_parts.append(D.rows_for(s, proc, pid, prev, empty, dl, False, ("sample",) if with_sample else ()))
+            page_parts.append(D.rows_for(s, proc, pid, prev, empty, dl, False, fp_cols))
         cols: dict[str, np.ndarray] = {}
         for name in pschema.names:
             arrs = [p[name] for p in page_parts if name in p]
             cols[name] = np.concatenate(arrs) if arrs else np.zeros(0)
         pages = pa.table({n: pa.array(cols[n].astype(pschema.field(n).type.to_pandas_dtype())) for n in pschema.names}, schema=pschema)
         tables = {"pages": pages, "processes": pa.Table.from_pylist(proc_rows, schema=S.PROCESSES_SCHEMA)}
+        if vmas is not None:
+            tables["vmas"] = _vma_rows(s, vmas[s] if s < len(vmas) else {}, procs)
         if ground_truth is not None and s < len(ground_truth):
             rows = []
             for g in ground_truth[s]:
@@ -189,3 +220,19 @@ def make_trace(
         prev_pfn = cur_pfn
     w.close("complete")
     return open_trace(path)
+
+
+def _vma_rows(s: int, snap_vmas: Mapping[int, list[tuple]], procs: Mapping[int, Mapping[str, Any]]) -> pa.Table:
+    rows = []
+    for proc in sorted(snap_vmas):
+        pid = int(procs.get(proc, {}).get("pid", 1000 + proc))
+        for v in sorted(snap_vmas[proc]):
+            start, end = int(v[0]), int(v[1])
+            vmflags = v[2] if len(v) > 2 else DEFAULT_VMFLAGS
+            flags = S.V_ANON | S.V_PRIVATE | S.V_IN_SCOPE
+            if "mg" in vmflags.split():
+                flags |= S.V_MERGEABLE
+            rows.append({"snap": s, "proc": proc, "pid": pid, "start": start << 12, "end": end << 12, "perms": "rw-p",
+                         "flags": flags, "vmflags": vmflags, "path": "", "rss_pages": 0, "anon_pages": 0,
+                         "captured_pages": 0})
+    return pa.Table.from_pylist(rows, schema=S.VMAS_SCHEMA)
