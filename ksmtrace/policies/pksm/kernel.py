@@ -37,13 +37,13 @@ from ksmtrace.engine.daemon import (D_ERR, D_NOW, DU, KernelRuntime, new_block, 
 from ksmtrace.engine.jitutil import bitlen as _bitlen
 from ksmtrace.engine.jitutil import prefetch_row
 from ksmtrace.engine.state import P_CID, P_FRAME, P_PROC
+from ksmtrace.policies import hashkeys
 from ksmtrace.policies.pksm import PksmParams
 from ksmtrace.policies.pksm.runtime import DROP, SUCCESS, TRY, Probation, event_keys, pksm_counters, pksm_extras
 
 U_WAKEUPS = UNIT_INDEX["wakeups"]
 U_VISITED = UNIT_INDEX["pages_visited"]
 U_FREE = UNIT_INDEX["rmap_frees"]
-U_SAMPLED = UNIT_INDEX["sampled_hashes"]
 U_HCMP = UNIT_INDEX["hash_compares"]
 U_MEMCMP = UNIT_INDEX["memcmp_pages"]
 U_ZCHECK = UNIT_INDEX["zero_checks"]
@@ -61,7 +61,8 @@ N_SCALARS = 27
 # then the parameters (at OP): PksmParams' fields by name, then values derived from them; then the
 # local list (at sc[S_OLOC], 2 * pages_to_scan + 8 slots) and each process's first and end page
 # (at sc[S_OPROC], n_procs + n_procs)
-P = param_slots(PksmParams, derived=("delay", "probation_passes", "probation_ns", "restart", "hz", "zero_key"))
+P = param_slots(PksmParams, derived=("delay", "probation_passes", "probation_ns", "restart", "hz", "zero_key",
+                                     "hash_unit", "hash_n"))
 OP = scalar_slots(N_SCALARS).stop
 
 W_NONE, W_NEW, W_RESCAN, W_LOCAL = 0, 1, 2, 3
@@ -102,9 +103,10 @@ def new_state(prep, params, ctx, probation, n_keys: int, zero_key: int) -> PksmS
     n, f, np_ = prep.n_pages, st.n_frame_slots(prep), prep.n_procs
     cap = max(64, n // 4)
     rule = probation or Probation(0, 0, False)
+    hash_unit, hash_n = hashkeys.hash_cost(params.hash_strength)
     pa = params_array(params, P, {"delay": probation is not None, "probation_passes": rule.passes,
                                   "probation_ns": rule.ns, "restart": rule.restart, "hz": ctx.hz,
-                                  "zero_key": zero_key})
+                                  "zero_key": zero_key, "hash_unit": UNIT_INDEX[hash_unit], "hash_n": hash_n})
     n_loc = 2 * int(params.pages_to_scan) + 8
     sc = new_block(N_SCALARS, len(P), ctx, extra=n_loc + 2 * np_)
     o_loc = OP + len(P)
@@ -569,7 +571,7 @@ def _probation_over(IT, PG, FR, sc, it):
         return True
     IT[it, I_IT_WAKE] = sc[S_WAKE]
     sc[DU + U_VISITED] += 1
-    sc[DU + U_SAMPLED] += 1
+    sc[DU + sc[OP + P.hash_unit]] += sc[OP + P.hash_n]
     h = _key(IT, PG, FR, it)
     if IT[it, I_IT_SEEN] >= 0 and h != IT[it, I_IT_SEEN]:
         if IT[it, I_IT_CHANGED] == 0:
@@ -663,7 +665,7 @@ def ksm_do_scan(E, S, n):
             _rm_tree(IT, KY, sc, it, False)
             if init:
                 IT[it, I_IT_SUM] = PG[FR[f, R_FR_HEAD], G_PG_KEY]
-                sc[DU + U_SAMPLED] += 1
+                sc[DU + sc[OP + P.hash_unit]] += sc[OP + P.hash_n]
             key = IT[it, I_IT_SUM]
             r = -1
             if key == zero_key:  # the zero page first
@@ -729,7 +731,7 @@ def update_unstable_page_checksum(S):
         nxt = IT[it, I_CK_NEXT]
         if IT[it, I_IT_FRAME] >= 0 and IT[it, I_IT_TREE] == T_UNSTABLE:
             sc[DU + U_VISITED] += 1
-            sc[DU + U_SAMPLED] += 1
+            sc[DU + sc[OP + P.hash_unit]] += sc[OP + P.hash_n]
             c = _key(IT, PG, FR, it)
             if c != IT[it, I_IT_SUM]:
                 _rm_tree(IT, KY, sc, it, False)
@@ -767,7 +769,7 @@ class PksmKernel(KernelRuntime):
     def __init__(self, params, ctx, probation: Probation | None = None) -> None:
         super().__init__(params, ctx)
         self.delay = probation is not None
-        self.ev_key, n_keys, zero_key, self.hash_desc = event_keys(ctx.prep)
+        self.ev_key, n_keys, zero_key, self.hash_desc = event_keys(ctx.prep, strength=params.hash_strength)
         self.S = new_state(ctx.prep, params, ctx, probation, n_keys, zero_key)
         self.sc = self.S.sc
         kinds = self.prep.ev_kind
