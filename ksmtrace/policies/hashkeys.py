@@ -60,32 +60,45 @@ def event_samples(prep, strength: int) -> np.ndarray | None:
     return prep.ev_sample
 
 
-def content_samples(prep, strength: int) -> np.ndarray | None:
+def _first_arrivals(prep) -> tuple[np.ndarray, np.ndarray]:
+    """(content ids, the index of each one's first arrival event)."""
+    arrival = ((prep.ev_kind == EV_APPEAR) | (prep.ev_kind == EV_WRITE)) & (prep.ev_cid >= 0)
+    ev = np.flatnonzero(arrival)
+    cids, first = np.unique(prep.ev_cid[ev], return_index=True)
+    return cids.astype(np.int64), ev[first]
+
+
+def content_samples(prep, strength: int, _first=None) -> np.ndarray | None:
     """Per content id, its recorded sampled hash modelling ``strength`` (from its first arrival;
     the zero content always gets the zero page's hash), as int64; None if not recorded."""
     samp = event_samples(prep, strength)
     if samp is None:
         return None
-    arrival = ((prep.ev_kind == EV_APPEAR) | (prep.ev_kind == EV_WRITE)) & (prep.ev_cid >= 0)
-    cids = prep.ev_cid[arrival].astype(np.int64)
-    vals = samp[arrival].astype(np.int64)
+    cids, first = _first if _first is not None else _first_arrivals(prep)
     out = np.zeros(max(int(prep.n_cids), 1), np.int64)
-    first = np.unique(cids[::-1], return_index=True)  # last index in reversed order = first arrival
-    uc, idx = first
-    out[uc] = vals[::-1][idx]
+    out[cids] = samp[first]
     out[0] = zero_sample(source_strength(prep, strength))
     return out
 
 
-def content_keys(prep, strength: int) -> tuple[np.ndarray, int, int]:
-    """(key per content id, number of keys, the zero page's key) at ``strength``; a content id is
-    its own key when the trace recorded no sampled hash."""
+def content_keys(prep, strengths) -> list[tuple[np.ndarray, int, int]]:
+    """For each of ``strengths``: (key per content id, number of keys, the zero page's key); a
+    content id is its own key when the trace recorded no sampled hash."""
     n = max(int(prep.n_cids), 1)
-    vals = content_samples(prep, strength)
-    if vals is None:
-        return np.arange(n, dtype=np.int64), n, 0
-    uniq = np.unique(vals)
-    return np.searchsorted(uniq, vals).astype(np.int64), len(uniq), int(np.searchsorted(uniq, vals[0]))
+    first = _first_arrivals(prep) if recorded_strengths(prep) else None
+    done: dict = {}
+    out = []
+    for s in strengths:
+        src = source_strength(prep, s)
+        if src not in done:
+            vals = content_samples(prep, s, first)
+            if vals is None:
+                done[src] = (np.arange(n, dtype=np.int64), n, 0)
+            else:
+                uniq, inv = np.unique(vals, return_inverse=True)
+                done[src] = (inv.astype(np.int64), len(uniq), int(inv[0]))
+        out.append(done[src])
+    return out
 
 
 def hash_cost(strength: int) -> tuple[str, int]:

@@ -153,4 +153,4 @@ class UKSM(Policy):
     }
 
     Runtime = UksmRuntime
-    kernel = None  # set below once the kernel exists
+    kernel = "ksmtrace.policies.uksm.kernel:UksmKernel"

@@ -80,8 +80,7 @@ def setup(prep, params, ctx) -> Setup:
     keys = np.zeros((R.N_LEVELS, n), np.int64)
     zero_keys = np.zeros(R.N_LEVELS, np.int64)
     off = 0
-    for lv, s in enumerate(SAMPLE_STRENGTHS):
-        k, nk, zk = hashkeys.content_keys(prep, s)
+    for lv, (k, nk, zk) in enumerate(hashkeys.content_keys(prep, SAMPLE_STRENGTHS)):
         keys[lv] = k + off
         zero_keys[lv] = zk + off
         off += nk
