@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-CORE_POLICIES = ("oracle", "ksm", "pksm", "pksm-delay", "hashtable")
+CORE_POLICIES = ("oracle", "ksm", "pksm", "pksm-delay", "hashtable", "uksm")
 MACHINE_DEPENDENT = ("cpu_seconds", "cpu_model")
 REL_TOL = 1e-9
 ABS_TOL = 1e-12
