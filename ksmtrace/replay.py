@@ -11,6 +11,7 @@ activity of the interval ``(t_{s-1}, t_s]`` (COW breaks, merges, work units).
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import numpy as np
@@ -212,6 +213,31 @@ def _run(prep, eng, rt, pol: Policy, progress) -> pl.DataFrame:
     return table, procs
 
 
+_OPEN_TRACES: dict[str, Any] = {}
+
+
+def replay_task(task: Mapping[str, Any]) -> RunResult:
+    """One replay described by plain data, for an executor (:mod:`ksmtrace.executor`): ``trace``
+    (a path: the worker opens it, once per process), ``policy``, ``params`` and any keyword of
+    :func:`replay` except ``progress``.  With ``out_dir`` the result files are written there too."""
+    from ksmtrace.trace.reader import open_trace
+
+    path = str(task["trace"])
+    tr = _OPEN_TRACES.get(path)
+    if tr is None:
+        tr = _OPEN_TRACES[path] = open_trace(path)
+    opts = {k: v for k, v in task.items() if k not in ("trace", "policy", "params", "out_dir", "label")}
+    res = replay(tr, task["policy"], task.get("params"), **opts)
+    if task.get("label") is not None:
+        res.spec["label"] = task["label"]
+    if task.get("out_dir") is not None:
+        try:
+            res.write(task["out_dir"])
+        except OSError as exc:
+            raise KsmtraceError(f"{task['out_dir']}: cannot write the result of {res.run_id} ({exc.strerror or exc})") from None
+    return res
+
+
 def compare(
     trace,
     policies: list[str | tuple[str, Mapping[str, Any]]],
@@ -220,12 +246,41 @@ def compare(
     scope: str | None = None,
     report_cost: CostModel | str | None = None,
     progress: ProgressFn | None = None,
+    executor=None,
+    workers: int | None = 1,
     **kwargs: Any,
 ) -> list[RunResult]:
-    """Replay several policies on one trace (same scope unless a policy says otherwise)."""
+    """Replay several policies on one trace (same scope unless a policy says otherwise), in the
+    order given.
+
+    ``executor``: where the runs execute (an :class:`~ksmtrace.executor.Executor` or a spec such as
+    ``"local"``, ``"dask"``, ``"dask://HOST:PORT"``; see :mod:`ksmtrace.executor`) with ``workers``
+    workers.  By default (``workers=1``, no executor) the runs are replayed here, one after another.
+    A run whose policy raises a :class:`~ksmtrace.errors.KsmtraceError` raises it here."""
     trace = as_trace(trace)
-    out = []
-    for item in policies:
-        name, params = (item, None) if isinstance(item, str) else item
-        out.append(replay(trace, name, params, engine=engine, scope=scope, report_cost=report_cost, progress=progress, **kwargs))
-    return out
+    items = [(item, None) if isinstance(item, str) else item for item in policies]
+    if executor is None and (workers or 1) == 1:
+        return [replay(trace, name, params, engine=engine, scope=scope, report_cost=report_cost, progress=progress, **kwargs)
+                for name, params in items]
+    from ksmtrace.executor import make_executor
+
+    tasks = [{"trace": str(trace.path), "policy": name, "params": dict(params or {}), "engine": engine, "scope": scope,
+              **kwargs} for name, params in items]
+    out: list[RunResult | None] = [None] * len(tasks)
+    prog = make(progress)
+    ex = make_executor(executor, min(workers or len(tasks), len(tasks)))
+    try:
+        if ex.warm() and not os.environ.get("KSMTRACE_NO_CACHE"):
+            for sc in {scope or get_policy(n).default_scope for n, _ in items}:
+                trace.prepare(sc)  # fill the disk cache once, not in every worker
+        for k, done in enumerate(ex.run(replay_task, tasks)):
+            if done.error is not None:
+                raise done.error
+            res = done.value
+            res.summary = res.compute_summary(report_cost)
+            out[done.index] = res
+            prog(k + 1, len(tasks), res.policy)
+    finally:
+        if ex is not executor:
+            ex.close()
+    return out  # type: ignore[return-value]
