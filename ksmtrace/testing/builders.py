@@ -20,6 +20,9 @@ contents never collide unless ``collisions`` says so: ``{content: (group, upto)}
 hash as ``group`` at every strength <= ``upto`` (all members of a group collide there; group ``0``
 collides with the zero page).
 
+Contents: ``contents=True`` stores a 4096-byte page per content (:func:`content_bytes`, random bytes
+seeded by the label; zero for the zero page) in the contents table, as ``capture --contents`` does.
+
 VMAs: ``vmas`` (one mapping per snapshot, proc -> list of ``(start_vpn, end_vpn)`` or
 ``(start_vpn, end_vpn, vmflags)``) writes the vmas table (private anonymous VMAs in scope, VmFlags
 ``"rd wr mr mw me ac"`` by default); without it the trace has no vmas table.
@@ -65,6 +68,13 @@ def strength_sample(c: Any, strength: int, collisions: Mapping[Any, tuple[Any, i
 DEFAULT_VMFLAGS = "rd wr mr mw me ac"
 
 
+def content_bytes(c: Any) -> bytes:
+    """The builder's 4 KiB page of content ``c`` (``contents=True``)."""
+    if _is_zero(c):
+        return bytes(4096)
+    return np.random.default_rng(content_hash(c)).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+
+
 def make_trace(
     path: str | os.PathLike,
     snapshots: list[Mapping[tuple[int, int], Any]],
@@ -80,6 +90,7 @@ def make_trace(
     strengths: bool = False,
     collisions: Mapping[Any, tuple[Any, int]] | None = None,
     vmas: list[Mapping[int, list[tuple]]] | None = None,
+    contents: bool = False,
 ):
     """Write a trace and return it opened (:class:`~ksmtrace.trace.reader.Trace`)."""
     from ksmtrace.trace.reader import open_trace
@@ -88,7 +99,8 @@ def make_trace(
     times = list(times) if times is not None else [i * interval for i in range(len(snapshots))]
     host_facts = {"kernel_release": "test", "page_size": 4096, "hz": 250, "thp_enabled": "never", "root": True, "pfn_readable": True}
     host_facts.update(host or {})
-    cap = {"scope": "anon", "interval_s": interval, "soft_dirty": False, "contents": False, "hash": {"algorithm": "xxh3_64", "key_fingerprint": "test"}}
+    cap = {"scope": "anon", "interval_s": interval, "soft_dirty": False, "contents": contents, "hash": {"algorithm": "xxh3_64", "key_fingerprint": "test"}}
+    stored: set[int] = set()
     cap.update(capture or {})
     with_sample = samples is not None or strengths
     pschema = S.pages_schema(sample=with_sample, strengths=strengths)
@@ -207,6 +219,16 @@ def make_trace(
         tables = {"pages": pages, "processes": pa.Table.from_pylist(proc_rows, schema=S.PROCESSES_SCHEMA)}
         if vmas is not None:
             tables["vmas"] = _vma_rows(s, vmas[s] if s < len(vmas) else {}, procs)
+        if contents:
+            new = {}
+            for spec in snap.values():
+                c = spec.get("c") if isinstance(spec, Mapping) else spec
+                h = content_hash(0) if _is_zero(c) else content_hash(c)
+                if h not in stored:
+                    stored.add(h)
+                    new[h] = content_bytes(c)
+            tables["contents"] = pa.table({"snap": pa.array([s] * len(new), pa.uint32()), "hash": pa.array(list(new), pa.uint64()),
+                                           "data": pa.array(list(new.values()), pa.binary())}, schema=S.CONTENTS_SCHEMA)
         if ground_truth is not None and s < len(ground_truth):
             rows = []
             for g in ground_truth[s]:

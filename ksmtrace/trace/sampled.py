@@ -14,6 +14,7 @@ The zero page's hash does not depend on the permutation (every word is 0): :func
 from __future__ import annotations
 
 import numpy as np
+import xxhash
 
 from ksmtrace.trace.schema import SAMPLE_STRENGTHS
 
@@ -22,6 +23,26 @@ WORDS = PAGE // 4
 SAMPLE_INIT = 0xDEADBEEF
 STRENGTH_MAX = 1034  # UKSM's HASH_STRENGTH_MAX (the "loop-back" strength)
 _M = 0xFFFFFFFF
+_PERM_LABEL = b"ksmtrace pksm permutation v1:"
+FINGERPRINT_LABEL = b"ksmtrace hash-key fingerprint v1"
+
+
+def keyed_permutation(key: int) -> np.ndarray:
+    """The capture's word permutation for hash key ``key``: a forward Fisher-Yates of 0..1023 (as
+    PKSM's and UKSM's init_random_sampling) with ``prandom_u32()`` replaced by the keyed xxh3 of a
+    counter (the same as ``ksmtrace_tracers.hashing.pksm_permutation``, which the offline library
+    may not import)."""
+    table = list(range(WORDS))
+    for i in range(WORDS):
+        r = xxhash.xxh3_64_intdigest(_PERM_LABEL + i.to_bytes(4, "little"), seed=key) & _M
+        j = i + r % (WORDS - i)
+        table[i], table[j] = table[j], table[i]
+    return np.array(table, dtype=np.int64)
+
+
+def key_fingerprint(key: int) -> str:
+    """The public name of a hash key, as the manifest stores it (``capture.hash.key_fingerprint``)."""
+    return xxhash.xxh3_64_hexdigest(FINGERPRINT_LABEL, seed=key)
 
 
 def _step(h: int, w: int) -> int:

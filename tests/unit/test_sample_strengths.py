@@ -4,6 +4,7 @@ columns (version 2, version 1 still read), the test-trace builder's collision gr
 import json
 
 import numpy as np
+import polars as pl
 import pytest
 from click.testing import CliRunner
 
@@ -132,3 +133,50 @@ def test_cli_replay_with_a_strength(tmp_path):
     r = CliRunner().invoke(cli, ["replay", str(tr.path), "--policy", "uksm", "-p", "cpu_governor=low", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["summary"]["full_scans"] >= 1
+
+
+# --- the tool: strengths from stored contents --------------------------------------------------------------------
+def test_strengths_from_stored_contents_with_the_capture_key(tmp_path):
+    from ksmtrace.testing.builders import content_bytes
+    from ksmtrace.trace.sampled import key_fingerprint, keyed_permutation
+    from ksmtrace.trace.strengths import add_strengths
+
+    key = 0x1234ABCD
+    perm = keyed_permutation(key)
+    labels = ["a", "b", "c", 0]
+    page = {c: np.frombuffer(content_bytes(c), np.uint8) for c in labels}
+    want = {c: strength_samples(page[c][None, :], perm)[0] for c in labels}
+    snaps = [{(0, 1): "a", (0, 2): "b", (1, 1): 0}, {(0, 1): "a", (0, 2): "c"}]
+    cap = {"hash": {"algorithm": "xxh3_64", "key_fingerprint": key_fingerprint(key)}}
+    tr = make_trace(tmp_path / "t", snaps, contents=True, capture=cap,
+                    samples={c: int(want[c][S.SAMPLE_STRENGTHS.index(64)]) for c in labels})
+    out = add_strengths(tr, tmp_path / "s", key=key)
+    assert out.has_sample_strengths and out.capture["strength_permutation"] == "the capture's (hash key)"
+    got = {}
+    pages = out.read_table("pages")
+    for r in pages.iter_rows(named=True):
+        if r["op"] != S.OP_GONE:
+            got[(r["snap"], r["proc"], r["vpn"])] = [r[S.strength_column(x)] for x in S.SAMPLE_STRENGTHS]
+    assert got[(0, 0, 1)] == want["a"].tolist() and got[(0, 0, 2)] == want["b"].tolist()
+    assert got[(0, 1, 1)] == [zero_sample(x) for x in S.SAMPLE_STRENGTHS]
+    assert got[(1, 0, 2)] == want["c"].tolist()
+    assert out.n_snapshots == tr.n_snapshots and out.read_table("processes").height == tr.read_table("processes").height
+    assert out.snapshot(0).height == 3
+    with pytest.raises(TraceError, match="key fingerprint"):
+        add_strengths(tr, tmp_path / "x", key=key + 1)
+
+
+def test_strengths_without_the_key_recompute_sample_and_cli_errors(tmp_path):
+    tr = make_trace(tmp_path / "t", [{(0, 1): "a", (0, 2): "a", (0, 3): "b"}] * 2, contents=True, samples={"a": 1, "b": 2})
+    r = CliRunner().invoke(cli, ["strengths", str(tr.path), str(tmp_path / "s"), "-q"])
+    assert r.exit_code == 0, r.output
+    out = open_trace(tmp_path / "s")
+    pages = out.read_table("pages").filter(pl.col("op") != S.OP_GONE)
+    a = pages.filter(pages["vpn"] == 1).row(0, named=True)
+    assert a["sample"] not in (1, 2) and a["sample8"] != 0
+    assert pages.filter(pages["vpn"] == 2).row(0, named=True)["sample1024"] == a["sample1024"]
+    r = CliRunner().invoke(cli, ["strengths", str(tmp_path / "s"), str(tmp_path / "s2")])
+    assert r.exit_code != 0 and "already has" in r.output and r.output.count("\n") == 1
+    plain = make_trace(tmp_path / "p", [{(0, 1): "a"}])
+    r = CliRunner().invoke(cli, ["strengths", str(plain.path), str(tmp_path / "p2")])
+    assert r.exit_code != 0 and "--contents" in r.output
