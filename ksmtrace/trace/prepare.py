@@ -31,6 +31,7 @@ What this computes, and the rules it applies (also in ``docs/replay-semantics.md
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import pickle
@@ -56,7 +57,7 @@ EV_WRITE = 4
 EV_THP = 5
 EVENT_NAMES = {EV_APPEAR: "appear", EV_GONE: "gone", EV_UNMERGE: "unmerge", EV_WRITE: "write", EV_THP: "thp"}
 
-_PREP_VERSION = 8
+_PREP_VERSION = "8-strengths-vmas"  # (a string: other branches' version 8 differs and shares the cache directory)
 
 #: smaps VmFlags mnemonics (fs/proc/task_mmu.c show_smap_vma_flags) -> bit of ``VmaTable.vmflags``
 VMFLAG_BITS = {name: i for i, name in enumerate(
@@ -164,7 +165,8 @@ def prepare(trace, scope: str = "recorded", cache: bool = True) -> Prepared:
         try:
             with open(path, "rb") as fh:
                 prep = pickle.load(fh)
-            if isinstance(prep, Prepared) and prep.trace_fingerprint == trace.fingerprint:
+            if (isinstance(prep, Prepared) and prep.trace_fingerprint == trace.fingerprint
+                    and all(f.name in prep.__dict__ for f in dataclasses.fields(Prepared))):  # (not an older layout)
                 return prep
         except Exception:  # a stale or foreign cache file is simply rebuilt
             pass
