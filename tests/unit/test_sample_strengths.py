@@ -180,3 +180,18 @@ def test_strengths_without_the_key_recompute_sample_and_cli_errors(tmp_path):
     plain = make_trace(tmp_path / "p", [{(0, 1): "a"}])
     r = CliRunner().invoke(cli, ["strengths", str(plain.path), str(tmp_path / "p2")])
     assert r.exit_code != 0 and "--contents" in r.output
+
+
+def test_generated_collision_traces_have_their_structure(tmp_path):
+    from ksmtrace.testing.collisions import collision_trace
+
+    tr = collision_trace(tmp_path / "c", procs=2, pages=300, snapshots=3, sparse=0.5, template=0.3, dup=0.1, zero=0.05)
+    assert tr.has_sample_strengths and tr.read_table("vmas").height == 3 * 2 * 2
+    p = tr.prepare("anon", cache=False)
+    zero_like = []
+    for k, s in enumerate(S.SAMPLE_STRENGTHS):
+        keys = hashkeys.content_keys(p, [s])[0]
+        zero_like.append(int(((keys[0] == keys[2]) & (np.arange(len(keys[0])) > 0)).sum()))
+    assert zero_like[0] > zero_like[3] > zero_like[-1] == 0  # sparse pages look like zero at weak strengths only
+    uniq = [hashkeys.content_keys(p, [s])[0][1] for s in S.SAMPLE_STRENGTHS]
+    assert uniq == sorted(uniq) and uniq[0] < uniq[-1] == p.n_cids  # collisions vanish at 1024 words
