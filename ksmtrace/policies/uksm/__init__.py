@@ -82,7 +82,10 @@ Reproduced quirks (uksm-spec §10.3): the landing lost when a stride ends exactl
 boundary (Q2), the step computed from the raw negative ratio until the next wake-up (Q3), the u64
 wrap of ``scanned_virtual_pages`` on slot deletion (Q4), ``pages_unshared`` not incremented on a
 COLLI insert (Q5), the ``pages_bemerged`` skip and head insertion of ``node_vma`` lists ordered by
-a random slot key (Q8), no zero-page match at strength 1034 (Q1).
+a random slot key (Q8), no zero-page match at strength 1034 (Q1); and, as read in
+``hash_round_finished``, hash rounds (and so the strength walk) that stop when every slot completes a
+cycle within one round before a quarter of all slot pages were newly visited, until a slot is
+created or deleted.
 """
 from __future__ import annotations
 
