@@ -23,15 +23,23 @@ collides with the zero page).
 Contents: ``contents=True`` stores a 4096-byte page per content (:func:`content_bytes`, random bytes
 seeded by the label; zero for the zero page) in the contents table, as ``capture --contents`` does.
 
-VMAs: ``vmas`` (one mapping per snapshot, proc -> list of ``(start_vpn, end_vpn)`` or
-``(start_vpn, end_vpn, vmflags)``) writes the vmas table (private anonymous VMAs in scope, VmFlags
-``"rd wr mr mw me ac"`` by default); without it the trace has no vmas table.
+``procs`` gives per process ``pid`` (default 1000 + proc), ``ppid`` (default 1: no parent in the
+trace), ``start`` (clock ticks of 10 ms on the trace's clock; default: the first snapshot the
+process is in, rounded up), ``uid``, ``cgroup``, ``comm``, ``mergeable``, ``snaps``.
+
+``vmas`` (optional) writes a ``vmas`` table: ``True`` for one anonymous mergeable VMA per process
+spanning its pages, or ``{proc: [vma, ...]}`` (the same at every snapshot the process is in), or a
+list of such mappings, one per snapshot; a ``vma`` is ``(start_vpn, end_vpn)`` or a dict with
+``start``, ``end`` and optionally ``path`` (default ``""``), ``mergeable`` (True), ``stack``, ``vmflags``
+(the smaps VmFlags text; default ``"rd wr mr mw me ac"``, plus ``mg`` when mergeable and ``gd`` for a
+stack), or ``(start_vpn, end_vpn, vmflags)``.
 
 The trace goes through the real :class:`~ksmtrace.trace.writer.TraceWriter` and delta encoder, so
 it is a trace like any captured one.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Mapping
 
@@ -87,9 +95,9 @@ def make_trace(
     ground_truth: list[list[Mapping[str, Any]]] | None = None,
     keyframe_every: int = 0,
     samples: Mapping[Any, int] | None = None,
-    strengths: bool = False,
+    strengths: bool | Mapping[Any, Any] = False,
     collisions: Mapping[Any, tuple[Any, int]] | None = None,
-    vmas: list[Mapping[int, list[tuple]]] | None = None,
+    vmas: Any = None,
     contents: bool = False,
 ):
     """Write a trace and return it opened (:class:`~ksmtrace.trace.reader.Trace`)."""
@@ -111,6 +119,7 @@ def make_trace(
     thp_base: dict[Any, int] = {}
     prev_pfn: dict[tuple[int, int], tuple[Any, int]] = {}
     prev_state: dict[int, dict[str, np.ndarray]] = {}
+    first_snap: dict[int, int] = {}
 
     def fresh() -> int:
         next_pfn[0] += 1
@@ -129,7 +138,9 @@ def make_trace(
         page_parts = []
         proc_rows = []
         cur_pfn: dict[tuple[int, int], tuple[Any, int]] = {}
+        vma_rows = []
         for proc in sorted(alive):
+            first_snap.setdefault(proc, s)
             info = procs.get(proc, {})
             pid = int(info.get("pid", 1000 + proc))
             pages = sorted(by_proc.get(proc, []), key=lambda x: x[0])
@@ -196,13 +207,16 @@ def make_trace(
             proc_rows.append(
                 {
                     "snap": s, "proc": proc, "pid": pid, "ppid": int(info.get("ppid", 1)),
-                    "start_ticks": int(info.get("start", proc)), "comm": str(info.get("comm", f"p{proc}")),
+                    "start_ticks": int(info.get("start", math.ceil(times[first_snap[proc]] * 100 - 1e-9))),
+                    "comm": str(info.get("comm", f"p{proc}")),
                     "cmdline": str(info.get("comm", f"p{proc}")), "cgroup": str(info.get("cgroup", "/")),
                     "uid": int(info.get("uid", 0)), "state": "ok", "rss_pages": n, "anon_pages": n,
                     "captured_pages": n, "mergeable": bool(info.get("mergeable", any_mergeable)),
                     "merge_any": False, "t_read_ns": int(times[s] * 1e9),
                 }
             )
+            if vmas is not None:
+                vma_rows += _vma_rows(vmas, s, proc, pid, vpn)
         # processes that vanished: their pages are gone
         for proc in sorted(set(prev_state) - alive):
             prev = prev_state.pop(proc)
@@ -218,7 +232,7 @@ def make_trace(
         pages = pa.table({n: pa.array(cols[n].astype(pschema.field(n).type.to_pandas_dtype())) for n in pschema.names}, schema=pschema)
         tables = {"pages": pages, "processes": pa.Table.from_pylist(proc_rows, schema=S.PROCESSES_SCHEMA)}
         if vmas is not None:
-            tables["vmas"] = _vma_rows(s, vmas[s] if s < len(vmas) else {}, procs)
+            tables["vmas"] = pa.Table.from_pylist(vma_rows, schema=S.VMAS_SCHEMA)
         if contents:
             new = {}
             for spec in snap.values():
@@ -244,17 +258,32 @@ def make_trace(
     return open_trace(path)
 
 
-def _vma_rows(s: int, snap_vmas: Mapping[int, list[tuple]], procs: Mapping[int, Mapping[str, Any]]) -> pa.Table:
+def _vma_rows(vmas: Any, s: int, proc: int, pid: int, vpn: np.ndarray) -> list[dict]:
+    """Rows of the vmas table for one process at snapshot ``s`` (see :func:`make_trace`)."""
+    if vmas is True:
+        specs = [(int(vpn.min()), int(vpn.max()) + 1)] if len(vpn) else []
+    else:
+        per = vmas[s] if isinstance(vmas, (list, tuple)) else vmas
+        specs = list(per.get(proc, []))
     rows = []
-    for proc in sorted(snap_vmas):
-        pid = int(procs.get(proc, {}).get("pid", 1000 + proc))
-        for v in sorted(snap_vmas[proc]):
-            start, end = int(v[0]), int(v[1])
-            vmflags = v[2] if len(v) > 2 else DEFAULT_VMFLAGS
-            flags = S.V_ANON | S.V_PRIVATE | S.V_IN_SCOPE
-            if "mg" in vmflags.split():
-                flags |= S.V_MERGEABLE
-            rows.append({"snap": s, "proc": proc, "pid": pid, "start": start << 12, "end": end << 12, "perms": "rw-p",
-                         "flags": flags, "vmflags": vmflags, "path": "", "rss_pages": 0, "anon_pages": 0,
-                         "captured_pages": 0})
-    return pa.Table.from_pylist(rows, schema=S.VMAS_SCHEMA)
+    for spec in specs:
+        d = dict(spec) if isinstance(spec, Mapping) else {"start": spec[0], "end": spec[1]}
+        if not isinstance(spec, Mapping) and len(spec) > 2:
+            d["vmflags"] = spec[2]
+        a, b = int(d["start"]), int(d["end"])
+        path = str(d.get("path", ""))
+        n = int(((vpn >= a) & (vpn < b)).sum())
+        fl = S.V_IN_SCOPE | S.V_PRIVATE | (S.V_ANON if not path or path.startswith("[") else S.V_FILE)
+        if d.get("mergeable", True):
+            fl |= S.V_MERGEABLE
+        if d.get("stack") or path == "[stack]":
+            fl |= S.V_STACK
+        if path == "[heap]":
+            fl |= S.V_HEAP
+        vmflags = d.get("vmflags") or (DEFAULT_VMFLAGS + (" mg" if d.get("mergeable", True) else "")
+                                       + (" gd" if fl & S.V_STACK else ""))
+        if "gd" in vmflags.split():
+            fl |= S.V_STACK
+        rows.append({"snap": s, "proc": proc, "pid": pid, "start": a << 12, "end": b << 12, "perms": "rw-p",
+                     "flags": fl, "vmflags": vmflags, "path": path, "rss_pages": n, "anon_pages": n, "captured_pages": n})
+    return rows
