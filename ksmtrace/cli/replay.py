@@ -6,6 +6,7 @@ import click
 from ksmtrace.cli import cli
 from ksmtrace.cli._options import emit_json, json_option, kv_lines, note, quiet_option
 from ksmtrace.cli._replay_opts import params_from, replay_options
+from ksmtrace.outputs import check_output_dir
 from ksmtrace.progress import Progress
 from ksmtrace.results import FRAMES_SAVED_DEFINITION
 
@@ -33,6 +34,8 @@ def replay_cmd(trace, policy, params, output, engine, scope, cost, timing_cost, 
     from ksmtrace.trace.reader import open_trace
 
     tr = open_trace(trace)
+    if output:
+        check_output_dir(output)  # refuse a directory we may not write before the replay, not after
     prog = Progress(f"replay {policy}", quiet=quiet)
     try:
         res = replay(tr, policy, params_from(params), engine=engine, scope=scope, timing_cost=timing_cost,
