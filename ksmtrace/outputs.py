@@ -195,7 +195,9 @@ class OutputDir:
         return name
 
     def _fail(self, name: str, exc: OSError, doing: str = "cannot write") -> OutputError:
-        return OutputError(f"{self.path / name}: {doing} ({exc.strerror or exc})")
+        err = OutputError(f"{self.path / name}: {doing} ({exc.strerror or exc})")
+        err.errno = exc.errno  # a writer may need it (ENOSPC: the disk is full)
+        return err
 
     def write_atomic(self, name: str, fill: Callable[[IO[bytes]], Any], mode: int = 0o644, sync: bool = True) -> Path:
         """Write file ``name``: ``fill(fh)`` writes a private temporary file in this directory,

@@ -105,7 +105,7 @@ class TraceWriter:
         try:
             self.dir.write_bytes(schema.MANIFEST, data, mode=0o600)
         except OutputError as exc:  # callers of update_manifest expect OSError on a full disk
-            raise OSError(errno.EIO, str(exc)) from None
+            raise _os_error(exc) from None
         self.dir.fsync()
 
     def _release(self) -> None:
@@ -171,7 +171,7 @@ class TraceWriter:
                 try:
                     d.write_atomic(fname, lambda fh: pq.write_table(table, fh, **opts), mode=0o600)
                 except OutputError as exc:
-                    raise OSError(errno.EIO, str(exc)) from None
+                    raise _os_error(exc) from None
                 written.append((d, fname))
                 fd = d.open_existing(fname, os.O_RDONLY)
                 try:
@@ -226,6 +226,12 @@ class TraceWriter:
             pass
         finally:
             self._release()
+
+
+def _os_error(exc: OutputError) -> OSError:
+    """The OSError behind an OutputError (callers tell a full disk by its errno)."""
+    code = getattr(exc, "errno", None) or errno.EIO
+    return OSError(code, os.strerror(code))
 
 
 def default_host_facts() -> dict[str, Any]:
