@@ -113,7 +113,7 @@ def open_member(root: Path, rel: str, dir_fd: int | None = None) -> tuple[int, o
 
 
 def _open_error(path: Path, exc: OSError, directory: bool = False) -> TraceError:
-    if exc.errno == errno.ELOOP:
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(path):
         return TraceError(f"{path}: is a symbolic link; a trace's files must be regular files inside the trace directory")
     if exc.errno == errno.ENOTDIR:
         return TraceError(f"{path}: is not a directory")

@@ -146,7 +146,7 @@ def _check_fields(obj: dict, spec: dict, where: str, what: str) -> None:
         if v is None and nullable:
             continue
         if not ok(v):
-            raise TraceError(f"{where}: {what}{key!r} must be {desc}, not {_kind(v)}{_show(v)}")
+            raise TraceError(f"{where}: '{what}{key}' must be {desc}, not {_kind(v)}{_show(v)}")
 
 
 def _show(v: Any) -> str:
