@@ -177,6 +177,7 @@ def prepare(trace, scope: str = "recorded", cache: bool = True) -> Prepared:
     rebuilt, nothing stored)."""
     if scope not in SCOPES:
         raise TraceError(f"unknown scope {scope!r} (scopes: {', '.join(SCOPES)})")
+    trace.require_unchanged()  # the key names the files as they were opened: they must still be those
     d = _open_cache_dir() if cache else None
     try:
         name = f"{cache_key(trace, scope)}.pkl" if d is not None else ""

@@ -183,6 +183,26 @@ class Trace:
             h.update(f"{table}/{s}:{ft.identity}:{ft.rows}".encode())
         return h.hexdigest()[:32]
 
+    def unchanged(self) -> bool:
+        """True when every file of the trace is still the one checked when it was opened."""
+        try:
+            for name, ident in ((schema.MANIFEST, self._manifest_id), (SNAPSHOT_LOG, self._log_id)):
+                if files.FileIdentity.of(os.stat(self.path / name, follow_symlinks=False)) != ident:
+                    return False
+            for (table, s), ft in self._footers.items():
+                st = os.stat(self.path / self._log.files[s][table].path, follow_symlinks=False)
+                if files.FileIdentity.of(st) != ft.identity:
+                    return False
+        except OSError:
+            return False
+        return True
+
+    def require_unchanged(self) -> None:
+        """Raise TraceError when a file changed since the trace was opened (a long-lived Trace
+        must not be answered from a cache built for other files)."""
+        if not self.unchanged():
+            raise TraceError(f"{self.path}: files of the trace changed since it was opened (open the trace again)")
+
     def has_table(self, name: str) -> bool:
         return any(name in e.get("files", {}) for e in self.snapshots)
 
