@@ -218,6 +218,10 @@ class TraceWriter:
         if self.manifest.get("complete"):
             self._release()
 
+    def abandon(self) -> None:
+        """Let go of the directory without finishing the trace (it stays ``complete: false``)."""
+        self._release()
+
     def close(self, end_reason: str, **fields: Any) -> None:
         """Mark the capture finished.  A failure here never loses committed snapshots."""
         try:
