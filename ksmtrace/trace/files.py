@@ -18,7 +18,6 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -73,26 +72,58 @@ def open_dir(root: Path) -> int:
         raise TraceError(f"{root}: cannot open the trace directory ({exc.strerror})") from None
 
 
-def open_member(root: Path, rel: str, dir_fd: int | None = None) -> tuple[int, os.stat_result]:
-    """Open ``rel`` (a checked relative path) inside the trace directory ``root`` for reading.
+class TraceDir:
+    """An open trace directory: its descriptor and those of its sub-directories (each opened
+    once, without following a symbolic link).  Use as a context manager."""
 
-    Returns the descriptor and its ``fstat``.  Raises :class:`TraceError` naming the file when a
-    component is a symbolic link, the file is not a regular file, or it cannot be opened.
-    """
-    where = root / rel
-    own = dir_fd is None
-    dfd = open_dir(root) if own else os.dup(dir_fd)
-    try:
-        parts = rel.split("/")
-        for i, comp in enumerate(parts[:-1]):
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.fd = open_dir(root)
+        self._subdirs: dict[str, int] = {}
+
+    def close(self) -> None:
+        for fd in self._subdirs.values():
+            os.close(fd)
+        self._subdirs = {}
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "TraceDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _parent(self, rel: str) -> tuple[int, str]:
+        head, _, name = rel.rpartition("/")
+        if not head:
+            return self.fd, name
+        fd = self._subdirs.get(head)
+        if fd is None:
+            fd = os.dup(self.fd)
             try:
-                nfd = os.open(comp, _DIR_FLAGS, dir_fd=dfd)
-            except OSError as exc:
-                sub = root / "/".join(parts[: i + 1])
-                raise _open_error(sub, exc, directory=True) from None
-            os.close(dfd)
-            dfd = nfd
-        name = parts[-1]
+                parts = head.split("/")
+                for i, comp in enumerate(parts):
+                    try:
+                        nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                    except OSError as exc:
+                        raise _open_error(self.root / "/".join(parts[: i + 1]), exc, directory=True) from None
+                    os.close(fd)
+                    fd = nfd
+            except BaseException:
+                os.close(fd)
+                raise
+            self._subdirs[head] = fd
+        return fd, name
+
+    def open(self, rel: str) -> tuple[int, os.stat_result]:
+        """Open ``rel`` (a checked relative path) for reading: the descriptor and its ``fstat``.
+
+        Raises :class:`TraceError` naming the file when a component is a symbolic link, the file
+        is not a regular file (a FIFO or a device is never opened), or it cannot be opened."""
+        where = self.root / rel
+        dfd, name = self._parent(rel)
         try:
             lst = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         except OSError as exc:
@@ -103,13 +134,11 @@ def open_member(root: Path, rel: str, dir_fd: int | None = None) -> tuple[int, o
             fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
         except OSError as exc:
             raise _open_error(where, exc) from None
-    finally:
-        os.close(dfd)
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino):
-        os.close(fd)
-        raise TraceError(f"{where}: was replaced while it was being opened")
-    return fd, st
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino):
+            os.close(fd)
+            raise TraceError(f"{where}: was replaced while it was being opened")
+        return fd, st
 
 
 def _open_error(path: Path, exc: OSError, directory: bool = False) -> TraceError:
@@ -122,9 +151,10 @@ def _open_error(path: Path, exc: OSError, directory: bool = False) -> TraceError
     return TraceError(f"{path}: cannot open ({exc.strerror})")
 
 
-def read_member(root: Path, rel: str, limit: int, dir_fd: int | None = None) -> tuple[bytes, FileIdentity]:
+def read_member(d: TraceDir, rel: str, limit: int) -> tuple[bytes, FileIdentity]:
     """The whole content of a small member (manifest, snapshot log), at most ``limit`` bytes."""
-    fd, st = open_member(root, rel, dir_fd)
+    root = d.root
+    fd, st = d.open(rel)
     try:
         if st.st_size > limit:
             raise TraceError(f"{root / rel}: {st.st_size:,} bytes is too large for this file (at most {limit:,})")
@@ -156,11 +186,12 @@ class Footer:
     statistics: dict[str, tuple[object, object]]  # column -> (min, max) where the footer has them
 
 
-def read_footer(root: Path, rel: str, dir_fd: int | None = None, stats_columns: tuple[str, ...] = (),
+def read_footer(d: TraceDir, rel: str, stats_columns: tuple[str, ...] = (),
                 expect_bytes: int | None = None) -> Footer:
     """Open a member safely and read its Parquet footer (not its data).  ``expect_bytes``: the
     size the file must have (checked before anything is parsed)."""
-    fd, st = open_member(root, rel, dir_fd)
+    root = d.root
+    fd, st = d.open(rel)
     if expect_bytes is not None and st.st_size != expect_bytes:
         os.close(fd)
         raise TraceError(f"{root / rel}: {st.st_size:,} bytes, but the snapshot log recorded {expect_bytes:,} "
@@ -194,11 +225,11 @@ def read_footer(root: Path, rel: str, dir_fd: int | None = None, stats_columns: 
     return Footer(rows, schema, FileIdentity.of(st), stats)
 
 
-def read_parquet(root: Path, rel: str, identity: FileIdentity, columns: list[str] | None = None,
-                 dir_fd: int | None = None) -> pa.Table:
+def read_parquet(d: TraceDir, rel: str, identity: FileIdentity, columns: list[str] | None = None) -> pa.Table:
     """Read (columns of) a member whose footer was checked when the trace was opened; the file
     must still be that version."""
-    fd, st = open_member(root, rel, dir_fd)
+    root = d.root
+    fd, st = d.open(rel)
     if FileIdentity.of(st) != identity:
         os.close(fd)
         raise TraceError(f"{root / rel}: changed since the trace was opened (open the trace again)")
@@ -207,14 +238,6 @@ def read_parquet(root: Path, rel: str, identity: FileIdentity, columns: list[str
             return pq.ParquetFile(fh).read(columns=columns)
         except Exception as exc:
             raise TraceError(f"{root / rel}: corrupt or truncated ({_short(exc)})") from None
-
-
-def walk_names(dir_fd: int) -> Iterator[str]:
-    """Names in a directory given by descriptor (no symbolic link followed)."""
-    try:
-        yield from os.listdir(dir_fd)
-    except OSError:
-        return
 
 
 def _short(exc: BaseException) -> str:

@@ -60,77 +60,86 @@ class Trace:
             raise TraceError(f"{self.path}: no such trace")
         if not self.path.is_dir():
             raise TraceError(f"{self.path}: a trace is a directory (got a file)")
-        dfd = files.open_dir(self.path)
-        try:
-            self._open(dfd)
-        finally:
-            os.close(dfd)
+        with files.TraceDir(self.path) as d:
+            self._open(d)
 
-    def _open(self, dfd: int) -> None:
+    def _open(self, d: files.TraceDir) -> None:
         mpath = self.path / schema.MANIFEST
         try:
-            raw, self._manifest_id = files.read_member(self.path, schema.MANIFEST, M.MAX_MANIFEST_BYTES, dfd)
+            raw, self._manifest_id = files.read_member(d, schema.MANIFEST, M.MAX_MANIFEST_BYTES)
         except TraceError as exc:
             if not (self.path / schema.MANIFEST).exists() and not os.path.islink(mpath):
                 raise TraceError(f"{mpath}: missing manifest; not a ksmtrace trace") from None
             raise exc from None
         self.meta: M.Manifest = M.parse_manifest(raw, str(mpath))
         self.manifest: dict[str, Any] = self.meta.raw
-        log = self._read_log(dfd)
-        self.cleaned, self.capture_running = _clean_leftovers(self.path, dfd, self.meta, log)
+        log = self._read_log(d)
+        self.cleaned, self.capture_running = _clean_leftovers(self.path, d.fd, self.meta, log)
         if self.cleaned and log.torn_tail:
-            log = self._read_log(dfd)
+            log = self._read_log(d)
         self._log = log
         self.snapshots: list[dict[str, Any]] = log.entries
         if not self.snapshots:
             raise TraceError(f"{self.path}: the trace holds no committed snapshot")
         self._footers: dict[tuple[str, int], files.Footer] = {}
+        self._fields: dict[str, dict[str, pa.Field]] = {}
         for s, entry in enumerate(log.files):
             for table, fe in entry.items():
-                self._footers[(table, s)] = self._check_file(fe, dfd)
+                self._footers[(table, s)] = self._check_file(fe, d)
 
-    def _read_log(self, dfd: int) -> M.SnapshotLog:
+    def _read_log(self, d: files.TraceDir) -> M.SnapshotLog:
         log = self.path / SNAPSHOT_LOG
         try:
-            raw, self._log_id = files.read_member(self.path, SNAPSHOT_LOG, M.MAX_LOG_BYTES, dfd)
+            raw, self._log_id = files.read_member(d, SNAPSHOT_LOG, M.MAX_LOG_BYTES)
         except TraceError:
             if not log.exists() and not os.path.islink(log):
                 raise TraceError(f"{log}: missing snapshot log") from None
             raise
         return M.parse_log(raw, str(log), self.meta)
 
-    def _check_file(self, fe: M.FileEntry, dfd: int) -> files.Footer:
+    def _check_file(self, fe: M.FileEntry, d: files.TraceDir) -> files.Footer:
         """One table file against the log (bytes, rows) and the schema (column names and types)."""
         where = self.path / fe.path
-        ft = files.read_footer(self.path, fe.path, dfd, stats_columns=("snap",), expect_bytes=fe.bytes)
+        ft = files.read_footer(d, fe.path, stats_columns=("snap",), expect_bytes=fe.bytes)
         if ft.rows != fe.rows:
             raise TraceError(f"{where}: {ft.rows:,} rows, but the snapshot log recorded {fe.rows:,}")
-        want = self._schema(fe.table)
+        want, want_names = self._schema(fe.table), self._schema_names(fe.table)
         names = ft.schema.names
         if len(set(names)) != len(names):
             raise TraceError(f"{where}: a column name appears twice")
-        have = {f.name: f for f in ft.schema}
-        for f in want:
-            g = have.get(f.name)
-            if g is None:
-                raise TraceError(f"{where}: foreign Parquet file (no column {f.name!r} of the {fe.table} table)")
-            if not g.type.equals(f.type):
-                raise TraceError(f"{where}: column {f.name!r} is {g.type}, but format version "
-                                 f"{schema.FORMAT_VERSION} stores it as {f.type}")
-        extra = [n for n in names if n not in want.names]
-        if extra:
-            raise TraceError(f"{where}: column {extra[0]!r} is not part of the {fe.table} table "
+        if len(names) != len(want_names) or any(n not in want_names for n in names):
+            have = set(names)
+            missing = [n for n in want.names if n not in have]
+            if missing:
+                raise TraceError(f"{where}: foreign Parquet file (no column {missing[0]!r} of the {fe.table} table)")
+            extra = next(n for n in names if n not in want_names)
+            raise TraceError(f"{where}: column {extra!r} is not part of the {fe.table} table "
                              f"(format version {schema.FORMAT_VERSION}; manifest pages_columns for pages)")
+        for f in ft.schema:
+            g = want_names[f.name]
+            if not f.type.equals(g.type):
+                raise TraceError(f"{where}: column {f.name!r} is {f.type}, but format version "
+                                 f"{schema.FORMAT_VERSION} stores it as {g.type}")
         lo_hi = ft.statistics.get("snap")
         if lo_hi is not None and fe.rows and lo_hi != (fe.snap, fe.snap):
             raise TraceError(f"{where}: holds rows of snapshot(s) {lo_hi[0]}..{lo_hi[1]}, not of snapshot {fe.snap}")
         return ft
 
     def _schema(self, table: str) -> pa.Schema:
+        """The Arrow schema of ``table`` in this trace (pages: with the manifest's fingerprint columns)."""
         if table == "pages":
-            cols = self.meta.pages_columns
-            return schema.pages_schema(sample="sample" in cols, prefixes="pfx64" in cols)
+            return self._pages_schema
         return schema.SCHEMAS[table]
+
+    @cached_property
+    def _pages_schema(self) -> pa.Schema:
+        cols = self.meta.pages_columns
+        return schema.pages_schema(sample="sample" in cols, prefixes="pfx64" in cols)
+
+    def _schema_names(self, table: str) -> dict[str, pa.Field]:
+        if table not in self._fields:
+            self._fields[table] = {f.name: f for f in self._schema(table)}
+        return self._fields[table]
 
     @property
     def n_snapshots(self) -> int:
@@ -214,7 +223,7 @@ class Trace:
         return any(e["files"].get("ksm", {}).get("rows", 0) for e in self.snapshots)
 
     # -------------------------------------------------------------------------------------
-    def _read_file(self, table: str, snap: int, columns: list[str] | None = None) -> pa.Table | None:
+    def _read_file(self, d: files.TraceDir, table: str, snap: int, columns: list[str] | None = None) -> pa.Table | None:
         """One table file of one snapshot (None if that snapshot has none), checked: the same file
         that was checked on open, its ``snap`` column equal to the snapshot, no nulls in a column
         the format declares non-null."""
@@ -222,11 +231,11 @@ class Trace:
         if fe is None:
             return None
         ft = self._footers[(table, snap)]
-        tab = files.read_parquet(self.path, fe.path, ft.identity, columns)
-        want = self._schema(table)
+        tab = files.read_parquet(d, fe.path, ft.identity, columns)
+        fields = self._schema_names(table)
         for name in tab.column_names:
             col = tab.column(name)
-            if col.null_count and not want.field(name).nullable:
+            if col.null_count and not fields[name].nullable:
                 raise TraceError(f"{self.path / fe.path}: column {name!r} holds nulls")
         if "snap" in tab.column_names and tab.num_rows:
             mm = pc.min_max(tab.column("snap"))
@@ -246,10 +255,11 @@ class Trace:
                 raise TraceError(f"{self.path}: the {table} table of this trace has no column {unknown[0]!r}")
         idx = range(self.n_snapshots) if snaps is None else snaps
         parts = []
-        for s in idx:
-            tab = self._read_file(table, s, columns)
-            if tab is not None:
-                parts.append(tab)
+        with files.TraceDir(self.path) as d:
+            for s in idx:
+                tab = self._read_file(d, table, s, columns)
+                if tab is not None:
+                    parts.append(tab)
         if not parts:
             if columns:
                 want = pa.schema([want.field(c) for c in columns])
@@ -271,9 +281,10 @@ class Trace:
     def check(self) -> None:
         """Read the ``snap`` column of every committed file (raises TraceError on the first bad
         one; names, types, rows and sizes were checked when the trace was opened)."""
-        for s in range(self.n_snapshots):
-            for table in self._log.files[s]:
-                self._read_file(table, s, columns=["snap"])
+        with files.TraceDir(self.path) as d:
+            for s in range(self.n_snapshots):
+                for table in self._log.files[s]:
+                    self._read_file(d, table, s, columns=["snap"])
 
     # -------------------------------------------------------------------------------------
     def deltas(self, columns: list[str] | None = None) -> Iterator[tuple[int, pl.DataFrame]]:
