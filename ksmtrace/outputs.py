@@ -140,14 +140,19 @@ def open_output_dir(path: str | os.PathLike, *, create: bool = True, mode: int =
         raise OutputError(f"{p}: a component of the path is not a directory") from None
     except OSError as exc:
         raise OutputError(f"{p}: cannot open {what} ({exc.strerror})") from None
+    return _checked(p, fd, what, empty)
+
+
+def _checked(path: Path, fd: int, what: str, empty: bool) -> "OutputDir":
+    """The directory open as ``fd``, once it passes the ownership rule (and is empty if need be)."""
     try:
-        _check_owner(p, os.fstat(fd), what)
+        _check_owner(path, os.fstat(fd), what)
         if empty and os.listdir(fd):
-            raise OutputError(f"{p}: output exists and is not an empty directory")
+            raise OutputError(f"{path}: output exists and is not an empty directory")
     except BaseException:
         os.close(fd)
         raise
-    return OutputDir(p, fd)
+    return OutputDir(path, fd)
 
 
 def check_output_dir(path: str | os.PathLike, *, empty: bool = False, what: str = "output directory") -> None:
@@ -265,14 +270,7 @@ class OutputDir:
             if exc.errno in (errno.ENOTDIR, errno.ELOOP):
                 raise OutputError(f"{where}: is a symbolic link or not a directory; refusing to write into it") from None
             raise OutputError(f"{where}: cannot create directory ({exc.strerror})") from None
-        try:
-            _check_owner(where, os.fstat(fd), "directory")
-            if empty and os.listdir(fd):
-                raise OutputError(f"{where}: exists and is not empty")
-        except BaseException:
-            os.close(fd)
-            raise
-        return OutputDir(where, fd)
+        return _checked(where, fd, "directory", empty)
 
     def fsync(self) -> None:
         """Make the renames and creations in this directory durable."""

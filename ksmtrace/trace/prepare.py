@@ -551,8 +551,9 @@ def _delta_scan(snap, pg, op, n_pages, n_snaps, keyframe):
     cur = 0
     live_before = 0
     listed = 0
-    for i in range(len(pg)):
-        s = snap[i]
+    n = len(pg)
+    for i in range(n + 1):
+        s = snap[i] if i < n else n_snaps
         while cur < s:  # close snapshot cur (and any snapshot without rows)
             if keyframe[cur] and listed != live_before:
                 return 5, cur, counts, mapped
@@ -560,6 +561,8 @@ def _delta_scan(snap, pg, op, n_pages, n_snaps, keyframe):
             cur += 1
             live_before = n_live
             listed = 0
+        if i == n:
+            break
         p = pg[i]
         o = op[i]
         if last[p] == s:
@@ -580,13 +583,6 @@ def _delta_scan(snap, pg, op, n_pages, n_snaps, keyframe):
                 n_live -= 1
             elif o == 3 and not keyframe[s]:
                 return 4, i, counts, mapped
-    while cur < n_snaps:
-        if keyframe[cur] and listed != live_before:
-            return 5, cur, counts, mapped
-        mapped[cur] = n_live
-        cur += 1
-        live_before = n_live
-        listed = 0
     return 0, -1, counts, mapped
 
 
