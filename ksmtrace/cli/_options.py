@@ -31,6 +31,11 @@ def _no_cache(ctx, param, value):
 no_cache_option = click.option("--no-cache", is_flag=True, expose_value=False, callback=_no_cache, is_eager=True,
                                help="Prepare the trace afresh: neither read nor write the prepared-trace cache.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress and no messages on stderr.")
+executor_option = click.option(
+    "--executor", default="local", show_default=True, metavar="local|dask|dask://HOST:PORT",
+    help="Where the runs execute: local worker processes; dask = a Dask cluster started here; "
+         "dask://HOST:PORT = a running Dask scheduler (traces and outputs on storage its workers share). "
+         "Dask needs pip install 'ksmtrace[dask]'.")
 
 
 def emit_json(obj: Any) -> None:
