@@ -1,11 +1,12 @@
 """Seeded mutations of a small trace, and what ``ksmtrace info`` + ``ksmtrace replay`` must make of each.
 
-The fuzz suite (``tests/fuzz``) and ``bench/fuzz.py`` drive it::
+The fuzz suite (``tests/fuzz``) drives it with a runner of its own (the CLI, in-process, under a
+hang guard)::
 
-    base = build_bases(tmpdir)                       # a finished and a killed capture, and references
+    base = build_bases(tmpdir, run)                  # a finished and a killed capture, and references
     for seed in range(2000):
         case = make_case(base, workdir, seed)        # a mutated copy of a base trace
-        out = run_case(case)                         # the CLI, in-process, under a hang guard
+        out = run_case(base, case, run)
         assert out.ok, out
 
 Every case belongs to one class (``CLASSES``: the failures a tester found, issue 9) and says what
@@ -31,7 +32,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +43,6 @@ import pyarrow.parquet as pq
 
 from ksmtrace.trace import schema as S
 
-REPLAY_POLICY = "ksm"
-HANG_SECONDS = 10.0
 
 
 # --- the base traces -------------------------------------------------------------------------
@@ -99,20 +97,27 @@ class Bases:
     refs: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
 
 
-def build_bases(root: str | os.PathLike) -> Bases:
+# runs ``ksmtrace info`` and ``ksmtrace replay`` on a trace: ("ok", {"info": per-snapshot rows,
+# "replay": summary without cpu_seconds}), ("error", the KsmtraceError's message), ("traceback",
+# what raised) or ("hang", which command).  The CLI is not the library's to import: the fuzz suite
+# (tests/fuzz) passes one that drives it in-process.
+Runner = Callable[[Path], tuple[str, Any]]
+
+
+def build_bases(root: str | os.PathLike, run: Runner) -> Bases:
     """Write the finished and the killed base traces under ``root`` and compute the references
-    (each from a trace built independently, in a cache of its own)."""
+    (each from a trace built independently)."""
     root = Path(root)
     n = len(base_snapshots())
     b = Bases({"complete": _write_base(root / "complete"), "killed": _write_base(root / "killed", killed=True)}, n)
     for name in ("complete", "killed"):
-        out = _run(b.dirs[name])
+        out = run(b.dirs[name])
         if out[0] != "ok":
             raise RuntimeError(f"the {name} base trace does not replay: {out}")
         b.refs[(name, n)] = out[1]
     for k in range(1, n):
         p = _write_base(root / f"prefix-{k}", k, killed=True)
-        out = _run(p)
+        out = run(p)
         if out[0] != "ok":
             raise RuntimeError(f"the {k}-snapshot base trace does not replay: {out}")
         b.refs[("killed", k)] = out[1]
@@ -860,59 +865,13 @@ class Outcome:
         return self.kind in ("error", "same", "prefix")
 
 
-class Hang(BaseException):
-    """Raised by the hang guard's alarm (a BaseException: no ``except Exception`` swallows it)."""
+def run_case(bases: Bases, case: Case, run: Runner) -> Outcome:
+    """Run info and replay on the case (``run``) and judge the outcome against its expectation."""
+    return judge(bases, case, *run(case.path))
 
 
-def _alarm(signum, frame):
-    raise Hang()
-
-
-def _run(path: Path) -> tuple[str, Any]:
-    """``ksmtrace --debug info PATH`` and ``ksmtrace --debug replay PATH --json`` in-process.
-
-    Returns ("ok", {"info": per-snapshot rows, "replay": summary}), ("error", message of the
-    KsmtraceError), ("traceback", repr) or ("hang", what)."""
-    from click.testing import CliRunner
-
-    from ksmtrace.cli import cli
-    from ksmtrace.errors import KsmtraceError
-
-    runner = CliRunner()
-    results = {}
-    old = signal.signal(signal.SIGALRM, _alarm)
-    try:
-        for name, args in (("info", ["--debug", "info", str(path), "--max-rows", "0", "--json"]),
-                           ("info-text", ["--debug", "info", str(path), "--max-rows", "0"]),
-                           ("replay", ["--debug", "replay", str(path), "--policy", REPLAY_POLICY, "--json", "-q"])):
-            signal.setitimer(signal.ITIMER_REAL, HANG_SECONDS)
-            try:
-                r = runner.invoke(cli, args, catch_exceptions=True)
-            except Hang:
-                return "hang", name
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-            exc = r.exception
-            if exc is not None and not isinstance(exc, SystemExit):
-                if isinstance(exc, KsmtraceError):
-                    return "error", str(exc)
-                return "traceback", f"{name}: {exc.__class__.__name__}: {str(exc)[:200]}"
-            if r.exit_code != 0:
-                return "traceback", f"{name}: exit {r.exit_code}: {r.output[-300:]}"
-            if name == "info":
-                results["info"] = json.loads(r.stdout)["per_snapshot"]
-            elif name == "replay":
-                summary = json.loads(r.stdout)["summary"]
-                summary.pop("cpu_seconds", None)
-                results["replay"] = summary
-    finally:
-        signal.signal(signal.SIGALRM, old)
-    return "ok", results
-
-
-def run_case(bases: Bases, case: Case) -> Outcome:
-    """Run info and replay on the case and judge the outcome against its expectation."""
-    status, got = _run(case.path)
+def judge(bases: Bases, case: Case, status: str, got: Any) -> Outcome:
+    """The outcome of a case whose run ended in ``status`` with ``got`` (see :data:`Runner`)."""
     if status in ("traceback", "hang"):
         return Outcome(status, got)
     if status == "error":

@@ -10,15 +10,68 @@ and recorded in docs/robustness.md.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from ksmtrace.cli import cli
+from ksmtrace.errors import KsmtraceError
 from ksmtrace.testing import fuzz
+
+REPLAY_POLICY = "ksm"
+HANG_SECONDS = 10
+
+
+class Hang(BaseException):
+    """The hang guard's alarm (a BaseException: no ``except Exception`` under test swallows it)."""
+
+
+def _alarm(signum, frame):
+    raise Hang()
+
+
+def run_cli(path: Path) -> tuple[str, Any]:
+    """``ksmtrace --debug info PATH`` (JSON and text) and ``ksmtrace --debug replay PATH --json``,
+    in-process, each under a HANG_SECONDS alarm (a fuzz.Runner)."""
+    runner = CliRunner()
+    results: dict[str, Any] = {}
+    old = signal.signal(signal.SIGALRM, _alarm)
+    try:
+        for name, args in (("info", ["--debug", "info", str(path), "--max-rows", "0", "--json"]),
+                           ("info-text", ["--debug", "info", str(path), "--max-rows", "0"]),
+                           ("replay", ["--debug", "replay", str(path), "--policy", REPLAY_POLICY, "--json", "-q"])):
+            signal.setitimer(signal.ITIMER_REAL, HANG_SECONDS)
+            try:
+                r = runner.invoke(cli, args, catch_exceptions=True)
+            except Hang:
+                return "hang", name
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            exc = r.exception
+            if exc is not None and not isinstance(exc, SystemExit):
+                if isinstance(exc, KsmtraceError):
+                    return "error", str(exc)
+                return "traceback", f"{name}: {exc.__class__.__name__}: {str(exc)[:200]}"
+            if r.exit_code != 0:
+                return "traceback", f"{name}: exit {r.exit_code}: {r.output[-300:]}"
+            if name == "info":
+                results["info"] = json.loads(r.stdout)["per_snapshot"]
+            elif name == "replay":
+                summary = json.loads(r.stdout)["summary"]
+                summary.pop("cpu_seconds", None)
+                results["replay"] = summary
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    return "ok", results
+
 
 N_CASES = int(os.environ.get("KSMTRACE_FUZZ_CASES", 70 * len(fuzz.CLASSES)))  # 2,030 with 29 classes
 SEED0 = int(os.environ.get("KSMTRACE_FUZZ_SEED", "0"))
@@ -46,7 +99,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bases(work):
-    return fuzz.build_bases(work / "bases")
+    return fuzz.build_bases(work / "bases", run_cli)
 
 
 def test_fuzzed_traces_end_in_a_result_or_one_error(work, bases):
@@ -54,7 +107,7 @@ def test_fuzzed_traces_end_in_a_result_or_one_error(work, bases):
     failures = []
     for seed in range(SEED0, SEED0 + N_CASES):
         case = fuzz.make_case(bases, work / "cases", seed)
-        out = fuzz.run_case(bases, case)
+        out = fuzz.run_case(bases, case, run_cli)
         counts[(case.cls, out.kind)] += 1
         if not out.ok:
             failures.append(f"seed {seed} {case.cls} ({case.base}: {case.detail}): {out.kind}: {out.detail}")
@@ -83,6 +136,6 @@ def test_the_judge_catches_a_silent_success(work, bases):
     shutil.rmtree(case.path)
     shutil.copytree(bases.dirs[case.base], case.path)  # the unmutated trace, still expected to fail
     case.expect = "error"
-    assert fuzz.run_case(bases, case).kind == "silent"
+    assert fuzz.run_case(bases, case, run_cli).kind == "silent"
     case.expect = "prefix:2"
-    assert fuzz.run_case(bases, case).kind == "wrong"
+    assert fuzz.run_case(bases, case, run_cli).kind == "wrong"
