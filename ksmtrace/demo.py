@@ -23,6 +23,7 @@ result files.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import time
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ksmtrace.outputs import open_output_dir
 from ksmtrace.progress import ProgressFn, make
 from ksmtrace.results import FRAMES_SAVED_DEFINITION
 from ksmtrace.samples import DEFAULT_SAMPLE, resolve_trace
@@ -172,7 +174,7 @@ def run_demo(trace: str | Path = DEFAULT_SAMPLE, out_dir: str | Path = DEFAULT_O
     path = resolve_trace(trace)
     tr = open_trace(path)
     out = Path(out_dir)
-    (out / "results").mkdir(parents=True, exist_ok=True)
+    open_output_dir(out).close()  # created, and the user's own, before any replay (ksmtrace.outputs)
     truth = real_ksm(tr)
     steps = len(policies) + (1 if truth else 0) + 1 + (len(PLOT_KINDS) if plots else 0)
     k = 0
@@ -223,7 +225,8 @@ def run_demo(trace: str | Path = DEFAULT_SAMPLE, out_dir: str | Path = DEFAULT_O
         res_obj.plots = _write_plots(res_obj, tr, out, lambda msg: prog(k, steps, msg))
         k += len(PLOT_KINDS)
     res_obj.seconds = time.monotonic() - t_start
-    (out / "summary.json").write_text(json.dumps(res_obj.to_json(), indent=1, default=str) + "\n")
+    with open_output_dir(out) as d:
+        d.write_bytes("summary.json", (json.dumps(res_obj.to_json(), indent=1, default=str) + "\n").encode())
     res_obj.files["summary"] = str(out / "summary.json")
     prog(steps, steps, "done")
     return res_obj
@@ -237,12 +240,12 @@ def _write_tables(res: DemoResult, out: Path) -> dict[str, str]:
     for name, rows, extra in (("comparison", res.rows, []),
                               ("delay-sweep", res.sweep_rows, ["probation_passes", "cow_breaks_avoided",
                                                                "cpu_seconds_avoided", "frames_saved_lost"])):
-        p = out / f"{name}.csv"
-        with open(p, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=cols + extra, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        files[name] = str(p)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, fieldnames=cols + extra, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        with open_output_dir(out) as d:
+            files[name] = str(d.write_bytes(f"{name}.csv", text.getvalue().encode()))
     return files
 
 
