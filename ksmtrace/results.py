@@ -29,6 +29,7 @@ from ksmtrace.engine.cost import DAEMON_MASK, UNIT_NAMES, CostModel, resolve_cos
 from ksmtrace.engine.state import lat_bin_edges_ms
 from ksmtrace.errors import ResultError
 from ksmtrace.outputs import open_output_dir
+from ksmtrace.textfmt import dumps
 
 FRAMES_SAVED_DEFINITION = (
     "frames_saved = physical 4 KiB frames the candidate pages use with no dedup minus frames they "
@@ -153,7 +154,7 @@ class RunResult:
             d.write_atomic(f"{self.run_id}.parquet", self.table.write_parquet)
             if self.procs is not None:
                 d.write_atomic(f"{self.run_id}.procs.parquet", self.procs.write_parquet)
-            return d.write_bytes(f"{self.run_id}.json", (json.dumps(self.to_json(), indent=1) + "\n").encode())
+            return d.write_bytes(f"{self.run_id}.json", (dumps(self.to_json()) + "\n").encode())
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "RunResult":
