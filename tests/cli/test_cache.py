@@ -208,3 +208,16 @@ def test_a_planted_pickle_is_not_loaded(tmp_path, monkeypatch):
     os.chown(pkl, 65534, 65534)
     prep = open_trace(tr.path).prepare("anon")
     assert not marker.exists() and prep.n_pages > 0
+
+
+def test_a_view_without_some_processes_has_a_cache_entry_of_its_own(tmp_path, private_cache):
+    """advise replays the trace without each process: same files, other rows, other arrays."""
+    from ksmtrace.testing import make_trace
+    from ksmtrace.trace.subset import without_processes
+
+    tr = make_trace(tmp_path / "t", [{(0, 1): "a", (1, 1): "a", (1, 2): "b"}, {(0, 1): "a", (1, 1): "c"}])
+    view = without_processes(tr, [1])
+    assert P.cache_key(view, "anon") != P.cache_key(tr, "anon")
+    assert (tr.prepare("anon").n_pages, view.prepare("anon").n_pages) == (3, 1)
+    assert (tr.prepare("anon").n_pages, view.prepare("anon").n_pages) == (3, 1)  # from the cache
+    assert len(list(private_cache.glob("*.pkl"))) == 2
