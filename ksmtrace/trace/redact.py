@@ -13,17 +13,23 @@ replaces every identifier that ties the trace to a host, a boot, a process or an
 * **physical frame numbers** (root-only information): replaced by frame-class ids — the 2 MiB
   physical regions in a random order, the offset inside one kept — so pages sharing a frame, or
   a huge page, still do, and nothing physical remains;
-* **virtual addresses** (the processes' address-space layout): an order-preserving map with random
-  gaps over every page number and VMA boundary of the trace (equal addresses, e.g. a fork child's,
-  stay equal; order, hence ksmd's walk order and VMA containment, is kept);
-* **pids, parent pids and start times**: order-preserving maps with a random offset and random
-  gaps (order decides the registration order of processes that appear together);
+* **virtual addresses** (the processes' address-space layout): every *segment* (a run of
+  overlapping VMAs over the whole trace) moves by a random shift of its own, with random gaps
+  between segments, in order: distances inside a VMA (its length, the holes ksmd walks) and
+  equal addresses (a fork child's, same-address classes) are kept, where the regions lie relative
+  to each other is not;
+* **pids and parent pids**: an order-preserving map with a random offset and random gaps (order
+  decides the registration order of processes that appear together); **start times** move by
+  whole clock ticks with the snapshot times, so the earliest process starts at a random time
+  between 1000 s and 12 hours after "boot";
 * **command lines**: dropped — replaced by the process name (``comm``), or with ``names=False``
-  both replaced by ``proc-N``; **cgroups, uids, mapped file paths**: stable labels
-  (``cgroup-3``, ``path-17``, uids renumbered) that keep which processes share a security domain;
-* **times**: every monotonic timestamp shifted so the first snapshot is at 1000 s; wall-clock
-  times (the log's ``wall``, the manifest's ``created``) dropped; the host-wide cumulative KSM
-  counters re-based to start at 0;
+  both replaced by ``proc-N``; **cgroups, uids, mapped file paths**: labels that sort as the
+  originals did (``/cgroup-00000003``, ``/path-00000017``, uids renumbered from 1000) and keep
+  which processes share a security domain and which VMAs map the same file;
+* **times**: every monotonic timestamp shifted with the start times (what a start time says about
+  the snapshots is kept, not how long the host had been up); wall-clock times (the log's
+  ``wall``, the manifest's ``created``) dropped; the host-wide cumulative KSM counters re-based
+  to start at 0;
 * **the manifest**: hostname, command line, capture targets, the key fingerprint and the
   capture summary dropped; page contents (``--contents``) are never copied.
 
@@ -53,9 +59,10 @@ from ksmtrace.trace.reader import Trace, open_trace
 from ksmtrace.trace.writer import TraceWriter
 
 ZERO_SAMPLE = 0x7AEC7314  # the PKSM checksum of a zero page (unkeyed: every word is 0)
-T_FIRST_NS = 1_000_000_000_000  # the first snapshot of a redacted trace is at 1000 s
+START_TICKS = 100_000  # the earliest process of a redacted trace starts after 1000 s (100 ticks/s)
+CLK_TCK = 100  # USER_HZ, as ksmtrace.trace.addrspace assumes when the host does not say
 CUMULATIVE = ("full_scans", "pages_scanned", "pages_skipped", "cow_ksm", "ksmd_cpu_ns", "ksm_swpin_copy")
-HOST_KEPT = ("kernel_release", "machine", "page_size", "cpus", "thp_enabled", "hz", "root", "pfn_readable",
+HOST_KEPT = ("kernel_release", "machine", "page_size", "cpus", "thp_enabled", "hz", "clk_tck", "root", "pfn_readable",
              "kpageflags_readable", "soft_dirty", "ksm_available", "ksm")
 CAPTURE_KEPT = ("scope", "interval_s", "duration_s", "count", "fixed_targets", "freeze", "soft_dirty", "fingerprints",
                 "keyframe_every", "ground_truth", "ksm_sample_interval_s", "workers", "read_methods", "prefix_lengths")
@@ -135,13 +142,48 @@ def monotone_map(values: np.ndarray, rng: np.random.Generator, limit: int, max_g
     return apply
 
 
-def labels(values: list[str], prefix: str, rng: np.random.Generator, keep: tuple[str, ...] = ()) -> dict[str, str]:
-    """Distinct strings to ``prefix-K`` labels in a random order (``keep``: left as they are)."""
+def labels(values: list[str], prefix: str, keep: tuple[str, ...] = ()) -> dict[str, str]:
+    """Distinct strings to labels that sort as they did (a label keeps the first character and
+    numbers the strings in their sorted order: ``/path-00000017``); ``keep``: left as they are.
+    Code that numbers paths or cgroups in sorted order then numbers the labels alike."""
     uniq = sorted(set(values) - set(keep))
-    order = rng.permutation(len(uniq))
-    out = {v: f"{prefix}-{int(k) + 1}" for v, k in zip(uniq, order)}
+    out = {v: f"{v[:1]}{prefix}-{k:08d}" for k, v in enumerate(uniq)}
     out.update({v: v for v in keep})
     return out
+
+
+def segment_map(vpns: np.ndarray, intervals: np.ndarray, rng: np.random.Generator) -> Callable[[np.ndarray], np.ndarray]:
+    """A map of virtual page numbers that moves every *segment* — a maximal run of overlapping
+    VMAs (``intervals``: [first page, last page + 1) of every VMA row of the trace; a page outside
+    every VMA is a segment of its own) — by a shift of its own: random gaps between segments,
+    segments in their order, every distance inside a segment kept (so VMA lengths, offsets and the
+    holes ksmd walks inside a VMA), equal addresses equal (fork children, same-address classes),
+    page offsets in a huge page kept (shifts are multiples of 512)."""
+    lo = np.concatenate([intervals[:, 0], vpns]).astype(np.int64) if len(intervals) else vpns.astype(np.int64)
+    hi = np.concatenate([intervals[:, 1], vpns + 1]).astype(np.int64) if len(intervals) else vpns.astype(np.int64) + 1
+    order = np.argsort(lo, kind="stable")
+    lo, hi = lo[order], hi[order]
+    reach = np.maximum.accumulate(hi)
+    new = np.ones(len(lo), bool)
+    new[1:] = lo[1:] >= reach[:-1]  # a segment starts where nothing before reaches
+    seg_lo = lo[new]
+    seg_hi = np.maximum.reduceat(hi, np.flatnonzero(new)) if len(lo) else hi[:0]
+    base = (int(rng.integers(1 << 20, 1 << 26)) << 9)
+    shifts = np.empty(len(seg_lo), np.int64)
+    at = base
+    for i in range(len(seg_lo)):
+        start = at + ((int(seg_lo[i]) - at) % 512)  # the same offset in a huge page as before
+        shifts[i] = start - int(seg_lo[i])
+        at = start + int(seg_hi[i] - seg_lo[i]) + 512 * int(rng.integers(1, 1 << 12))
+    if at >= PAGE_LIMIT:
+        raise TraceError("redact: the address space does not fit below 2^52 pages")
+
+    def apply(v: np.ndarray) -> np.ndarray:
+        x = v.astype(np.int64)
+        k = np.searchsorted(seg_lo, x, side="right") - 1
+        return (x + shifts[k]).astype(np.uint64)
+
+    return apply
 
 
 # --- the redaction ------------------------------------------------------------------------------
@@ -184,10 +226,13 @@ def _build_maps(tr: Trace, key: bytes, names: bool) -> Maps:
         if tr.has_table("processes") else None
     ksm_stat = tr.read_table("ksm_stat", columns=["pid"]) if tr.has_table("ksm_stat") else None
 
-    points = [pages["vpn"].to_numpy()]
     if vmas is not None and vmas.height:
-        points += [vmas["start"].to_numpy() >> np.uint64(12), vmas["end"].to_numpy() >> np.uint64(12)]
-    vpn_map = monotone_map(np.concatenate(points), rng, PAGE_LIMIT, max_gap=1 << 12, base_max=1 << 36)
+        st = vmas["start"].to_numpy() >> np.uint64(12)
+        en = (vmas["end"].to_numpy() + np.uint64(4095)) >> np.uint64(12)
+        intervals = np.stack([st, np.maximum(en, st + np.uint64(1))], axis=1)
+    else:
+        intervals = np.zeros((0, 2), np.uint64)
+    vpn_map = segment_map(np.unique(pages["vpn"].to_numpy()), intervals, rng)
 
     pfn = pages["pfn"].to_numpy()
     regions = np.unique(pfn[pfn != 0].astype(np.uint64) >> np.uint64(9))
@@ -200,17 +245,30 @@ def _build_maps(tr: Trace, key: bytes, names: bool) -> Maps:
     if procs is not None and procs.height:
         pids.append(procs["ppid"].to_numpy())
     pid_map = monotone_map(np.concatenate(pids), rng, 1 << 31, max_gap=64, base_max=1 << 20)
-    start_map = monotone_map(procs["start_ticks"].to_numpy() if procs is not None else np.zeros(1, np.uint64), rng,
-                             1 << 62, max_gap=1 << 20, base_max=1 << 40)
+    # times move by whole clock ticks, start times (ticks since boot) by as many ticks: what a
+    # start time says about the snapshots (address spaces: fork-time registration) is kept; the
+    # earliest process now starts at a random tick after START_TICKS
+    tck = int(tr.host.get("clk_tck") or CLK_TCK)
+    starts = procs["start_ticks"].to_numpy().astype(np.int64) if procs is not None and procs.height else np.zeros(0, np.int64)
+    first = int(starts[starts > 0].min()) if (starts > 0).any() else tr.t0_ns * tck // 1_000_000_000
+    shift_ticks = START_TICKS + int(rng.integers(0, 1 << 22)) - first
+    ns_per_tick = 1_000_000_000 // tck
+    if shift_ticks * ns_per_tick + tr.t0_ns < 0:
+        shift_ticks = -(tr.t0_ns // ns_per_tick)
+
+    def start_map(v: np.ndarray) -> np.ndarray:
+        v = v.astype(np.int64)
+        return np.where(v > 0, v + shift_ticks, 0).astype(np.uint64)
+
     proc_ids = sorted(set(procs["proc"].to_list())) if procs is not None else []
     order = rng.permutation(len(proc_ids))
     name_map = {p: f"proc-{int(k) + 1}" for p, k in zip(proc_ids, order)}
-    cgroups = labels(procs["cgroup"].to_list() if procs is not None else [], "cgroup", rng, keep=("",))
+    cgroups = labels(procs["cgroup"].to_list() if procs is not None else [], "cgroup", keep=("",))
     uids_all = sorted(set(procs["uid"].to_list())) if procs is not None else []
-    uid_map = {u: 1000 + int(k) for u, k in zip(uids_all, rng.permutation(len(uids_all)))}
+    uid_map = {u: 1000 + k for k, u in enumerate(uids_all)}  # in their order
     kept_paths = tuple(p for p in (vmas["path"].unique().to_list() if vmas is not None else [])
                        if p == "" or (p.startswith("[") and p.endswith("]") and "/" not in p))
-    paths = labels(vmas["path"].to_list() if vmas is not None else [], "path", rng, keep=kept_paths)
+    paths = labels(vmas["path"].to_list() if vmas is not None else [], "path", keep=kept_paths)
 
     maps = Maps(
         hashes=hash_map,
@@ -224,7 +282,7 @@ def _build_maps(tr: Trace, key: bytes, names: bool) -> Maps:
         cgroup=cgroups,
         uid=uid_map,
         path=paths,
-        t_shift=T_FIRST_NS - tr.t0_ns,
+        t_shift=shift_ticks * ns_per_tick,
     )
     if tr.has_ground_truth:
         g = tr.read_table("ksm", columns=list(CUMULATIVE))
@@ -275,14 +333,20 @@ def _processes(t: pa.Table, m: Maps, names: bool) -> pa.Table:
     return df.to_arrow().select(S.PROCESSES_SCHEMA.names).cast(S.PROCESSES_SCHEMA)
 
 
+def _last_page(start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """The last page of each VMA [start, end) (its first for an empty one)."""
+    return np.maximum((end + np.uint64(4095)) >> np.uint64(12), (start >> np.uint64(12)) + np.uint64(1)) - np.uint64(1)
+
+
 def _vmas(t: pa.Table, m: Maps) -> pa.Table:
     df = pl.from_arrow(t)
     if df.height == 0:
         return t
     df = df.with_columns(
         pl.Series("pid", m.pid(df["pid"].to_numpy()).astype(np.uint32)),
-        pl.Series("start", m.vpn(df["start"].to_numpy() >> np.uint64(12)) << np.uint64(12)),
-        pl.Series("end", m.vpn(df["end"].to_numpy() >> np.uint64(12)) << np.uint64(12)),
+        pl.Series("start", (m.vpn(df["start"].to_numpy() >> np.uint64(12)) << np.uint64(12))
+                  | (df["start"].to_numpy() & np.uint64(4095))),
+        pl.Series("end", m.vpn(_last_page(df["start"].to_numpy(), df["end"].to_numpy())) + np.uint64(1) << np.uint64(12)),
         pl.Series("path", [m.path[p] for p in df["path"].to_list()]),
     )
     return df.to_arrow().select(S.VMAS_SCHEMA.names).cast(S.VMAS_SCHEMA)
