@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from ksmtrace.cli._options import no_cache_option
 from ksmtrace.policies.base import parse_assignments
 
 
@@ -20,6 +21,7 @@ def replay_options(f):
     f = click.option("--start", "start_s", type=float, default=0.0, show_default=True,
                      help="Virtual time (s after the first snapshot) at which the daemon starts.")(f)
     f = click.option("--seed", type=int, default=0, show_default=True, help="Seed for policies with random choices.")(f)
+    f = no_cache_option(f)
     return f
 
 

@@ -6,7 +6,7 @@ import sys
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import echo_table, emit_json, json_option, note, quiet_option
+from ksmtrace.cli._options import echo_table, emit_json, json_option, no_cache_option, note, quiet_option
 
 SHOWN = ["snap", "t_s", "candidate_pages", "base_frames", "oracle_saved", "zero_saved", "within_process_saved",
          "across_process_saved", "same_domain_saved", "hash_only_saved"]
@@ -38,6 +38,7 @@ def summary_line(summary: dict) -> str:
               help="Candidate pages: recorded = mergeable VMAs (what ksmd scans); anon = every private anonymous page; "
                    "auto = recorded when the trace has mergeable memory, else anon.")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV on stdout (every column).")
+@no_cache_option
 @json_option
 @quiet_option
 def breakdown_cmd(trace, scope, as_csv, as_json, quiet):

@@ -9,6 +9,7 @@ import click
 from ksmtrace.cli import cli
 from ksmtrace.cli._options import echo_table, emit_json, executor_option, json_option, note, quiet_option
 from ksmtrace.cli._replay_opts import params_from, replay_options, resolve_run
+from ksmtrace.outputs import check_output_dir
 from ksmtrace.progress import Progress
 from ksmtrace.results import FRAMES_SAVED_DEFINITION
 
@@ -75,6 +76,8 @@ def compare_cmd(trace, policies, params, output, as_csv, workers, executor, engi
     from ksmtrace.trace.reader import open_trace
 
     tr = open_trace(trace)
+    if output:
+        check_output_dir(output)  # refuse a directory we may not write before the replay, not after
     common = params_from(params)
     specs = []
     notes: list[str] = []

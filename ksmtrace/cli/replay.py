@@ -7,6 +7,7 @@ from ksmtrace.cli import cli
 from ksmtrace.cli._options import emit_json, json_option, kv_lines, note, quiet_option
 from ksmtrace.cli._replay_opts import params_from, replay_options, resolve_run
 from ksmtrace.errors import KsmtraceError
+from ksmtrace.outputs import check_output_dir
 from ksmtrace.progress import Progress
 from ksmtrace.results import FRAMES_SAVED_DEFINITION
 
@@ -41,6 +42,8 @@ def replay_cmd(trace, policy, params, output, as_captured, engine, scope, cost, 
     from ksmtrace.trace.reader import open_trace
 
     tr = open_trace(trace)
+    if output:
+        check_output_dir(output)  # refuse a directory we may not write before the replay, not after
     given = params_from(params)
     notes: list[str] = []
     if as_captured:

@@ -252,7 +252,10 @@ def make_trace(
                 rows.append(r)
             tables["ksm"] = pa.Table.from_pylist(rows, schema=S.KSM_SCHEMA)
         t0 = int(times[s] * 1e9)
-        w.commit_snapshot(s, t0, t0, tables, keyframe=bool(s == 0 or (keyframe_every and s % keyframe_every == 0)), stats={"pages": int(sum(len(v) for v in prev_state.values()))})
+        ops = cols["op"]
+        stats = {"pages": int(sum(len(v["vpn"]) for v in prev_state.values())), "new": int((ops == S.OP_NEW).sum()),
+                 "changed": int((ops == S.OP_CHANGED).sum()), "gone": int((ops == S.OP_GONE).sum())}
+        w.commit_snapshot(s, t0, t0, tables, keyframe=bool(s == 0 or (keyframe_every and s % keyframe_every == 0)), stats=stats)
         prev_pfn = cur_pfn
     w.close("complete")
     return open_trace(path)

@@ -116,6 +116,10 @@ PREFIX_FIELDS = [pa.field(f"pfx{n}", pa.uint32(), nullable=False) for n in PREFI
 # sample32, sample (64), sample128, sample256, sample512, sample1024.
 SAMPLE_WORDS = 64
 SAMPLE_STRENGTHS = (8, 16, 32, 64, 128, 256, 512, 1024)
+
+#: a trace without a ``vmas`` table: a gap of more than this many pages between two pages of a
+#: process separates the VMAs a replay synthesises (and that a redaction keeps apart)
+SYNTH_VMA_GAP = 1024
 STRENGTH_FIELDS = [pa.field(f"sample{n}", pa.uint32(), nullable=False) for n in SAMPLE_STRENGTHS if n != SAMPLE_WORDS]
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from ksmtrace.errors import CaptureError
+from ksmtrace.outputs import check_output_dir
 from ksmtrace.progress import ProgressFn, make as make_progress
 from ksmtrace.trace import delta as D
 from ksmtrace.trace import schema as S
@@ -199,8 +200,7 @@ class Capture:
     def _setup(self) -> None:
         opts = self.options
         out = self.output
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise CaptureError(f"{out}: output exists and is not an empty directory")
+        check_output_dir(out, empty=True, what="trace directory")  # new, or empty, ours, nobody else's to write
         self.spec = TargetSpec.of(opts.targets)
         self.targets = TargetSet(self.spec)
         self.targets.first()
