@@ -10,7 +10,8 @@ page; any other value = a content, equal keys = equal pages) or a dict with ``c`
 optionally ``frame`` (a label: pages with the same label share one physical frame, as after fork),
 ``mergeable`` (default True), ``thp`` (a label: pages with the same label are one huge page),
 ``zero_page`` (maps the kernel zero page), ``ksm`` (a real-kernel KSM page), ``swapped``,
-``anon`` (default True), ``soft_dirty``.
+``anon`` (default True), ``soft_dirty``, ``writable`` (default True: the page's VMA permissions;
+when any page gives it, the trace gets a vmas table with one VMA per page, ``rw-p`` or ``r--p``).
 
 The trace goes through the real :class:`~ksmtrace.trace.writer.TraceWriter` and delta encoder, so
 it is a trace like any captured one.
@@ -66,6 +67,7 @@ def make_trace(
     pschema = S.pages_schema(sample=with_sample)
     w = TraceWriter(path, host=host_facts, capture=cap, tracer={"name": "builder", "version": "1"}, pages_schema=pschema)
     next_pfn = [0x100000]
+    with_vmas = any(isinstance(v, Mapping) and "writable" in v for snap in snapshots for v in snap.values())
     labels: dict[Any, int] = {}
     thp_base: dict[Any, int] = {}
     prev_pfn: dict[tuple[int, int], tuple[Any, int]] = {}
@@ -87,6 +89,7 @@ def make_trace(
                 alive.add(p)
         page_parts = []
         proc_rows = []
+        vma_rows = []
         cur_pfn: dict[tuple[int, int], tuple[Any, int]] = {}
         for proc in sorted(alive):
             info = procs.get(proc, {})
@@ -137,6 +140,13 @@ def make_trace(
                     old = prev_pfn.get((proc, v))
                     pfn = old[1] if old is not None and old[0] == c else fresh()
                 cur_pfn[(proc, v)] = (c, pfn)
+                if with_vmas:
+                    writable = bool(d.get("writable", True))
+                    vma_rows.append({
+                        "snap": s, "proc": proc, "pid": pid, "start": int(v) << 12, "end": (int(v) + 1) << 12,
+                        "perms": "rw-p" if writable else "r--p", "flags": S.V_ANON | S.V_PRIVATE | S.V_IN_SCOPE
+                        | (S.V_MERGEABLE if d.get("mergeable", True) else 0), "vmflags": "rd wr mr mw me ac" if writable else "rd mr mw me",
+                        "path": "", "rss_pages": 1, "anon_pages": 1, "captured_pages": 1})
                 hashes[i] = content_hash(0) if _is_zero(c) else content_hash(c)
                 flags[i] = f
                 pfns[i] = pfn
@@ -176,6 +186,8 @@ def make_trace(
             cols[name] = np.concatenate(arrs) if arrs else np.zeros(0)
         pages = pa.table({n: pa.array(cols[n].astype(pschema.field(n).type.to_pandas_dtype())) for n in pschema.names}, schema=pschema)
         tables = {"pages": pages, "processes": pa.Table.from_pylist(proc_rows, schema=S.PROCESSES_SCHEMA)}
+        if with_vmas:
+            tables["vmas"] = pa.Table.from_pylist(vma_rows, schema=S.VMAS_SCHEMA)
         if ground_truth is not None and s < len(ground_truth):
             rows = []
             for g in ground_truth[s]:
