@@ -5,8 +5,9 @@ Between snapshots ``s`` and ``s+1`` the driver normally calls ``rt.run_until(t_{
 controller it runs the daemon up to each tick ``t`` (every batch that wakes before ``t`` runs in
 full), builds the :class:`~ksmtrace.controllers.ControlState`, asks the controller, and applies
 its writes through the runtime's ``set_params`` before the next batch; a tick at exactly a
-snapshot's time comes after that snapshot's pages are applied.  While ``run`` is 0 the daemon is
-not run at all (ksmd waits; merged pages stay merged); setting it to 1 wakes it (``wake_at``).
+snapshot's time comes after that snapshot's pages are applied.  While ``run`` is 0 the daemon does
+no batch (ksmd waits; merged pages stay merged; mm registrations go on); setting it to 1 wakes it
+(``wake_at``) unless its sleep ends later.
 """
 from __future__ import annotations
 
@@ -101,12 +102,17 @@ class ControlLoop:
         """The daemon's work until ``t_end``, with the ticks before it."""
         while self.i < len(self.ticks) and self.ticks[self.i] < t_end:
             t = self.ticks[self.i]
-            if self.running:
-                self.rt.run_until(t)
+            self._daemon_until(t)
             self.tick(t)
             self.i += 1
-        if self.running:
-            self.rt.run_until(t_end)
+        self._daemon_until(t_end)
+
+    def _daemon_until(self, t: int) -> None:
+        """Run the daemon to ``t``; stopped, it does no batch (its next wake-up is pushed to ``t``),
+        but what happens to it meanwhile still happens (ksm: a fork registers the child's mm)."""
+        if not self.running:
+            self.rt.wake_at(t)
+        self.rt.run_until(t)
 
     # --- the trajectory ----------------------------------------------------------------------------
     def row(self, existing: dict[str, Any]) -> dict[str, Any]:

@@ -10,14 +10,24 @@ page; any other value = a content, equal keys = equal pages) or a dict with ``c`
 optionally ``frame`` (a label: pages with the same label share one physical frame, as after fork),
 ``mergeable`` (default True), ``thp`` (a label: pages with the same label are one huge page),
 ``zero_page`` (maps the kernel zero page), ``ksm`` (a real-kernel KSM page), ``swapped``,
-``anon`` (default True), ``soft_dirty``, ``writable`` (default True: the page's VMA permissions;
-when any page gives it, the trace gets a vmas table with one VMA per page, ``rw-p`` or ``r--p``).
+``anon`` (default True), ``soft_dirty``.
+
+``procs`` gives per process ``pid`` (default 1000 + proc), ``ppid`` (default 1: no parent in the
+trace), ``start`` (clock ticks of 10 ms on the trace's clock; default: the first snapshot the
+process is in, rounded up), ``uid``, ``cgroup``, ``comm``, ``mergeable``, ``snaps``.
+
+``vmas`` (optional) writes a ``vmas`` table: ``True`` for one anonymous mergeable VMA per process
+spanning its pages, or ``{proc: [vma, ...]}`` (the same at every snapshot the process is in), or a
+list of such mappings, one per snapshot; a ``vma`` is ``(start_vpn, end_vpn)`` or a dict with
+``start``, ``end`` and optionally ``path`` (default ``""``), ``mergeable`` (True), ``stack``,
+``perms`` (default ``"rw-p"``; ``"r--p"`` for a read-only mapping).
 
 The trace goes through the real :class:`~ksmtrace.trace.writer.TraceWriter` and delta encoder, so
 it is a trace like any captured one.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Mapping
 
@@ -53,6 +63,7 @@ def make_trace(
     ground_truth: list[list[Mapping[str, Any]]] | None = None,
     keyframe_every: int = 0,
     samples: Mapping[Any, int] | None = None,
+    vmas: Any = None,
 ):
     """Write a trace and return it opened (:class:`~ksmtrace.trace.reader.Trace`)."""
     from ksmtrace.trace.reader import open_trace
@@ -67,11 +78,11 @@ def make_trace(
     pschema = S.pages_schema(sample=with_sample)
     w = TraceWriter(path, host=host_facts, capture=cap, tracer={"name": "builder", "version": "1"}, pages_schema=pschema)
     next_pfn = [0x100000]
-    with_vmas = any(isinstance(v, Mapping) and "writable" in v for snap in snapshots for v in snap.values())
     labels: dict[Any, int] = {}
     thp_base: dict[Any, int] = {}
     prev_pfn: dict[tuple[int, int], tuple[Any, int]] = {}
     prev_state: dict[int, dict[str, np.ndarray]] = {}
+    first_snap: dict[int, int] = {}
 
     def fresh() -> int:
         next_pfn[0] += 1
@@ -89,9 +100,10 @@ def make_trace(
                 alive.add(p)
         page_parts = []
         proc_rows = []
-        vma_rows = []
         cur_pfn: dict[tuple[int, int], tuple[Any, int]] = {}
+        vma_rows = []
         for proc in sorted(alive):
+            first_snap.setdefault(proc, s)
             info = procs.get(proc, {})
             pid = int(info.get("pid", 1000 + proc))
             pages = sorted(by_proc.get(proc, []), key=lambda x: x[0])
@@ -140,13 +152,6 @@ def make_trace(
                     old = prev_pfn.get((proc, v))
                     pfn = old[1] if old is not None and old[0] == c else fresh()
                 cur_pfn[(proc, v)] = (c, pfn)
-                if with_vmas:
-                    writable = bool(d.get("writable", True))
-                    vma_rows.append({
-                        "snap": s, "proc": proc, "pid": pid, "start": int(v) << 12, "end": (int(v) + 1) << 12,
-                        "perms": "rw-p" if writable else "r--p", "flags": S.V_ANON | S.V_PRIVATE | S.V_IN_SCOPE
-                        | (S.V_MERGEABLE if d.get("mergeable", True) else 0), "vmflags": "rd wr mr mw me ac" if writable else "rd mr mw me",
-                        "path": "", "rss_pages": 1, "anon_pages": 1, "captured_pages": 1})
                 hashes[i] = content_hash(0) if _is_zero(c) else content_hash(c)
                 flags[i] = f
                 pfns[i] = pfn
@@ -165,13 +170,16 @@ def make_trace(
             proc_rows.append(
                 {
                     "snap": s, "proc": proc, "pid": pid, "ppid": int(info.get("ppid", 1)),
-                    "start_ticks": int(info.get("start", proc)), "comm": str(info.get("comm", f"p{proc}")),
+                    "start_ticks": int(info.get("start", math.ceil(times[first_snap[proc]] * 100 - 1e-9))),
+                    "comm": str(info.get("comm", f"p{proc}")),
                     "cmdline": str(info.get("comm", f"p{proc}")), "cgroup": str(info.get("cgroup", "/")),
                     "uid": int(info.get("uid", 0)), "state": "ok", "rss_pages": n, "anon_pages": n,
                     "captured_pages": n, "mergeable": bool(info.get("mergeable", any_mergeable)),
                     "merge_any": False, "t_read_ns": int(times[s] * 1e9),
                 }
             )
+            if vmas is not None:
+                vma_rows += _vma_rows(vmas, s, proc, pid, vpn)
         # processes that vanished: their pages are gone
         for proc in sorted(set(prev_state) - alive):
             prev = prev_state.pop(proc)
@@ -186,7 +194,7 @@ def make_trace(
             cols[name] = np.concatenate(arrs) if arrs else np.zeros(0)
         pages = pa.table({n: pa.array(cols[n].astype(pschema.field(n).type.to_pandas_dtype())) for n in pschema.names}, schema=pschema)
         tables = {"pages": pages, "processes": pa.Table.from_pylist(proc_rows, schema=S.PROCESSES_SCHEMA)}
-        if with_vmas:
+        if vmas is not None:
             tables["vmas"] = pa.Table.from_pylist(vma_rows, schema=S.VMAS_SCHEMA)
         if ground_truth is not None and s < len(ground_truth):
             rows = []
@@ -201,3 +209,31 @@ def make_trace(
         prev_pfn = cur_pfn
     w.close("complete")
     return open_trace(path)
+
+
+def _vma_rows(vmas: Any, s: int, proc: int, pid: int, vpn: np.ndarray) -> list[dict]:
+    """Rows of the vmas table for one process at snapshot ``s`` (see :func:`make_trace`)."""
+    if vmas is True:
+        specs = [(int(vpn.min()), int(vpn.max()) + 1)] if len(vpn) else []
+    else:
+        per = vmas[s] if isinstance(vmas, (list, tuple)) else vmas
+        specs = list(per.get(proc, []))
+    rows = []
+    for spec in specs:
+        d = dict(spec) if isinstance(spec, Mapping) else {"start": spec[0], "end": spec[1]}
+        a, b = int(d["start"]), int(d["end"])
+        path = str(d.get("path", ""))
+        n = int(((vpn >= a) & (vpn < b)).sum())
+        fl = S.V_IN_SCOPE | S.V_PRIVATE | (S.V_ANON if not path or path.startswith("[") else S.V_FILE)
+        if d.get("mergeable", True):
+            fl |= S.V_MERGEABLE
+        if d.get("stack") or path == "[stack]":
+            fl |= S.V_STACK
+        if path == "[heap]":
+            fl |= S.V_HEAP
+        perms = str(d.get("perms", "rw-p"))
+        rows.append({"snap": s, "proc": proc, "pid": pid, "start": a << 12, "end": b << 12, "perms": perms,
+                     "flags": fl, "vmflags": ("rd wr" if "w" in perms else "rd") + " mr mw me ac"
+                     + (" mg" if d.get("mergeable", True) else ""),
+                     "path": path, "rss_pages": n, "anon_pages": n, "captured_pages": n})
+    return rows

@@ -72,9 +72,10 @@ def scripts(draw):
 def test_a_controller_driven_run_is_the_same_on_every_engine_and_runtime(tmp_path_factory):
     @settings(max_examples=25, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-    @given(snaps=traces(), script=scripts(), advisor=st.booleans(), profile=st.sampled_from(["6.11", "6.10", "6.12"]))
-    def check(snaps, script, advisor, profile):
-        tr = make_trace(tmp_path_factory.mktemp("gen") / "t", snaps, interval=0.02)
+    @given(trace=traces(), script=scripts(), advisor=st.booleans(), profile=st.sampled_from(["6.11", "6.10", "6.12"]))
+    def check(trace, script, advisor, profile):
+        snaps, kw = trace
+        tr = make_trace(tmp_path_factory.mktemp("gen") / "t", snaps, interval=0.02, **kw)
         params = {"pages_to_scan": 5, "sleep_millisecs": 2, "profile": profile,
                   **({"advisor_mode": "scan-time", "advisor_min_pages_to_scan": 4} if advisor else {})}
         ctl = Scripted({"script": script})
@@ -96,9 +97,10 @@ def test_a_controller_driven_run_is_the_same_on_every_engine_and_runtime(tmp_pat
 def test_the_shipped_controllers_are_the_same_on_every_runtime(ctl, tmp_path_factory):
     @settings(max_examples=8, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-    @given(snaps=traces(), host=st.sampled_from(["64K", "200K", "1G"]))
-    def check(snaps, host):
-        tr = make_trace(tmp_path_factory.mktemp("gen") / "t", snaps, interval=0.02)
+    @given(trace=traces(), host=st.sampled_from(["64K", "200K", "1G"]))
+    def check(trace, host):
+        snaps, kw = trace
+        tr = make_trace(tmp_path_factory.mktemp("gen") / "t", snaps, interval=0.02, **kw)
         runs = [replay(tr, "ksm", {"sleep_millisecs": 2}, engine=e, runtime=r, controller=ctl, host_memory=host)
                 for e, r in (("reference", "auto"), ("fast", "readable"), ("fast", "kernel"))]
         _same(runs[0], runs[1], f"{ctl} on {host}: reference vs fast engine")
@@ -117,10 +119,12 @@ def test_every_policy_obeys_a_preset_alike_on_every_runtime(cls, tmp_path_factor
 
     @settings(max_examples=10, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-    @given(snaps=traces(), preset=st.sampled_from(["zero-pages", "same-domain", "windows:process", "same-domain:user",
+    @given(trace=traces(), preset=st.sampled_from(["zero-pages", "same-domain", "windows:process", "same-domain:user",
                                                    "zero-pages+same-domain:cgroup"]))
-    def check(snaps, preset):
-        tr = make_trace(tmp_path_factory.mktemp("gen") / "t", snaps, interval=0.02, procs=procs)
+    def check(trace, preset):
+        snaps, kw = trace
+        kw = {**kw, "procs": {p: {**procs.get(p, {}), **(kw.get("procs") or {}).get(p, {})} for p in set(procs) | set(kw.get("procs") or {})}}
+        tr = make_trace(tmp_path_factory.mktemp("gen") / "t", snaps, interval=0.02, **kw)
         params = {k: v for k, v in {"pages_to_scan": 7, "sleep_millisecs": 2}.items()
                   if k in {p["name"] for p in cls.parameter_table()}}
         ref = replay(tr, cls, params, engine="reference", restrict=preset)

@@ -36,13 +36,15 @@ SNAP = {
     (0, 1): "A", (1, 1): "A", (2, 1): "A",
     (0, 2): "B", (0, 3): "B",
     (0, 4): 0, (0, 5): 0, (2, 4): 0,
-    (0, 6): {"c": "C", "writable": False}, (2, 6): {"c": "C", "writable": False},
+    (0, 6): "C", (2, 6): "C",  # in read-only VMAs
     (1, 7): "U",
 }
+RO = {"start": 6, "end": 7, "perms": "r--p"}
+VMAS = {0: [(1, 6), RO], 1: [(1, 8)], 2: [(1, 6), RO]}
 
 
 def hand(path, n=12):
-    return make_trace(path, [SNAP] * n, interval=0.05, procs=PROCS)
+    return make_trace(path, [SNAP] * n, interval=0.05, procs=PROCS, vmas=VMAS)
 
 
 # By hand: 11 frames.  Oracle: A 3->1 (2), B 1, zero 3->0 (3), C 1 = 7.
@@ -208,7 +210,11 @@ def test_oracle_under_a_preset_equals_the_brute_force_bound(tmp_path_factory, mo
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(snap=small_snapshots(), rule=st.sampled_from(RULES))
     def check(snap, rule):
-        tr = make_trace(tmp_path_factory.mktemp("bf") / "t", [snap], procs=procs)
+        vmas = {}
+        for (proc, v), spec in snap.items():
+            vmas.setdefault(proc, []).append({"start": v, "end": v + 1, "perms": "rw-p" if spec["writable"] else "r--p"})
+        pages = {k: {kk: vv for kk, vv in spec.items() if kk != "writable"} for k, spec in snap.items()}
+        tr = make_trace(tmp_path_factory.mktemp("bf") / "t", [pages], procs=procs, vmas=vmas)
         units: dict = {}
         for (proc, v), spec in snap.items():
             key = spec.get("frame") or (proc, v)
