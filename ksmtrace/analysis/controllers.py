@@ -79,11 +79,12 @@ DEFINITIONS = {
 def compare_controllers(trace, controllers: Sequence[str] = DEFAULT_CONTROLLERS, host_memory: str | int | None = None,
                         out_dir=None, *, level: str = "standard", scope: str | None = None, cost=None,
                         workers: int | None = 1, executor=None, progress: ProgressFn | None = None,
-                        frontier=None) -> ControllerComparison:
+                        frontier=None, grid: dict[str, Sequence[Any]] | None = None) -> ControllerComparison:
     """Replay ``ksm`` under each controller of ``controllers`` (names or ``NAME:key=value,...``) on
     ``trace`` with a host of ``host_memory`` (``"16G"``), and compare each with the ``ksm`` frontier
     (``frontier``: one already computed with ``ksm`` in it; else swept here at ``level`` into
-    ``out_dir/ksm``, reused by a second call)."""
+    ``out_dir/ksm``, reused by a second call; ``grid``: the static settings instead of the frontier's
+    rate grid, e.g. ``{"pages_to_scan": [64, 1024], "sleep_millisecs": [20]}``)."""
     from ksmtrace.analysis.frontier import frontier as make_frontier
     from ksmtrace.controllers import make_controller, parse_memory_size
     from ksmtrace.engine.cost import resolve_cost_model
@@ -115,7 +116,7 @@ def compare_controllers(trace, controllers: Sequence[str] = DEFAULT_CONTROLLERS,
                 prog(d, t + len(ctls), f"static ksm {m}")
 
             frontier = make_frontier(tr, ["ksm"], base, level=level, scope=scope, cost=model, workers=workers,
-                                     executor=executor, progress=sub)
+                                     executor=executor, progress=sub, grids={"ksm": grid} if grid else None)
         if "ksm" not in frontier.policies:
             raise KsmtraceError("controllers: the frontier given has no ksm runs")
         params, notes = trace_params(tr, "ksm", {})

@@ -11,9 +11,9 @@ from ksmtrace.progress import Progress
 
 @cli.command("controllers")
 @click.argument("trace", type=click.Path())
-@click.option("--host-memory", required=True, metavar="SIZE",
+@click.option("--host-memory", default=None, metavar="SIZE",
               help="The host's memory (MemTotal), e.g. 16G or 900M: free memory is this minus what the traced "
-                   "processes use, and the controllers' rules act on it.")
+                   "processes use, and ksmtuned's and KubeVirt's rules act on it (needed for them).")
 @click.option("--controller", "specs", multiple=True, metavar="NAME[:key=value,...]",
               help="A controller (repeatable; default: ksmtuned, kubevirt, scan-time), e.g. "
                    "ksmtuned:monitor_interval=5 to act every 5 s of the trace instead of every 60 s.")

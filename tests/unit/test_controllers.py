@@ -267,3 +267,52 @@ def test_run_ids_and_specs_record_the_controller(tmp_path):
     assert a.spec["host_kib"] == 1024 * 1024
     assert "controller" not in plain.spec and "controller" not in plain.spec["options"]
     assert np.array_equal(plain.table["frames_saved"].to_numpy(), replay(tr, "ksm").table["frames_saved"].to_numpy())
+
+
+# --- the comparison and its figure --------------------------------------------------------------------
+def test_compare_controllers_and_figure(tmp_path):
+    from matplotlib.colors import to_hex
+
+    from ksmtrace import plot
+    from ksmtrace.analysis.controllers import compare_controllers
+    from ksmtrace.plot import palette
+    from ksmtrace.testing.figures import layout_problems
+
+    tr = dup_trace(tmp_path / "t", n_snaps=8, interval=0.5, pages=60)
+    grid = {"pages_to_scan": [4, 16, 64], "sleep_millisecs": [10, 100]}
+    cc = compare_controllers(tr, ["ksmtuned:monitor_interval=1,sleep_msec=0", "kubevirt:interval=1", "scan-time"], "2G",
+                             tmp_path / "out", grid=grid)
+    assert [r["name"] for r in cc.rows] == ["ksmtuned", "kubevirt", "scan-time"]
+    runs = cc.frontier.policy_runs("ksm")
+    assert runs.height == 6
+    for r in cc.rows:
+        res = cc.results[r["controller"]]
+        assert r["run_id"] == res.run_id and r["cow_breaks"] == res.summary["cow_breaks"]
+        # the static settings quoted are the best within the CPU / the cheapest for the saving, by brute force
+        within = [x for x in runs.to_dicts() if x["cpu_pct"] <= r["cpu_pct"] * (1 + 1e-9)]
+        if within:
+            assert r["static_at_cpu_pct_of_oracle"] == max(x["pct_of_oracle"] for x in within)
+        else:
+            assert r["static_at_cpu_settings"] is None
+        enough = [x for x in runs.to_dicts() if x["pct_of_oracle"] >= r["pct_of_oracle"] * (1 - 1e-9)]
+        if enough:
+            assert r["static_for_saving_cpu_pct"] == min(x["cpu_pct"] for x in enough)
+    # on a 2 GiB host with 480 KiB in use, KubeVirt never starts KSM and ksmtuned stops it at 1 s
+    kv = cc.rows[1]
+    assert kv["pct_of_oracle"] == 0 and kv["cpu_pct"] == 0 and kv["running_pct"] == 0
+    assert cc.rows[0]["running_pct"] == pytest.approx(100 * 2 / 8)
+    text = cc.text()
+    assert "best static within its CPU" in text and "nan" not in text and "None" not in text
+    fig = plot.controllers(cc)
+    assert layout_problems(fig) == []
+    ax = fig.axes[0]
+    for r in cc.rows:
+        pts = [c for c in ax.collections if c.get_gid() == f"controller:{r['controller']}"]
+        assert len(pts) == 1
+        st = palette.controller_style(r["name"])
+        assert to_hex(pts[0].get_facecolor()[0]) == st.color
+    lines = {ln.get_gid(): ln for a in fig.axes for ln in a.get_lines()}
+    stopped = lines["pages:kubevirt:interval=1"].get_ydata()
+    assert np.isnan(np.asarray(stopped, float)).all()  # a gap while ksmd is stopped
+    assert len([g for g in lines if g and g.startswith("static:")]) == len({r["static_at_cpu_run_id"] for r in cc.rows
+                                                                           if r["static_at_cpu_run_id"]})
