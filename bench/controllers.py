@@ -14,26 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import tempfile
-import time
+
+from answers import timed  # bench/answers.py: wall and CPU seconds of one call
 
 CONTROLLERS = ["ksmtuned", "kubevirt", "ksmtuned:monitor_interval=5", "kubevirt:interval=10", "scan-time"]
 HOSTS = {"vm": ["700M", "16G"], "prefork": ["200M", "16G"], "python-sci": ["700M", "16G"]}
 PRESETS = [None, "zero-pages", "same-domain", "windows", "same-domain:process", "read-only"]
-
-
-def cpu_s() -> float:
-    a = resource.getrusage(resource.RUSAGE_SELF)
-    b = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
-
-
-def timed(fn):
-    t0, c0 = time.monotonic(), cpu_s()
-    out = fn()
-    return out, time.monotonic() - t0, cpu_s() - c0
 
 
 def main() -> int:

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from click.testing import CliRunner
 
 from ksmtrace.cli import cli
-from ksmtrace.testing.scenarios import plain_processes_trace
-from tests.cli.test_answers import assert_defined, strict
+from tests.cli.test_answers import assert_defined, plain, strict  # noqa: F401  (plain: a fixture)
 
 
 def run(args, ok=True):
@@ -26,13 +24,6 @@ def one_line_error(r, *words):
     assert err.startswith("ksmtrace: error:") and len(err.splitlines()) == 1, err
     for w in words:
         assert w in err, err
-
-
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory):
-    path = tmp_path_factory.mktemp("plain") / "t"
-    plain_processes_trace(path)
-    return path
 
 
 def test_replay_with_a_controller_prints_and_records_its_trajectory(plain):
