@@ -574,6 +574,8 @@ def results_table(results: Sequence, keys: Sequence[str] | None = None, cost=Non
         for k in allkeys:
             if len({repr(r.spec.get("params", {}).get(k)) for r in results}) > 1:
                 keys.append(k)
+        if len({r.spec.get("restrict") for r in results}) > 1:  # a run option: a safe preset
+            keys.append("restrict")
     rows = [result_row(r, keys, cost) for r in results]
     return _frame(rows, list(keys))
 

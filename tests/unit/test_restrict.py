@@ -321,3 +321,12 @@ def test_sweep_over_presets(tmp_path):
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)["rows"]
     assert [r["restrict"] for r in rows] == ["same-domain:user-cgroup"] and rows[0]["exposed_merges"] == 0
+
+
+def test_results_table_names_the_preset_of_each_run(tmp_path):
+    from ksmtrace.sweep import results_table
+
+    tr = hand(tmp_path / "t", n=2)
+    runs = [replay(tr, "oracle"), replay(tr, "oracle", restrict="zero-pages")]
+    df = results_table(runs)
+    assert df["restrict"].to_list() == [None, "zero-pages"] and df["frames_saved_final"].to_list() == [7, 3]
