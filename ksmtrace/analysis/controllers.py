@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import polars as pl
 
-from ksmtrace.analysis.measures import MIB_PER_FRAME, cpu_pct, duration_s, finite, pct_of_oracle, time_to_oracle_share
+from ksmtrace.analysis.measures import MIB_PER_FRAME, cpu_pct, finite, pct_of_oracle, time_to_oracle_share
 from ksmtrace.errors import KsmtraceError
 from ksmtrace.progress import ProgressFn, make
 

@@ -30,7 +30,6 @@ in their RSS once per process.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
@@ -188,11 +187,6 @@ def format_kib(kib: int) -> str:
             v = kib / f
             return f"{v:g} {unit}" if v == int(v) else f"{v:,.1f} {unit}"
     return f"{kib} KiB"
-
-
-def replace_controller(ctl: Controller, **changes: Any) -> Controller:
-    """A copy of ``ctl`` with some of its parameters changed."""
-    return type(ctl)(dataclasses.replace(ctl.params, **changes))
 
 
 def describe_controller(ctl: Controller) -> dict[str, Any]:

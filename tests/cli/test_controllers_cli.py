@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from ksmtrace.cli import cli
 from tests.cli.test_answers import assert_defined, plain, strict  # noqa: F401  (plain: a fixture)
+from tests.unit.test_restrict import hand
 
 
 def run(args, ok=True):
@@ -87,3 +90,35 @@ def test_frontier_under_a_preset(plain, tmp_path):
     assert all(r["run_id"] not in {x["run_id"] for x in full["runs"]} for r in zero["runs"])
     r = run(["frontier", plain, "--policies", "ksm", "--grid", "coarse", "--restrict", "zero-pages"])
     assert "every run obeys the safe preset zero-pages" in r.output
+
+
+def test_presets_on_replay_compare_and_breakdown(tmp_path):
+    hand(tmp_path / "t", n=4)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["replay", str(tmp_path / "t"), "-P", "oracle", "--restrict", "same-domain", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["spec"]["restrict"] == "same-domain:user-cgroup" and out["summary"]["frames_saved_final"] == 3
+    res = runner.invoke(cli, ["replay", str(tmp_path / "t"), "-P", "oracle", "-p", "restrict=windows", "--json"])
+    assert json.loads(res.stdout)["summary"]["frames_saved_final"] == 5
+    res = runner.invoke(cli, ["replay", str(tmp_path / "t"), "-P", "oracle", "--restrict", "windows", "-p", "restrict=zero-pages"])
+    assert res.exit_code != 0 and res.stderr.strip().startswith("ksmtrace: error:") and "disagree" in res.stderr
+    res = runner.invoke(cli, ["replay", str(tmp_path / "t"), "--restrict", "same-dom"])
+    assert res.exit_code != 0 and len(res.stderr.strip().splitlines()) == 1 and "unknown restriction" in res.stderr
+    # compare: one policy under every preset, side by side
+    res = runner.invoke(cli, ["compare", str(tmp_path / "t"), "--policies", "oracle,ksm:pages_to_scan=50;sleep_millisecs=1",
+                              "--presets", "all", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["rows"]
+    by = {(r["policy"], r["restrict"]): r for r in rows}
+    assert by[("oracle", None)]["frames_saved_final"] == 7
+    assert by[("oracle", "same-domain:user-cgroup")]["frames_saved_final"] == 3
+    assert by[("oracle", "read-only")]["pct_of_unrestricted_oracle"] == pytest.approx(100 / 7, abs=0.1)
+    assert by[("ksm:pages_to_scan=50;sleep_millisecs=1", "same-domain:user-cgroup")]["exposed_merges"] == 0
+    assert by[("ksm:pages_to_scan=50;sleep_millisecs=1", None)]["exposed_merges"] > 0
+    res = runner.invoke(cli, ["compare", str(tmp_path / "t"), "--policies", "oracle", "--presets", "all"])
+    assert res.exit_code == 0 and "restrict" in res.stdout and "%unrestricted" in res.stdout
+    res = runner.invoke(cli, ["breakdown", str(tmp_path / "t"), "--json"])
+    row = json.loads(res.stdout)["rows"][0]
+    assert (row["same_domain_saved"], row["windows_saved"], row["same_process_saved"], row["read_only_saved"]) == (3, 5, 2, 1)
+    assert np.isclose(json.loads(res.stdout)["summary"]["pct_of_oracle"]["read_only_saved"], 100 / 7, atol=0.1)

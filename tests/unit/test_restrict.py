@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
@@ -273,38 +272,6 @@ def test_read_only_needs_vma_permissions(tmp_path):
     tr = make_trace(tmp_path / "t", [{(0, 1): "A", (1, 1): "A"}])
     with pytest.raises(KsmtraceError, match="needs the vmas table"):
         replay(tr, "oracle", restrict="read-only")
-
-
-def test_cli_restrict_on_replay_compare_and_breakdown(tmp_path):
-    hand(tmp_path / "t", n=4)
-    runner = CliRunner()
-    res = runner.invoke(cli, ["replay", str(tmp_path / "t"), "-P", "oracle", "--restrict", "same-domain", "--json"])
-    assert res.exit_code == 0, res.output
-    out = json.loads(res.stdout)
-    assert out["spec"]["restrict"] == "same-domain:user-cgroup" and out["summary"]["frames_saved_final"] == 3
-    res = runner.invoke(cli, ["replay", str(tmp_path / "t"), "-P", "oracle", "-p", "restrict=windows", "--json"])
-    assert json.loads(res.stdout)["summary"]["frames_saved_final"] == 5
-    res = runner.invoke(cli, ["replay", str(tmp_path / "t"), "-P", "oracle", "--restrict", "windows", "-p", "restrict=zero-pages"])
-    assert res.exit_code != 0 and res.stderr.strip().startswith("ksmtrace: error:") and "disagree" in res.stderr
-    res = runner.invoke(cli, ["replay", str(tmp_path / "t"), "--restrict", "same-dom"])
-    assert res.exit_code != 0 and len(res.stderr.strip().splitlines()) == 1 and "unknown restriction" in res.stderr
-    # compare: one policy under every preset, side by side
-    res = runner.invoke(cli, ["compare", str(tmp_path / "t"), "--policies", "oracle,ksm:pages_to_scan=50;sleep_millisecs=1",
-                              "--presets", "all", "--json"])
-    assert res.exit_code == 0, res.output
-    rows = json.loads(res.stdout)["rows"]
-    by = {(r["policy"], r["restrict"]): r for r in rows}
-    assert by[("oracle", None)]["frames_saved_final"] == 7
-    assert by[("oracle", "same-domain:user-cgroup")]["frames_saved_final"] == 3
-    assert by[("oracle", "read-only")]["pct_of_unrestricted_oracle"] == pytest.approx(100 / 7, abs=0.1)
-    assert by[("ksm:pages_to_scan=50;sleep_millisecs=1", "same-domain:user-cgroup")]["exposed_merges"] == 0
-    assert by[("ksm:pages_to_scan=50;sleep_millisecs=1", None)]["exposed_merges"] > 0
-    res = runner.invoke(cli, ["compare", str(tmp_path / "t"), "--policies", "oracle", "--presets", "all"])
-    assert res.exit_code == 0 and "restrict" in res.stdout and "%unrestricted" in res.stdout
-    res = runner.invoke(cli, ["breakdown", str(tmp_path / "t"), "--json"])
-    row = json.loads(res.stdout)["rows"][0]
-    assert (row["same_domain_saved"], row["windows_saved"], row["same_process_saved"], row["read_only_saved"]) == (3, 5, 2, 1)
-    assert np.isclose(json.loads(res.stdout)["summary"]["pct_of_oracle"]["read_only_saved"], 100 / 7, atol=0.1)
 
 
 def test_sweep_over_presets(tmp_path):
