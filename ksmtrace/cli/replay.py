@@ -147,7 +147,8 @@ def run_option_lines(res) -> list[str]:
         if refused:
             line += f"; {refused} writes refused by the kernel (see the result's log)"
         if c.get("snapshots_overcommitted"):
-            line += (f"; the traced processes use more than the stated host at {c['snapshots_overcommitted']} snapshots "
+            n = c["snapshots_overcommitted"]
+            line += (f"; the traced processes use more than the stated host at {n} snapshot{'s' if n != 1 else ''} "
                      "(free memory counted as 0)")
         out.append(line)
     return out
