@@ -20,6 +20,7 @@ import numba
 _JITTED = (
     "engine/state.py",
     "engine/clock.py",
+    "engine/cost.py",  # no numba, but its unit indices are compiled into every kernel
     "engine/jitutil.py",
     "trace/prepare.py",
     "engine/daemon.py",
@@ -27,6 +28,7 @@ _JITTED = (
     "policies/ksm/kernel.py",
     "policies/pksm/kernel.py",
     "policies/hashtable/kernel.py",
+    "policies/uksm/kernel.py",
     "lab/microbench.py",
 )
 

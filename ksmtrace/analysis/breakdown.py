@@ -188,7 +188,7 @@ def _preset_savings(trace, prep) -> dict:
 
     out = {}
     for col, preset in PRESET_COLUMNS.items():
-        if preset == "read-only" and (trace is None or not trace.has_table("vmas")):
+        if preset == "read-only" and prep.vmas is None:
             out[col] = None
             continue
         out[col] = oracle_saved(restrict_prepared(trace, prep, preset))

@@ -133,12 +133,15 @@ class Daemon(ParamsMixin):
     def charge(self, unit: str, n: int = 1) -> None:
         self.unit_counts[UNIT_INDEX[unit]] += n
 
-    def timed_batch(self, work: Callable[[], None], sleep_ms: int) -> None:
-        """One wake-up at ``self.t_wake``: charge it, run ``work()``, advance the clock."""
+    def timed_batch(self, work: Callable[[], int | None], sleep_ms: int) -> None:
+        """One wake-up at ``self.t_wake``: charge it, run ``work()``, advance the clock.  A daemon
+        whose batch decides its own sleep (UKSM's) returns it from ``work()`` (ms)."""
         self._batch_units = self.unit_counts.copy()
         self.now = self.t_wake
         self.charge("wakeups")
-        work()
+        decided = work()
+        if decided is not None:
+            sleep_ms = decided
         w = int(work_ns(self._batch_units, self.unit_counts, self.ctx.timing_ps))
         self.busy += w
         self.t_wake = int(next_wake(self.t_wake + w, sleep_ms, self.ctx.hz))

@@ -161,6 +161,7 @@ def trace_info(trace: Trace | str | os.PathLike, scope: str = "anon", cache: boo
             "ground_truth_samples": gt_samples,
             "sample_hash": tr.has_sample_hash,
             "prefix_hashes": tr.has_prefix_hashes,
+            "sample_strengths": tr.has_sample_strengths,
             "contents": contents_rows > 0,
             "contents_rows": contents_rows,
         },

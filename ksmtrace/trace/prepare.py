@@ -23,9 +23,15 @@ What this computes, and the rules it applies (also in ``docs/replay-semantics.md
 * **baselines** per snapshot: candidate pages, frames with no dedup, the oracle's frames (distinct
   non-zero contents: perfect dedup with zero pages mapped to the zero page), and the hash-only
   duplicate count that naive studies quote.
+* **fingerprints** per event, when captured: the sampled hash at strength 64 (``ev_sample``) and at
+  every strength of ``schema.SAMPLE_STRENGTHS`` (``ev_strength``, format version 2).
+* **VMAs** per snapshot (``vmas``, when the trace has the table): every VMA of a known process, in
+  (process, start) order, in pages, with its ``V_*`` flags and its smaps VmFlags as a bit set
+  (:data:`VMFLAG_BITS`) -- what a policy that walks VMAs (``uksm``) needs.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import pickle
@@ -51,7 +57,34 @@ EV_WRITE = 4
 EV_THP = 5
 EVENT_NAMES = {EV_APPEAR: "appear", EV_GONE: "gone", EV_UNMERGE: "unmerge", EV_WRITE: "write", EV_THP: "thp"}
 
-_PREP_VERSION = 9
+_PREP_VERSION = "10-strengths-vmas-procid"  # (a string: other branches' versions differ and share the cache directory)
+
+#: smaps VmFlags mnemonics (fs/proc/task_mmu.c show_smap_vma_flags) -> bit of ``VmaTable.vmflags``
+VMFLAG_BITS = {name: i for i, name in enumerate(
+    "rd wr ex sh mr mw me ms gd pf dw lo io sr rr dc de ac nr ht sf nl ar wf dd sd mm hg nh mg bt mt um uw ss sl".split())}
+
+
+def vmflag_mask(names: str) -> int:
+    """The bit set of a space-separated list of VmFlags mnemonics (unknown ones are ignored)."""
+    m = 0
+    for n in names.split():
+        b = VMFLAG_BITS.get(n)
+        if b is not None:
+            m |= 1 << b
+    return m
+
+
+@dataclass
+class VmaTable:
+    """The VMAs of every snapshot: rows of snapshot ``s`` are ``[off[s], off[s+1])``, sorted by
+    (process, start); addresses in pages; ``proc`` is the dense process index of ``Prepared``."""
+
+    off: np.ndarray  # int64 [n_snaps + 1]
+    proc: np.ndarray  # int32
+    start: np.ndarray  # int64 (vpn)
+    end: np.ndarray  # int64 (vpn, exclusive)
+    flags: np.ndarray  # uint32 (schema V_* bits)
+    vmflags: np.ndarray  # int64 (VMFLAG_BITS bit set)
 
 
 @dataclass
@@ -92,6 +125,8 @@ class Prepared:
     zero_page_mapped: np.ndarray  # int64 [n_snaps] pages in scope mapping the shared zero page
     hash_dup_pages: np.ndarray  # int64 [n_snaps] present pages minus distinct hashes (naive count)
     extras: dict[str, Any] = field(default_factory=dict)
+    ev_strength: np.ndarray | None = None  # uint32 [n_events, len(SAMPLE_STRENGTHS)] when captured
+    vmas: VmaTable | None = None  # the vmas table, when the trace has one
 
     @property
     def n_snaps(self) -> int:
@@ -131,7 +166,8 @@ def prepare(trace, scope: str = "recorded", cache: bool = True) -> Prepared:
         try:
             with open(path, "rb") as fh:
                 prep = pickle.load(fh)
-            if isinstance(prep, Prepared) and prep.trace_fingerprint == trace.fingerprint:
+            if (isinstance(prep, Prepared) and prep.trace_fingerprint == trace.fingerprint
+                    and all(f.name in prep.__dict__ for f in dataclasses.fields(Prepared))):  # (not an older layout)
                 return prep
         except Exception:  # a stale or foreign cache file is simply rebuilt
             pass
@@ -229,6 +265,8 @@ def _prepare(trace, scope: str) -> Prepared:
     has_sample = trace.has_sample_hash
     if has_sample:
         cols.append("sample")
+    strength_cols = [S.strength_column(x) for x in S.SAMPLE_STRENGTHS] if trace.has_sample_strengths else []
+    cols += [c for c in strength_cols if c not in cols]
     rows = trace.read_table("pages", columns=cols)
     op = rows["op"].to_numpy()
     keep_rows = op != S.OP_SAME
@@ -391,6 +429,9 @@ def _prepare(trace, scope: str) -> Prepared:
     sample = None
     if has_sample:
         sample = col("sample").astype(np.uint32)[sel]
+    strength = None
+    if strength_cols:
+        strength = np.stack([col(c).astype(np.uint32)[sel] for c in strength_cols], axis=1)
 
     prep = Prepared(
         scope=scope,
@@ -426,10 +467,35 @@ def _prepare(trace, scope: str) -> Prepared:
         zero_filled=np.zeros(n_snaps, dtype=np.int64),
         zero_page_mapped=zpm,
         hash_dup_pages=np.zeros(n_snaps, dtype=np.int64),
+        ev_strength=strength,
+        vmas=_vma_table(trace, proc_map, n_snaps),
     )
     _registration(prep, procs, row_proc, cand, snap, n_snaps, scope)
     _baselines(prep)
     return prep
+
+
+def _vma_table(trace, proc_map: np.ndarray, n_snaps: int) -> VmaTable | None:
+    """The vmas table as arrays (None if the trace has none); VMAs of unknown processes dropped."""
+    if not trace.has_table("vmas"):
+        return None
+    v = trace.read_table("vmas", columns=["snap", "proc", "start", "end", "flags", "vmflags"])
+    if v.height == 0:
+        return None
+    tp = v["proc"].to_numpy().astype(np.int64)
+    known = tp < len(proc_map)
+    dense = np.full(len(tp), -1, np.int64)
+    dense[known] = proc_map[tp[known]]
+    v = v.with_columns(pl.Series("dproc", dense)).filter(pl.col("dproc") >= 0).sort("snap", "dproc", "start")
+    masks = {m: vmflag_mask(m) for m in v["vmflags"].unique().to_list()}
+    return VmaTable(
+        off=np.searchsorted(v["snap"].to_numpy().astype(np.int64), np.arange(n_snaps + 1)).astype(np.int64),
+        proc=v["dproc"].to_numpy().astype(np.int32),
+        start=(v["start"].to_numpy().astype(np.int64) >> 12),
+        end=((v["end"].to_numpy().astype(np.int64) + S.PAGE_SIZE - 1) >> 12),
+        flags=v["flags"].to_numpy().astype(np.uint32),
+        vmflags=np.array([masks[m] for m in v["vmflags"].to_list()], dtype=np.int64),
+    )
 
 
 def _process_table(trace, rows: pl.DataFrame) -> pl.DataFrame:

@@ -69,11 +69,14 @@ class Trace:
         if not isinstance(manifest, dict) or manifest.get("format") != schema.FORMAT_NAME:
             raise TraceError(f"{mpath}: not a ksmtrace manifest (format is {manifest.get('format') if isinstance(manifest, dict) else None!r})")
         version = manifest.get("format_version")
-        if version != schema.FORMAT_VERSION:
+        if version not in schema.READ_VERSIONS or isinstance(version, bool):
             raise TraceVersionError(
                 f"{mpath}: trace format version {version!r} is not supported "
-                f"(this ksmtrace reads version {schema.FORMAT_VERSION})"
+                f"(this ksmtrace reads versions {', '.join(map(str, schema.READ_VERSIONS))})"
             )
+        cols = tuple(manifest.get("pages_columns") or schema.PAGES_SCHEMA.names)
+        if cols not in schema.pages_layouts(version):
+            raise TraceError(f"{mpath}: 'pages_columns' {list(cols)} is not a pages layout of format version {version}")
         self.manifest: dict[str, Any] = manifest
         self.snapshots: list[dict[str, Any]] = self._read_log()
         if not self.snapshots:
@@ -209,6 +212,11 @@ class Trace:
     @property
     def has_prefix_hashes(self) -> bool:
         return all(f.name in self.pages_columns for f in schema.PREFIX_FIELDS)
+
+    @property
+    def has_sample_strengths(self) -> bool:
+        """The sampled hash at every strength of ``schema.SAMPLE_STRENGTHS`` (format version 2)."""
+        return all(f.name in self.pages_columns for f in schema.STRENGTH_FIELDS)
 
     def check(self) -> None:
         """Open every committed file once (raises TraceError on the first bad one)."""

@@ -27,8 +27,9 @@ and the oracle under a preset is the bound for that preset.  The presets (``REST
     little less than Windows would.  ``exposed_merges`` under it counts only all-zero pages merged into
     a shared frame (a policy that maps them to the kernel's zero page exposes none).
 ``read-only``
-    only pages of VMAs without write permission (``perms`` of the trace's vmas table, e.g. RELRO and
-    ``mprotect``-ed data) are merged — with any other such page; a page that cannot be written
+    only pages of VMAs without write permission (VmFlags ``wr`` — ``VM_WRITE``, the ``w`` of
+    ``perms`` — in the trace's vmas table, e.g. RELRO and ``mprotect``-ed data) are merged — with any
+    other such page; a page that cannot be written
     cannot be COW-broken, so its merge cannot be timed by writing to it.  The permission is the one
     at the page's arrival (its ``APPEAR`` or ``WRITE`` snapshot); a page with no VMA in the table is
     treated as writable.
@@ -72,7 +73,8 @@ from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decor
 from numba import njit
 
 from ksmtrace.errors import KsmtraceError
-from ksmtrace.trace.prepare import EV_APPEAR, EV_GONE, EV_THP, EV_UNMERGE, EV_WRITE, Prepared, _baseline_counts, _dense, _dense2
+from ksmtrace.trace.prepare import (EV_APPEAR, EV_GONE, EV_THP, EV_UNMERGE, EV_WRITE, Prepared, _baseline_counts, _dense,
+                                    _dense2, vmflag_mask)
 
 PRESETS = {
     "zero-pages": "only all-zero pages are merged",
@@ -133,8 +135,8 @@ def parse_restriction(text: Any) -> Restriction | None:
 # --- the transform ------------------------------------------------------------------------------
 def restrict_prepared(trace, prep: Prepared, restriction: "Restriction | str | None") -> Prepared:
     """``prep`` with its content ids rewritten for ``restriction`` (see the module docstring);
-    ``prep`` itself when there is none.  ``trace`` supplies the processes' uid and cgroup and the
-    VMAs' permissions (None will do for the ``user-cgroup`` and ``process`` domains)."""
+    ``prep`` itself when there is none.  ``trace`` supplies the processes' uid and cgroup (None will
+    do for the other presets and the ``user-cgroup`` and ``process`` domains)."""
     r = parse_restriction(restriction)
     if r is None:
         return prep
@@ -236,26 +238,27 @@ def domain_of(trace, prep: Prepared, domain: str) -> np.ndarray:
 
 
 def _writable(trace, prep: Prepared, arrive: np.ndarray) -> np.ndarray:
-    """For each arrival event: is the page's VMA writable at the event's snapshot (or unknown)?"""
-    if not trace.has_table("vmas"):
-        raise KsmtraceError(f"{trace.path}: the read-only preset needs the vmas table (VMA permissions); "
-                            "this trace has none")
-    v = trace.read_table("vmas", columns=["snap", "proc", "start", "end", "perms"])
+    """For each arrival event: is the page's VMA writable (VmFlags ``wr``: ``VM_WRITE``) at the event's
+    snapshot, or unknown?  From the prepared trace's VMAs (``Prepared.vmas``)."""
+    v = prep.vmas
+    if v is None:
+        where = getattr(trace, "path", "the trace")
+        raise KsmtraceError(f"{where}: the read-only preset needs the vmas table (VMA permissions); this trace has none")
     out = np.ones(len(arrive), dtype=bool)  # no VMA found: writable
-    if v.height == 0 or len(arrive) == 0:
+    if len(v.proc) == 0 or len(arrive) == 0:
         return out
     pg = prep.ev_pg[arrive].astype(np.int64)
     ev = pl.DataFrame({
         "i": np.arange(len(arrive), dtype=np.int64),
         "snap": (np.searchsorted(prep.off, arrive, side="right") - 1).astype(np.int64),
-        "proc": prep.proc_id[prep.page_proc[pg]].astype(np.int64),
+        "proc": prep.page_proc[pg].astype(np.int64),
         "vpn": prep.page_vpn[pg].astype(np.int64),
     }).sort("vpn")
-    v = v.select(pl.col("snap").cast(pl.Int64), pl.col("proc").cast(pl.Int64),
-                 (pl.col("start") // 4096).cast(pl.Int64).alias("lo"), (pl.col("end") // 4096).cast(pl.Int64).alias("hi"),
-                 (pl.col("perms").str.slice(1, 1) == "w").alias("w")).sort("lo")
-    j = ev.join_asof(v, left_on="vpn", right_on="lo", by=["snap", "proc"], strategy="backward",
-                     check_sortedness=False)  # sorted by vpn overall, so within every group
+    vs = np.repeat(np.arange(len(v.off) - 1, dtype=np.int64), np.diff(v.off))
+    vt = pl.DataFrame({"snap": vs, "proc": v.proc.astype(np.int64), "lo": v.start, "hi": v.end,
+                       "w": (v.vmflags & vmflag_mask("wr")) != 0}).sort("lo")
+    j = ev.join_asof(vt, left_on="vpn", right_on="lo", by=["snap", "proc"], strategy="backward",
+                     check_sortedness=False)  # sorted by address overall, so within every group
     inside = j.filter(pl.col("hi").is_not_null() & (pl.col("vpn") < pl.col("hi")))
     out[inside["i"].to_numpy()] = inside["w"].to_numpy()
     return out

@@ -24,7 +24,10 @@ from __future__ import annotations
 import pyarrow as pa
 
 FORMAT_NAME = "ksmtrace-trace"
-FORMAT_VERSION = 1
+#: the version this ksmtrace writes.  Version 2 added the optional sampled-hash strength columns
+#: (``STRENGTH_FIELDS``); a version-1 trace is a version-2 trace without them, so both are read.
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PAGE_SIZE = 4096
 
@@ -107,6 +110,20 @@ PAGES_SCHEMA = pa.schema(
 SAMPLE_FIELD = pa.field("sample", pa.uint32(), nullable=False)
 PREFIX_LENGTHS = (64, 256, 1024)
 PREFIX_FIELDS = [pa.field(f"pfx{n}", pa.uint32(), nullable=False) for n in PREFIX_LENGTHS]
+# optional (format version 2): the sampled hash at several strengths of the SAME word permutation
+# as ``sample`` -- the PKSM/UKSM hash state after the first s permuted words, s in SAMPLE_STRENGTHS.
+# ``sample`` is strength 64, so the trace holds one column per strength: sample8, sample16,
+# sample32, sample (64), sample128, sample256, sample512, sample1024.
+SAMPLE_WORDS = 64
+SAMPLE_STRENGTHS = (8, 16, 32, 64, 128, 256, 512, 1024)
+STRENGTH_FIELDS = [pa.field(f"sample{n}", pa.uint32(), nullable=False) for n in SAMPLE_STRENGTHS if n != SAMPLE_WORDS]
+
+
+def strength_column(strength: int) -> str:
+    """The pages column holding the sampled hash at ``strength`` words."""
+    if strength not in SAMPLE_STRENGTHS:
+        raise ValueError(f"no column for strength {strength} (strengths: {SAMPLE_STRENGTHS})")
+    return "sample" if strength == SAMPLE_WORDS else f"sample{strength}"
 
 VMAS_SCHEMA = pa.schema(
     [
@@ -221,14 +238,31 @@ SCHEMAS = {
 }
 
 
-def pages_schema(sample: bool = False, prefixes: bool = False) -> pa.Schema:
-    """The pages schema with the optional fingerprint columns."""
+def pages_schema(sample: bool = False, prefixes: bool = False, strengths: bool = False) -> pa.Schema:
+    """The pages schema with the optional fingerprint columns (``strengths`` implies ``sample``)."""
     fields = list(PAGES_SCHEMA)
-    if sample:
+    if sample or strengths:
         fields.append(SAMPLE_FIELD)
     if prefixes:
         fields.extend(PREFIX_FIELDS)
+    if strengths:
+        fields.extend(STRENGTH_FIELDS)
     return pa.schema(fields)
+
+
+def pages_schema_for(columns) -> pa.Schema:
+    """The pages schema of a trace whose manifest lists ``columns`` (its optional columns kept)."""
+    cols = set(columns)
+    return pages_schema(sample="sample" in cols, prefixes=all(f.name in cols for f in PREFIX_FIELDS),
+                        strengths=all(f.name in cols for f in STRENGTH_FIELDS))
+
+
+def pages_layouts(version: int = FORMAT_VERSION) -> tuple[tuple[str, ...], ...]:
+    """Every pages column layout a trace of format ``version`` may have."""
+    combos = [(a, b, False) for a in (False, True) for b in (False, True)]
+    if version >= 2:
+        combos += [(True, b, True) for b in (False, True)]
+    return tuple(tuple(pages_schema(*c).names) for c in combos)
 
 
 # Parquet writer settings per table (measured in ../shared/reference/limits.md: zstd, DELTA on vpn,
