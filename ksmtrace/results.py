@@ -132,6 +132,10 @@ class RunResult:
         for k in self.spec.get("kernel_counters", []):
             if k in last and last[k] is not None:
                 s[k] = int(last[k])
+        if "unrestricted_oracle_saved" in t.columns:  # a run under a safe preset (ksmtrace.trace.restrict)
+            u = float(t["unrestricted_oracle_saved"].mean()) if t.height else 0.0
+            s["unrestricted_oracle_saved_mean"] = u
+            s["fraction_of_unrestricted_oracle_mean"] = _ratio(saved_mean, u)
         return s
 
     # --- files ---------------------------------------------------------------------------------

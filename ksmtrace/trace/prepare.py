@@ -62,7 +62,7 @@ EV_WRITE = 4
 EV_THP = 5
 EVENT_NAMES = {EV_APPEAR: "appear", EV_GONE: "gone", EV_UNMERGE: "unmerge", EV_WRITE: "write", EV_THP: "thp"}
 
-_PREP_VERSION = "9-strengths-vmas"  # (a string: other branches' versions differ and share the cache directory)
+_PREP_VERSION = "10-strengths-vmas-procid"  # (a string: other branches' versions differ and share the cache directory)
 
 #: smaps VmFlags mnemonics (fs/proc/task_mmu.c show_smap_vma_flags) -> bit of ``VmaTable.vmflags``
 VMFLAG_BITS = {name: i for i, name in enumerate(
@@ -104,6 +104,7 @@ class Prepared:
     page_vpn: np.ndarray  # int64 [n_pages]
     n_procs: int
     proc_pid: np.ndarray  # int64 [n_procs]
+    proc_id: np.ndarray  # int64 [n_procs]: the trace's process id (``proc`` column of its tables)
     proc_comm: list[str]
     proc_domain: np.ndarray  # int32 [n_procs] security domain id (uid+cgroup)
     proc_first_snap: np.ndarray  # int32: first snapshot the process is seen in
@@ -507,6 +508,7 @@ def _prepare(trace, scope: str) -> Prepared:
         page_vpn=page_vpn,
         n_procs=n_procs,
         proc_pid=procs["pid"].to_numpy().astype(np.int64),
+        proc_id=proc_ids,
         proc_comm=procs["comm"].to_list(),
         proc_domain=procs["domain"].to_numpy().astype(np.int32),
         proc_first_snap=procs["first_snap"].fill_null(0).to_numpy().astype(np.int32),
