@@ -96,20 +96,13 @@ class RunRecord:
 # ---------------------------------------------------------------------------------------------
 def _sched(pid: int | None) -> dict[str, int] | None:
     """ksmd's scheduler statistics: run and run-queue wait time (ns), timeslices, switches."""
-    if pid is None:
+    from ksmtrace_tracers import ksmsysfs, procinfo
+
+    st = ksmsysfs.schedstat(pid)
+    if st is None:
         return None
-    try:
-        run, wait, slices = (int(x) for x in Path(f"/proc/{pid}/schedstat").read_text().split()[:3])
-    except (OSError, ValueError):
-        return None
-    out = {"run_ns": run, "wait_ns": wait, "timeslices": slices}
-    try:
-        for line in Path(f"/proc/{pid}/sched").read_text().splitlines():
-            if "nr_voluntary_switches" in line or "nr_involuntary_switches" in line:
-                k, _, v = line.partition(":")
-                out[k.strip()] = int(v)
-    except (OSError, ValueError):
-        pass
+    out = {"run_ns": st[0], "wait_ns": st[1], "timeslices": st[2]}
+    out.update(procinfo.read_switches(pid) or {})
     return out
 
 

@@ -43,6 +43,7 @@ from ksmtrace.trace import schema as S
 from ksmtrace.trace.writer import TraceWriter, default_host_facts, dir_bytes
 from ksmtrace_tracers import TRACER_NAME, TRACER_VERSION
 from ksmtrace_tracers import groundtruth as GT
+from ksmtrace_tracers import ksmsysfs
 from ksmtrace_tracers import pagemap as PM
 from ksmtrace_tracers import procinfo as P
 from ksmtrace_tracers.hashing import PageHasher, key_fingerprint, load_or_create_key, new_key
@@ -145,7 +146,7 @@ def host_capabilities() -> dict[str, Any]:
         "pfn_readable": PM.pfn_readable(),
         "kpageflags_readable": kpf.readable,
         "soft_dirty": PM.soft_dirty_available(),
-        "ksm_available": GT.ksm_available(),
+        "ksm_available": ksmsysfs.available(),
     }
     kpf.close()
     return caps
@@ -211,7 +212,7 @@ class Capture:
         self.zero_pfn = PM.zero_pfn() if self.pfn_readable else None
         self.sd_available = PM.soft_dirty_available()
         self.sd_enabled = self.sd_available and opts.soft_dirty
-        self.ksm_available = GT.ksm_available()
+        self.ksm_available = ksmsysfs.available()
         self.gt_enabled = self.ksm_available and opts.ground_truth
 
         # the key: never stored; the manifest keeps its fingerprint only
@@ -253,7 +254,7 @@ class Capture:
             kpageflags_readable=self.kpf.readable,
             soft_dirty=self.sd_available,
             ksm_available=self.ksm_available,
-            ksm=GT.read_ksm_files() if self.ksm_available else None,
+            ksm=ksmsysfs.read_files() if self.ksm_available else None,
         )
         capture = {
             "scope": opts.scope,

@@ -9,85 +9,12 @@ committed.  Per-process ``/proc/PID/ksm_stat`` is read by the capture loop.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Any
 
 from ksmtrace.trace.schema import KSM_COUNTERS
-
-KSM_DIR = "/sys/kernel/mm/ksm"
-
-
-def ksm_available() -> bool:
-    return os.path.isdir(KSM_DIR)
-
-
-def _parse(name: str, text: str) -> int | str:
-    text = text.strip()
-    if "[" in text:  # "[none] scan-time": the selected choice
-        lb, rb = text.find("["), text.find("]")
-        return text[lb + 1 : rb]
-    try:
-        return int(text)
-    except ValueError:
-        return text
-
-
-def read_ksm_files() -> dict[str, int | str]:
-    """Every readable file of /sys/kernel/mm/ksm (numbers as int, choices as the selected one)."""
-    out: dict[str, int | str] = {}
-    try:
-        names = sorted(os.listdir(KSM_DIR))
-    except OSError:
-        return out
-    for name in names:
-        try:
-            with open(os.path.join(KSM_DIR, name)) as f:
-                out[name] = _parse(name, f.read())
-        except OSError:
-            continue
-    return out
-
-
-def read_vmstat(keys: tuple[str, ...] = ("cow_ksm", "ksm_swpin_copy")) -> dict[str, int | None]:
-    out: dict[str, int | None] = {k: None for k in keys}
-    try:
-        with open("/proc/vmstat") as f:
-            for line in f:
-                k, _, v = line.partition(" ")
-                if k in out:
-                    out[k] = int(v)
-    except OSError:
-        pass
-    return out
-
-
-def find_ksmd() -> int | None:
-    """pid of the ``ksmd`` kernel thread (a child of kthreadd, pid 2)."""
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        if data[data.index(b"(") + 1 : data.rindex(b")")] == b"ksmd":
-            fields = data[data.rindex(b")") + 2 :].split()
-            if int(fields[1]) == 2:
-                return int(name)
-    return None
-
-
-def ksmd_cpu_ns(pid: int | None) -> int | None:
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/schedstat") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
+from ksmtrace_tracers import ksmsysfs
 
 
 class KsmSampler:
@@ -95,7 +22,7 @@ class KsmSampler:
 
     def __init__(self, interval: float | None = None) -> None:
         self.interval = interval
-        self.ksmd = find_ksmd()
+        self.ksmd = ksmsysfs.ksmd_pid()
         self._pending: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -103,15 +30,16 @@ class KsmSampler:
 
     def sample(self) -> dict[str, Any]:
         t = time.monotonic_ns()
-        files = read_ksm_files()
+        files = ksmsysfs.read_files()
         row: dict[str, Any] = {"t_ns": t, "advisor_mode": files.get("advisor_mode")}
         if not isinstance(row["advisor_mode"], str):
             row["advisor_mode"] = None
         for name in KSM_COUNTERS:
             v = files.get(name)
             row[name] = v if isinstance(v, int) else None
-        row.update(read_vmstat())
-        row["ksmd_cpu_ns"] = ksmd_cpu_ns(self.ksmd)
+        row.update(ksmsysfs.vmstat())
+        sched = ksmsysfs.schedstat(self.ksmd)
+        row["ksmd_cpu_ns"] = sched[0] if sched else None
         return row
 
     def start(self) -> None:

@@ -133,6 +133,25 @@ def read_ksm_stat(pid: int) -> dict | None:
     return out
 
 
+def read_switches(pid: int) -> dict[str, int] | None:
+    """``nr_voluntary_switches`` and ``nr_involuntary_switches`` from /proc/PID/sched."""
+    try:
+        with open(f"/proc/{pid}/sched", "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        k = k.strip()
+        if k in ("nr_voluntary_switches", "nr_involuntary_switches"):
+            try:
+                out[k] = int(v)
+            except ValueError:
+                continue
+    return out
+
+
 def list_pids() -> list[int]:
     """Every pid in /proc (processes, not threads)."""
     return sorted(int(n) for n in os.listdir("/proc") if n.isdigit())
