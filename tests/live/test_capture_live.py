@@ -16,7 +16,7 @@ from ksmtrace.trace import schema as S
 from ksmtrace.trace.info import trace_info
 from ksmtrace.trace.reader import open_trace
 from ksmtrace.lab.workloads import KnownLayout
-from ksmtrace_tracers import capture as C
+from ksmtrace_tracers import procfs_reader as C
 from ksmtrace_tracers import hashing as H
 from ksmtrace_tracers.capture import Capture, CaptureOptions, run_capture
 from ksmtrace_tracers.targets import TargetSpec
@@ -400,7 +400,7 @@ def test_scopes_anon_and_all(tmp_path):
 
 def test_soft_dirty_fallback_and_enabled_path(tmp_path, monkeypatch):
     calls: list[int] = []
-    monkeypatch.setattr(C, "_clear_soft_dirty", lambda pid: calls.append(pid))
+    monkeypatch.setattr(C, "clear_soft_dirty", lambda pid: calls.append(pid))
     with Target(random_pages=16, zero_pages=0) as t:
         real = C.PM.soft_dirty_available()
         with Capture(tmp_path / "fallback", t.pid, CaptureOptions()) as cap:

@@ -14,7 +14,7 @@ from ksmtrace.errors import CaptureError, TargetError
 from ksmtrace.trace import schema as S
 from ksmtrace_tracers import hashing as H
 from ksmtrace_tracers import pagemap as PM
-from ksmtrace_tracers.capture import _delta
+from ksmtrace_tracers.procfs_reader import page_delta as _delta, vanished
 from ksmtrace_tracers.procmaps import classify, parse_smaps
 from ksmtrace_tracers.targets import TargetSet, TargetSpec
 
@@ -277,8 +277,6 @@ def test_target_spec_forms():
 
 def test_vanished_pages_are_dropped_not_failed():
     """A page whose read failed because it was unmapped meanwhile is no longer there."""
-    from ksmtrace_tracers.capture import Capture
-
     m = mmap.mmap(-1, 4 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     m2 = mmap.mmap(-1, 4 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     for mm in (m, m2):
@@ -288,7 +286,7 @@ def test_vanished_pages_are_dropped_not_failed():
     vpn = np.array(sorted([a, a + 1, b, b + 1]), np.uint64)
     m2.close()  # unmapped "mid-read"
     failed = np.ones(4, bool)
-    drop = Capture._vanished(os.getpid(), vpn, failed)
+    drop = vanished(os.getpid(), vpn, failed)
     gone = {b, b + 1}
     assert drop.tolist() == [int(v) in gone for v in vpn]
     m.close()

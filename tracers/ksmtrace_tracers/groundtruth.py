@@ -13,8 +13,11 @@ import threading
 import time
 from typing import Any
 
-from ksmtrace.trace.schema import KSM_COUNTERS
+import pyarrow as pa
+
+from ksmtrace.trace.schema import KSM_COUNTERS, KSM_SCHEMA
 from ksmtrace_tracers import ksmsysfs
+from ksmtrace_tracers.session import RecorderBase, SnapshotContext
 
 
 class KsmSampler:
@@ -74,3 +77,38 @@ class KsmSampler:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+
+class GroundTruth(RecorderBase):
+    """The recorder of the ``ksm`` table: a sample at the start of every snapshot, one right after
+    its read window (the counters that go with the pages just read), and the background samples
+    taken in between; a discarded snapshot hands its samples to the next one."""
+
+    name = "ground_truth"
+
+    def __init__(self, interval: float | None = None) -> None:
+        self.sampler = KsmSampler(interval)
+        self._rows: list[dict[str, Any]] = []
+
+    def manifest(self) -> dict[str, dict[str, Any]]:
+        return {"capture": {"ground_truth": True, "ksm_sample_interval_s": self.sampler.interval}}
+
+    def start(self, session) -> None:
+        self.sampler.start()
+
+    def begin(self, ctx: SnapshotContext) -> None:
+        self.sampler.add(self.sampler.sample())
+
+    def end(self, ctx: SnapshotContext) -> dict[str, pa.Table]:
+        self.sampler.add(self.sampler.sample())
+        self._rows = self.sampler.take()
+        return {"ksm": pa.Table.from_pylist([dict(r, snap=ctx.snap) for r in self._rows], schema=KSM_SCHEMA)}
+
+    def commit(self, ctx: SnapshotContext, ok: bool) -> None:
+        if not ok:
+            self.sampler.give_back(self._rows)
+        self._rows = []
+
+    def close(self) -> dict[str, Any]:
+        self.sampler.stop()
+        return {}
