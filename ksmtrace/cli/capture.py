@@ -7,7 +7,7 @@ import sys
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import emit_json, json_option, kv_lines, quiet_option
+from ksmtrace.cli._options import emit_json, json_option, kv_lines, note, quiet_option
 from ksmtrace.progress import Progress
 from ksmtrace.tracer import load_tracer
 
@@ -24,7 +24,9 @@ from ksmtrace.tracer import load_tracer
 @click.option("--count", type=int, default=None, help="Stop after this many snapshots (with --duration: whichever comes first).")
 @click.option("--scope", type=click.Choice(["mergeable", "anon", "all"]), default="anon", show_default=True,
               help="mergeable: VMAs marked mergeable (what KSM scans); anon: every private anonymous page; all: file pages too.")
-@click.option("--freeze", is_flag=True, help="Stop the targets (SIGSTOP or cgroup.freeze) while a snapshot is read; always resumed, even if ksmtrace dies.")
+@click.option("--freeze", is_flag=True, help="Stop the targets (SIGSTOP or cgroup.freeze) while a snapshot is read; always resumed, even if ksmtrace dies. "
+              "Refuses ksmtrace's ancestors, session leaders, init/systemd, sshd and other users' processes; refused with --all.")
+@click.option("--freeze-unsafe", is_flag=True, help="With --freeze: stop even the processes --freeze refuses (not with --all).")
 @click.option("--fingerprints", is_flag=True, help="Also record a PKSM-style sampled hash and 64/256/1024-byte prefix hashes per page.")
 @click.option("--contents", is_flag=True, help="Also store page contents (each distinct content once, zstd). Off by default: contents are private.")
 @click.option("--hash-key", type=click.Path(dir_okay=False), default=None, help="Key file shared across captures/hosts (created, 0600, if missing). Default: a random key per capture, never stored.")
@@ -37,7 +39,7 @@ from ksmtrace.tracer import load_tracer
 @json_option
 @quiet_option
 @click.pass_context
-def capture(ctx, output, pids, names, trees, cgroups, all_, interval, duration, count, scope, freeze, fingerprints,
+def capture(ctx, output, pids, names, trees, cgroups, all_, interval, duration, count, scope, freeze, freeze_unsafe, fingerprints,
             contents, hash_key, keyframe_every, ksm_sample_interval, no_soft_dirty, no_ground_truth, workers,
             tracer_name, as_json, quiet):
     """Snapshot the memory of live processes into a delta-encoded Parquet trace.
@@ -64,6 +66,7 @@ def capture(ctx, output, pids, names, trees, cgroups, all_, interval, duration, 
         count=count,
         scope=scope,
         freeze=freeze,
+        freeze_unsafe=freeze_unsafe,
         fingerprints=fingerprints,
         contents=contents,
         hash_key=hash_key,
@@ -73,6 +76,7 @@ def capture(ctx, output, pids, names, trees, cgroups, all_, interval, duration, 
         ground_truth=not no_ground_truth,
         workers=workers,
         command_line=["ksmtrace"] + sys.argv[1:],
+        notify=lambda text: note(f"ksmtrace: note: {text}", quiet),
     )
     prog = Progress("capture", quiet=quiet)
     try:

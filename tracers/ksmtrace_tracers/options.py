@@ -25,6 +25,7 @@ class CaptureOptions:
     count: int | None = None  # run_capture: stop after this many snapshots
     keyframe_every: int = 0
     freeze: bool = False
+    freeze_unsafe: bool = False  # also stop ancestors, session leaders, init, sshd, other users' processes
     command_line: list[str] | None = None
     hold_frozen_s: float = 0.0  # test hook: stay frozen this long after reading (env KSMTRACE_TEST_HOLD_FROZEN)
     notify: Callable[[str], None] | None = None  # where notes go (default: "ksmtrace: note: ..." on stderr)
@@ -54,5 +55,7 @@ class CaptureOptions:
             raise CaptureError(f"--keyframe-every must be >= 0 (got {self.keyframe_every})")
         if self.ksm_sample_interval is not None and not (self.ksm_sample_interval > 0):
             raise CaptureError(f"--ksm-sample-interval must be > 0 (got {self.ksm_sample_interval})")
+        if self.freeze_unsafe and not self.freeze:
+            raise CaptureError("--freeze-unsafe only makes sense with --freeze")
         if self.workers < 0:
             raise CaptureError(f"--workers must be >= 0 (got {self.workers})")

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ksmtrace.errors import TargetError
 from ksmtrace.trace import delta as D
 from ksmtrace.trace import schema as S
 from ksmtrace_tracers import ksmsysfs
@@ -162,6 +163,29 @@ class ProcfsReader(RecorderBase):
             }
             capture["prefix_lengths"] = list(S.PREFIX_LENGTHS)
         return {"host": host, "capture": capture}
+
+    def check_targets(self, members: list[Member], session) -> None:
+        """A target whose memory cannot be read is an error naming it when it was asked for by pid
+        (--pid, --tree), or when no target can be read at all; otherwise a note (it is recorded
+        with state ``denied`` and no pages)."""
+        spec = session.spec
+        denied = []
+        for m in members:
+            why = unreadable(m.pid)
+            if why is None:
+                continue
+            if m.pid in spec.pids or m.pid in spec.trees:
+                opt = "--pid" if m.pid in spec.pids else "--tree"
+                raise TargetError(f"{opt} {m.pid}: cannot read the memory of {m.comm}: {why}")
+            denied.append((m, why))
+        if denied and len(denied) == len(members):
+            m, why = denied[0]
+            more = f" and {len(denied) - 1} more" if len(denied) > 1 else ""
+            raise TargetError(f"cannot read the memory of any target: pid {m.pid} ({m.comm}){more}: {why}")
+        if denied:
+            pids = ", ".join(str(m.pid) for m, _ in denied[:10]) + (" ..." if len(denied) > 10 else "")
+            session.note(f"cannot read the memory of {len(denied)} matching process(es) (pid {pids}): "
+                         "recorded with state 'denied' and no pages")
 
     def start(self, session) -> None:
         if self.pool is not None:
@@ -527,6 +551,23 @@ class ProcfsReader(RecorderBase):
 
 
 # --- helpers -----------------------------------------------------------------------------------
+def unreadable(pid: int) -> str | None:
+    """Why the memory of ``pid`` cannot be read (None: it can, or it is gone).  Opening
+    /proc/PID/mem makes the kernel's ptrace access check (PTRACE_MODE_ATTACH)."""
+    for name in ("pagemap", "mem"):
+        try:
+            fd = os.open(f"/proc/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        except PermissionError:
+            hint = "run as root" if os.geteuid() != 0 else "a security module (Yama, LSM) forbids it"
+            return f"permission denied on /proc/{pid}/{name} ({hint}, or as the process's owner)"
+        except OSError as exc:
+            return f"/proc/{pid}/{name}: {exc.strerror}"
+        os.close(fd)
+    return None
+
+
 def alive(m: Member) -> bool:
     st = P.read_stat(m.pid)
     return st is not None and st.start_ticks == m.start_ticks and not st.zombie

@@ -21,6 +21,12 @@ class Stat:
     ppid: int
     flags: int
     start_ticks: int  # field 22: start time in clock ticks since boot
+    pgrp: int = 0
+    session: int = 0
+
+    @property
+    def session_leader(self) -> bool:
+        return self.session == self.pid
 
     @property
     def kthread(self) -> bool:
@@ -49,7 +55,7 @@ def read_stat(pid: int) -> Stat | None:
         rp = data.rindex(b")")
         comm = data[lp + 1 : rp].decode("utf-8", "replace")
         fields = data[rp + 2 :].split()
-        return Stat(pid, comm, fields[0].decode(), int(fields[1]), int(fields[6]), int(fields[19]))
+        return Stat(pid, comm, fields[0].decode(), int(fields[1]), int(fields[6]), int(fields[19]), int(fields[2]), int(fields[3]))
     except (ValueError, IndexError):
         return None
 
@@ -149,6 +155,20 @@ def read_switches(pid: int) -> dict[str, int] | None:
                 out[k] = int(v)
             except ValueError:
                 continue
+    return out
+
+
+def ancestors(pid: int | None = None) -> dict[int, str]:
+    """pid -> comm of every ancestor of ``pid`` (default: this process), parent first, up to init
+    (a wrapper such as ``sudo`` or ``timeout``, the shell, the terminal, ...)."""
+    out: dict[int, str] = {}
+    st = read_stat(os.getpid() if pid is None else pid)
+    while st is not None and st.ppid > 0 and st.ppid not in out:
+        parent = read_stat(st.ppid)
+        if parent is None:
+            break
+        out[parent.pid] = parent.comm
+        st = parent
     return out
 
 

@@ -87,6 +87,8 @@ class Recorder(Protocol):
     """A capture backend plugged into a :class:`Session`.
 
     ``manifest()`` gives its part of the manifest (``{"host": {...}, "capture": {...}}``);
+    ``check_targets(members, session)`` runs before anything is created and raises
+    :class:`~ksmtrace.errors.TargetError` for targets the backend cannot record;
     ``start(session)`` runs once the trace exists; per snapshot ``begin`` (before the targets are
     held), ``read`` (while they are held: the read window), ``end`` (returns this snapshot's tables)
     and ``commit(ctx, ok)`` (``ok`` False: the snapshot was undone; forget what ``end`` handed
@@ -98,6 +100,8 @@ class Recorder(Protocol):
     name: str
 
     def manifest(self) -> dict[str, dict[str, Any]]: ...
+
+    def check_targets(self, members: list[Member], session: "Session") -> None: ...
 
     def start(self, session: "Session") -> None: ...
 
@@ -121,6 +125,9 @@ class RecorderBase:
 
     def manifest(self) -> dict[str, dict[str, Any]]:
         return {}
+
+    def check_targets(self, members: list[Member], session: "Session") -> None:
+        return None
 
     def start(self, session: "Session") -> None:
         return None
@@ -183,6 +190,7 @@ class Session:
         self.end_reason: str | None = None
         self.recorders: list[Recorder] = []
         self.freezer = None
+        self.guard = None
         self.writer: TraceWriter | None = None
         self.notes: list[str] = []
         self._dir_fd: int | None = None
@@ -218,11 +226,21 @@ class Session:
         out = self.output
         self.spec = TargetSpec.of(opts.targets)
         self.targets = TargetSet(self.spec)
-        self.targets.first()
-        check_output(out)
+        members = self.targets.first()
+        if opts.freeze:
+            if self.spec.all:
+                raise CaptureError("--all --freeze is refused: it would stop every process of the host (shells, sshd, "
+                                   "ksmtrace's own caller); freeze chosen targets (--pid, --tree, --name, --cgroup)")
+            from ksmtrace_tracers.freeze import FreezeGuard
+
+            self.guard = FreezeGuard(opts.freeze_unsafe)
+            self.guard.check(members, self.targets.cgroup_dirs)
 
         # processes first (a worker pool forks before any thread or the watchdog exists)
         self.recorders = self._recorders()
+        for r in self.recorders:
+            r.check_targets(members, self)
+        check_output(out)
         if opts.freeze:
             from ksmtrace_tracers.freeze import Freezer
 
@@ -238,6 +256,7 @@ class Session:
             "targets": self.spec.describe(),
             "fixed_targets": self.spec.fixed,
             "freeze": opts.freeze,
+            "freeze_unsafe": opts.freeze_unsafe,
             "keyframe_every": opts.keyframe_every,
         }
         pages_schema = None
@@ -282,7 +301,8 @@ class Session:
         try:
             if self.freezer is not None:
                 t_freeze = time.monotonic_ns()
-                self.freezer.freeze(ctx.members, [m.cgroup_dir for m in ctx.members if m.cgroup_dir])
+                stop = self.guard.allowed(ctx.members, self.note)
+                self.freezer.freeze(stop, [m.cgroup_dir for m in stop if m.cgroup_dir])
             for r in self.recorders:
                 r.read(ctx)
             if self.freezer is not None and opts.hold_frozen_s > 0:
