@@ -21,7 +21,7 @@ Modules, one responsibility each (the pipeline: targets -> session -> recorders 
 * :mod:`.ksmsysfs`   — the one reader of /sys/kernel/mm/ksm, /proc/vmstat and ksmd's schedstat
 * :mod:`.procmaps`   — /proc/PID/smaps parsing, VmFlags, VMA classification by scope
 * :mod:`.pagemap`    — /proc/PID/pagemap and /proc/kpageflags decoding, host probes
-* :mod:`.pvr`        — reading page contents without pinning them
+* :mod:`.procmem`    — reading page contents through /proc/PID/mem, never pinning them
 * :mod:`.hashing`    — keyed page hashes, zero detection, key files, PKSM/prefix fingerprints
 * :mod:`.reading`    — read + hash the present pages of one process in batches
 * :mod:`.workers`    — the optional fork-based worker pool for read + hash

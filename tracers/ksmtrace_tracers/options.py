@@ -37,7 +37,6 @@ class CaptureOptions:
     key: int | None = None  # an explicit key (library use; never stored)
     soft_dirty: bool = True  # use soft-dirty when the kernel has it
     workers: int = 0
-    allow_pvr: bool = True  # False: /proc/PID/mem only
     # --- ground truth -----------------------------------------------------------------------
     ground_truth: bool = True  # sample the real KSM when /sys/kernel/mm/ksm exists
     ksm_sample_interval: float | None = None

@@ -20,7 +20,7 @@ from ksmtrace_tracers.targets import TargetSpec
 
 
 class ProcfsTracer:
-    """Captures live processes through /proc (pagemap, kpageflags, process_vm_readv, /proc/PID/mem)."""
+    """Captures live processes through /proc (pagemap, kpageflags, /proc/PID/mem)."""
 
     name = TRACER_NAME
     version = TRACER_VERSION

@@ -7,8 +7,8 @@ One snapshot, per target process (see ``docs/capture.md``):
 2. /proc/PID/pagemap for those VMAs (in 64 Ki-entry chunks; only present or swapped entries are
    kept), then /proc/kpageflags for the present PFNs (root);
 3. the contents of present pages only (never a swapped or non-present page; pages mapping the
-   kernel zero page are known to be zero and not read), read without pinning
-   (:mod:`ksmtrace_tracers.pvr`), each page hashed with the keyed hash (:mod:`.hashing`);
+   kernel zero page are known to be zero and not read), read through /proc/PID/mem, which never
+   pins a page (:mod:`ksmtrace_tracers.procmem`), each page hashed with the keyed hash (:mod:`.hashing`);
 4. with soft-dirty, /proc/PID/clear_refs = 4 (while still frozen);
 5. the delta against the previous snapshot of the same process (or a keyframe): the ``pages``,
    ``processes``, ``vmas`` (and ``ksm_stat``, ``contents``) tables of the snapshot.
@@ -115,8 +115,8 @@ class ProcfsReader(RecorderBase):
         if opts.workers > 0 and not opts.contents:
             from ksmtrace_tracers.workers import WorkerPool
 
-            self.pool = WorkerPool(opts.workers, key, opts.fingerprints, allow_pvr=opts.allow_pvr)
-        self.reader = PageReader(self.hasher, allow_pvr=opts.allow_pvr)
+            self.pool = WorkerPool(opts.workers, key, opts.fingerprints)
+        self.reader = PageReader(self.hasher)
         self.contents = ContentStore() if opts.contents else None
         self._state: dict[tuple[int, int], _Proc] = {}
         self._reads: list[_Read] = []
@@ -142,9 +142,7 @@ class ProcfsReader(RecorderBase):
             "fingerprints": opts.fingerprints,
             "contents": opts.contents,
             "workers": opts.workers if self.pool is not None else 0,
-            "read_methods": "process_vm_readv (exclusive non-KSM pages), /proc/PID/mem (others)"
-            if opts.allow_pvr
-            else "/proc/PID/mem",
+            "read_methods": "/proc/PID/mem",
             "hash": {
                 "algorithm": "xxh3_64",
                 "keyed": True,
@@ -471,11 +469,10 @@ class ProcfsReader(RecorderBase):
 
         # contents: present pages that do not map the zero page
         rd = np.flatnonzero(present & ~zero_page)
-        use_pvr = d["exclusive"][rd] & ~ksm[rd]
         if self.pool is not None and self.pool.worth_it(len(rd)):
-            res = self.pool.read(pid, vpn[rd], use_pvr)
+            res = self.pool.read(pid, vpn[rd])
         else:
-            res = self.reader.read(pid, vpn[rd], use_pvr, self.contents)
+            res = self.reader.read(pid, vpn[rd], self.contents)
         if res.gone:
             return _Read(m, "exited")
         if res.denied:
