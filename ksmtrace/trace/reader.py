@@ -58,11 +58,12 @@ class Trace:
         if not isinstance(manifest, dict) or manifest.get("format") != schema.FORMAT_NAME:
             raise TraceError(f"{mpath}: not a ksmtrace manifest (format is {manifest.get('format') if isinstance(manifest, dict) else None!r})")
         version = manifest.get("format_version")
-        if version != schema.FORMAT_VERSION:
+        if type(version) is not int or version not in schema.READABLE_VERSIONS:
             raise TraceVersionError(
                 f"{mpath}: trace format version {version!r} is not supported "
-                f"(this ksmtrace reads version {schema.FORMAT_VERSION})"
+                f"(this ksmtrace reads versions {', '.join(map(str, schema.READABLE_VERSIONS))})"
             )
+        self.version: int = version
         self.manifest: dict[str, Any] = manifest
         self.snapshots: list[dict[str, Any]] = self._read_log()
         if not self.snapshots:
@@ -154,9 +155,8 @@ class Trace:
             raise TraceError(f"{path}: missing (the snapshot log lists it)") from None
         except (pa.ArrowInvalid, OSError) as exc:
             raise TraceError(f"{path}: not a readable Parquet file ({_short(exc)})") from None
-        want = schema.SCHEMAS[table]
         names = set(pf.schema_arrow.names)
-        missing = [f for f in want.names if f not in names]
+        missing = [f for f in schema.required_columns(table, self.version) if f not in names]
         if missing:
             raise TraceError(f"{path}: foreign Parquet file (no column {missing[0]!r} of the {table} table)")
         try:

@@ -111,6 +111,8 @@ import os, sys
 from ksmtrace.cli import main
 import ksmtrace.cli.capture, ksmtrace_tracers.procfs, ksmtrace_tracers.capture  # noqa: F401  (before dropping privileges)
 import difflib, pyarrow.parquet, gzip, socket  # noqa: F401,E401
+from ksmtrace_tracers.hashing import PageHasher
+PageHasher(1)  # compile the keyed hash now: this host's stdlib is not readable by nobody
 os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)
 main(sys.argv[1:])
 """

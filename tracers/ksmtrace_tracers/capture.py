@@ -62,7 +62,7 @@ class Capture(Session):
         gt = opts.ground_truth and ksmsysfs.available()
         if gt:
             out.append(GroundTruth(opts.ksm_sample_interval))
-        self.pages = ProcfsReader(opts, ground_truth=gt)
+        self.pages = ProcfsReader(opts, ground_truth=gt, note=self.note)
         out.append(self.pages)
         return out
 

@@ -2,8 +2,9 @@
 
 One sample = every numeric ``/sys/kernel/mm/ksm/*`` file of the schema (``KSM_COUNTERS``; missing
 files are null), ``advisor_mode`` (the selected one of ``[none] scan-time``), ``cow_ksm`` and
-``ksm_swpin_copy`` from /proc/vmstat, and ksmd's CPU time in ns (first field of
-/proc/<ksmd>/schedstat).  A sample is taken at the start of every snapshot and, with
+``ksm_swpin_copy`` from /proc/vmstat, and ksmd's CPU time and run-queue wait in ns (the first two
+fields of /proc/<ksmd>/schedstat: how long ksmd ran, and how long it was runnable but waited for a
+CPU — what a busy host, or the capture itself, cost it).  A sample is taken at the start of every snapshot and, with
 ``--ksm-sample-interval``, by a background thread in between; samples belong to the next snapshot
 committed.  Per-process ``/proc/PID/ksm_stat`` is read by the capture loop.
 """
@@ -43,6 +44,7 @@ class KsmSampler:
         row.update(ksmsysfs.vmstat())
         sched = ksmsysfs.schedstat(self.ksmd)
         row["ksmd_cpu_ns"] = sched[0] if sched else None
+        row["ksmd_wait_ns"] = sched[1] if sched else None
         return row
 
     def start(self) -> None:

@@ -29,7 +29,7 @@ from ksmtrace.trace import schema as S
 from ksmtrace_tracers import ksmsysfs
 from ksmtrace_tracers import pagemap as PM
 from ksmtrace_tracers import procinfo as P
-from ksmtrace_tracers.hashing import PageHasher, key_fingerprint, load_or_create_key, new_key
+from ksmtrace_tracers.hashing import HASH_ALGORITHM, KEY_BITS, PageHasher, key_fingerprint, load_or_create_key, new_key
 from ksmtrace_tracers.options import CaptureOptions
 from ksmtrace_tracers.procmaps import Vma, classify, read_smaps
 from ksmtrace_tracers.reading import ContentStore, PageReader
@@ -87,7 +87,7 @@ class ProcfsReader(RecorderBase):
 
     name = "procfs"
 
-    def __init__(self, opts: CaptureOptions, ground_truth: bool) -> None:
+    def __init__(self, opts: CaptureOptions, ground_truth: bool, note=None) -> None:
         self.options = opts
         self.ground_truth = ground_truth
         self.pool = None
@@ -100,9 +100,9 @@ class ProcfsReader(RecorderBase):
 
         # the key: never stored; the manifest keeps its fingerprint only
         if opts.key is not None:
-            key, self.key_source = int(opts.key) & ((1 << 64) - 1), "given"
+            key, self.key_source = int(opts.key) & ((1 << KEY_BITS) - 1), "given"
         elif opts.hash_key is not None:
-            key, created = load_or_create_key(opts.hash_key)
+            key, created = load_or_create_key(opts.hash_key, warn=note)
             self.key_source = "file (created)" if created else "file"
         else:
             key, self.key_source = new_key(), "random"
@@ -144,8 +144,9 @@ class ProcfsReader(RecorderBase):
             "workers": opts.workers if self.pool is not None else 0,
             "read_methods": "/proc/PID/mem",
             "hash": {
-                "algorithm": "xxh3_64",
+                "algorithm": HASH_ALGORITHM,
                 "keyed": True,
+                "key_bits": KEY_BITS,
                 "key_fingerprint": key_fingerprint(self.key),
                 "key_source": self.key_source,
             },
