@@ -35,13 +35,15 @@ from ksmtrace.tracer import load_tracer
 @click.option("--no-soft-dirty", is_flag=True, help="Do not use (or clear) soft-dirty bits even when the kernel has them.")
 @click.option("--no-ground-truth", is_flag=True, help="Do not sample /sys/kernel/mm/ksm, /proc/vmstat or ksm_stat.")
 @click.option("--workers", type=int, default=0, show_default=True, help="Read and hash large page lists in N worker processes.")
+@click.option("--nice", type=int, default=None, help="Run the capture (every thread and worker) at this nice value (-20..19; 19: yield to everything else).")
+@click.option("--sched-idle", is_flag=True, help="Run the capture under SCHED_IDLE: it only gets CPU time no other task wants (ksmd and the targets go first).")
 @click.option("--tracer", "tracer_name", default="procfs", show_default=True, help="Capture backend (entry point in ksmtrace.tracers).")
 @json_option
 @quiet_option
 @click.pass_context
 def capture(ctx, output, pids, names, trees, cgroups, all_, interval, duration, count, scope, freeze, freeze_unsafe, fingerprints,
             contents, hash_key, keyframe_every, ksm_sample_interval, no_soft_dirty, no_ground_truth, workers,
-            tracer_name, as_json, quiet):
+            nice, sched_idle, tracer_name, as_json, quiet):
     """Snapshot the memory of live processes into a delta-encoded Parquet trace.
 
     Every snapshot records, per target process, every page in scope: a keyed hash of its
@@ -75,6 +77,8 @@ def capture(ctx, output, pids, names, trees, cgroups, all_, interval, duration, 
         soft_dirty=not no_soft_dirty,
         ground_truth=not no_ground_truth,
         workers=workers,
+        nice=nice,
+        sched_idle=sched_idle,
         command_line=["ksmtrace"] + sys.argv[1:],
         notify=lambda text: note(f"ksmtrace: note: {text}", quiet),
     )
@@ -106,6 +110,7 @@ def _summary_text(s: dict) -> str:
         ("processes", s.get("processes")),
         ("pages", f"{s.get('present_pages', 0):,} present page-snapshots, {s.get('page_rows', 0):,} page rows written"),
         ("read", f"{s.get('bytes_read', 0) / 2**30:,.3f} GiB at {num(s.get('gib_per_s'))} GiB/s ({num(s.get('pages_per_s'), '{:,.0f}')} pages/s)"),
+        ("capture CPU", f"{num(s.get('capture_cpu_seconds'), '{:,.3f}')} s (every thread and worker)"),
         ("trace size", f"{s.get('trace_bytes', 0):,} bytes, {num(s.get('bytes_per_page_snapshot'), '{:.3f}')} B per page-snapshot"),
     ]
     if s.get("max_pause_ms") is not None:

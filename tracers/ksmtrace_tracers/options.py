@@ -29,6 +29,8 @@ class CaptureOptions:
     command_line: list[str] | None = None
     hold_frozen_s: float = 0.0  # test hook: stay frozen this long after reading (env KSMTRACE_TEST_HOLD_FROZEN)
     notify: Callable[[str], None] | None = None  # where notes go (default: "ksmtrace: note: ..." on stderr)
+    nice: int | None = None  # run the capture (all its threads and workers) at this nice value
+    sched_idle: bool = False  # run it under SCHED_IDLE: only on CPU time nothing else wants
     # --- the procfs reader ------------------------------------------------------------------
     scope: str = "anon"  # mergeable | anon | all
     fingerprints: bool = False
@@ -54,6 +56,8 @@ class CaptureOptions:
             raise CaptureError(f"--keyframe-every must be >= 0 (got {self.keyframe_every})")
         if self.ksm_sample_interval is not None and not (self.ksm_sample_interval > 0):
             raise CaptureError(f"--ksm-sample-interval must be > 0 (got {self.ksm_sample_interval})")
+        if self.nice is not None and not (-20 <= self.nice <= 19):
+            raise CaptureError(f"--nice must be between -20 and 19 (got {self.nice})")
         if self.freeze_unsafe and not self.freeze:
             raise CaptureError("--freeze-unsafe only makes sense with --freeze")
         if self.workers < 0:

@@ -8,7 +8,10 @@ A session owns what every capture backend shares, so a backend only says what it
 * the targets (:class:`~ksmtrace_tracers.targets.TargetSet`), resolved at every snapshot, and
   ``--freeze`` (targets held only while a snapshot is read, always resumed);
 * the snapshot cycle — begin → read (targets held) → end → one atomic commit of every recorder's
-  tables → commit or discard — and its statistics (read window, pause, the capture's own CPU);
+  tables → commit or discard — and its statistics: the read window (``t_ns``, ``t_end_ns``), the
+  pause, and the capture's own CPU time (``cpu_ns`` since the previous commit, ``read_cpu_ns``
+  within the read window: every thread of the capture and its worker processes);
+* its priority: ``--nice`` and ``--sched-idle`` for every thread and worker, restored at the end;
 * the end: :meth:`Session.close` (manifest complete, end reason), the SIGINT/SIGTERM loop
   (:func:`run_session`), a full disk (the failing snapshot is undone, the trace keeps the others).
 
@@ -38,6 +41,7 @@ from ksmtrace.errors import CaptureError
 from ksmtrace.progress import ProgressFn, make as make_progress
 from ksmtrace.trace import schema as S
 from ksmtrace.trace.writer import SNAPSHOT_LOG, TraceWriter, default_host_facts, dir_bytes
+from ksmtrace_tracers.ksmsysfs import schedstat
 from ksmtrace_tracers.options import CaptureOptions
 from ksmtrace_tracers.targets import Member, TargetSet, TargetSpec
 
@@ -197,7 +201,9 @@ class Session:
         self._reserve = self.output / RESERVE_FILE
         self._procs: dict[tuple[int, int], int] = {}
         self._next_proc = 0
-        self.totals = {"snapshots": 0, "seconds": 0.0, "read_seconds": 0.0, "pause_ns_max": 0, "pause_ns_total": 0}
+        self.totals = {"snapshots": 0, "seconds": 0.0, "read_seconds": 0.0, "pause_ns_max": 0, "pause_ns_total": 0, "cpu_ns": 0}
+        self._priority: Priority | None = None
+        self._cpu_mark = 0
         self.last_stats: dict[str, Any] | None = None
         try:
             self._setup()
@@ -224,6 +230,10 @@ class Session:
     def _setup(self) -> None:
         opts = self.options
         out = self.output
+        if opts.nice is not None or opts.sched_idle:
+            # before any worker forks or thread starts: they inherit it
+            self._priority = Priority(opts.nice, opts.sched_idle)
+        self._cpu_mark = self.cpu_ns()
         self.spec = TargetSpec.of(opts.targets)
         self.targets = TargetSet(self.spec)
         members = self.targets.first()
@@ -258,6 +268,8 @@ class Session:
             "freeze": opts.freeze,
             "freeze_unsafe": opts.freeze_unsafe,
             "keyframe_every": opts.keyframe_every,
+            "nice": opts.nice,
+            "sched_policy": "idle" if opts.sched_idle else "other",
         }
         pages_schema = None
         for r in self.recorders:
@@ -292,6 +304,7 @@ class Session:
         snap = len(self.writer.committed)
         keyframe = snap == 0 or (opts.keyframe_every > 0 and snap % opts.keyframe_every == 0)
         ctx = SnapshotContext(snap, keyframe, time.monotonic_ns(), self._procs, self._next_proc)
+        cpu0 = self.cpu_ns()
         n_notes = len(self.notes)
         for r in self.recorders:
             r.begin(ctx)
@@ -312,12 +325,14 @@ class Session:
                 self.freezer.thaw()
                 pause_ns = time.monotonic_ns() - t_freeze
         ctx.t_read_end = time.monotonic_ns()
-        ctx.stats.update(read_ns=ctx.t_read_end - ctx.t0, pause_ns=pause_ns)
+        ctx.stats.update(read_ns=ctx.t_read_end - ctx.t0, pause_ns=pause_ns, read_cpu_ns=self.cpu_ns() - cpu0)
         done = False
         try:
             tables: dict[str, pa.Table] = {}
             for r in self.recorders:
                 tables.update(r.end(ctx))
+            cpu = self.cpu_ns()
+            ctx.stats["cpu_ns"] = cpu - self._cpu_mark  # since the previous commit: every thread, every worker
             try:
                 entry = self.writer.commit_snapshot(snap, ctx.t0, ctx.t_read_end, tables, keyframe=keyframe, stats=ctx.stats)
             except OSError as exc:
@@ -335,6 +350,7 @@ class Session:
         self._procs = {k: v for k, v in self._procs.items() if k in ctx.seen}
         self._procs.update(ctx.new_procs)
         self._next_proc += len(ctx.new_procs)
+        self._cpu_mark = cpu
         if len(self.notes) != n_notes:
             self._update_manifest(notes=list(self.notes))
         seconds = (time.monotonic_ns() - ctx.t0) / 1e9
@@ -344,10 +360,21 @@ class Session:
         tt["read_seconds"] += (ctx.t_read_end - ctx.t0) / 1e9
         tt["pause_ns_max"] = max(tt["pause_ns_max"], pause_ns)
         tt["pause_ns_total"] += pause_ns
+        tt["cpu_ns"] += ctx.stats["cpu_ns"]
         out = dict(ctx.stats, snap=snap, keyframe=keyframe, seconds=seconds, t_ns=ctx.t0, t_end_ns=ctx.t_read_end,
                    bytes=sum(f["bytes"] for f in entry["files"].values()))
         self.last_stats = out
         return out
+
+    def cpu_ns(self) -> int:
+        """CPU time used so far by the capture: every thread of this process (the reads, the
+        ground-truth and kernel-event threads) and every helper process (--workers)."""
+        total = time.process_time_ns()
+        for pid in getattr(getattr(self, "targets", None), "helpers", ()):
+            st = schedstat(pid)
+            if st is not None:
+                total += st[0]
+        return total
 
     def _update_manifest(self, **fields: Any) -> None:
         try:
@@ -370,6 +397,7 @@ class Session:
             "snapshots": self.n_snapshots,
             "end_reason": self.end_reason,
             "capture_seconds": tt["seconds"],
+            "capture_cpu_seconds": tt["cpu_ns"] / 1e9,
             "max_pause_ms": tt["pause_ns_max"] / 1e6 if self.options.freeze else None,
             "fixed_targets": self.spec.fixed if hasattr(self, "spec") else None,
         }
@@ -448,6 +476,9 @@ class Session:
                 errors.append(exc)
         if self.writer is None:
             self._unlock()
+        if self._priority is not None:
+            self._priority.restore()
+            self._priority = None
         if errors:
             raise errors[0]
         return final
@@ -470,6 +501,44 @@ class Session:
             self.close("interrupted")
         else:
             self.close(f"error: {exc_type.__name__}: {exc}")
+
+
+# --- priority ------------------------------------------------------------------------------------
+class Priority:
+    """``--nice``/``--sched-idle`` for every thread of this process (Linux keeps both per thread;
+    threads and processes started later inherit them), undone by :meth:`restore`."""
+
+    def __init__(self, nice: int | None, idle: bool) -> None:
+        self.saved: dict[int, tuple[int, int]] = {}
+        for tid in _threads():
+            try:
+                self.saved[tid] = (os.getpriority(os.PRIO_PROCESS, tid), os.sched_getscheduler(tid))
+                if nice is not None:
+                    os.setpriority(os.PRIO_PROCESS, tid, nice)
+                if idle:
+                    os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                self.restore()
+                raise CaptureError(f"--nice {nice}: permission denied (only root may raise a priority)") from None
+
+    def restore(self) -> None:
+        for tid, (nice, policy) in self.saved.items():
+            try:
+                if os.sched_getscheduler(tid) != policy:
+                    os.sched_setscheduler(tid, policy, os.sched_param(0))
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+            except OSError:
+                pass  # the thread is gone, or an unprivileged user may not raise it back
+        self.saved.clear()
+
+
+def _threads() -> list[int]:
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return [threading.get_native_id()]
 
 
 # --- the trace directory --------------------------------------------------------------------------
