@@ -66,6 +66,10 @@ _TARGET = textwrap.dedent(
                 kids.append(pid)
                 time.sleep(float(cmd[2]))
             print("forked", *kids, flush=True)
+        elif cmd[0] == "write":  # write a byte of pages START .. START+N-1
+            for i in range(int(cmd[1]), int(cmd[1]) + int(cmd[2])):
+                m[i * P] = 0xFF
+            print("wrote", flush=True)
         elif cmd[0] == "cycle":  # N children, one after the other, each living LIFE s: how many
             lost = 0             # pages did the parent stop sharing with each before it exited?
             for _ in range(int(cmd[1])):
@@ -139,27 +143,28 @@ def _pvr_read(pid: int, addr: int) -> None:
 def test_capture_while_ksmd_merges_from_scratch_causes_no_cow(tmp_path):
     r = Region(16384, mergeable=True)
     try:
-        with K.ksm_settings(pages_to_scan=1000, sleep_millisecs=10, use_zero_pages=0, run=1):
-            cow0 = K.cow_ksm()
-            # capture back to back while ksmd merges the region page by page, from nothing: pages
-            # turn into KSM pages between a snapshot's pagemap read and its content read
-            with Capture(tmp_path / "t", r.pid, CaptureOptions(scope="mergeable")) as cap:
-                snaps = 0
+        # capture back to back while ksmd merges the region page by page, from nothing: pages
+        # turn into KSM pages between a snapshot's pagemap read and its content read
+        with Capture(tmp_path / "t", r.pid, CaptureOptions(scope="mergeable")) as cap:
+            cap.snapshot()  # before KSM runs
+            with K.ksm_settings(pages_to_scan=1000, sleep_millisecs=10, use_zero_pages=0, run=1):
+                cow0 = K.cow_ksm()
+                snaps = 1
                 deadline = time.monotonic() + 120
                 while _merging(r.pid) < r.pages and time.monotonic() < deadline:
                     cap.snapshot()
                     snaps += 1
                 cap.snapshot()
-            assert _merging(r.pid) == r.pages, "ksmd did not merge the region within 120 s"
-            assert snaps >= 3  # the capture ran while merging went on
-            assert K.cow_ksm() - cow0 == 0  # the capture caused no COW break
-            pfns = r.pfns(r.pid)
-            per_content = -(-(r.pages // 16) // int(K.read("max_page_sharing")))  # KSM pages per content
-            assert len(np.unique(pfns)) == 16 * per_content  # everything merged into the 16 contents
-            # the measurement can fail: a pinning read of a KSM page is a counted COW break
-            _pvr_read(r.pid, r.vpn0 * 4096)
-            assert K.cow_ksm() - cow0 == 1
-            assert r.pfns(r.pid)[0] != pfns[0]
+                assert _merging(r.pid) == r.pages, "ksmd did not merge the region within 120 s"
+                assert snaps >= 3  # the capture ran while merging went on
+                assert K.cow_ksm() - cow0 == 0  # the capture caused no COW break
+                pfns = r.pfns(r.pid)
+                per_content = -(-(r.pages // 16) // int(K.read("max_page_sharing")))  # KSM pages per content
+                assert len(np.unique(pfns)) == 16 * per_content  # everything merged into the 16 contents
+                # the measurement can fail: a pinning read of a KSM page is a counted COW break
+                _pvr_read(r.pid, r.vpn0 * 4096)
+                assert K.cow_ksm() - cow0 == 1
+                assert r.pfns(r.pid)[0] != pfns[0]
         tr = open_trace(tmp_path / "t")
         assert tr.n_snapshots == snaps + 1
     finally:

@@ -12,7 +12,9 @@ The recorders, in the order their hooks run:
 * :class:`~ksmtrace_tracers.groundtruth.GroundTruth` — the ``ksm`` table (when the host has KSM
   and ``ground_truth`` is on);
 * :class:`~ksmtrace_tracers.procfs_reader.ProcfsReader` — ``pages``, ``processes``, ``vmas``,
-  ``ksm_stat`` (and ``contents``).
+  ``ksm_stat`` (and ``contents``);
+* :class:`~ksmtrace_tracers.kernel_events.KernelEvents` — ``faults`` and ``ksm_events`` (root, when
+  tracefs and the events exist).
 
 :func:`run_capture` is the CLI loop (:func:`~ksmtrace_tracers.session.run_session`).
 """
@@ -25,6 +27,7 @@ from ksmtrace.progress import ProgressFn
 from ksmtrace_tracers import TRACER_NAME, TRACER_VERSION, ksmsysfs
 from ksmtrace_tracers import pagemap as PM
 from ksmtrace_tracers.groundtruth import GroundTruth
+from ksmtrace_tracers.kernel_events import KernelEvents
 from ksmtrace_tracers.options import CaptureOptions
 from ksmtrace_tracers.procfs_reader import ProcfsReader
 from ksmtrace_tracers.session import Recorder, Session, run_session
@@ -64,6 +67,8 @@ class Capture(Session):
             out.append(GroundTruth(opts.ksm_sample_interval))
         self.pages = ProcfsReader(opts, ground_truth=gt, note=self.note)
         out.append(self.pages)
+        self.kernel_events = KernelEvents(opts, self.note, self.pages.state_of)
+        out.append(self.kernel_events)
         return out
 
     # the procfs reader's state, as the tests and tools see it

@@ -42,6 +42,10 @@ class CaptureOptions:
     # --- ground truth -----------------------------------------------------------------------
     ground_truth: bool = True  # sample the real KSM when /sys/kernel/mm/ksm exists
     ksm_sample_interval: float | None = None
+    # --- kernel events ----------------------------------------------------------------------
+    kernel_events: bool | None = None  # None: when root and the events exist; False: never
+    kernel_events_buffer_kb: int = 4096  # per CPU and trace instance
+    tracefs: str | os.PathLike | None = None  # tracefs to use (default: $KSMTRACE_TRACEFS, else where it is mounted)
 
     def validate(self) -> None:
         if not (self.interval > 0):
@@ -60,5 +64,7 @@ class CaptureOptions:
             raise CaptureError(f"--nice must be between -20 and 19 (got {self.nice})")
         if self.freeze_unsafe and not self.freeze:
             raise CaptureError("--freeze-unsafe only makes sense with --freeze")
+        if not (64 <= self.kernel_events_buffer_kb <= 1 << 20):
+            raise CaptureError(f"--kernel-events-buffer must be 64..1048576 KiB (got {self.kernel_events_buffer_kb})")
         if self.workers < 0:
             raise CaptureError(f"--workers must be >= 0 (got {self.workers})")

@@ -116,6 +116,18 @@ def read_status(pid: int) -> Status | None:
     return Status(uid, rss, anon)
 
 
+def read_tgid(tid: int) -> int | None:
+    """The thread group (process) id of a thread, from /proc/TID/status (None when it is gone)."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def read_ksm_stat(pid: int) -> dict | None:
     """/proc/PID/ksm_stat as a dict (ints and yes/no booleans); None if missing or gone."""
     try:

@@ -205,10 +205,14 @@ class Session:
         self._priority: Priority | None = None
         self._cpu_mark = 0
         self.last_stats: dict[str, Any] | None = None
+        self._old_term = _terminate_as_exception()
         try:
             self._setup()
         except BaseException:
-            self._release()
+            try:
+                self._release()
+            finally:
+                self._restore_term()
             raise
 
     # --- setup -------------------------------------------------------------------------------
@@ -218,10 +222,16 @@ class Session:
 
     def note(self, text: str) -> None:
         """Something the user should know (a degraded feature...): kept for the manifest and
-        told once, through ``options.notify`` or as ``ksmtrace: note: ...`` on stderr."""
+        told once, through ``options.notify`` or as ``ksmtrace: note: ...`` on stderr.  Notes made
+        while the capture is being set up are told once it has started (a capture that fails to
+        start says only why)."""
         if text in self.notes:
             return
         self.notes.append(text)
+        if self.writer is not None:
+            self._tell(text)
+
+    def _tell(self, text: str) -> None:
         if self.options.notify is not None:
             self.options.notify(text)
         else:
@@ -287,8 +297,11 @@ class Session:
             pages_schema=pages_schema,
         )
         make_reserve(self._reserve)
+        early = list(self.notes)
         for r in self.recorders:
             r.start(self)
+        for text in early:
+            self._tell(text)
         if self.notes:
             self.writer.update_manifest(notes=list(self.notes))
 
@@ -454,8 +467,17 @@ class Session:
             self._unlock()
             return self.summary()
         finally:
+            self._restore_term()
             if old is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _restore_term(self) -> None:
+        if self._old_term is not None:
+            try:
+                signal.signal(signal.SIGTERM, self._old_term)
+            except ValueError:
+                pass
+            self._old_term = None
 
     def _release(self) -> dict[str, Any]:
         """Resume the targets and close every recorder (each one, whatever the others do);
@@ -501,6 +523,26 @@ class Session:
             self.close("interrupted")
         else:
             self.close(f"error: {exc_type.__name__}: {exc}")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while a session was open in a program that did not handle SIGTERM."""
+
+
+def _terminate_as_exception():
+    """While a session is open, a SIGTERM that would kill the process outright (no handler) is
+    raised as :class:`Terminated` instead, so the session still closes (targets resumed, trace
+    instances removed, manifest written).  Returns the handler to restore, or None."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def on_term(signum, frame):
+        raise Terminated("SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_term)
+    return signal.SIG_DFL
 
 
 # --- priority ------------------------------------------------------------------------------------
