@@ -6,8 +6,11 @@ Each case is a workload of ``ksmtrace.lab.workloads`` under the real KSM with th
 run ``--runs`` times in each mode: without a capture, and with a capture (the procfs tracer's
 defaults: --tree of the workload, scope mergeable, kernel events on) snapshotting every 1 s and
 every 0.1 s, at normal priority and with ``--sched-idle`` ("idle": the capture only gets CPU time
-ksmd and the workload do not want).  Every run starts from the same kernel state (run=2, then run=0, workload ready, then
-run=1) and lasts ``--duration`` s; at its end, with ksmd still running, it reads
+ksmd and the workload do not want).  Every run starts from the same kernel state (run=2, then
+run=0) and the same workload phase: KSM starts (run=1) ``--lead`` s after the workload is ready in
+every mode — the capture is set up and takes its first snapshot in that time — because the
+workloads' rounds are timed from their start, and a KSM start that comes later in one mode than in
+another changes how many rounds meet merged pages.  A run lasts ``--duration`` s from run=1; at its end, with ksmd still running, it reads
 
 * ``cow_ksm``: /proc/vmstat COW copies of KSM pages since run=1 (a capture that pins pages would
   add its own);
@@ -52,7 +55,8 @@ CASES = {
     "rewrite-defaults": ("rewrite", {"processes": 3, "pages": 4096, "period": 1.0, "rewrite_fraction": 0.1}, "defaults"),
     "churn": ("churn", {"processes": 2, "region_pages": 2048, "lifetime": 2.0}, "fast"),
     "zero": ("zero", {"processes": 2, "pages": 8192, "rezero_period": 1.0, "rezero_pages": 256}, "zero"),
-    "forkdiverge": ("forkdiverge", {"pages": 16384, "children": 3, "fork_delay": 1.5, "period": 0.5}, "fast"),
+    # the fork comes 1.5 s after run=1 (fork_delay counts from the workload's start; --lead 5)
+    "forkdiverge": ("forkdiverge", {"pages": 16384, "children": 3, "fork_delay": 6.5, "period": 0.5}, "fast"),
 }
 MODES = (("no capture", None, False), ("capture 1 s", 1.0, False), ("capture 0.1 s", 0.1, False),
          ("1 s idle", 1.0, True), ("0.1 s idle", 0.1, True))
@@ -87,13 +91,14 @@ def workload_frames(pids: list[int]) -> tuple[int, int, int]:
     return len(allp), len(uniq), int((counts >= 2).sum())
 
 
-def one_run(case: str, interval: float | None, idle: bool, duration: float, tmp: Path) -> dict:
+def one_run(case: str, interval: float | None, idle: bool, duration: float, lead: float, tmp: Path) -> dict:
     workload, params, preset = CASES[case]
     settings = resolve_settings(preset)
     with K.ksm_settings(run=0, **settings):
         K.unmerge_all()
         K.write("run", 0)
         with start_source(workload, params) as wl:
+            t_ready = time.monotonic()
             roots = wl.roots()
             others = set(other_mergeable(set(roots)))
             cap = None
@@ -114,6 +119,10 @@ def one_run(case: str, interval: float | None, idle: bool, duration: float, tmp:
 
                 th = threading.Thread(target=loop, daemon=True)
             try:
+                late = time.monotonic() - (t_ready + lead)
+                if late > 0:
+                    raise RuntimeError(f"the capture took {late + lead:.2f} s to start; give a --lead above that")
+                time.sleep(-late)
                 cow0 = K.cow_ksm()
                 K.write("run", 1)
                 if th is not None:
@@ -128,7 +137,7 @@ def one_run(case: str, interval: float | None, idle: bool, duration: float, tmp:
                 others |= set(other_mergeable(set(pids)))
             finally:
                 stop.set()
-                if th is not None:
+                if th is not None and th.is_alive():
                     th.join(60)
                 if cap is not None:
                     snaps = cap.n_snapshots
@@ -142,6 +151,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--lead", type=float, default=5.0, help="seconds from workload ready to run=1, in every mode")
     ap.add_argument("--cases", default=",".join(CASES))
     args = ap.parse_args()
     if os.geteuid() != 0 or not K.available():
@@ -152,7 +162,7 @@ def main() -> None:
         print(f"{'case':<17}{'mode':<14}" + "".join(f"{k:>15}" for k in keys) + f"{'snapshots':>10}")
         for case in args.cases.split(","):
             for mode, interval, idle in MODES:
-                runs = [one_run(case, interval, idle, args.duration, tmp) for _ in range(args.runs)]
+                runs = [one_run(case, interval, idle, args.duration, args.lead, tmp) for _ in range(args.runs)]
                 cells = "".join(f"{' / '.join(str(r[k]) for r in runs):>15}" for k in keys)
                 print(f"{case:<17}{mode:<14}{cells}{' / '.join(str(r['snapshots']) for r in runs):>10}", flush=True)
         print(f"(each cell: run 1 / run 2; {args.duration:g} s of KSM per run; machine: {os.cpu_count()} CPUs, "

@@ -9,9 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
-import numpy as np
 import polars as pl
 import pytest
 

@@ -15,10 +15,10 @@ from ksmtrace.errors import CaptureError
 from ksmtrace.trace.reader import open_trace
 from ksmtrace_tracers.options import CaptureOptions
 
-from tests.unit.test_capture_session import FakeSession, sleeper  # noqa: F401  (fixture)
+from tests.unit.test_capture_session import FakeSession
 
 
-def test_cpu_time_and_read_window_of_every_snapshot(tmp_path, sleeper):  # noqa: F811
+def test_cpu_time_and_read_window_of_every_snapshot(tmp_path, sleeper):
     out = tmp_path / "t"
     with FakeSession(out, sleeper.pid, CaptureOptions()) as s:
         for _ in range(3):
@@ -52,7 +52,7 @@ _PRIORITY = textwrap.dedent(
 )
 
 
-def test_nice_and_sched_idle_apply_to_every_thread_and_are_undone(tmp_path, sleeper):  # noqa: F811
+def test_nice_and_sched_idle_apply_to_every_thread_and_are_undone(tmp_path, sleeper):
     root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
     res = subprocess.run([sys.executable, "-c", _PRIORITY, str(tmp_path / "t"), str(sleeper.pid)], capture_output=True,
                          text=True, timeout=120, cwd=root)

@@ -72,15 +72,6 @@ class FakeSession(Session):
         return [self.recorder]
 
 
-@pytest.fixture
-def sleeper():
-    p = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
-    yield p
-    p.kill()
-    p.wait()
-    p.stdin.close()
-
-
 def test_any_recorder_plugs_into_the_session(tmp_path, sleeper):
     out = tmp_path / "t"
     with FakeSession(out, sleeper.pid, CaptureOptions(), fail_at=1) as s:
