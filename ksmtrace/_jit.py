@@ -22,10 +22,11 @@ _JITTED = (
     "engine/clock.py",
     "engine/jitutil.py",
     "trace/prepare.py",
-    "policies/oracle.py",
-    "policies/_ksm_fast.py",
-    "policies/_pksm_fast.py",
-    "policies/_hashtable_fast.py",
+    "engine/daemon.py",
+    "policies/oracle/kernel.py",
+    "policies/ksm/kernel.py",
+    "policies/pksm/kernel.py",
+    "policies/hashtable/kernel.py",
     "lab/microbench.py",
 )
 

@@ -1,7 +1,7 @@
 """Replay: feed a trace through a policy in virtual time and collect one metrics row per snapshot.
 
->>> from ksmtrace import open_trace, replay
->>> res = replay(open_trace("t"), "ksm", {"pages_to_scan": 1000})
+>>> from ksmtrace.replay import replay
+>>> res = replay("t", "ksm", {"pages_to_scan": 1000})          # a path or an opened trace
 >>> res.summary["frames_saved_final"], res.table["cow_breaks"].sum()
 
 Virtual time: snapshot ``s`` is taken at ``t_s``; its content holds during ``[t_s, t_{s+1})``.  A page
@@ -11,18 +11,21 @@ activity of the interval ``(t_{s-1}, t_s]`` (COW breaks, merges, work units).
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import numpy as np
 import polars as pl
 
 from ksmtrace._version import __version__
+from ksmtrace.engine.api import RUNTIMES, RunContext
 from ksmtrace.engine.cost import N_UNITS, UNIT_NAMES, CostModel, resolve_cost_model
 from ksmtrace.errors import KsmtraceError, PolicyContractError
-from ksmtrace.policies.base import Policy, RunContext
+from ksmtrace.policies.base import Policy
 from ksmtrace.policies.registry import get_policy
 from ksmtrace.progress import ProgressFn, make
 from ksmtrace.results import RunResult, make_run_id
+from ksmtrace.trace.reader import as_trace
 
 ENGINES = ("fast", "reference")
 
@@ -48,16 +51,23 @@ def replay(
     start_s: float = 0.0,
     hz: int | None = None,
     seed: int = 0,
+    runtime: str = "auto",
     progress: ProgressFn | None = None,
 ) -> RunResult:
-    """Replay ``trace`` (a :class:`~ksmtrace.trace.reader.Trace`) through ``policy``.
+    """Replay ``trace`` (a :class:`~ksmtrace.trace.reader.Trace` or the path of one) through ``policy``.
 
-    ``engine``: ``fast`` (default) or ``reference`` (the page-by-page executable spec).
+    ``engine``: ``fast`` (default) or ``reference`` (the page-by-page executable spec of the
+    engine).  ``runtime``: ``auto`` (the policy's numba kernel on the fast engine when it has one,
+    else its readable runtime), ``readable`` or ``kernel`` (see :data:`ksmtrace.engine.api.RUNTIMES`);
+    every choice gives the same results.
     ``scope``: ``recorded`` or ``anon`` (default: the policy's).  ``timing_cost``: the cost model
     the daemon's clock uses (default: the shipped one).  ``start_s``: when the daemon starts,
     in seconds after the first snapshot.  ``hz``: tick rate for sleep quantisation (default:
     the traced host's HZ, else 250).
     """
+    trace = as_trace(trace)
+    if runtime not in RUNTIMES:
+        raise KsmtraceError(f"unknown runtime {runtime!r} (runtimes: {', '.join(RUNTIMES)})")
     pol = make_policy(policy, params)
     spec = run_spec(trace, pol, engine=engine, scope=scope, timing_cost=timing_cost, start_s=start_s, hz=hz, seed=seed)
     scope, hz, start_ns = spec["scope"], spec["hz"], spec["start_ns"]
@@ -75,7 +85,8 @@ def replay(
         from ksmtrace.engine.reference import ReferenceEngine
 
         eng = ReferenceEngine(prep)
-    ctx = RunContext(prep=prep, engine=eng, timing_ps=tcost.timing_ps(), hz=hz, start_ns=start_ns, seed=int(seed))
+    ctx = RunContext(prep=prep, engine=eng, timing_ps=tcost.timing_ps(), hz=hz, start_ns=start_ns, seed=int(seed),
+                     runtime=runtime)
     rt = pol.runtime(ctx)
     table, procs = _run(prep, eng, rt, pol, make(progress))
     counters = eng.counters()
@@ -202,6 +213,31 @@ def _run(prep, eng, rt, pol: Policy, progress) -> pl.DataFrame:
     return table, procs
 
 
+_OPEN_TRACES: dict[str, Any] = {}
+
+
+def replay_task(task: Mapping[str, Any]) -> RunResult:
+    """One replay described by plain data, for an executor (:mod:`ksmtrace.executor`): ``trace``
+    (a path: the worker opens it, once per process), ``policy``, ``params`` and any keyword of
+    :func:`replay` except ``progress``.  With ``out_dir`` the result files are written there too."""
+    from ksmtrace.trace.reader import open_trace
+
+    path = str(task["trace"])
+    tr = _OPEN_TRACES.get(path)
+    if tr is None:
+        tr = _OPEN_TRACES[path] = open_trace(path)
+    opts = {k: v for k, v in task.items() if k not in ("trace", "policy", "params", "out_dir", "label")}
+    res = replay(tr, task["policy"], task.get("params"), **opts)
+    if task.get("label") is not None:
+        res.spec["label"] = task["label"]
+    if task.get("out_dir") is not None:
+        try:
+            res.write(task["out_dir"])
+        except OSError as exc:
+            raise KsmtraceError(f"{task['out_dir']}: cannot write the result of {res.run_id} ({exc.strerror or exc})") from None
+    return res
+
+
 def compare(
     trace,
     policies: list[str | tuple[str, Mapping[str, Any]]],
@@ -210,11 +246,41 @@ def compare(
     scope: str | None = None,
     report_cost: CostModel | str | None = None,
     progress: ProgressFn | None = None,
+    executor=None,
+    workers: int | None = 1,
     **kwargs: Any,
 ) -> list[RunResult]:
-    """Replay several policies on one trace (same scope unless a policy says otherwise)."""
-    out = []
-    for item in policies:
-        name, params = (item, None) if isinstance(item, str) else item
-        out.append(replay(trace, name, params, engine=engine, scope=scope, report_cost=report_cost, progress=progress, **kwargs))
-    return out
+    """Replay several policies on one trace (same scope unless a policy says otherwise), in the
+    order given.
+
+    ``executor``: where the runs execute (an :class:`~ksmtrace.executor.Executor` or a spec such as
+    ``"local"``, ``"dask"``, ``"dask://HOST:PORT"``; see :mod:`ksmtrace.executor`) with ``workers``
+    workers.  By default (``workers=1``, no executor) the runs are replayed here, one after another.
+    A run whose policy raises a :class:`~ksmtrace.errors.KsmtraceError` raises it here."""
+    trace = as_trace(trace)
+    items = [(item, None) if isinstance(item, str) else item for item in policies]
+    if executor is None and (workers or 1) == 1:
+        return [replay(trace, name, params, engine=engine, scope=scope, report_cost=report_cost, progress=progress, **kwargs)
+                for name, params in items]
+    from ksmtrace.executor import make_executor
+
+    tasks = [{"trace": str(trace.path), "policy": name, "params": dict(params or {}), "engine": engine, "scope": scope,
+              **kwargs} for name, params in items]
+    out: list[RunResult | None] = [None] * len(tasks)
+    prog = make(progress)
+    ex = make_executor(executor, min(workers or len(tasks), len(tasks)))
+    try:
+        if ex.warm() and not os.environ.get("KSMTRACE_NO_CACHE"):
+            for sc in {scope or get_policy(n).default_scope for n, _ in items}:
+                trace.prepare(sc)  # fill the disk cache once, not in every worker
+        for k, done in enumerate(ex.run(replay_task, tasks)):
+            if done.error is not None:
+                raise done.error
+            res = done.value
+            res.summary = res.compute_summary(report_cost)
+            out[done.index] = res
+            prog(k + 1, len(tasks), res.policy)
+    finally:
+        if ex is not executor:
+            ex.close()
+    return out  # type: ignore[return-value]

@@ -4,9 +4,11 @@
 >>> df = sweep("my-trace", "ksm", {"pages_to_scan": [100, 1000], "sleep_millisecs": [20, 200]}, "out/", workers=4)
 >>> pareto_front(df)            # the runs no other run beats on saving, CPU and COW breaks at once
 
-Every grid point is one replay, run in its own worker process (``spawn``: each worker opens the
-trace itself; the prepared trace and the numba-compiled code are cached on disk, so workers start
-quickly).  Each run writes its result files ``<run_id>.json/.parquet`` into the output directory
+Every grid point is one replay, run by an executor (:mod:`ksmtrace.executor`: local worker
+processes by default, or Dask; each worker opens the trace itself; the prepared trace and the
+numba-compiled code are cached on disk, so workers start quickly).  An output directory holds one
+study: it is bound to the trace, the policy and the run settings (``sweep.json``), and two sweeps
+into it serialise on a lock (:func:`open_sweep_dir`).  Each run writes its result files ``<run_id>.json/.parquet`` into the output directory
 as soon as it finishes.  Run ids are derived from everything that determines a run (trace, policy,
 parameters, engine, scope, timing cost model, start, seed, ksmtrace version), so a run whose
 result file already exists is not run again: a sweep that was interrupted (Ctrl-C, killed, a
@@ -21,19 +23,22 @@ A range is ``START:STOP`` (step 1), ``START:STOP:STEP`` (add STEP) or ``START:ST
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import polars as pl
 
 from ksmtrace.analysis.pareto import non_dominated
 from ksmtrace.errors import KsmtraceError, PolicyParamError, ResultError
+from ksmtrace.executor import Executor, WorkerLost, make_executor
 from ksmtrace.progress import ProgressFn, make
 
 MAX_VALUES = 10_000
@@ -164,6 +169,7 @@ class PlannedRun:
 class SweepPlan:
     trace_path: str
     trace_name: str
+    trace_fingerprint: str
     policy: str
     keys: list[str]
     out_dir: Path
@@ -210,7 +216,7 @@ def plan_sweep(trace_path, policy: str, grid: Mapping[str, Sequence[Any]], out_d
     trace = open_trace(trace_path)
     out = Path(out_dir)
     points = expand_grid(grid)
-    plan = SweepPlan(trace_path=str(trace.path), trace_name=trace.name, policy=cls.name, keys=list(grid), out_dir=out,
+    plan = SweepPlan(trace_path=str(trace.path), trace_name=trace.name, trace_fingerprint=trace.fingerprint, policy=cls.name, keys=list(grid), out_dir=out,
                      engine=engine, scope=scope or cls.default_scope,
                      options={"timing_cost": timing_cost, "start_s": start_s, "seed": seed})
     for i, point in enumerate(points):
@@ -225,15 +231,175 @@ def plan_sweep(trace_path, policy: str, grid: Mapping[str, Sequence[Any]], out_d
     return plan
 
 
+# --- the sweep directory ---------------------------------------------------------------------------
+MANIFEST_NAME = "sweep.json"
+MANIFEST_FORMAT = "ksmtrace-sweep"
+LOCK_NAME = ".sweep.lock"
+BOUND = ("trace_fingerprint", "policy", "engine", "scope", "timing_cost", "start_ns", "seed", "ksmtrace_version")
+
+
+def _binding(plan: SweepPlan) -> dict[str, Any]:
+    """What a sweep directory is bound to: everything that decides what a row of its table means
+    except the swept parameters (a grid may grow: more values, another parameter)."""
+    from ksmtrace.engine.cost import resolve_cost_model
+    from ksmtrace._version import __version__
+
+    return {"trace_fingerprint": plan.trace_fingerprint, "policy": plan.policy, "engine": plan.engine,
+            "scope": plan.scope, "timing_cost": resolve_cost_model(plan.options.get("timing_cost")).digest(),
+            "start_ns": int(round(float(plan.options.get("start_s", 0.0)) * 1e9)), "seed": int(plan.options.get("seed", 0)),
+            "ksmtrace_version": __version__}
+
+
+def _mismatch(have: Mapping[str, Any], want: Mapping[str, Any], where: str, trace_name: str | None) -> str | None:
+    for k in BOUND:
+        if k == "ksmtrace_version":
+            continue  # another version only means new run ids; the table stays one study
+        if have.get(k) != want.get(k):
+            if k == "trace_fingerprint":
+                return (f"{where} holds a sweep of another trace ({trace_name or '?'}, fingerprint "
+                        f"{have.get(k)}); give this sweep its own -o directory")
+            return (f"{where} holds a sweep with {k} {have.get(k)!r}, this one has {want.get(k)!r}: the two would mix "
+                    "in one table; give this sweep its own -o directory")
+    return None
+
+
+class SweepDir:
+    """An open, locked sweep directory (see :func:`open_sweep_dir`)."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        """Write ``name`` atomically, relative to the directory's descriptor: a temporary file
+        created with ``O_EXCL|O_NOFOLLOW`` (never through a planted link), renamed over ``name``."""
+        tmp = f".{name}.tmp{os.getpid()}"
+        try:
+            os.unlink(tmp, dir_fd=self.fd)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=self.fd)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        return self.path / name
+
+    def write_table(self, table: pl.DataFrame) -> tuple[Path, Path]:
+        import io
+
+        pq, csv = io.BytesIO(), io.BytesIO()
+        table.write_parquet(pq)
+        table.write_csv(csv)
+        return (self.write_bytes(f"{TABLE_NAME}.parquet", pq.getvalue()),
+                self.write_bytes(f"{TABLE_NAME}.csv", csv.getvalue()))
+
+
+def _open_output_dir(path: Path) -> int:
+    """Create ``path`` if needed and open it; refuse a directory another user owns or that group
+    or others can write (anyone who can write it could plant links among our files)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o755)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except NotADirectoryError:
+        raise SweepError(f"{path}: not a directory") from None
+    except OSError as exc:
+        raise SweepError(f"{path}: cannot create or open the sweep directory ({exc.strerror or exc})") from None
+    st = os.fstat(fd)
+    problem = None
+    if st.st_uid != os.geteuid():
+        problem = f"owned by uid {st.st_uid}, not by you (uid {os.geteuid()})"
+    elif st.st_mode & 0o022:
+        problem = f"writable by group or others (mode {st.st_mode & 0o7777:04o}; chmod go-w it)"
+    if problem:
+        os.close(fd)
+        raise SweepError(f"{path}: {problem}; refusing to write sweep results there")
+    return fd
+
+
+@contextmanager
+def open_sweep_dir(plan: SweepPlan, on_wait: Callable[[str], None] | None = None):
+    """Open the plan's output directory for a sweep: create it (safely), take its lock (a second
+    sweep into the same directory waits here until the first is done), check that it holds
+    nothing but this study (same trace, policy and run settings; :data:`BOUND`), record the
+    binding in ``DIR/sweep.json``, and refresh which runs are done.  Yields a :class:`SweepDir`.
+    ``on_wait(message)`` is called once if the directory is locked by another sweep."""
+    import fcntl
+
+    fd = _open_output_dir(plan.out_dir)
+    lock = -1
+    try:
+        lock = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=fd)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait(f"waiting for another sweep into {plan.out_dir} to finish")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        d = SweepDir(plan.out_dir, fd)
+        _bind(plan, d)
+        for r in plan.runs:
+            r.done = _result_complete(plan.out_dir, r.run_id)
+        yield d
+    finally:
+        if lock >= 0:
+            os.close(lock)  # releases the flock
+        os.close(fd)
+
+
+def read_sweep_manifest(out_dir) -> dict[str, Any] | None:
+    """``DIR/sweep.json`` (the binding of a sweep directory), or None when there is none."""
+    p = Path(out_dir) / MANIFEST_NAME
+    try:
+        obj = json.loads(p.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise SweepError(f"{p}: not a readable sweep manifest ({exc})") from None
+    if not isinstance(obj, dict) or obj.get("format") != MANIFEST_FORMAT:
+        raise SweepError(f"{p}: not a ksmtrace sweep manifest")
+    return obj
+
+
+def _bind(plan: SweepPlan, d: SweepDir) -> None:
+    want = _binding(plan)
+    where = str(plan.out_dir)
+    have = read_sweep_manifest(plan.out_dir)
+    if have is not None:
+        msg = _mismatch(have.get("binding", {}), want, where, have.get("trace_name"))
+        if msg:
+            raise SweepError(msg)
+        grid = {k: list(v) for k, v in have.get("grid", {}).items()}
+    else:
+        # no manifest (an older sweep, or results of replay/compare -o): the result files decide
+        from ksmtrace.results import RESULT_FORMAT
+
+        grid = {}
+        for f in sorted(plan.out_dir.glob("*.json")):
+            try:
+                obj = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(obj, dict) or obj.get("format") != RESULT_FORMAT:
+                continue
+            spec = obj.get("spec", {})
+            have_b = {k: spec.get(k) for k in BOUND}
+            msg = _mismatch(have_b, want, where, spec.get("trace_name"))
+            if msg:
+                raise SweepError(msg + f" (found in {f.name})")
+    for r in plan.runs:  # the grid so far: every value of every swept parameter, in first-seen order
+        for k in plan.keys:
+            vals = grid.setdefault(k, [])
+            if r.params.get(k) not in vals:
+                vals.append(r.params.get(k))
+    manifest = {"format": MANIFEST_FORMAT, "format_version": 1, "trace": plan.trace_path, "trace_name": plan.trace_name,
+                "binding": want, "grid": grid}
+    text = json.dumps(manifest, indent=1, default=str) + "\n"
+    if have is None or json.dumps(have, indent=1, default=str) + "\n" != text:
+        d.write_bytes(MANIFEST_NAME, text.encode())
+
+
 # --- running -------------------------------------------------------------------------------------
 _TRACES: dict[str, Any] = {}
-
-
-def _worker_init() -> None:  # pragma: no cover - runs in worker processes
-    import signal
-
-    # Ctrl-C goes to the whole process group: the parent handles it and stops the workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_one(task: dict[str, Any]) -> tuple[str, str]:
@@ -264,20 +430,14 @@ def _clean_partial(out_dir: Path, run_ids: Sequence[str]) -> None:
                 pass
 
 
-def _stop_pool(ex) -> None:
-    """Stop a pool now: cancel what has not started and terminate the workers (their runs are lost;
-    results already written stay)."""
-    procs = list((getattr(ex, "_processes", None) or {}).values())  # shutdown() forgets them
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    ex.shutdown(wait=False, cancel_futures=True)
-    for p in procs:
-        p.join(timeout=10)
+def run_plan(plan: SweepPlan, *, workers: int | None = None, progress: ProgressFn | None = None,
+             executor: Executor | str | None = None) -> dict[str, str]:
+    """Run every run the plan still needs.  Returns ``{predicted run id: actual run id}``.
 
-
-def run_plan(plan: SweepPlan, *, workers: int | None = None, progress: ProgressFn | None = None) -> dict[str, str]:
-    """Run every run the plan still needs.  Returns ``{predicted run id: actual run id}``."""
+    ``executor``: ``"local"`` (default: ``workers`` worker processes, default one per CPU, at most
+    one per run; ``workers=1`` runs here), ``"dask"``, ``"dask://HOST:PORT"`` or an
+    :class:`~ksmtrace.executor.Executor` (left open).  Call it inside :func:`open_sweep_dir` (as
+    :func:`sweep` does) so that two sweeps into one directory do not run the same points."""
     todo = plan.todo
     prog = make(progress)
     n_done_before = len({r.run_id for r in plan.runs if r.done})
@@ -301,43 +461,28 @@ def run_plan(plan: SweepPlan, *, workers: int | None = None, progress: ProgressF
     ids: dict[str, str] = {}
     errors: list[tuple[str, BaseException]] = []
     prog(0, n, f"starting{skipped}")
-    if workers == 1:
-        for k, t in enumerate(tasks):
-            try:
-                pred, actual = _run_one(t)
-                ids[pred] = actual
-            except KsmtraceError as exc:
-                errors.append((t["run_id"], exc))
-            prog(k + 1, n, labels[t["run_id"]] + skipped)
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-        from concurrent.futures.process import BrokenProcessPool
-
-        if not os.environ.get("KSMTRACE_NO_CACHE"):
+    ex = make_executor(executor, workers)
+    try:
+        if ex.warm() and not os.environ.get("KSMTRACE_NO_CACHE"):
             from ksmtrace.trace.reader import open_trace
 
             open_trace(plan.trace_path).prepare(plan.scope)  # fill the disk cache once, not in every worker
-        ex = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_worker_init)
-        try:
-            futures = {ex.submit(_run_one, t): t for t in tasks}
-            for k, fut in enumerate(as_completed(futures)):
-                t = futures[fut]
-                try:
-                    pred, actual = fut.result()
-                    ids[pred] = actual
-                except BrokenProcessPool:
-                    raise SweepError(
-                        f"a sweep worker died (killed, or out of memory?) after {k} of {n} runs; "
-                        "run the same sweep again to resume") from None
-                except KsmtraceError as exc:
-                    errors.append((t["run_id"], exc))
-                prog(k + 1, n, labels[t["run_id"]] + skipped)
-        except BaseException:
-            _stop_pool(ex)
-            raise
-        ex.shutdown(wait=True)
+        # the module attribute, looked up now: tests replace it
+        for k, done in enumerate(ex.run(globals()["_run_one"], tasks)):
+            t = tasks[done.index]
+            if done.error is None:
+                pred, actual = done.value
+                ids[pred] = actual
+            elif isinstance(done.error, KsmtraceError):
+                errors.append((t["run_id"], done.error))
+            else:
+                raise done.error
+            prog(k + 1, n, labels[t["run_id"]] + skipped)
+    except WorkerLost as exc:
+        raise SweepError(f"{exc}; run the same sweep again to resume") from None
+    finally:
+        if ex is not executor:
+            ex.close()
     for pred, actual in ids.items():
         if pred != actual:
             warnings.warn(f"run id {actual} differs from the predicted {pred}: resuming this sweep will re-run it",
@@ -351,19 +496,26 @@ def run_plan(plan: SweepPlan, *, workers: int | None = None, progress: ProgressF
 
 def sweep(trace_path, policy: str, grid: Mapping[str, Sequence[Any]], out_dir, *, workers: int | None = None,
           progress: ProgressFn | None = None, engine: str = "fast", scope: str | None = None, timing_cost=None,
-          report_cost=None, start_s: float = 0.0, seed: int = 0, write_table: bool = True) -> pl.DataFrame:
+          report_cost=None, start_s: float = 0.0, seed: int = 0, write_table: bool = True,
+          executor: Executor | str | None = None) -> pl.DataFrame:
     """Replay ``policy`` on the trace at ``trace_path`` for every point of ``grid`` (a dict of
     parameter -> list of values; strings are converted to the parameter's type), in ``workers``
-    processes (default: one per CPU), writing each run's result files into ``out_dir`` and
-    skipping runs whose result file is already there.  Returns the sweep table (one row per grid
-    point, in grid order; see :func:`sweep_table`) and writes it to ``out_dir/sweep.parquet`` and
-    ``out_dir/sweep.csv``.  ``report_cost``: the cost model for the table's CPU seconds."""
+    processes (default: one per CPU) of ``executor`` (default ``"local"``; ``"dask"`` or
+    ``"dask://HOST:PORT"``), writing each run's result files into ``out_dir`` and skipping runs
+    whose result file is already there.  Returns the sweep table (one row per grid point, in grid
+    order; see :func:`sweep_table`) and writes it to ``out_dir/sweep.parquet`` and
+    ``out_dir/sweep.csv``.  ``report_cost``: the cost model for the table's CPU seconds.
+
+    ``out_dir`` is bound to this trace, policy and run settings (``out_dir/sweep.json``): a sweep
+    of another trace into it is a :class:`SweepError`; two sweeps into it run one after the other."""
+    trace_path = getattr(trace_path, "path", trace_path)  # an opened trace or its path
     plan = plan_sweep(trace_path, policy, grid, out_dir, engine=engine, scope=scope, timing_cost=timing_cost,
                       start_s=start_s, seed=seed)
-    ids = run_plan(plan, workers=workers, progress=progress)
-    table = sweep_table(plan, cost=report_cost, actual_ids=ids)
-    if write_table:
-        write_sweep_table(table, plan.out_dir)
+    with open_sweep_dir(plan, on_wait=lambda msg: make(progress)(0, 0, msg)) as d:
+        ids = run_plan(plan, workers=workers, progress=progress, executor=executor)
+        table = sweep_table(plan, cost=report_cost, actual_ids=ids)
+        if write_table:
+            d.write_table(table)
     return table
 
 
@@ -463,14 +615,14 @@ def sweep_table(plan: SweepPlan, cost=None, actual_ids: Mapping[str, str] | None
 
 
 def write_sweep_table(table: pl.DataFrame, out_dir) -> tuple[Path, Path]:
+    """Write the table to ``out_dir/sweep.parquet`` and ``sweep.csv`` (atomically, through the
+    directory's descriptor; the directory is checked as for a sweep)."""
     d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    pq, csv = d / f"{TABLE_NAME}.parquet", d / f"{TABLE_NAME}.csv"
-    for path, writer in ((pq, table.write_parquet), (csv, table.write_csv)):
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        writer(tmp)
-        os.replace(tmp, path)
-    return pq, csv
+    fd = _open_output_dir(d)
+    try:
+        return SweepDir(d, fd).write_table(table)
+    finally:
+        os.close(fd)
 
 
 def read_sweep_table(path) -> pl.DataFrame:

@@ -70,8 +70,8 @@ BREAKDOWN_DEFINITIONS = {
 def breakdown(source, scope: str | None = None, *, snaps: Iterable[int] | None = None) -> pl.DataFrame:
     """The sharing breakdown of every snapshot (or of ``snaps``) as a DataFrame of frame counts.
 
-    ``source`` is a :class:`~ksmtrace.trace.reader.Trace` (prepared under ``scope``, default
-    ``recorded``) or an already :class:`~ksmtrace.trace.prepare.Prepared` one.  Columns:
+    ``source`` is a :class:`~ksmtrace.trace.reader.Trace` or the path of one (prepared under
+    ``scope``, default ``recorded``), or an already :class:`~ksmtrace.trace.prepare.Prepared` one.  Columns:
     :data:`BREAKDOWN_COLUMNS`, defined in :data:`BREAKDOWN_DEFINITIONS` and the module docstring.
     """
     from ksmtrace.trace.prepare import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE, Prepared
@@ -80,10 +80,14 @@ def breakdown(source, scope: str | None = None, *, snaps: Iterable[int] | None =
         if scope is not None and scope != source.scope:
             raise KsmtraceError(f"breakdown: the prepared trace has scope {source.scope!r}, not {scope!r}")
         prep = source
-    elif hasattr(source, "prepare"):
-        prep = source.prepare(scope or "recorded")
     else:
-        raise KsmtraceError(f"breakdown: expected a trace or a prepared trace, got {type(source).__name__}")
+        from ksmtrace.trace.reader import as_trace
+
+        try:
+            trace = as_trace(source)
+        except KsmtraceError:
+            raise KsmtraceError(f"breakdown: expected a trace, its path or a prepared trace, got {type(source).__name__}") from None
+        prep = trace.prepare(scope or "recorded")
 
     n = prep.n_snaps
     wanted = np.zeros(n, dtype=bool)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from ksmtrace.policies.pksm_delay import PKSMDelay
+from ksmtrace.policies.pksm.delay import PKSMDelay
 
 DELAY_KEYS = ("probation_passes", "probation_seconds", "on_change")
 
@@ -17,6 +17,9 @@ def delay_report(trace, params: Mapping[str, Any] | None = None, engine: str = "
     delay), the probation totals, and both results (``pksm``, ``pksm_delay``).
     """
     from ksmtrace.replay import replay
+    from ksmtrace.trace.reader import as_trace
+
+    trace = as_trace(trace)
 
     full = dataclasses.asdict(PKSMDelay(params or {}).params)
     base = {k: v for k, v in full.items() if k not in DELAY_KEYS}

@@ -9,6 +9,11 @@ from ksmtrace.textfmt import dumps, fmt, kv_lines, table  # noqa: F401  (re-expo
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress and no messages on stderr.")
+executor_option = click.option(
+    "--executor", default="local", show_default=True, metavar="local|dask|dask://HOST:PORT",
+    help="Where the runs execute: local worker processes; dask = a Dask cluster started here; "
+         "dask://HOST:PORT = a running Dask scheduler (traces and outputs on storage its workers share). "
+         "Dask needs pip install 'ksmtrace[dask]'.")
 
 
 def emit_json(obj: Any) -> None:

@@ -7,7 +7,7 @@ import sys
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import echo_table, emit_json, json_option, note, quiet_option
+from ksmtrace.cli._options import echo_table, emit_json, executor_option, json_option, note, quiet_option
 from ksmtrace.cli._replay_opts import params_from, replay_options
 from ksmtrace.progress import Progress
 from ksmtrace.results import FRAMES_SAVED_DEFINITION
@@ -45,10 +45,13 @@ def comparison_rows(results) -> list[dict]:
               help="Parameter applied to every policy that has it (repeatable).")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Write every run's result files here.")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV on stdout.")
+@click.option("-j", "--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Workers running the replays (1 = here, one after another).")
+@executor_option
 @replay_options
 @json_option
 @quiet_option
-def compare_cmd(trace, policies, params, output, as_csv, engine, scope, cost, timing_cost, start_s, seed, as_json, quiet):
+def compare_cmd(trace, policies, params, output, as_csv, workers, executor, engine, scope, cost, timing_cost, start_s, seed, as_json, quiet):
     """Replay several policies on TRACE and compare memory saved, COW breaks and CPU.
 
     Memory saved is the mean over snapshots of frames_saved, and as a percentage of what a
@@ -58,9 +61,10 @@ def compare_cmd(trace, policies, params, output, as_csv, engine, scope, cost, ti
     Example:
       ksmtrace compare my-trace --policies oracle,ksm,pksm,hashtable
       ksmtrace compare my-trace --policies "ksm,ksm:pages_to_scan=1000" --csv
+      ksmtrace compare my-trace --policies oracle,ksm,pksm,hashtable -j 2
     """
     from ksmtrace.policies.registry import get_policy
-    from ksmtrace.replay import replay
+    from ksmtrace.replay import compare
     from ksmtrace.trace.reader import open_trace
 
     tr = open_trace(trace)
@@ -74,18 +78,17 @@ def compare_cmd(trace, policies, params, output, as_csv, engine, scope, cost, ti
         merged = {k: v for k, v in common.items() if k in known}
         merged.update(own)
         specs.append((name, merged, item))
-    results = []
     prog = Progress("compare", quiet=quiet)
     try:
-        for i, (name, p, label) in enumerate(specs):
-            r = replay(tr, name, p, engine=engine, scope=scope, timing_cost=timing_cost, report_cost=cost, start_s=start_s, seed=seed)
-            r.spec["label"] = label if label != name else None
-            results.append(r)
-            if output:
-                r.write(output)
-            prog(i + 1, len(specs), name)
+        results = compare(tr, [(name, p) for name, p, _ in specs], engine=engine, scope=scope,
+                          timing_cost=timing_cost, report_cost=cost, start_s=start_s, seed=seed, progress=prog,
+                          executor=None if workers == 1 and executor == "local" else executor, workers=workers)
     finally:
         prog.close()
+    for r, (name, _, label) in zip(results, specs):
+        r.spec["label"] = label if label != name else None
+        if output:
+            r.write(output)
     rows = comparison_rows(results)
     if as_json:
         emit_json({"trace": str(tr.path), "rows": rows, "definition": FRAMES_SAVED_DEFINITION})

@@ -22,13 +22,14 @@ def policies_cmd(ctx, as_json):
     if ctx.invoked_subcommand is not None:
         return
     rows = [
-        {"name": cls.name, "scope": cls.default_scope, "summary": cls.summary, "from": origin(cls.name)}
+        {"name": cls.name, "scope": cls.default_scope, "kernel": "numba" if cls.has_kernel() else "-",
+         "summary": cls.summary, "from": origin(cls.name)}
         for cls in list_policies()
     ]
     if as_json:
         emit_json({"policies": rows, "broken": broken_plugins()})
         return
-    echo_table(rows, ["name", "scope", "summary"])
+    echo_table(rows, ["name", "scope", "kernel", "summary"])
     for name, why in broken_plugins().items():
         click.echo(f"(plugin {name!r} not loaded: {why})", err=True)
 
@@ -47,7 +48,7 @@ def show_cmd(name, as_json):
     params = cls.parameter_table()
     if as_json:
         emit_json({
-            "name": cls.name, "summary": cls.summary, "default_scope": cls.default_scope,
+            "name": cls.name, "summary": cls.summary, "default_scope": cls.default_scope, "kernel": cls.kernel,
             "counters": list(cls.kernel_counters), "parameters": params, "description": cls.docstring(),
             "module_doc": (__import__(cls.__module__, fromlist=["_"]).__doc__ or "").strip(),
         })

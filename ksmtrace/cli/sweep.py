@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import echo_table, emit_json, json_option, note, quiet_option
+from ksmtrace.cli._options import echo_table, emit_json, executor_option, json_option, note, quiet_option
 from ksmtrace.cli._replay_opts import replay_options
 from ksmtrace.progress import Progress
 from ksmtrace.results import FRAMES_SAVED_DEFINITION
@@ -23,19 +23,22 @@ HEADERS = {"frames_saved_mean": "saved(mean)", "pct_of_oracle": "%oracle", "cpu_
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for every run's result files and the table (sweep.parquet, sweep.csv).")
 @click.option("-j", "--workers", type=click.IntRange(min=1), default=None,
-              help="Worker processes (default: one per CPU, at most one per run).")
+              help="Workers (default: one per CPU, at most one per run; 1 = run here, one by one).")
+@executor_option
 @click.option("--pareto", is_flag=True, help="Also print the non-dominated runs (most saved, least CPU, fewest COW breaks).")
 @click.option("--dry-run", is_flag=True, help="List the grid and which runs are already done; run nothing.")
 @replay_options
 @json_option
 @quiet_option
-def sweep_cmd(trace, policy, grid_items, out_dir, workers, pareto, dry_run, engine, scope, cost, timing_cost, start_s,
+def sweep_cmd(trace, policy, grid_items, out_dir, workers, executor, pareto, dry_run, engine, scope, cost, timing_cost, start_s,
               seed, as_json, quiet):
     """Replay TRACE through POLICY for every combination of parameter values.
 
-    Runs go to worker processes; each run's result is written to DIR as soon as it finishes,
-    and a run whose result is already in DIR is not run again, so an interrupted sweep resumes
-    where it stopped when the same command is given again.  The table (one row per grid point:
+    Runs go to worker processes (or a Dask cluster: --executor); each run's result is written to
+    DIR as soon as it finishes, and a run whose result is already in DIR is not run again, so an
+    interrupted sweep resumes where it stopped when the same command is given again.  DIR is
+    bound to TRACE, POLICY and the run settings (DIR/sweep.json): another trace into it is an
+    error, and a second sweep into it waits for the first.  The table (one row per grid point:
     the swept parameters, scope, engine, run id, memory saved, % of oracle, COW breaks, CPU
     seconds, merges, merge latency, exposed merges) is printed and written to DIR/sweep.parquet
     and DIR/sweep.csv.
@@ -46,7 +49,7 @@ def sweep_cmd(trace, policy, grid_items, out_dir, workers, pareto, dry_run, engi
       ksmtrace sweep my-trace -P pksm-delay -p probation_passes=0:4 -p on_change=restart,keep -o sweeps/delay
       ksmtrace plot sweeps/ksm --kind pareto -o ksm-pareto.png
     """
-    from ksmtrace.sweep import parse_grid, pareto_front, plan_sweep, run_plan, sweep_table, write_sweep_table
+    from ksmtrace.sweep import open_sweep_dir, parse_grid, pareto_front, plan_sweep, run_plan, sweep_table
 
     grid = parse_grid(grid_items)
     plan = plan_sweep(trace, policy, grid, out_dir, engine=engine, scope=scope, timing_cost=timing_cost,
@@ -63,11 +66,16 @@ def sweep_cmd(trace, policy, grid_items, out_dir, workers, pareto, dry_run, engi
         echo_table(rows, plan.keys + ["status", "run_id"])
         note(f"{n_total} runs, {n_total - n_todo} already in {plan.out_dir}, {n_todo} to run", quiet)
         return
-    note(f"sweep {plan.policy} on {plan.trace_name}: {n_total} runs, {n_total - n_todo} already in {plan.out_dir}, "
-         f"{n_todo} to run", quiet)
     prog = Progress(f"sweep {plan.policy}", quiet=quiet)
     try:
-        ids = run_plan(plan, workers=workers, progress=prog)
+        with open_sweep_dir(plan, on_wait=lambda msg: note(msg, quiet)) as sweep_dir:
+            n_todo = len(plan.todo)  # another sweep may have finished some while we waited
+            note(f"sweep {plan.policy} on {plan.trace_name}: {n_total} runs, {n_total - n_todo} already in "
+                 f"{plan.out_dir}, {n_todo} to run", quiet)
+            ids = run_plan(plan, workers=workers, progress=prog, executor=executor)
+            prog.close()
+            table = sweep_table(plan, cost=cost, actual_ids=ids)
+            pq, csv = sweep_dir.write_table(table)
     except BaseException as exc:
         prog.close()
         if isinstance(exc, KeyboardInterrupt):
@@ -75,9 +83,6 @@ def sweep_cmd(trace, policy, grid_items, out_dir, workers, pareto, dry_run, engi
             note(f"interrupted: {n_total - n_todo + done} of {n_total} runs are saved in {plan.out_dir}; "
                  "give the same command again to resume", quiet)
         raise
-    prog.close()
-    table = sweep_table(plan, cost=cost, actual_ids=ids)
-    pq, csv = write_sweep_table(table, plan.out_dir)
     front = pareto_front(table) if pareto else None
     if as_json:
         out = {"trace": plan.trace_path, "policy": plan.policy, "grid": grid, "out_dir": str(plan.out_dir),

@@ -1,4 +1,9 @@
-"""The fast engine: ground truth as numpy arrays (see :mod:`ksmtrace.engine.state`)."""
+"""The fast engine: ground truth as numpy arrays (see :mod:`ksmtrace.engine.state`).
+
+It offers the primitive surface of :class:`ksmtrace.engine.api.Engine` as methods, so a readable
+runtime (plain Python, no numba) runs on it unchanged; a policy's numba kernel works on the arrays
+(``self.E``) through the jitted twins of the same primitives.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -16,6 +21,7 @@ class FastEngine:
         self._proc_new = np.zeros(prep.n_procs, dtype=np.bool_)
         self.now = 0
 
+    # --- the driver's side ----------------------------------------------------------------------
     def apply_snapshot(self, s: int, now: int) -> int:
         """Apply snapshot ``s``'s page events at virtual time ``now``; returns COW breaks."""
         p = self.prep
@@ -43,3 +49,39 @@ class FastEngine:
 
     def latency_hist(self) -> np.ndarray:
         return self.E.ec[st.LAT0 : st.TS0].copy()
+
+    # --- queries (plain numpy reads: cheaper from Python than a jitted call) --------------------
+    def is_candidate(self, pg: int) -> bool:
+        return bool(self.E.pg[pg, st.P_CID] >= 0)
+
+    def cid(self, pg: int) -> int:
+        return int(self.E.pg[pg, st.P_CID])
+
+    def frame(self, pg: int) -> int:
+        return int(self.E.pg[pg, st.P_FRAME])
+
+    def page_is_ksm(self, pg: int) -> bool:
+        f = int(self.E.pg[pg, st.P_FRAME])
+        return f > 0 and bool(self.E.fr[f, st.F_KSM] == 1)
+
+    def frame_alive(self, f: int, gen: int) -> bool:
+        fr = self.E.fr
+        return f > 0 and bool(fr[f, st.F_REF] > 0 and fr[f, st.F_KSM] == 1 and fr[f, st.F_GEN] == gen)
+
+    def frame_refs(self, f: int) -> int:
+        return int(self.E.fr[f, st.F_REF]) if f > 0 else 0
+
+    # --- proposals (the jitted primitives the kernels call) ---------------------------------------
+    def stabilize(self, pg: int) -> int:
+        return int(st.stabilize(self.E, np.int64(pg)))
+
+    def merge(self, pg: int, f: int, now: int) -> bool:
+        return bool(st.merge(self.E, np.int64(pg), np.int64(f), np.int64(now)))
+
+    def merge_zero(self, pg: int, now: int) -> bool:
+        return bool(st.merge_zero(self.E, np.int64(pg), np.int64(now)))
+
+    def split_thp(self, pg: int, remap_zero: bool) -> int:
+        proc = int(self.prep.page_proc[pg])
+        lo, hi = int(self.prep.proc_pg_lo[proc]), int(self.prep.proc_pg_hi[proc])
+        return int(st.split_thp(self.E, np.int64(pg), np.int64(lo), np.int64(hi), bool(remap_zero)))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ksmtrace.engine.state import COUNTER_NAMES, N_LAT_BINS, ZERO_FRAME, lat_bin
-from ksmtrace.trace.prepare import EV_APPEAR, EV_GONE, EV_THP, EV_UNMERGE, EV_WRITE
+from ksmtrace.engine.api import EV_APPEAR, EV_GONE, EV_THP, EV_UNMERGE, EV_WRITE
 
 
 @dataclass
@@ -81,6 +81,10 @@ class ReferenceEngine:
     def frame_alive(self, f: int, gen: int) -> bool:
         fr = self.frames.get(f)
         return f != ZERO_FRAME and fr is not None and fr.ref > 0 and fr.ksm and fr.gen == gen
+
+    def frame_refs(self, f: int) -> int:
+        fr = self.frames.get(f)
+        return fr.ref if fr is not None and f != ZERO_FRAME else 0
 
     # --- policy primitives ----------------------------------------------------------------
     def stabilize(self, pg: int) -> int:

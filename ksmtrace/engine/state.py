@@ -21,6 +21,7 @@ from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decor
 from numba import njit
 
 from ksmtrace.engine.jitutil import prefetch_row
+from ksmtrace.trace.prepare import EV_APPEAR, EV_GONE, EV_THP, EV_UNMERGE, EV_WRITE
 
 ZERO_FRAME = 0
 
@@ -197,7 +198,7 @@ def _release(E, pg):
     _release_a(E.pg, E.fr, E.gm, E.ec, pg)
 
 
-@njit
+@njit(cache=True)
 def stabilize(E, pg):
     """Make the frame ``pg`` maps a KSM page (write-protect it).  Returns its generation."""
     f = E.pg[pg, P_FRAME]
@@ -225,7 +226,7 @@ def _account_merge(E, pg, partner_since, partner_dom, now):
         E.ec[C_EXPOSED] += 1
 
 
-@njit
+@njit(cache=True)
 def merge(E, pg, f, now):
     """Map ``pg`` onto KSM page ``f`` (replace_page).  Returns True on success."""
     if E.pg[pg, P_CID] < 0 or f <= 0 or E.fr[f, F_REF] <= 0 or E.fr[f, F_KSM] == 0 or E.fr[f, F_CID] != E.pg[pg, P_CID]:
@@ -248,7 +249,7 @@ def merge(E, pg, f, now):
     return True
 
 
-@njit
+@njit(cache=True)
 def merge_zero(E, pg, now):
     """Map ``pg`` (all zero) onto the kernel zero page, as use_zero_pages does."""
     if E.pg[pg, P_CID] != 0 or E.pg[pg, P_FRAME] <= 0:
@@ -262,7 +263,7 @@ def merge_zero(E, pg, now):
     return True
 
 
-@njit
+@njit(cache=True)
 def split_thp(E, pg, lo, hi, remap_zero):
     """Split the huge page ``pg`` belongs to (KSM does before merging a subpage).
 
@@ -320,12 +321,12 @@ def apply_events(E, pgs, kinds, cids, gids, thps, proc_new, now):
         k = kinds[i]
         if P[pg, P_CID] < 0:
             continue
-        if k == 2 or k == 3 or k == 4:  # gone, unmerge, write
+        if k == EV_GONE or k == EV_UNMERGE or k == EV_WRITE:
             f = P[pg, P_FRAME]
             merged = (f > 0 and F[f, F_KSM] == 1) or P[pg, P_ZKSM] == 1
-            if merged and (k == 4 or k == 3):
+            if merged and (k == EV_WRITE or k == EV_UNMERGE):
                 cows += 1
-                if k == 3:
+                if k == EV_UNMERGE:
                     ec[C_UNMERGED] += 1
             if P[pg, P_ZKSM] == 1:
                 P[pg, P_ZKSM] = 0
@@ -334,7 +335,7 @@ def apply_events(E, pgs, kinds, cids, gids, thps, proc_new, now):
             P[pg, P_FRAME] = -1
             P[pg, P_CID] = -1
             ec[C_CAND] -= 1
-        elif k == 5:
+        elif k == EV_THP:
             P[pg, P_THP] = thps[i]
     # 2. arrivals: new candidates and the new content of written pages
     for i in range(n):
@@ -344,7 +345,7 @@ def apply_events(E, pgs, kinds, cids, gids, thps, proc_new, now):
                 prefetch_row(G, ga)
         pg = pgs[i]
         k = kinds[i]
-        if not (k == 1 or k == 4):
+        if not (k == EV_APPEAR or k == EV_WRITE):
             continue
         if P[pg, P_CID] >= 0:  # already a candidate (cannot happen after step 1)
             continue
@@ -355,7 +356,7 @@ def apply_events(E, pgs, kinds, cids, gids, thps, proc_new, now):
         if f < 0:
             a = G[g, G_ASLOT] if g >= 0 else -1
             # a fork child of a page that was merged away maps the KSM page its parent maps
-            if (k == 1 and a > 0 and proc_new[P[pg, P_PROC]] and F[a, F_REF] > 0 and F[a, F_KSM] == 1
+            if (k == EV_APPEAR and a > 0 and proc_new[P[pg, P_PROC]] and F[a, F_REF] > 0 and F[a, F_KSM] == 1
                     and F[a, F_GEN] == G[g, G_AGEN] and F[a, F_CID] == c):
                 f = a
             else:

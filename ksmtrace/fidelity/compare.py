@@ -277,6 +277,9 @@ def fidelity(
     ground truth.
     """
     from ksmtrace.replay import replay
+    from ksmtrace.trace.reader import as_trace
+
+    trace = as_trace(trace)
 
     gt = load_ground_truth(trace)
     params = ksm_params(gt, dict(overrides or {}))

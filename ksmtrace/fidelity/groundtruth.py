@@ -132,7 +132,10 @@ def _release_tuple(release: str | None) -> tuple[int, int] | None:
 
 
 def load_ground_truth(trace) -> GroundTruth:
-    """The ground truth of ``trace``; raises :class:`FidelityError` when it has none."""
+    """The ground truth of ``trace`` (or the path of one); raises :class:`FidelityError` when it has none."""
+    from ksmtrace.trace.reader import as_trace
+
+    trace = as_trace(trace)
     if not trace.has_ground_truth:
         raise FidelityError(
             f"{trace.path}: this trace has no ground truth (no samples of /sys/kernel/mm/ksm: it was "

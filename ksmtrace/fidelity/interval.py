@@ -23,9 +23,9 @@ def interval_study(trace, every: Sequence[int] = (1, 2, 4, 8, 16, 32), *, workdi
     """One row per subsampling factor: the interval and the fidelity numbers of the coarser trace."""
     from ksmtrace.fidelity.compare import fidelity
     from ksmtrace.fidelity.subsample import subsample_trace
-    from ksmtrace.trace.reader import Trace, open_trace
+    from ksmtrace.trace.reader import as_trace
 
-    tr = trace if isinstance(trace, Trace) else open_trace(trace)
+    tr = as_trace(trace)
     base = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="ksmtrace-interval-"))
     base.mkdir(parents=True, exist_ok=True)
     rows = []

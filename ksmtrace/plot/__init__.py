@@ -12,6 +12,7 @@ Importing this package imports matplotlib; replay and sweeps never do.
 """
 from ksmtrace.plot._common import STYLE, changed_params, run_labels, save
 from ksmtrace.plot._breakdown import breakdown
+from ksmtrace.plot._fleet import fleet_matrix
 from ksmtrace.plot._heatmap import heatmap, heatmap_matrix
 from ksmtrace.plot._latency import latency, latency_cdf_points
 from ksmtrace.plot._pareto import pareto, pareto_points
@@ -20,6 +21,6 @@ from ksmtrace.plot._timeline import timeline
 KINDS = ("timeline", "pareto", "latency", "breakdown", "heatmap")
 
 __all__ = [
-    "KINDS", "STYLE", "breakdown", "changed_params", "heatmap", "heatmap_matrix", "latency", "latency_cdf_points",
+    "KINDS", "STYLE", "breakdown", "changed_params", "fleet_matrix", "heatmap", "heatmap_matrix", "latency", "latency_cdf_points",
     "pareto", "pareto_points", "run_labels", "save", "timeline",
 ]

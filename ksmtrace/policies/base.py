@@ -1,36 +1,37 @@
 """The policy interface.
 
-A policy is one module holding:
+A policy is one unit (a module, or a package for the larger ones) holding:
 
 * a frozen dataclass of typed parameters (``Params``, a subclass of :class:`Params`), each field
   with ``help`` and ``unit`` metadata (:func:`param`);
 * a :class:`Policy` subclass: name, one-line summary, the scope it scans by default, the kernel
   counters it reports, and a docstring that says which kernel behaviour it models and where it
   deliberately differs;
-* a *reference* runtime (readable, page by page, the executable spec) and a *fast* runtime
-  (numba-jitted loops over the engine's arrays).  Both must give identical results.
+* its **readable runtime** (``Policy.Runtime``): plain Python written against the engine's
+  primitive surface (:class:`ksmtrace.engine.api.Engine`), usually a
+  :class:`~ksmtrace.engine.daemon.Daemon` subclass.  It is the policy, and it runs on both engines;
+* optionally a **numba kernel** (``Policy.kernel``, ``"module:Class"``, imported only when used):
+  the accelerator of the readable runtime's hot loop, on the fast engine's arrays, built on the
+  shared kernel daemon (:mod:`ksmtrace.engine.daemon`) with parameter slots generated from the same
+  ``Params``.  The differential suite holds it equal to the readable runtime.
 
 The engine owns the truth (contents, frames, COW breaks); a runtime owns its scan order, its
 index and per-page state, decides what to compare and merge through the engine's primitives, and
-counts its work in the named units of :mod:`ksmtrace.engine.cost`.
-
-Runtime protocol (what the replay driver calls, in this order, for every snapshot ``s``)::
-
-    rt.on_snapshot(s, t_s)        # the engine has just applied snapshot s's page events
-    rt.counters() / rt.units()    # read for the metrics row of snapshot s
-    rt.run_until(t_{s+1})         # the daemon works during [t_s, t_{s+1})
+counts its work in the named units of :mod:`ksmtrace.engine.cost`.  The driver's calls are
+:class:`ksmtrace.engine.api.Runtime`.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Mapping
 
-import numpy as np
+from ksmtrace.engine.api import RUNTIMES, RunContext
+from ksmtrace.errors import KsmtraceError, PolicyParamError
 
-from ksmtrace.engine.cost import N_UNITS, UNIT_INDEX
-from ksmtrace.errors import PolicyParamError
+__all__ = ["Params", "Policy", "RunContext", "param", "parse_params", "parse_assignments"]
 
 
 def param(default, help: str, unit: str = "", choices: tuple | None = None, minimum=None, maximum=None):
@@ -127,19 +128,6 @@ def parse_assignments(items: list[str] | tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-@dataclass
-class RunContext:
-    """What a runtime receives besides its parameters."""
-
-    prep: Any  # ksmtrace.trace.prepare.Prepared
-    engine: Any  # FastEngine or ReferenceEngine
-    timing_ps: np.ndarray  # int64 picoseconds per cost unit (daemon units)
-    hz: int  # kernel tick rate for sleep quantisation (0 = none)
-    start_ns: int  # virtual time at which the daemon starts
-    seed: int
-    options: dict = dataclasses.field(default_factory=dict)
-
-
 class Policy:
     """Base of every policy.  Subclasses set the class attributes and implement :meth:`runtime`."""
 
@@ -173,8 +161,37 @@ class Policy:
         """Effective parameters (stored in every result)."""
         return self.params.as_dict()
 
-    def runtime(self, ctx: RunContext):  # pragma: no cover - abstract
-        raise NotImplementedError
+    #: the readable runtime class, constructed as ``Runtime(params, ctx, **runtime_options())``
+    Runtime: ClassVar[type | None] = None
+    #: optional numba kernel runtime, ``"package.module:Class"`` (same constructor)
+    kernel: ClassVar[str | None] = None
+
+    def runtime_options(self) -> dict[str, Any]:
+        """Extra keyword arguments for the runtime's constructor (values derived from the
+        parameters that the runtime should not have to know how to derive)."""
+        return {}
+
+    def runtime(self, ctx: RunContext):
+        """The runtime that replays this policy on ``ctx.engine`` (see ``RunContext.runtime``)."""
+        choice = getattr(ctx, "runtime", "auto")
+        if choice not in RUNTIMES:
+            raise KsmtraceError(f"unknown runtime {choice!r} (runtimes: {', '.join(RUNTIMES)})")
+        use_kernel = bool(self.kernel) and ctx.engine.kind == "fast" and choice in ("auto", "kernel")
+        if choice == "kernel" and not use_kernel:
+            why = "it has none" if not self.kernel else "the reference engine runs readable runtimes only"
+            raise KsmtraceError(f"policy {self.name!r}: no numba kernel to run ({why})")
+        if use_kernel:
+            mod, _, cls_name = self.kernel.partition(":")
+            cls = getattr(importlib.import_module(mod), cls_name)
+        elif self.Runtime is not None:
+            cls = self.Runtime
+        else:  # pragma: no cover - a policy must define one
+            raise KsmtraceError(f"policy {self.name!r} defines no runtime")
+        return cls(self.params, ctx, **self.runtime_options())
+
+    @classmethod
+    def has_kernel(cls) -> bool:
+        return bool(cls.kernel)
 
     @classmethod
     def parameter_table(cls) -> list[dict[str, Any]]:
@@ -200,47 +217,3 @@ class Policy:
         import inspect
 
         return inspect.getdoc(cls) or ""
-
-
-class ReferenceDaemon:
-    """What every reference runtime's daemon shares: its cost-unit counts, its modelled busy time,
-    and the timed batch (``batch`` runs one wake-up's work at ``self.now``; the work's cost under
-    the timing model advances the clock, then the daemon sleeps ``sleep_ms`` as ksmd does).
-
-    Subclasses set ``self.t_wake`` (usually ``ctx.start_ns``) and call :meth:`timed_batch`.
-    """
-
-    def __init__(self, ctx: "RunContext") -> None:
-        self.ctx = ctx
-        self.unit_counts = np.zeros(N_UNITS, dtype=np.int64)
-        self.busy = 0
-        self.now = 0
-        self.t_wake = ctx.start_ns
-        self._batch_units = self.unit_counts.copy()
-
-    def charge(self, unit: str, n: int = 1) -> None:
-        self.unit_counts[UNIT_INDEX[unit]] += n
-
-    def timed_batch(self, work, sleep_ms: int) -> None:
-        """One wake-up at ``self.t_wake``: charge it, run ``work()``, advance the clock."""
-        from ksmtrace.engine.clock import next_wake, work_ns
-
-        self._batch_units = self.unit_counts.copy()
-        self.now = self.t_wake
-        self.charge("wakeups")
-        work()
-        w = int(work_ns(self._batch_units, self.unit_counts, self.ctx.timing_ps))
-        self.busy += w
-        self.t_wake = int(next_wake(self.t_wake + w, sleep_ms, self.ctx.hz))
-
-    def work_so_far(self) -> int:
-        """Modelled ns of the batch in progress."""
-        from ksmtrace.engine.clock import work_ns
-
-        return int(work_ns(self._batch_units, self.unit_counts, self.ctx.timing_ps))
-
-    def units(self) -> np.ndarray:
-        return self.unit_counts
-
-    def busy_ns(self) -> int:
-        return self.busy

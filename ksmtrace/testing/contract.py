@@ -8,10 +8,12 @@ Every registered policy must:
 * respect its budget (``Policy.budget_limit``: a counter that may grow by at most N per wake-up);
 * be deterministic for a seed;
 * never save more than the oracle at any snapshot;
-* give identical tables with the reference and the fast engine;
+* give identical tables with the reference and the fast engine (its readable runtime on the
+  first, its numba kernel, if it has one, on the second);
 * have every parameter change some result (``Policy.sensitivity``: parameter -> (other value,
-  scenario, base parameters)); a parameter without a sensitivity case is a failure.  Base
-  parameters may include ``timing_cost`` (unit -> ns) to give the daemon a heavier clock.
+  scenario, base parameters)), on both engines alike; a parameter without a sensitivity case is a
+  failure.  Base parameters may include ``timing_cost`` (unit -> ns) to give the daemon a heavier
+  clock.
 """
 from __future__ import annotations
 
@@ -90,7 +92,13 @@ def check_sensitivity(cls: type[Policy], make_scenario) -> None:
         p0 = dict(base)
         p1 = dict(base)
         p1[name] = alt
-        r0 = run(tr, cls, p0)
-        r1 = run(tr, cls, p1)
-        if r0.table.drop("snap", "t_s").equals(r1.table.drop("snap", "t_s")):
-            raise ContractFailure(f"{cls.name}: parameter {name}={alt!r} changes nothing on scenario {scen!r} (base {base})")
+        for engine in ("fast", "reference"):
+            r0 = run(tr, cls, p0, engine)
+            r1 = run(tr, cls, p1, engine)
+            if r0.table.drop("snap", "t_s").equals(r1.table.drop("snap", "t_s")):
+                raise ContractFailure(f"{cls.name}: parameter {name}={alt!r} changes nothing on scenario {scen!r} "
+                                      f"(base {base}, {engine} engine)")
+            if engine == "fast":
+                fast1 = r1
+            elif not r1.table.equals(fast1.table):
+                raise ContractFailure(f"{cls.name}: with {name}={alt!r} on scenario {scen!r} the engines differ")

@@ -42,14 +42,16 @@ def synthetic_trace(
     templates: int = 10_000,
     seed: int = 0,
     mergeable: bool = True,
+    capture: dict | None = None,
 ):
-    """Write a synthetic trace and return it opened."""
+    """Write a synthetic trace and return it opened.  ``capture``: extra capture facts (e.g. the
+    ``hash`` key fingerprint a fleet of synthetic hosts shares)."""
     from ksmtrace.trace.reader import open_trace
 
     rng = np.random.default_rng(seed)
     host = {"kernel_release": "synthetic", "page_size": 4096, "hz": 250, "root": True, "pfn_readable": True}
     cap = {"scope": "anon", "interval_s": interval, "soft_dirty": False, "synthetic": True,
-           "pages": pages, "churn": churn, "seed": seed}
+           "pages": pages, "churn": churn, "seed": seed, **(capture or {})}
     w = TraceWriter(path, host=host, capture=cap, tracer={"name": "synthetic", "version": "1"})
     per = pages // processes
     base_flags = np.uint32(S.F_PRESENT | S.F_ANON | S.F_PFN | S.F_KPF | (S.F_MERGEABLE if mergeable else 0))

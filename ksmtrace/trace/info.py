@@ -28,12 +28,12 @@ import polars as pl
 
 from ksmtrace.trace import schema as S
 from ksmtrace.trace.writer import dir_bytes
-from ksmtrace.trace.reader import Trace, open_trace
+from ksmtrace.trace.reader import Trace, as_trace
 
 
 def trace_info(trace: Trace | str | os.PathLike, scope: str = "anon", cache: bool = True) -> dict[str, Any]:
     """Summarise a trace (opens and checks every committed file)."""
-    tr = trace if isinstance(trace, Trace) else open_trace(trace)
+    tr = as_trace(trace)
     tr.check()
     m = tr.manifest
     host = tr.host

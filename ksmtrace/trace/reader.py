@@ -35,6 +35,17 @@ def open_trace(path: str | os.PathLike) -> "Trace":
     return Trace(path)
 
 
+def as_trace(trace: "Trace | str | os.PathLike") -> "Trace":
+    """An opened trace, whether given one or a path to one (every library entry point takes either)."""
+    if isinstance(trace, Trace):
+        return trace
+    if isinstance(trace, (str, os.PathLike)):
+        return Trace(trace)
+    if hasattr(trace, "prepare") and hasattr(trace, "path"):  # a trace-like object (e.g. a refined view)
+        return trace
+    raise TraceError(f"expected a trace or the path of one, got {type(trace).__name__}")
+
+
 class Trace:
     """A read-only view of one trace directory."""
 

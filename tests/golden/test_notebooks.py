@@ -11,7 +11,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.i
 TIMEOUT_PER_CELL = 300
 MAX_SECONDS = 240  # "a couple of minutes at most"
 PUBLIC = {"ksmtrace", "ksmtrace.plot", "ksmtrace.samples", "ksmtrace.sweep", "ksmtrace.replay", "ksmtrace.results",
-          "ksmtrace.analysis.breakdown", "ksmtrace.trace.reader", "ksmtrace.policies.pksm_delay"}
+          "ksmtrace.analysis.breakdown", "ksmtrace.trace.reader", "ksmtrace.policies.pksm.delay"}
 
 
 def test_the_notebooks_are_there():

@@ -1,8 +1,5 @@
 """The engine's ground truth, the trace preparation and the reference == fast equivalence."""
-import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from ksmtrace.replay import replay
 from ksmtrace.testing import make_trace
@@ -101,43 +98,4 @@ def test_thp_split_maps_zero_subpages_to_the_zero_page_on_612(tmp_path, engine):
     assert last612["frames_saved"] == 12 + 4
     assert last612["pages_sharing"] == 4 and last611["pages_sharing"] == 11 + 4
 
-
-# --- reference == fast on generated traces ----------------------------------------------------
-contents = st.sampled_from([0, "a", "b", "c", "d"])
-
-
-@st.composite
-def traces(draw):
-    nproc = draw(st.integers(1, 3))
-    nsnap = draw(st.integers(2, 6))
-    snaps = []
-    state = {}
-    for s in range(nsnap):
-        new = dict(state)
-        for _ in range(draw(st.integers(0, 12))):
-            key = (draw(st.integers(0, nproc - 1)), draw(st.integers(0, 15)))
-            action = draw(st.integers(0, 9))
-            if action == 0:
-                new.pop(key, None)
-            else:
-                new[key] = draw(contents) if action < 8 else f"u{s}{key}"
-        snaps.append(new)
-        state = new
-    return snaps
-
-
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(snaps=traces(), pts=st.integers(1, 12), mps=st.integers(2, 4), zero=st.booleans(), profile=st.sampled_from(["6.12", "6.11", "6.10", "3.18"]))
-def test_reference_equals_fast_on_generated_traces(tmp_path_factory, snaps, pts, mps, zero, profile):
-    d = tmp_path_factory.mktemp("gen")
-    tr = make_trace(d / "t", snaps, interval=0.02)
-    params = {"pages_to_scan": pts, "sleep_millisecs": 5, "profile": profile}
-    if profile != "3.18":
-        params.update(max_page_sharing=mps, use_zero_pages=zero)
-    for pol, p in (("ksm", params), ("oracle", {})):
-        a = replay(tr, pol, p, engine="reference")
-        b = replay(tr, pol, p, engine="fast")
-        assert a.table.equals(b.table), pol
-        assert a.procs.equals(b.procs)
-        assert np.array_equal(a.latency_hist, b.latency_hist)
-        assert (b.table["frames_saved"] <= b.table["oracle_saved"]).all()
+# reference == fast on generated traces, for every policy: tests/differential/test_runtimes.py

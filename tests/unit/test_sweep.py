@@ -26,6 +26,11 @@ from ksmtrace.testing.scenarios import library_trace
 GRID = {"pages_to_scan": [5, 20, 100], "sleep_millisecs": [20, 200]}
 
 
+def _results(out: Path) -> list[Path]:
+    """The result files in a sweep directory (not its manifest, sweep.json)."""
+    return [p for p in out.glob("*.json") if p.name != S.MANIFEST_NAME]
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("KSMTRACE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "prep-cache"))
@@ -175,7 +180,7 @@ def test_resume_after_interrupt_and_partial_files(reference, trace_path, tmp_pat
 
     with pytest.raises(KeyboardInterrupt):
         sweep(trace_path, "ksm", GRID, out, workers=1, progress=interrupt_after_two)
-    assert len(list(out.glob("*.json"))) == 2
+    assert len(_results(out)) == 2
     assert not (out / "sweep.parquet").exists()
     # a run killed while writing leaves a temporary file and a table without its JSON
     plan = plan_sweep(trace_path, "ksm", GRID, out)
@@ -207,7 +212,7 @@ def test_sweep_reports_failed_runs(trace_path, tmp_path, monkeypatch):
     monkeypatch.setattr(S, "_run_one", flaky)
     with pytest.raises(SweepError, match=r"2 of 6 runs failed \(first: pages_to_scan=20 sleep_millisecs=20: simulated failure\)"):
         sweep(trace_path, "ksm", GRID, tmp_path / "f", workers=1)
-    assert len(list((tmp_path / "f").glob("*.json"))) == 4
+    assert len(_results(tmp_path / "f")) == 4
 
 
 # --- Pareto ----------------------------------------------------------------------------------------
@@ -295,7 +300,7 @@ def _run_until_some_results(cmd, out: Path, sig, env, min_done=1, timeout=60.0):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout and proc.poll() is None:
-        if out.exists() and len([p for p in out.glob("*.json")]) >= min_done:
+        if out.exists() and len(_results(out)) >= min_done:
             break
         time.sleep(0.02)
     if proc.poll() is None:
@@ -313,7 +318,7 @@ def test_cli_sweep_interrupted_then_resumed(tmp_path, sig, workers):
     cmd = [sys.executable, "-m", "ksmtrace", "sweep", str(trace), "-P", "ksm", *grid, "-q", "-j", workers]
     out = tmp_path / "run"
     rc, _, stderr = _run_until_some_results(cmd + ["-o", str(out)], out, sig, env)
-    done = len(list(out.glob("*.json")))
+    done = len(_results(out))
     print(f"signal {sig!r}: exit {rc}, {done} of 12 results saved; stderr: {stderr.strip()[-200:]!r}")
     assert "Traceback" not in stderr
     if done < 12:  # interrupted before the end (the usual case): no table yet
@@ -325,3 +330,162 @@ def test_cli_sweep_interrupted_then_resumed(tmp_path, sig, workers):
     ref = sweep(trace, "ksm", {"pages_to_scan": "5,10,20,40,80,160", "sleep_millisecs": "20,100"}, tmp_path / "ref", workers=1)
     assert (out / "sweep.csv").read_bytes() == (tmp_path / "ref" / "sweep.csv").read_bytes()
     assert pl.read_parquet(out / "sweep.parquet").equals(ref)
+
+
+# --- sweeps that clean up and do not mix ------------------------------------------------------------
+def _descendants(pid: int) -> set[int]:
+    """Every living (non-zombie) process below ``pid``."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{d}/stat").read()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(d))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigkilled_sweep_leaves_no_worker(tmp_path):
+    # runs of ~20 s each (the reference engine scanning every page 50 times a second), so that a
+    # worker left alive would still be busy long after the parent is killed
+    trace = tmp_path / "trace"
+    library_trace(trace, n=200, pages=600)
+    env = dict(os.environ, KSMTRACE_CACHE_DIR=str(tmp_path / "cache"), KSMTRACE_PROGRESS="0")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ksmtrace", "sweep", str(trace), "-P", "ksm", "-p", "pages_to_scan=2000,2001,2002",
+           "--engine", "reference", "-q", "-j", "2", "-o", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    workers: set[int] = set()
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < 60 and proc.poll() is None:  # until both workers run
+            workers = _descendants(proc.pid)
+            if len(workers) >= 2:
+                break
+            time.sleep(0.05)
+        time.sleep(3)  # the workers have imported ksmtrace and started their replays
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        workers = _descendants(proc.pid)
+        assert len(workers) >= 2 and not _results(out)
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in workers):
+            time.sleep(0.05)
+        survivors = [p for p in workers if _alive(p)]
+    finally:
+        for p in _descendants(proc.pid) | workers:  # never leave one behind, even when the test fails
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+        proc.stderr.close()
+    assert survivors == [], f"orphaned workers: {survivors}"
+
+
+def test_sweep_directory_is_bound_to_its_trace_policy_and_settings(trace_path, reference, tmp_path):
+    ref, ref_dir = reference
+    manifest = S.read_sweep_manifest(ref_dir)
+    assert manifest["binding"]["policy"] == "ksm" and manifest["binding"]["scope"] == "recorded"
+    assert manifest["grid"] == {"pages_to_scan": [5, 20, 100], "sleep_millisecs": [20, 200]}
+    other = tmp_path / "other"
+    library_trace(other, n=6, pages=16)
+    runner = CliRunner()
+    base = ["-p", "pages_to_scan=5,20", "-o", str(ref_dir), "-j", "1", "-q"]
+    cases = {
+        "another trace": (["sweep", str(other), "-P", "ksm"] + base, "holds a sweep of another trace (trace, fingerprint"),
+        "another policy": (["sweep", str(trace_path), "-P", "pksm"] + base, "policy 'ksm', this one has 'pksm'"),
+        "another scope": (["sweep", str(trace_path), "-P", "ksm", "--scope", "anon"] + base, "scope 'recorded', this one has 'anon'"),
+        "another seed": (["sweep", str(trace_path), "-P", "ksm", "--seed", "3"] + base, "seed 0, this one has 3"),
+    }
+    before = sorted(p.name for p in ref_dir.iterdir())
+    for what, (args, msg) in cases.items():
+        res = runner.invoke(cli, args)
+        err = res.stderr.strip()
+        assert res.exit_code != 0, what
+        assert err.startswith("ksmtrace: error:") and len(err.splitlines()) == 1 and msg in err, (what, err)
+    assert sorted(p.name for p in ref_dir.iterdir()) == before  # nothing written
+    assert read_sweep_table(ref_dir).equals(ref)
+    # growing the grid is one study: allowed, and recorded
+    ext = tmp_path / "ext"
+    sweep(trace_path, "ksm", {"pages_to_scan": [5, 20]}, ext, workers=1)
+    sweep(trace_path, "ksm", {"pages_to_scan": [20, 400], "sleep_millisecs": [20]}, ext, workers=1)
+    assert S.read_sweep_manifest(ext)["grid"] == {"pages_to_scan": [5, 20, 400], "sleep_millisecs": [20]}
+    # a directory without a manifest (results of compare -o) is judged by its result files
+    mixed = tmp_path / "mixed"
+    res = runner.invoke(cli, ["compare", str(trace_path), "--policies", "oracle,ksm", "-o", str(mixed), "-q"])
+    assert res.exit_code == 0, res.output
+    with pytest.raises(SweepError, match="holds a sweep with policy 'oracle'"):
+        sweep(trace_path, "ksm", {"pages_to_scan": [5]}, mixed, workers=1)
+
+
+def test_concurrent_sweeps_into_one_directory_serialise(trace_path, reference, tmp_path):
+    import fcntl
+
+    ref, _ = reference
+    out = tmp_path / "s"
+    out.mkdir()
+    env = dict(os.environ, KSMTRACE_CACHE_DIR=str(Path(os.environ["KSMTRACE_CACHE_DIR"])), KSMTRACE_PROGRESS="0")
+    cmd = [sys.executable, "-m", "ksmtrace", "sweep", str(trace_path), "-P", "ksm", "-p", "pages_to_scan=5,20,100",
+           "-p", "sleep_millisecs=20,200", "-j", "1", "-o", str(out)]
+    lock = os.open(out / S.LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another sweep holds the directory
+    logs = [tmp_path / f"err{i}.txt" for i in range(2)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w")) for log in logs]
+    try:
+        deadline = time.monotonic() + 120  # both reach the lock (however slow the start-up) and wait
+        while time.monotonic() < deadline and not all("waiting for another sweep" in log.read_text() for log in logs):
+            assert all(p.poll() is None for p in procs), "a sweep did not wait for the lock"
+            time.sleep(0.1)
+        time.sleep(1)
+        assert all(p.poll() is None for p in procs), "a sweep did not wait for the lock"
+        assert _results(out) == []
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        for p in procs:
+            p.wait(timeout=120)
+        errs = [log.read_text() for log in logs]
+    finally:
+        os.close(lock)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert all("waiting for another sweep" in e for e in errs)
+    # one of them ran all six runs; the other found them done
+    assert sorted("6 already in" in e for e in errs) == [False, True], errs
+    assert read_sweep_table(out).equals(ref)
+
+
+def test_sweep_refuses_unsafe_output_directories(trace_path, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(SweepError, match=r"writable by group or others \(mode 0777"):
+        sweep(trace_path, "ksm", {"pages_to_scan": [5]}, shared, workers=1)
+    assert list(shared.iterdir()) == []
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir()
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(SweepError, match="owned by uid 65534, not by you"):
+            sweep(trace_path, "ksm", {"pages_to_scan": [5]}, theirs, workers=1)
+        assert list(theirs.iterdir()) == []
+    res = CliRunner().invoke(cli, ["sweep", str(trace_path), "-P", "ksm", "-p", "pages_to_scan=5", "-o", str(shared)])
+    assert res.exit_code != 0 and res.stderr.startswith("ksmtrace: error:") and len(res.stderr.splitlines()) == 1

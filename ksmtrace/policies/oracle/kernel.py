@@ -1,0 +1,56 @@
+"""The numba kernel of the ``oracle`` policy: :class:`~ksmtrace.policies.oracle.OracleRuntime` on the
+fast engine's arrays, one jitted call per snapshot."""
+from __future__ import annotations
+
+import numpy as np
+from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decorator)
+from numba import njit
+
+from ksmtrace.engine import state as st
+from ksmtrace.engine.api import EV_APPEAR, EV_WRITE
+from ksmtrace.engine.daemon import NoDaemon
+
+
+class OracleKernel(NoDaemon):
+    def __init__(self, params, ctx) -> None:
+        self.ctx = ctx
+        self.E = ctx.engine.E
+        n = ctx.prep.n_cids
+        self.holder = np.full(n, -1, dtype=np.int64)
+        self.kframe = np.full(n, -1, dtype=np.int64)
+        self.kgen = np.zeros(n, dtype=np.int64)
+
+    def on_snapshot(self, s: int, now: int) -> None:
+        p = self.ctx.prep
+        sl = p.events(s)
+        _oracle_step(self.E, p.ev_pg[sl], p.ev_kind[sl], self.holder, self.kframe, self.kgen, now)
+
+
+@njit(cache=True)
+def _oracle_step(E, pgs, kinds, holder, kframe, kgen, now):
+    P = E.pg
+    F = E.fr
+    for i in range(len(pgs)):
+        k = kinds[i]
+        pg = pgs[i]
+        c = P[pg, st.P_CID]
+        if not (k == EV_APPEAR or k == EV_WRITE) or c < 0:
+            continue
+        if c == 0:
+            st.merge_zero(E, pg, now)
+            continue
+        kf = kframe[c]
+        if kf > 0 and F[kf, st.F_REF] > 0 and F[kf, st.F_KSM] == 1 and F[kf, st.F_GEN] == kgen[c]:
+            st.merge(E, pg, kf, now)
+            continue
+        h = holder[c]
+        if h < 0 or h == pg or P[h, st.P_CID] != c:
+            holder[c] = pg
+            continue
+        fh = P[h, st.P_FRAME]
+        if fh == P[pg, st.P_FRAME]:
+            continue
+        gen = st.stabilize(E, h)
+        kframe[c] = fh
+        kgen[c] = gen
+        st.merge(E, pg, fh, now)
