@@ -3,7 +3,6 @@ are one line with a non-zero exit and no traceback."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -102,55 +101,10 @@ def test_debug_shows_the_traceback(tiny):
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
-def _imports(f) -> list[str]:
-    """Every module name ``f`` imports (absolute; ``from . import x`` resolved against its package)."""
-    import ast
-
-    import ksmtrace
-
-    root = Path(ksmtrace.__file__).parent
-    pkg = ["ksmtrace", *f.relative_to(root).parent.parts]
-    out = []
-    for node in ast.walk(ast.parse(f.read_text(), str(f))):
-        if isinstance(node, ast.Import):
-            out.extend(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = ".".join(pkg[: len(pkg) - node.level + 1]) if node.level else ""
-            mod = ".".join(x for x in (base, node.module or "") if x)
-            out.append(mod)
-            out.extend(f"{mod}.{a.name}" for a in node.names)
-    return out
-
-
-def _library_files():
-    """The offline library: ``ksmtrace/`` without the live-host wing (lab), the CLI and its
-    ``python -m ksmtrace`` launcher."""
-    import ksmtrace
-
-    root = Path(ksmtrace.__file__).parent
-    for f in sorted(root.rglob("*.py")):
-        if f.relative_to(root).parts[0] not in ("lab", "cli", "__main__.py"):
-            yield f
-
-
-def test_library_never_imports_the_live_host_wing():
-    """The offline library (trace, replay, policies, analysis, plots) imports neither the live-host
-    wing ``ksmtrace.lab`` nor the CLI; only the CLI and live tests use lab."""
-    files = list(_library_files())
-    assert any(f.name == "replay.py" for f in files)
-    for f in files:
-        for name in _imports(f):
-            assert not (name == "ksmtrace.lab" or name.startswith("ksmtrace.lab.")), f"{f} imports {name}"
-            assert not (name == "ksmtrace.cli" or name.startswith("ksmtrace.cli.")), f"{f} imports {name}"
-
-
 def test_analysis_never_loads_capture_code(tiny):
-    """docs/packaging.md: the offline library never imports ksmtrace_tracers (lab, the live-host
-    wing, may); the CLI reaches a tracer only through the entry point, so replaying a trace loads no
-    capture code."""
-    for f in _library_files():
-        names = _imports(f)
-        assert not any(n.split(".")[0] == "ksmtrace_tracers" for n in names), f"{f} imports ksmtrace_tracers"
+    """docs/packaging.md: the offline library never imports ksmtrace_tracers (the import rules are
+    in tests/unit/test_layering.py); the CLI reaches a tracer only through the entry point, so
+    replaying a trace loads no capture code."""
     code = ("import sys; from ksmtrace.cli import main\n"
             "try:\n    main(['replay', sys.argv[1], '--quiet'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             "print(sorted(m for m in sys.modules if m.startswith('ksmtrace_tracers')))")
