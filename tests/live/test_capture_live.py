@@ -50,7 +50,21 @@ def _pagemap_pfns(pid: int, vpns) -> list[int]:
     return out
 
 
-def test_known_layout_phase_by_phase(tmp_path):
+@pytest.fixture
+def ksm_off():
+    """KSM stopped for the whole test, under the settings lock: the known layout's regions are
+    mergeable, and another test run on this host may otherwise start ksmd and merge them (its
+    KSM pages would change the exact flags, frames and counts these tests expect)."""
+    from ksmtrace.lab import kernelksm as K
+
+    if not K.available():
+        yield
+        return
+    with K.ksm_settings(run=0):
+        yield
+
+
+def test_known_layout_phase_by_phase(tmp_path, ksm_off):
     """Exact pages, duplicates, zero pages, changed and vanished rows after every phase."""
     out = tmp_path / "layout.trace"
     with KnownLayout(peer=True) as kl:
@@ -172,7 +186,7 @@ def test_known_layout_phase_by_phase(tmp_path):
     read_every_table(out)
 
 
-def test_fingerprints_and_contents(tmp_path):
+def test_fingerprints_and_contents(tmp_path, ksm_off):
     out = tmp_path / "fp.trace"
     with KnownLayout(unique=32, dup=32, templates=4, zero=16, rewrite=8, unmap=8) as kl:
         lay = kl.layout()
@@ -338,8 +352,12 @@ def test_target_exits_between_and_during_snapshots(tmp_path):
 
     # run_capture: fixed targets all gone -> the capture ends and says so
     with Target(random_pages=16, zero_pages=0) as t2:
-        threading.Timer(0.35, t2.proc.kill).start()
-        summary = run_capture(CaptureOptions(output=tmp_path / "c", targets=t2.pid, interval=0.1, count=100))
+        def kill_after_the_second(st):  # not a timer: on a loaded host the setup alone may take longer
+            if st["snap"] == 1:
+                t2.proc.kill()
+
+        summary = run_capture(CaptureOptions(output=tmp_path / "c", targets=t2.pid, interval=0.1, count=100),
+                              on_snapshot=kill_after_the_second)
         t2.proc.wait()
     assert summary["end_reason"] == "all targets exited" and summary["all_targets_exited"]
     assert 2 <= summary["snapshots"] < 100 and summary["exit_status"] == 0
