@@ -28,6 +28,54 @@ from ksmtrace.results import RunResult, make_run_id
 from ksmtrace.trace.reader import as_trace
 
 ENGINES = ("fast", "reference")
+AUTO = "auto"
+
+
+def choose_scope(trace) -> tuple[str, str]:
+    """The scope every policy is replayed under when none is given, and why.
+
+    ``recorded`` (the pages of mergeable VMAs: what ksmd scans) when the trace holds any such page;
+    else ``anon`` (every private anonymous page: what KSM would scan if the processes opted in with
+    ``madvise(MADV_MERGEABLE)`` or ``prctl(PR_SET_MEMORY_MERGE)``).  One scope for every policy, so
+    that their savings and the oracle's are counted over the same pages."""
+    rec = trace.prepare("recorded")
+    n_rec = int(rec.base_pages.max()) if rec.n_snaps else 0
+    if n_rec > 0:
+        procs = int(np.count_nonzero(np.bincount(rec.page_proc, minlength=rec.n_procs) > 0)) if rec.n_pages else 0
+        return "recorded", (f"scope recorded: up to {n_rec:,} pages in mergeable VMAs (madvise/prctl) of {procs} "
+                            f"traced process{'es' if procs != 1 else ''}, what ksmd scans")
+    anon = trace.prepare("anon")
+    n_anon = int(anon.base_pages.max()) if anon.n_snaps else 0
+    return "anon", (f"scope anon: no traced page is in a mergeable VMA (no madvise(MADV_MERGEABLE) or "
+                    f"prctl(PR_SET_MEMORY_MERGE)), so every private anonymous page ({n_anon:,} at most) is a candidate: "
+                    "what KSM would scan if the processes opted in")
+
+
+def resolve_scope(trace, scope: str | None) -> tuple[str, str]:
+    """``scope`` as given (``recorded`` or ``anon``), or :func:`choose_scope` for ``auto``/None."""
+    if scope in (None, AUTO):
+        return choose_scope(trace)
+    return scope, f"scope {scope}: as given"
+
+
+def trace_params(trace, policy: str | Policy | type[Policy], params: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """``params`` plus what the trace implies for ``policy`` and the caller did not set, and why:
+    a policy with a kernel ``profile`` parameter (``ksm``) gets the profile of the traced kernel
+    (:func:`ksmtrace.fidelity.groundtruth.kernel_profile`) when the trace names its kernel
+    release.  The commands (replay, compare, sweep, frontier, advise, demo) apply it; the library's
+    :func:`replay` replays exactly the parameters it is given."""
+    from ksmtrace.fidelity.groundtruth import kernel_profile
+
+    out = dict(params or {})
+    notes: list[str] = []
+    cls = type(policy) if isinstance(policy, Policy) else (get_policy(policy) if isinstance(policy, str) else policy)
+    table = {p["name"]: p for p in cls.parameter_table()}
+    if "profile" in table and "profile" not in out:
+        prof, why = kernel_profile(trace)
+        if prof is not None and table["profile"]["choices"] and prof in table["profile"]["choices"]:
+            out["profile"] = prof
+            notes.append(f"{cls.name} profile {prof}: {why}")
+    return out, notes
 
 
 def make_policy(policy: str | Policy | type[Policy], params: Mapping[str, Any] | None = None) -> Policy:
@@ -60,15 +108,17 @@ def replay(
     engine).  ``runtime``: ``auto`` (the policy's numba kernel on the fast engine when it has one,
     else its readable runtime), ``readable`` or ``kernel`` (see :data:`ksmtrace.engine.api.RUNTIMES`);
     every choice gives the same results.
-    ``scope``: ``recorded`` or ``anon`` (default: the policy's).  ``timing_cost``: the cost model
-    the daemon's clock uses (default: the shipped one).  ``start_s``: when the daemon starts,
-    in seconds after the first snapshot.  ``hz``: tick rate for sleep quantisation (default:
+    ``scope``: ``recorded`` or ``anon`` (default: the policy's; ``auto``: :func:`choose_scope`).
+    ``timing_cost``: the cost model the daemon's clock uses (default: the shipped one).
+    ``start_s``: when the daemon starts, in seconds after the first snapshot.  ``hz``: tick rate for sleep quantisation (default:
     the traced host's HZ, else 250).
     """
     trace = as_trace(trace)
     if runtime not in RUNTIMES:
         raise KsmtraceError(f"unknown runtime {runtime!r} (runtimes: {', '.join(RUNTIMES)})")
     pol = make_policy(policy, params)
+    if scope == AUTO:
+        scope = choose_scope(trace)[0]
     spec = run_spec(trace, pol, engine=engine, scope=scope, timing_cost=timing_cost, start_s=start_s, hz=hz, seed=seed)
     scope, hz, start_ns = spec["scope"], spec["hz"], spec["start_ns"]
     tcost = resolve_cost_model(timing_cost)
@@ -250,14 +300,17 @@ def compare(
     workers: int | None = 1,
     **kwargs: Any,
 ) -> list[RunResult]:
-    """Replay several policies on one trace (same scope unless a policy says otherwise), in the
-    order given.
+    """Replay several policies on one trace, in the order given, all under one scope: ``scope``, or
+    the one :func:`choose_scope` picks (so every saving is counted over the same pages as the
+    oracle's).
 
     ``executor``: where the runs execute (an :class:`~ksmtrace.executor.Executor` or a spec such as
     ``"local"``, ``"dask"``, ``"dask://HOST:PORT"``; see :mod:`ksmtrace.executor`) with ``workers``
     workers.  By default (``workers=1``, no executor) the runs are replayed here, one after another.
     A run whose policy raises a :class:`~ksmtrace.errors.KsmtraceError` raises it here."""
     trace = as_trace(trace)
+    if scope in (None, AUTO):
+        scope = choose_scope(trace)[0]
     items = [(item, None) if isinstance(item, str) else item for item in policies]
     if executor is None and (workers or 1) == 1:
         return [replay(trace, name, params, engine=engine, scope=scope, report_cost=report_cost, progress=progress, **kwargs)
@@ -271,8 +324,7 @@ def compare(
     ex = make_executor(executor, min(workers or len(tasks), len(tasks)))
     try:
         if ex.warm() and not os.environ.get("KSMTRACE_NO_CACHE"):
-            for sc in {scope or get_policy(n).default_scope for n, _ in items}:
-                trace.prepare(sc)  # fill the disk cache once, not in every worker
+            trace.prepare(scope)  # fill the disk cache once, not in every worker
         for k, done in enumerate(ex.run(replay_task, tasks)):
             if done.error is not None:
                 raise done.error

@@ -28,6 +28,7 @@ import polars as pl
 from ksmtrace.engine.cost import DAEMON_MASK, UNIT_NAMES, CostModel, resolve_cost_model
 from ksmtrace.engine.state import lat_bin_edges_ms
 from ksmtrace.errors import ResultError
+from ksmtrace.textfmt import dumps
 
 FRAMES_SAVED_DEFINITION = (
     "frames_saved = physical 4 KiB frames the candidate pages use with no dedup minus frames they "
@@ -158,7 +159,7 @@ class RunResult:
             self.procs.write_parquet(tmpp)
             os.replace(tmpp, pp)
         tmpj = js_path.with_name("." + js_path.name + ".tmp")
-        tmpj.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        tmpj.write_text(dumps(self.to_json()) + "\n")
         os.replace(tmpj, js_path)  # the JSON is written last: its presence marks a complete result
         return js_path
 

@@ -71,7 +71,8 @@ def breakdown(source, scope: str | None = None, *, snaps: Iterable[int] | None =
     """The sharing breakdown of every snapshot (or of ``snaps``) as a DataFrame of frame counts.
 
     ``source`` is a :class:`~ksmtrace.trace.reader.Trace` or the path of one (prepared under
-    ``scope``, default ``recorded``), or an already :class:`~ksmtrace.trace.prepare.Prepared` one.  Columns:
+    ``scope``; default: the one :func:`ksmtrace.replay.choose_scope` picks), or an already
+    :class:`~ksmtrace.trace.prepare.Prepared` one.  Columns:
     :data:`BREAKDOWN_COLUMNS`, defined in :data:`BREAKDOWN_DEFINITIONS` and the module docstring.
     """
     from ksmtrace.trace.prepare import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE, Prepared
@@ -87,7 +88,11 @@ def breakdown(source, scope: str | None = None, *, snaps: Iterable[int] | None =
             trace = as_trace(source)
         except KsmtraceError:
             raise KsmtraceError(f"breakdown: expected a trace, its path or a prepared trace, got {type(source).__name__}") from None
-        prep = trace.prepare(scope or "recorded")
+        if scope in (None, "auto"):
+            from ksmtrace.replay import choose_scope
+
+            scope = choose_scope(trace)[0]
+        prep = trace.prepare(scope)
 
     n = prep.n_snaps
     wanted = np.zeros(n, dtype=bool)

@@ -9,8 +9,10 @@ from ksmtrace.policies.base import parse_assignments
 def replay_options(f):
     f = click.option("--engine", type=click.Choice(["fast", "reference"]), default="fast", show_default=True,
                      help="fast (numba arrays) or reference (the page-by-page executable spec).")(f)
-    f = click.option("--scope", type=click.Choice(["recorded", "anon"]), default=None,
-                     help="Candidate pages: recorded = what ksmd scans (mergeable VMAs); anon = every private anonymous page. Default: the policy's.")(f)
+    f = click.option("--scope", type=click.Choice(["auto", "recorded", "anon"]), default="auto", show_default=True,
+                     help="Candidate pages: recorded = what ksmd scans (mergeable VMAs); anon = every private anonymous "
+                          "page; auto = recorded when the trace has mergeable memory, else anon (one scope for every "
+                          "policy, printed with why).")(f)
     f = click.option("--cost", "cost", type=click.Path(dir_okay=False), default=None,
                      help="Cost file (JSON, from `ksmtrace calibrate`) for CPU seconds in the report.")(f)
     f = click.option("--timing-cost", type=click.Path(dir_okay=False), default=None,
@@ -23,3 +25,13 @@ def replay_options(f):
 
 def params_from(items) -> dict:
     return parse_assignments(list(items or ()))
+
+
+def resolve_run(trace, policy, params: dict, scope: str | None) -> tuple[dict, str, str, list[str]]:
+    """What a command replays: the policy's parameters with what the trace implies (the ksm profile
+    of the traced kernel, unless given), the scope (``auto``: chosen from the trace) and why."""
+    from ksmtrace.replay import resolve_scope, trace_params
+
+    params, notes = trace_params(trace, policy, params)
+    scope, why = resolve_scope(trace, scope)
+    return params, scope, why, notes

@@ -19,10 +19,24 @@ def _pct(a: float, b: float):
     return None if not b else round(100.0 * a / b, 1)
 
 
+def summary_line(summary: dict) -> str:
+    """The mean-over-snapshots sentence, with no undefined share printed as a number."""
+    pf, po = summary["pct_of_frames"], summary["pct_of_oracle"]
+    if pf.get("oracle_saved") is None:
+        return "mean over snapshots: no candidate pages in this scope, so there is nothing to deduplicate"
+    head = f"mean over snapshots: duplicates {pf['oracle_saved']}% of frames"
+    if po.get("oracle_saved") is None:
+        return head + " (no duplicate frames: nothing for any dedup to save)"
+    return (head + f" (zero pages {po['zero_saved']}% of them, within one process {po['within_process_saved']}%, "
+            f"across processes {po['across_process_saved']}%); excluding zero pages {pf['nonzero_saved']}% of frames; "
+            f"a same-domain-only rule keeps {po['same_domain_saved']}% of the saving")
+
+
 @cli.command("breakdown")
 @click.argument("trace", type=click.Path())
-@click.option("--scope", type=click.Choice(["recorded", "anon"]), default="recorded", show_default=True,
-              help="Candidate pages: recorded = mergeable VMAs (what ksmd scans); anon = every private anonymous page.")
+@click.option("--scope", type=click.Choice(["auto", "recorded", "anon"]), default="auto", show_default=True,
+              help="Candidate pages: recorded = mergeable VMAs (what ksmd scans); anon = every private anonymous page; "
+                   "auto = recorded when the trace has mergeable memory, else anon.")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV on stdout (every column).")
 @json_option
 @quiet_option
@@ -42,9 +56,11 @@ def breakdown_cmd(trace, scope, as_csv, as_json, quiet):
       ksmtrace plot my-trace --kind breakdown -o breakdown.png
     """
     from ksmtrace.analysis.breakdown import BREAKDOWN_DEFINITIONS, breakdown
+    from ksmtrace.replay import resolve_scope
     from ksmtrace.trace.reader import open_trace
 
     tr = open_trace(trace)
+    scope, scope_why = resolve_scope(tr, scope)
     df = breakdown(tr, scope)
     means = {c: float(df[c].mean() or 0.0) for c in df.columns if c not in ("snap", "t_s")} if df.height else {}
     summary = {
@@ -54,21 +70,18 @@ def breakdown_cmd(trace, scope, as_csv, as_json, quiet):
         "pct_of_oracle": {c: _pct(means[c], means["oracle_saved"]) for c in means if c.endswith("_saved")},
     }
     if as_json:
-        emit_json({"trace": str(tr.path), "scope": scope, "rows": df.to_dicts(), "summary": summary,
-                   "definitions": BREAKDOWN_DEFINITIONS})
+        emit_json({"trace": str(tr.path), "scope": scope, "scope_reason": scope_why, "rows": df.to_dicts(),
+                   "summary": summary, "definitions": BREAKDOWN_DEFINITIONS})
         return
     if as_csv:
         sys.stdout.write(df.write_csv())
         return
     click.echo(f"trace {tr.name}: {df.height} snapshots, scope {scope}; numbers are 4 KiB frames")
     echo_table(df.to_dicts(), SHOWN, HEADERS)
+    click.echo("")
     if df.height:
-        pf, po = summary["pct_of_frames"], summary["pct_of_oracle"]
-        click.echo("")
-        click.echo(f"mean over snapshots: duplicates {pf['oracle_saved']}% of frames "
-                   f"(zero pages {po['zero_saved']}% of them, within one process {po['within_process_saved']}%, "
-                   f"across processes {po['across_process_saved']}%); excluding zero pages {pf['nonzero_saved']}% of frames; "
-                   f"a same-domain-only rule keeps {po['same_domain_saved']}% of the saving")
+        click.echo(summary_line(summary))
+    click.echo(scope_why)
     note("", quiet)
     for k in ("zero_saved", "within_process_saved", "across_process_saved", "same_domain_saved", "hash_only_saved"):
         note(f"{HEADERS.get(k, k)}: {BREAKDOWN_DEFINITIONS[k]}", quiet)

@@ -9,7 +9,7 @@ import importlib
 import os
 
 COMMAND_MODULES = ("capture", "info", "policies", "replay", "compare", "calibrate", "fidelity", "validate",
-                   "plot", "sweep", "breakdown", "fleet", "demo")
+                   "plot", "sweep", "breakdown", "fleet", "frontier", "advise", "doctor", "demo")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"ksmtrace.cli.{_name}")

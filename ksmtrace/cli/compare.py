@@ -8,30 +8,35 @@ import click
 
 from ksmtrace.cli import cli
 from ksmtrace.cli._options import echo_table, emit_json, executor_option, json_option, note, quiet_option
-from ksmtrace.cli._replay_opts import params_from, replay_options
+from ksmtrace.cli._replay_opts import params_from, replay_options, resolve_run
 from ksmtrace.progress import Progress
 from ksmtrace.results import FRAMES_SAVED_DEFINITION
 
 COLUMNS = ["policy", "frames_saved_mean", "frames_saved_final", "pct_of_oracle", "cow_breaks", "cpu_seconds", "merges", "merge_latency_p50_s", "exposed_merges"]
 
 
+def _num(v):
+    """A number for a table, CSV or JSON: None for a missing or undefined value (never NaN)."""
+    return None if v is None or (isinstance(v, float) and v != v) else v
+
+
 def comparison_rows(results) -> list[dict]:
     rows = []
     for r in results:
         s = r.summary
-        pct = s["fraction_of_oracle_mean"]
+        pct = _num(s["fraction_of_oracle_mean"])
         rows.append({
             "policy": r.spec["policy"] if not r.spec.get("label") else r.spec["label"],
             "run_id": r.run_id,
             "frames_saved_mean": round(s["frames_saved_mean"], 1),
             "frames_saved_final": s["frames_saved_final"],
             "oracle_saved_mean": round(s["oracle_saved_mean"], 1),
-            "pct_of_oracle": None if pct != pct else round(100 * pct, 1),
+            "pct_of_oracle": None if pct is None else round(100 * pct, 1),
             "cow_breaks": s["cow_breaks"],
-            "cpu_seconds": s["cpu_seconds"],
+            "cpu_seconds": _num(s["cpu_seconds"]),
             "merges": s["merges"],
-            "merge_latency_p50_s": s["merge_latency_p50_s"],
-            "merge_latency_mean_s": s["merge_latency_mean_s"],
+            "merge_latency_p50_s": _num(s["merge_latency_p50_s"]),
+            "merge_latency_mean_s": _num(s["merge_latency_mean_s"]),
             "exposed_merges": s["exposed_merges"],
         })
     return rows
@@ -55,7 +60,9 @@ def compare_cmd(trace, policies, params, output, as_csv, workers, executor, engi
     """Replay several policies on TRACE and compare memory saved, COW breaks and CPU.
 
     Memory saved is the mean over snapshots of frames_saved, and as a percentage of what a
-    perfect dedup (the oracle) would save at the same snapshots.
+    perfect dedup (the oracle) would save at the same snapshots.  Every policy is replayed under
+    one scope (--scope auto: recorded when the trace has mergeable memory, else anon), so all
+    savings count the same pages as the oracle's; the ksm profile follows the traced kernel.
 
     \b
     Example:
@@ -64,12 +71,14 @@ def compare_cmd(trace, policies, params, output, as_csv, workers, executor, engi
       ksmtrace compare my-trace --policies oracle,ksm,pksm,hashtable -j 2
     """
     from ksmtrace.policies.registry import get_policy
-    from ksmtrace.replay import compare
+    from ksmtrace.replay import compare, resolve_scope
     from ksmtrace.trace.reader import open_trace
 
     tr = open_trace(trace)
     common = params_from(params)
     specs = []
+    notes: list[str] = []
+    scope, scope_why = resolve_scope(tr, scope)
     for item in [x.strip() for x in policies.split(",") if x.strip()]:
         name, _, rest = item.partition(":")
         own = params_from([kv for kv in rest.split(";") if kv]) if rest else {}
@@ -77,6 +86,8 @@ def compare_cmd(trace, policies, params, output, as_csv, workers, executor, engi
         known = {p["name"] for p in cls.parameter_table()}
         merged = {k: v for k, v in common.items() if k in known}
         merged.update(own)
+        merged, _, _, more = resolve_run(tr, name, merged, scope)
+        notes += [n for n in more if n not in notes]
         specs.append((name, merged, item))
     prog = Progress("compare", quiet=quiet)
     try:
@@ -91,14 +102,25 @@ def compare_cmd(trace, policies, params, output, as_csv, workers, executor, engi
             r.write(output)
     rows = comparison_rows(results)
     if as_json:
-        emit_json({"trace": str(tr.path), "rows": rows, "definition": FRAMES_SAVED_DEFINITION})
+        emit_json({"trace": str(tr.path), "scope": scope, "scope_reason": scope_why, "notes": notes, "rows": rows,
+                   "definition": FRAMES_SAVED_DEFINITION})
         return
     if as_csv:
         w = csv.DictWriter(sys.stdout, fieldnames=list(rows[0].keys()))
         w.writeheader()
         w.writerows(rows)
         return
-    click.echo(f"trace {tr.name}: {tr.n_snapshots} snapshots over {tr.times_s[-1]:.1f} s, oracle saves {rows[0]['oracle_saved_mean']} frames on average")
+    oracle = results[0].summary["oracle_saved_mean"] if results else 0.0
+    head = f"trace {tr.name}: {tr.n_snapshots} snapshots over {tr.times_s[-1]:.1f} s; "
+    if oracle > 0:
+        head += f"a perfect dedup (the oracle) saves {oracle:,.1f} frames ({oracle * 4096 / 2**20:,.1f} MiB) on average"
+    else:
+        head += "no duplicate pages in this scope: a perfect dedup (the oracle) saves nothing, so %oracle is undefined (-)"
+    click.echo(head)
+    click.echo(scope_why)
+    for n in notes:
+        click.echo(n)
     echo_table(rows, COLUMNS, headers={"frames_saved_mean": "saved(mean)", "frames_saved_final": "saved(final)", "pct_of_oracle": "%oracle", "cpu_seconds": "cpu_s", "merge_latency_p50_s": "lat_p50_s", "exposed_merges": "exposed"})
     note("", quiet)
     note(FRAMES_SAVED_DEFINITION, quiet)
+    note("-: undefined (no duplicates to save, or no merges to time)", quiet)

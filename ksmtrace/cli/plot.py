@@ -23,14 +23,18 @@ def _breakdown_source(paths: list[Path], scope: str | None):
     from ksmtrace.results import read_results
     from ksmtrace.trace.reader import open_trace
 
+    from ksmtrace.replay import resolve_scope
+
     if len(paths) == 1 and _is_trace(paths[0]):
-        return open_trace(paths[0]), scope or "recorded"
+        tr = open_trace(paths[0])
+        return tr, resolve_scope(tr, scope)[0]
     results = read_results(paths)
     traces = sorted({r.spec.get("trace") for r in results if r.spec.get("trace")})
     if len(traces) != 1:
         raise KsmtraceError("--kind breakdown needs one trace: give the trace directory (or results of a single trace)")
     scopes = sorted({r.spec.get("scope") for r in results if r.spec.get("scope")})
-    return open_trace(traces[0]), scope or (scopes[0] if len(scopes) == 1 else "recorded")
+    tr = open_trace(traces[0])
+    return tr, scope or (scopes[0] if len(scopes) == 1 else resolve_scope(tr, None)[0])
 
 
 @cli.command("plot")
@@ -53,7 +57,8 @@ def _breakdown_source(paths: list[Path], scope: str | None):
 @click.option("--scale", type=click.Choice(["percentile", "log", "linear"]), default=None,
               help="heatmap colour scale (default: percentile for fraction, log for merged).")
 @click.option("--scope", type=click.Choice(["recorded", "anon"]), default=None,
-              help="breakdown: candidate pages (default: recorded, or the results' scope).")
+              help="breakdown: candidate pages (default: the results' scope, or chosen from the trace: recorded "
+                   "when it has mergeable memory, else anon).")
 @json_option
 @quiet_option
 def plot_cmd(inputs, output, kind, units, cost, y_metric, top, value, scale, scope, as_json, quiet):

@@ -5,7 +5,8 @@ import click
 
 from ksmtrace.cli import cli
 from ksmtrace.cli._options import emit_json, json_option, kv_lines, note, quiet_option
-from ksmtrace.cli._replay_opts import params_from, replay_options
+from ksmtrace.cli._replay_opts import params_from, replay_options, resolve_run
+from ksmtrace.errors import KsmtraceError
 from ksmtrace.progress import Progress
 from ksmtrace.results import FRAMES_SAVED_DEFINITION
 
@@ -15,36 +16,64 @@ from ksmtrace.results import FRAMES_SAVED_DEFINITION
 @click.option("--policy", "-P", "policy", default="ksm", show_default=True, help="Policy name (see `ksmtrace policies`).")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Policy parameter (repeatable).")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Write result files (<run_id>.json/.parquet) here.")
+@click.option("--as-captured", is_flag=True,
+              help="ksm only: replay with the settings the real KSM had during the capture, from when it started "
+                   "(the trace's ground truth; -p overrides a setting).")
 @replay_options
 @json_option
 @quiet_option
-def replay_cmd(trace, policy, params, output, engine, scope, cost, timing_cost, start_s, seed, as_json, quiet):
+def replay_cmd(trace, policy, params, output, as_captured, engine, scope, cost, timing_cost, start_s, seed, as_json, quiet):
     """Replay TRACE through a policy in virtual time and summarise it.
 
     Prints frames saved (and as a fraction of the oracle), COW breaks, merges, merge latency, CPU
-    seconds and the policy's kernel-named counters at the last snapshot.
+    seconds and the policy's kernel-named counters at the last snapshot.  The ksm policy's profile
+    follows the traced kernel unless -p profile= is given; the scope is chosen from the trace
+    unless --scope is given (both printed with why).
 
     \b
     Example:
       ksmtrace replay my-trace --policy ksm -p pages_to_scan=1000 -p sleep_millisecs=20
       ksmtrace replay my-trace --policy pksm-delay -p probation_passes=3 -o results/
+      ksmtrace replay my-trace --as-captured
     """
+    from ksmtrace.policies.registry import get_policy
     from ksmtrace.replay import replay
     from ksmtrace.trace.reader import open_trace
 
     tr = open_trace(trace)
+    given = params_from(params)
+    notes: list[str] = []
+    if as_captured:
+        from ksmtrace.fidelity.groundtruth import as_captured as infer
+
+        if get_policy(policy).name != "ksm":
+            raise KsmtraceError(f"--as-captured replays the ksm policy (the real KSM's settings), not {policy!r}")
+        cap = infer(tr)
+        if cap is None:
+            raise KsmtraceError(f"{tr.path}: --as-captured needs a trace captured while the real KSM ran "
+                                "(ground truth with run=1); this one has none")
+        given = {**cap.params, **given}
+        start_s = cap.start_s
+        notes.append(f"as captured: the kernel's settings, ksmd starting {cap.start_s:.3f} s after the first snapshot "
+                     f"({cap.start_source}); profile {cap.params.get('profile')}: {cap.profile_source}")
+    run_params, scope, scope_why, more = resolve_run(tr, policy, given, scope)
+    notes += more
     prog = Progress(f"replay {policy}", quiet=quiet)
     try:
-        res = replay(tr, policy, params_from(params), engine=engine, scope=scope, timing_cost=timing_cost,
+        res = replay(tr, policy, run_params, engine=engine, scope=scope, timing_cost=timing_cost,
                      report_cost=cost, start_s=start_s, seed=seed, progress=prog)
     finally:
         prog.close()
     path = res.write(output) if output else None
     if as_json:
-        emit_json({"run_id": res.run_id, "spec": res.spec, "summary": res.summary, "path": str(path) if path else None})
+        emit_json({"run_id": res.run_id, "spec": res.spec, "summary": res.summary, "scope_reason": scope_why,
+                   "notes": notes, "path": str(path) if path else None})
         return
     s = res.summary
     click.echo(f"{res.run_id}: policy {res.policy} on {tr.name} ({s['snapshots']} snapshots, {s['duration_s']:.1f} s, scope {res.spec['scope']})")
+    click.echo(scope_why)
+    for n in notes:
+        click.echo(n)
     pairs = [
         ("frames_saved (final)", s["frames_saved_final"]),
         ("oracle_saved (final)", s["oracle_saved_final"]),

@@ -49,11 +49,19 @@ def sweep_cmd(trace, policy, grid_items, out_dir, workers, executor, pareto, dry
       ksmtrace sweep my-trace -P pksm-delay -p probation_passes=0:4 -p on_change=restart,keep -o sweeps/delay
       ksmtrace plot sweeps/ksm --kind pareto -o ksm-pareto.png
     """
+    from ksmtrace.replay import resolve_scope, trace_params
     from ksmtrace.sweep import open_sweep_dir, parse_grid, pareto_front, plan_sweep, run_plan, sweep_table
+    from ksmtrace.trace.reader import open_trace
 
     grid = parse_grid(grid_items)
+    tr = open_trace(trace)
+    scope, scope_why = resolve_scope(tr, scope)
+    implied, notes = trace_params(tr, policy, {k: None for k in grid})
+    if grid:  # an empty grid is an error plan_sweep reports
+        grid.update({k: [v] for k, v in implied.items() if k not in grid})
     plan = plan_sweep(trace, policy, grid, out_dir, engine=engine, scope=scope, timing_cost=timing_cost,
                       start_s=start_s, seed=seed)
+    why = [scope_why] + notes  # said once the sweep can start (an error is one line, nothing before it)
     n_total = len({r.run_id for r in plan.runs})
     n_todo = len(plan.todo)
     if dry_run:
@@ -64,12 +72,16 @@ def sweep_cmd(trace, policy, grid_items, out_dir, workers, executor, pareto, dry
                        "runs": rows, "to_run": n_todo})
             return
         echo_table(rows, plan.keys + ["status", "run_id"])
+        for line in why:
+            note(line, quiet)
         note(f"{n_total} runs, {n_total - n_todo} already in {plan.out_dir}, {n_todo} to run", quiet)
         return
     prog = Progress(f"sweep {plan.policy}", quiet=quiet)
     try:
         with open_sweep_dir(plan, on_wait=lambda msg: note(msg, quiet)) as sweep_dir:
             n_todo = len(plan.todo)  # another sweep may have finished some while we waited
+            for line in why:
+                note(line, quiet)
             note(f"sweep {plan.policy} on {plan.trace_name}: {n_total} runs, {n_total - n_todo} already in "
                  f"{plan.out_dir}, {n_todo} to run", quiet)
             ids = run_plan(plan, workers=workers, progress=prog, executor=executor)

@@ -7,20 +7,27 @@ turns it into a :class:`GroundTruth`:
 * the samples, with time in seconds since the trace's first snapshot and the cumulative counters
   (``full_scans``, ``pages_scanned``, ``pages_skipped``, ``cow_ksm``, ``ksmd_cpu_ns``) re-based to
   KSM's start, so they compare with a replay that starts from nothing;
-* when KSM started (``run`` became 1): exactly, from the ``validate`` record that ``ksmtrace
-  validate`` writes into the manifest, else the midpoint between the last sample with ``run=0`` and
-  the first with ``run=1``; 0 when KSM already ran at the first sample (with a warning: the kernel
-  then had a head start the replay cannot know);
+* when KSM started (``run`` became 1), by :func:`ksm_start`: exactly, from the ``validate`` record
+  that ``ksmtrace validate`` writes into the manifest or the ``capture.json`` a sample trace ships
+  with, else the midpoint between the last sample with ``run=0`` and the first with ``run=1``; 0
+  when KSM already ran at the first sample (with a warning: the kernel then had a head start the
+  replay cannot know);
 * the kernel's settings while it ran, as ``ksm`` policy parameters (:func:`ksm_params`), and the
-  policy profile that matches the kernel release (:func:`profile_for_release`);
+  policy profile that matches the kernel release (:func:`kernel_profile`).
+
+:func:`as_captured` puts these together: how to replay ``ksm`` as the traced kernel ran it.  The
+demo, ``ksmtrace replay --as-captured``, ``fidelity``, ``calibrate`` and ``advise`` all use it, so
+they replay the same trace with the same profile from the same start.
 * warnings about anything that makes the comparison less exact (settings changed mid-run, other
   processes on the host using KSM, KSM stopped before the end).
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,7 +62,8 @@ class FidelityError(KsmtraceError):
 class GroundTruth:
     samples: pl.DataFrame  # t_s (since the first snapshot) + every counter, cumulative ones re-based
     start_s: float  # when KSM started, s after the first snapshot
-    start_exact: bool  # True: recorded by `ksmtrace validate`; False: inferred from the samples
+    start_exact: bool  # True: recorded (by `ksmtrace validate` or a sample's capture script); False: inferred
+    start_source: str  # where start_s comes from (ksm_start)
     end_s: float  # the last sample (normally the last snapshot's start)
     settings: dict[str, Any]  # the kernel's settings while it ran (sysfs names)
     kernel_release: str | None
@@ -131,6 +139,69 @@ def _release_tuple(release: str | None) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+def kernel_profile(trace) -> tuple[str | None, str]:
+    """The ``ksm`` profile for ``trace``'s kernel, and why: :func:`profile_for_release` of the
+    traced kernel release; None when the trace names no kernel release (a synthetic trace), and
+    then commands keep the policy's default profile (a fidelity comparison, which must reproduce
+    some kernel, assumes 6.12+ and warns)."""
+    release = (getattr(trace, "host", None) or {}).get("kernel_release")
+    if _release_tuple(release) is None:
+        return None, f"the trace names no kernel release ({release!r})"
+    return profile_for_release(release), f"the traced kernel is {release}"
+
+
+#: the sample traces' record of when their capture script started KSM (capture.json in the trace)
+SAMPLE_INFO = "capture.json"
+
+
+def _samples_on(trace) -> tuple[np.ndarray, np.ndarray] | None:
+    """(t_s since the first snapshot, run) of the ground-truth samples, or None."""
+    if not trace.has_ground_truth:
+        return None
+    raw = trace.read_table("ksm", columns=["t_ns", "run"]).sort("t_ns")
+    raw = raw.filter(pl.col("t_ns").is_not_null())
+    if raw.height == 0:
+        return None
+    t_s = (raw["t_ns"].to_numpy().astype(np.int64) - trace.t0_ns) / 1e9
+    return t_s, raw["run"].fill_null(0).to_numpy().astype(np.int64)
+
+
+def ksm_start(trace) -> tuple[float, bool, str] | None:
+    """When the real KSM started merging during the capture, in seconds after the first snapshot:
+    ``(start_s, exact, source)``.  None when the trace has no ground truth or KSM never ran.
+
+    In order of preference: the ``validate`` record of the manifest (``ksmtrace validate`` writes
+    when it set ``run=1``; exact); the ``capture.json`` a sample trace ships with
+    (``ksm_started_after_snapshot0_s``, written by its capture script when it set ``run=1``;
+    exact); the midpoint between the last ground-truth sample with ``run=0`` and the first with
+    ``run=1`` (inferred; off by up to half the sampling interval); 0 when KSM already ran at the
+    first sample.
+    """
+    sm = _samples_on(trace)
+    if sm is None:
+        return None
+    t_s, run = sm
+    merging = (run & 1) == 1
+    if not merging.any():
+        return None
+    validate = trace.manifest.get("validate") if isinstance(trace.manifest.get("validate"), dict) else None
+    if validate and validate.get("run_start_ns") is not None:
+        return (int(validate["run_start_ns"]) - trace.t0_ns) / 1e9, True, "recorded by ksmtrace validate"
+    try:
+        info = json.loads((Path(trace.path) / SAMPLE_INFO).read_text())
+        exact = info.get("ksm_started_after_snapshot0_s") if isinstance(info, dict) else None
+        if exact is not None:
+            return float(exact), True, f"recorded by the capture script ({SAMPLE_INFO})"
+    except (OSError, ValueError, TypeError):
+        pass
+    first_on = int(np.flatnonzero(merging)[0])
+    if first_on == 0:
+        return 0.0, False, "KSM already ran at the first ground-truth sample"
+    half = 0.5 * (t_s[first_on] - t_s[first_on - 1])
+    return float(0.5 * (t_s[first_on - 1] + t_s[first_on])), False, \
+        f"inferred from the ground-truth samples (± {half:.3f} s)"
+
+
 def load_ground_truth(trace) -> GroundTruth:
     """The ground truth of ``trace`` (or the path of one); raises :class:`FidelityError` when it has none."""
     from ksmtrace.trace.reader import as_trace
@@ -158,12 +229,8 @@ def load_ground_truth(trace) -> GroundTruth:
         )
     validate = trace.manifest.get("validate") if isinstance(trace.manifest.get("validate"), dict) else None
     first_on = int(np.flatnonzero(merging)[0])
-    if validate and validate.get("run_start_ns") is not None:
-        start_s = (int(validate["run_start_ns"]) - t0) / 1e9
-        exact = True
-    elif first_on == 0:
-        start_s = 0.0
-        exact = False
+    start_s, exact, source = ksm_start(trace)
+    if first_on == 0 and not exact:
         r0 = raw.row(0, named=True)
         warnings.append(
             "KSM was already running when the capture started (first sample: pages_shared="
@@ -171,9 +238,7 @@ def load_ground_truth(trace) -> GroundTruth:
             "with nothing merged at the first snapshot, so early values cannot agree — compare the "
             "steady state"
         )
-    else:
-        start_s = float(0.5 * (t_s[first_on - 1] + t_s[first_on]))
-        exact = False
+    elif not exact:
         warnings.append(
             f"KSM's start time was inferred from the samples ({start_s:.3f} s ± "
             f"{0.5 * (t_s[first_on] - t_s[first_on - 1]):.3f} s after the first snapshot)"
@@ -221,6 +286,7 @@ def load_ground_truth(trace) -> GroundTruth:
         samples=samples,
         start_s=float(start_s),
         start_exact=exact,
+        start_source=source,
         end_s=float(t_s[-1]),
         settings=settings,
         kernel_release=release,
@@ -295,6 +361,48 @@ def ksm_params(gt: GroundTruth, overrides: dict[str, Any] | None = None) -> dict
     if overrides:
         p.update(overrides)
     return p
+
+
+@dataclass
+class AsCaptured:
+    """How to replay ``ksm`` as the traced kernel ran it (:func:`as_captured`)."""
+
+    params: dict[str, Any]  # ksm policy parameters: the kernel's settings and the profile of its release
+    start_s: float  # when ksmd started, s after the first snapshot
+    start_exact: bool
+    start_source: str
+    profile_source: str  # why this profile
+    kernel: dict[str, Any]  # the kernel's own counters at the last snapshot (pages_sharing, ...)
+    warnings: list[str] = field(default_factory=list)
+
+    def replay_kwargs(self) -> dict[str, Any]:
+        return {"params": dict(self.params), "start_s": self.start_s}
+
+
+def as_captured(trace) -> AsCaptured | None:
+    """The ``ksm`` parameters and start time that replay ``trace`` as its kernel ran, or None when
+    the trace has no ground truth or KSM never ran during the capture.  The one place that says
+    which profile (:func:`kernel_profile`) and which start (:func:`ksm_start`) that is."""
+    if ksm_start(trace) is None:
+        return None
+    gt = load_ground_truth(trace)
+    prof, why = kernel_profile(trace)
+    if prof is None:
+        why += ": assuming Linux 6.12+ behaviour"
+    last_snap = trace.n_snapshots - 1
+    at_end = gt.samples.filter(pl.col("snap") <= last_snap)
+    last = at_end.row(at_end.height - 1, named=True) if at_end.height else gt.samples.row(gt.samples.height - 1, named=True)
+    kernel = {k: last.get(k) for k in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
+                                       "ksm_zero_pages", "general_profit", "full_scans", "pages_scanned")
+              if last.get(k) is not None}
+    cpu = last.get("ksmd_cpu_ns")
+    if cpu is not None:
+        kernel["ksmd_cpu_seconds"] = cpu / 1e9  # re-based at KSM's start
+    cow = last.get("cow_ksm")
+    if cow is not None:
+        kernel["cow_ksm"] = cow
+    return AsCaptured(params=ksm_params(gt), start_s=gt.start_s, start_exact=gt.start_exact,
+                      start_source=gt.start_source, profile_source=why, kernel=kernel, warnings=list(gt.warnings))
 
 
 def wall_clock_model(gt: GroundTruth, model):

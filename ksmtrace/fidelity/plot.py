@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from ksmtrace.plot._common import color, new_figure, style, titles
+from ksmtrace.plot._common import color, legend_outside, new_figure, style, titles
 
 PANELS = (
     ("merged pages", "pages", ("pages_sharing", "pages_shared", "ksm_zero_pages")),
@@ -28,7 +28,7 @@ def trajectories(report, *, t_max: float | None = None) -> Figure:
     rt = real["t_s"].to_numpy()
     st = sim["t_s"].to_numpy()
     with style():
-        fig = new_figure(11.0, 8.5)
+        fig = new_figure(15.0, 8.5)
         axes = fig.subplots(3, 2, sharex=True).ravel()
         for ax, (title, unit, names) in zip(axes, PANELS):
             for j, name in enumerate(names):
@@ -59,7 +59,7 @@ def trajectories(report, *, t_max: float | None = None) -> Figure:
             ax.set_ylim(bottom=0)
             if t_max is not None:
                 ax.set_xlim(right=t_max)
-            ax.legend(loc="best", fontsize=6.5)
+            legend_outside(ax, fontsize=6.5)
         for ax in axes[-2:]:
             ax.set_xlabel("time since the first snapshot (s)")
         iv = f"{report.interval_s:.3g} s" if report.interval_s else "-"
@@ -80,7 +80,7 @@ def interval_plot(rows: Sequence[dict], *, rewrite_period: float | None = None, 
         return np.array([np.nan if r.get(key) is None else float(r[key]) for r in rows], dtype=float)
 
     with style():
-        fig = new_figure(10.0, 6.5)
+        fig = new_figure(14.0, 6.5)
         (a1, a2), (a3, a4) = fig.subplots(2, 2, sharex=True)
         a1.plot(iv, 100 * np.abs(col("sharing_final_err")), marker="o", color=color(0), label="|error| of final pages_sharing")
         a1.plot(iv, 100 * col("sharing_nrmse"), marker="s", color=color(1), label="NRMSE of pages_sharing")
@@ -105,7 +105,7 @@ def interval_plot(rows: Sequence[dict], *, rewrite_period: float | None = None, 
                 ax.axvline(rewrite_period, color="#d62728", linestyle="--", linewidth=0.8, label=f"rewrite period {rewrite_period:g} s")
             if full_scan_s:
                 ax.axvline(full_scan_s, color="#1f77b4", linestyle="--", linewidth=0.8, label=f"full-scan period {full_scan_s:.2g} s")
-            ax.legend(loc="best", fontsize=6.5)
+            legend_outside(ax, fontsize=6.5)
             ax.set_ylim(bottom=0)
         for ax in (a3, a4):
             ax.set_xlabel("snapshot interval (s, log scale)")

@@ -7,14 +7,17 @@ import polars as pl
 from matplotlib.figure import Figure
 
 from ksmtrace.errors import KsmtraceError
-from ksmtrace.plot._common import NAIVE_COLOR, ORACLE_COLOR, check_units, frames_to, new_figure, style, titles, unit_label
+from ksmtrace.plot._common import (NAIVE_COLOR, ORACLE_COLOR, cap_to, check_units, frames_to, legend_outside, new_figure,
+                                   style, titles, unit_label)
 
 PARTS = (
     ("zero_saved", "all-zero pages (→ kernel zero page)", "#bdbdbd"),
-    ("within_process_saved", "non-zero, within one process", "#1f77b4"),
+    ("within_process_saved", "non-zero, within one process", "#17becf"),
     ("across_process_saved", "non-zero, across processes", "#ff7f0e"),
 )
-SAME_DOMAIN_COLOR = "#2ca02c"
+# none of these is a policy's colour (ksmtrace.plot.palette): this figure shows the trace, no policy
+SAME_DOMAIN_COLOR = "#bcbd22"
+NONZERO_COLOR = "#e377c2"
 
 
 def breakdown(data, *, scope: str | None = None, trace_name: str | None = None, units: str = "MiB") -> Figure:
@@ -24,14 +27,16 @@ def breakdown(data, *, scope: str | None = None, trace_name: str | None = None, 
     Bottom: the same savings as a percentage of the frames the candidate pages use with no dedup.
 
     ``data``: a DataFrame from :func:`ksmtrace.analysis.breakdown.breakdown`, or a trace (then
-    computed under ``scope``, default ``recorded``).
+    computed under ``scope``; default: the one :func:`ksmtrace.replay.choose_scope` picks).
     """
     check_units(units)
     if not isinstance(data, pl.DataFrame):
         from ksmtrace.analysis.breakdown import breakdown as compute
 
+        from ksmtrace.replay import resolve_scope
+
         trace_name = trace_name or getattr(data, "name", None)
-        scope = scope or "recorded"
+        scope = resolve_scope(data, scope)[0]
         data = compute(data, scope)
     if data.height == 0:
         raise KsmtraceError("breakdown: no snapshots to plot")
@@ -39,7 +44,7 @@ def breakdown(data, *, scope: str | None = None, trace_name: str | None = None, 
     t = data["t_s"].to_numpy().astype(float)
     col = {c: data[c].to_numpy().astype(float) for c in data.columns if c != "snap"}
     with style():
-        fig = new_figure(10.0, 7.6)
+        fig = new_figure(12.0, 7.6)
         ax, axp = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1.2])
         stack = [frames_to(col[c], units) for c, _, _ in PARTS]
         if t.size == 1:  # one snapshot: bars, since an area needs two points
@@ -57,18 +62,24 @@ def breakdown(data, *, scope: str | None = None, trace_name: str | None = None, 
         ax.plot(t, frames_to(col["same_domain_saved"], units), color=SAME_DOMAIN_COLOR, linestyle="--", linewidth=1.8,
                 marker=mk, markersize=2.5, label="same-domain-only rule keeps (uid+cgroup; zero pages included)",
                 gid="same_domain_saved")
-        ax.plot(t, frames_to(col["hash_only_saved"], units), color=NAIVE_COLOR, linestyle=":", linewidth=1.2,
+        naive = frames_to(col["hash_only_saved"], units)
+        ax.plot(t, naive, color=NAIVE_COLOR, linestyle=":", linewidth=1.2,
                 label="hash-only duplicates (naive, overcounts)", gid="hash_only_saved")
         ax.set_ylabel(f"duplicate frames ({ul})")
-        ax.set_ylim(bottom=0)
+        top = float(np.nanmax(frames_to(col["oracle_saved"], units))) if t.size else 0.0
+        naive_max = float(np.nanmax(naive)) if naive.size else 0.0
+        cap_to(ax, top, naive_max)
+        if naive_max > ax.get_ylim()[1]:
+            ax.text(0.99, 0.98, f"hash-only count off scale (up to {naive_max:,.0f} {ul})", transform=ax.transAxes,
+                    ha="right", va="top", fontsize=7, color=NAIVE_COLOR, gid="hash_only_off_scale")
         ax.set_title(f"frames a perfect dedup frees, by kind ({ul}; fork-shared frames count once)", loc="left")
-        ax.legend(loc="best")
+        legend_outside(ax)
 
         base = col["base_frames"]
         with np.errstate(divide="ignore", invalid="ignore"):
             pct = {k: np.where(base > 0, 100.0 * v / base, np.nan) for k, v in col.items()}
         axp.plot(t, pct["oracle_saved"], color=ORACLE_COLOR, label="all duplicates (oracle)", gid="pct:oracle_saved")
-        axp.plot(t, pct["nonzero_saved"], color="#9467bd", label="excluding zero pages", gid="pct:nonzero_saved")
+        axp.plot(t, pct["nonzero_saved"], color=NONZERO_COLOR, label="excluding zero pages", gid="pct:nonzero_saved")
         axp.plot(t, pct["same_domain_saved"], color=SAME_DOMAIN_COLOR, linestyle="--", label="same-domain-only rule",
                  gid="pct:same_domain_saved")
         axp.plot(t, pct["within_process_saved"], color=PARTS[1][2], label="non-zero within one process",
@@ -77,14 +88,17 @@ def breakdown(data, *, scope: str | None = None, trace_name: str | None = None, 
         axp.set_xlabel("time since first snapshot (s)")
         axp.set_ylim(bottom=0)
         axp.set_title("the same savings as a share of the memory the candidate pages use", loc="left")
-        axp.legend(loc="best")
-        mean = lambda c: float(np.nanmean(pct[c])) if np.isfinite(pct[c]).any() else float("nan")  # noqa: E731
-        sub = " · ".join([
-            f"trace {trace_name or '?'}",
-            f"scope {scope or '?'}",
-            f"{data.height} snapshots",
-            f"mean: duplicates {mean('oracle_saved'):.1f}%, excl. zero {mean('nonzero_saved'):.1f}%, "
-            f"same-domain {mean('same_domain_saved'):.1f}% of frames",
-        ])
+        if not np.isfinite(pct["oracle_saved"]).any():
+            axp.text(0.5, 0.5, "no candidate pages in this scope: no share to draw", transform=axp.transAxes,
+                     ha="center", va="center", fontsize=8, gid="no-candidates")
+            axp.set_ylim(0, 100)
+        legend_outside(axp)
+        mean = lambda c: float(np.nanmean(pct[c])) if np.isfinite(pct[c]).any() else None  # noqa: E731
+        if mean("oracle_saved") is None:
+            shares = "no candidate pages in this scope (nothing to deduplicate)"
+        else:
+            shares = (f"mean: duplicates {mean('oracle_saved'):.1f}%, excl. zero {mean('nonzero_saved'):.1f}%, "
+                      f"same-domain {mean('same_domain_saved'):.1f}% of frames")
+        sub = " · ".join([f"trace {trace_name or '?'}", f"scope {scope or '?'}", f"{data.height} snapshots", shares])
         titles(fig, "Sharing breakdown (from the trace, no replay)", sub)
     return fig

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from ksmtrace._version import __version__
 from ksmtrace.errors import KsmtraceError
+from ksmtrace.plot import palette
 
 PAGE_SIZE = 4096
 MIB = 1024 * 1024
@@ -48,8 +49,8 @@ STYLE: dict[str, Any] = {
     "image.cmap": "viridis",
 }
 COLORS: list[str] = list(STYLE["axes.prop_cycle"].by_key()["color"])
-ORACLE_COLOR = "#000000"
-NAIVE_COLOR = "#888888"
+ORACLE_COLOR = palette.ORACLE_COLOR
+NAIVE_COLOR = palette.HASH_ONLY_COLOR
 
 
 @contextmanager
@@ -66,7 +67,86 @@ def new_figure(width: float, height: float) -> Figure:
 
 
 def color(i: int) -> str:
+    """The i-th colour of the cycle: for series that are not policies (a policy's colour comes from
+    :mod:`ksmtrace.plot.palette`, the same in every figure)."""
     return COLORS[i % len(COLORS)]
+
+
+def legend_outside(ax, *, ncol: int = 1, fontsize: float | None = None, title: str | None = None, where: str = "right"):
+    """A legend beside the axes (``where='right'``) or below it (``'below'``), never over the data.
+    Constrained layout makes room for it."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return None
+    kw: dict[str, Any] = {"ncol": ncol, "title": title, "borderaxespad": 0.0, "frameon": False}
+    if fontsize is not None:
+        kw["fontsize"] = fontsize
+    if where == "below":
+        return ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.16), **kw)
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), **kw)
+
+
+def cap_to(ax, series_max: float, ref_max: float, pad: float = 1.08) -> None:
+    """A linear y range from 0 that the policies set: ``series_max`` (the runs, and the oracle as
+    their ceiling).  A reference line above it (``ref_max``, e.g. the naive hash-only count) does
+    not stretch the axis; the caller marks it as off scale."""
+    top = series_max if series_max > 0 else (ref_max if ref_max > 0 else 1.0)
+    ax.set_ylim(0, top * pad)
+
+
+_OFFSETS = [(dx, dy) for r in (6, 14, 24, 36) for dx, dy in
+            ((r, r * 0.6), (r, -r), (-r, r * 0.6), (-r, -r), (0, r), (0, -r - 4), (r, 0), (-r, 0))]
+
+
+def place_labels(ax, xs, ys, texts, *, fontsize: float = 6.5, gids=None, avoid_points=True) -> list[int]:
+    """Label the points (xs[i], ys[i]) with texts[i], each where it overprints nothing: no other
+    label, no labelled point, inside the axes.  Tries offsets in eight directions at growing
+    distances; a label that fits nowhere is left out.  Returns the indices left out.  Call it after
+    everything else is drawn and the axes limits are final (it lays the figure out to measure)."""
+    import numpy as np
+    from matplotlib.transforms import Bbox
+
+    fig = ax.figure
+    if fig.canvas is None or not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    axbox = ax.bbox
+    pts = ax.transData.transform(np.column_stack([np.asarray(xs, float), np.asarray(ys, float)]))
+    rad = 4.0
+    blocked: list[Bbox] = []
+    if avoid_points:
+        blocked = [Bbox.from_extents(px - rad, py - rad, px + rad, py + rad) for px, py in pts if np.isfinite([px, py]).all()]
+    placed: list[Bbox] = []
+    left_out = []
+
+    def free(b: Bbox) -> bool:
+        if b.x0 < axbox.x0 + 1 or b.x1 > axbox.x1 - 1 or b.y0 < axbox.y0 + 1 or b.y1 > axbox.y1 - 1:
+            return False
+        for o in placed + blocked:
+            if min(b.x1, o.x1) - max(b.x0, o.x0) > 0 and min(b.y1, o.y1) - max(b.y0, o.y0) > 0:
+                return False
+        return True
+
+    for i, text in enumerate(texts):
+        if not np.isfinite(pts[i]).all():
+            left_out.append(i)
+            continue
+        ann = ax.annotate(text, (xs[i], ys[i]), xytext=(0, 0), textcoords="offset points", fontsize=fontsize,
+                          gid=None if gids is None else gids[i])
+        ann.set_in_layout(False)
+        for dx, dy in _OFFSETS:
+            ann.set_position((dx, dy))
+            ann.set_horizontalalignment("left" if dx > 0 else "right" if dx < 0 else "center")
+            ann.set_verticalalignment("bottom" if dy > 0 else "top" if dy < 0 else "center")
+            b = ann.get_window_extent(r)
+            if free(b):
+                placed.append(b)
+                break
+        else:
+            ann.remove()
+            left_out.append(i)
+    return left_out
 
 
 # --- units ---------------------------------------------------------------------------------------

@@ -18,13 +18,40 @@ MAX_PANELS = 6
 PERCENTILES = (2.0, 98.0)
 
 
-def heatmap_matrix(result, *, value: str = "fraction", top: int = 20) -> tuple[np.ndarray, list[str], np.ndarray, int]:
+def process_order(results: Sequence, top: int = 20) -> list[tuple[int, int, str]]:
+    """One row order for every panel: ``(proc, pid, comm)`` of the ``top`` processes ranked by their
+    merged pages summed over all snapshots of all ``results``, then candidate pages, then pid.  A
+    process keeps its row in every panel, so panels compare row by row."""
+    if top < 1:
+        raise KsmtraceError("heatmap: --top must be at least 1")
+    parts = []
+    for r in results:
+        if r.procs is None:
+            raise KsmtraceError(f"result {r.run_id} has no per-process table (<run_id>.procs.parquet)")
+        if r.procs.height:
+            parts.append(r.procs.select("proc", "pid", "comm", "merged_pages", "candidate_pages"))
+    if not parts:
+        return []
+    rank = (
+        pl.concat(parts)
+        .group_by("proc")
+        .agg(pl.col("merged_pages").sum().alias("m"), pl.col("candidate_pages").sum().alias("c"),
+             pl.col("pid").first(), pl.col("comm").first())
+        .sort(["m", "c", "pid", "proc"], descending=[True, True, False, False])
+        .head(top)
+    )
+    return [(int(p), int(pid), str(c or "?")) for p, pid, c in zip(rank["proc"], rank["pid"], rank["comm"])]
+
+
+def heatmap_matrix(result, *, value: str = "fraction", top: int = 20,
+                   order: Sequence[tuple[int, int, str]] | None = None) -> tuple[np.ndarray, list[str], np.ndarray, int]:
     """``(matrix, row_labels, times_s, n_procs)`` for one run.
 
-    ``matrix[i, s]`` is, for the i-th process of the top ``top`` (ranked by mean merged pages over
-    all snapshots, then by pid), ``merged_pages / candidate_pages`` (``value='fraction'``) or
-    ``merged_pages`` (``value='merged'``) at snapshot ``s``; NaN where the process had no candidate
-    pages.  ``n_procs`` is how many processes the run has in all.
+    ``matrix[i, s]`` is, for the i-th process of ``order`` (default: :func:`process_order` of this
+    run alone: the top ``top`` by merged pages over all snapshots, then by pid),
+    ``merged_pages / candidate_pages`` (``value='fraction'``) or ``merged_pages``
+    (``value='merged'``) at snapshot ``s``; NaN where the process had no candidate pages.
+    ``n_procs`` is how many processes the run has in all.
     """
     if value not in VALUES:
         raise KsmtraceError(f"unknown heatmap value {value!r} (choose {', '.join(VALUES)})")
@@ -35,18 +62,13 @@ def heatmap_matrix(result, *, value: str = "fraction", top: int = 20) -> tuple[n
         raise KsmtraceError(f"result {result.run_id} has no per-process table (<run_id>.procs.parquet)")
     times = result.table["t_s"].to_numpy()
     n_snaps = len(times)
-    if procs.height == 0:
-        return np.zeros((0, n_snaps)), [], times, 0
-    rank = (
-        procs.group_by("proc")
-        .agg(pl.col("merged_pages").sum().alias("m"), pl.col("candidate_pages").sum().alias("c"),
-             pl.col("pid").first(), pl.col("comm").first())
-        .sort(["m", "c", "pid", "proc"], descending=[True, True, False, False])
-    )
-    n_procs = rank.height
-    chosen = rank.head(top)
-    row_of = {int(p): i for i, p in enumerate(chosen["proc"].to_list())}
-    mat = np.full((chosen.height, n_snaps), np.nan)
+    if order is None:
+        order = process_order([result], top)
+    n_procs = procs["proc"].n_unique() if procs.height else 0
+    if not order:
+        return np.zeros((0, n_snaps)), [], times, n_procs
+    row_of = {p: i for i, (p, _, _) in enumerate(order)}
+    mat = np.full((len(order), n_snaps), np.nan)
     sub = procs.filter(pl.col("proc").is_in(list(row_of)) & (pl.col("candidate_pages") > 0))
     rows = np.array([row_of[int(p)] for p in sub["proc"].to_list()], dtype=int)
     cols = sub["snap"].to_numpy().astype(int)
@@ -54,7 +76,7 @@ def heatmap_matrix(result, *, value: str = "fraction", top: int = 20) -> tuple[n
     cand = sub["candidate_pages"].to_numpy().astype(float)
     ok = cols < n_snaps
     mat[rows[ok], cols[ok]] = (merged / cand)[ok] if value == "fraction" else merged[ok]
-    labels = [f"{c or '?'} ({p})" for c, p in zip(chosen["comm"].to_list(), chosen["pid"].to_list())]
+    labels = [f"{c} ({pid})" for _, pid, c in order]
     return mat, labels, times, n_procs
 
 
@@ -111,7 +133,8 @@ def heatmap(results: Sequence, *, value: str = "fraction", top: int = 20, scale:
     scale = scale or ("percentile" if value == "fraction" else "log")
     if scale not in SCALES:
         raise KsmtraceError(f"unknown heatmap scale {scale!r} (choose {', '.join(SCALES)})")
-    mats = [heatmap_matrix(r, value=value, top=top) for r in results]
+    order = process_order(results, top)
+    mats = [heatmap_matrix(r, value=value, top=top, order=order) for r in results]
     allv = np.concatenate([m[0].ravel() for m in mats]) if mats else np.zeros(0)
     norm, cbar_label = _norm(allv, value, scale)
     cmap = colormaps["viridis"].with_extremes(bad="#ffffff", under="#d9d9d9", over="#fde725")
@@ -137,7 +160,7 @@ def heatmap(results: Sequence, *, value: str = "fraction", top: int = 20, scale:
             ax.grid(False)
             ax.set_ylabel("process (comm (pid))")
             ax.set_xlabel("time since first snapshot (s)")
-            ax.set_title(f"{lab}: top {min(top, n_procs)} of {n_procs} processes by merged pages", loc="left")
+            ax.set_title(f"{lab}: {n_procs} processes", loc="left")
         if mesh is not None:
             extend = "neither"
             if scale == "percentile":
@@ -147,5 +170,7 @@ def heatmap(results: Sequence, *, value: str = "fraction", top: int = 20, scale:
             cb = fig.colorbar(mesh, ax=list(axes), extend=extend, fraction=0.04, pad=0.01)
             cb.set_label(cbar_label, fontsize=7.5)
         what = "fraction of candidate pages merged" if value == "fraction" else "merged pages"
-        titles(fig, f"Sharing by process over time ({what})", runs_subtitle(results))
+        titles(fig, f"Sharing by process over time ({what})", runs_subtitle(
+            results, extra=f"rows: the top {len(order)} processes by merged pages over all panels, in the same order "
+                           "in every panel"))
     return fig

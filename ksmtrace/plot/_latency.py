@@ -6,7 +6,8 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from ksmtrace.plot._common import color, new_figure, require, run_labels, runs_subtitle, style, titles
+from ksmtrace.plot import palette
+from ksmtrace.plot._common import legend_outside, new_figure, require, run_labels, runs_subtitle, style, titles
 
 
 def latency_cdf_points(result) -> tuple[np.ndarray, np.ndarray]:
@@ -36,18 +37,20 @@ def latency(results: Sequence) -> Figure:
     moment two equal pages both exist (and stay equal) to the moment they share a frame."""
     require(results, "latency")
     labels = run_labels(results)
+    styles = palette.run_styles(results)
     with style():
-        fig = new_figure(9.0, 5.6)
+        fig = new_figure(12.0, 5.6)
         ax = fig.subplots(1, 1)
         xmax = 1e-3
-        for i, (r, lab) in enumerate(zip(results, labels)):
+        for r, lab, st in zip(results, labels, styles):
             x, y = latency_cdf_points(r)
             n = int(np.asarray(r.latency_hist).sum())
+            line = {"color": st["color"], "linestyle": st["linestyle"]}
             if x.size == 0:
-                ax.plot([], [], color=color(i), label=f"{lab}: no merges", gid=f"run:{r.run_id}")
+                ax.plot([], [], label=f"{lab}: no merges", gid=f"run:{r.run_id}", **line)
                 continue
             p50, p90 = r.latency_quantile(0.5), r.latency_quantile(0.9)
-            ax.plot(x, y, color=color(i), drawstyle="steps-post", gid=f"run:{r.run_id}",
+            ax.plot(x, y, drawstyle="steps-post", gid=f"run:{r.run_id}", **line,
                     label=f"{lab} (n={n:,} merges, p50 ≤ {p50:.3g} s, p90 ≤ {p90:.3g} s)")
             xmax = max(xmax, float(x[-1]))
         ax.axhline(0.5, color="#999999", linestyle=":", linewidth=0.8)
@@ -55,9 +58,10 @@ def latency(results: Sequence) -> Figure:
         ax.set_xscale("log")
         ax.set_xlim(4e-4, xmax * 1.5)
         ax.set_ylim(0, 1.02)
-        ax.set_xlabel("merge latency (s, log scale; each merge at its histogram bin's upper edge, under 1 ms drawn at 1 ms)")
+        ax.set_xlabel("merge latency (s, log scale)")
         ax.set_ylabel("fraction of merges with latency ≤ x (fraction)")
         ax.set_title("time from two equal pages existing to sharing one frame", loc="left")
-        ax.legend(loc="lower right")
-        titles(fig, "Merge latency CDF", runs_subtitle(results))
+        legend_outside(ax)
+        titles(fig, "Merge latency CDF", runs_subtitle(
+            results, extra="each merge at its histogram bin's upper edge; under 1 ms drawn at 1 ms"))
     return fig

@@ -7,12 +7,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ksmtrace.analysis.pareto import non_dominated
-from ksmtrace.plot._common import (check_units, color, frames_to, new_figure, require, run_labels, runs_subtitle,
-                                   style, titles, unit_label)
 from ksmtrace.errors import KsmtraceError
+from ksmtrace.plot import palette
+from ksmtrace.plot._common import (check_units, frames_to, legend_outside, new_figure, place_labels, require,
+                                   run_labels, runs_subtitle, style, titles, unit_label)
 
 Y_METRICS = ("saved", "pct")
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 
 
 def pareto_points(results: Sequence, *, y: str = "saved", units: str = "MiB", cost=None) -> dict[str, np.ndarray]:
@@ -52,53 +52,67 @@ def _scale(ax, values: np.ndarray, axis_label: str) -> str:
 
 
 def pareto(results: Sequence, *, y: str = "saved", units: str = "MiB", cost=None, annotate: int = 12) -> Figure:
-    """Two panels, one point per run (colour and marker = policy): memory saved (``y='saved'``:
-    mean frames_saved in ``units``; ``y='pct'``: mean % of the oracle) against ksmd CPU seconds
-    (left) and against total COW breaks (right).  The runs no other run beats on both axes of a
-    panel (the non-dominated front: more saved, less CPU / fewer COW breaks) are ringed, joined by
-    a black staircase and labelled (up to ``annotate`` labels per panel)."""
+    """Two panels, one point per run (colour and marker = policy, as in every figure): memory saved
+    (``y='saved'``: mean frames_saved in ``units``; ``y='pct'``: mean % of the oracle) against
+    ksmd CPU seconds (left) and against total COW breaks (right).  The oracle is a ceiling — a
+    perfect dedup at no CPU — so its runs are a dashed horizontal line, never points and never on
+    a front.  The other runs no run beats on both axes of a panel (the non-dominated front: more
+    saved, less CPU / fewer COW breaks) are ringed, joined by a black staircase and labelled where
+    a label fits without overprinting (up to ``annotate`` per panel)."""
     from ksmtrace.engine.cost import resolve_cost_model
 
     require(results, "pareto")
     model = resolve_cost_model(cost)
     pts = pareto_points(results, y=y, units=units, cost=model)
+    is_oracle = np.array([r.spec.get("policy") == "oracle" for r in results], dtype=bool)
     policies = []
     for r in results:
-        if r.spec.get("policy") not in policies:
+        if r.spec.get("policy") not in policies and r.spec.get("policy") != "oracle":
             policies.append(r.spec.get("policy"))
     labels = run_labels(results, with_policy=len(policies) > 1)
     ylabel = f"memory saved, mean over snapshots ({unit_label(units)})" if y == "saved" else "memory saved, mean % of the oracle (%)"
     with style():
-        fig = new_figure(12.0, 5.8)
+        fig = new_figure(13.0, 5.8)
         axes = fig.subplots(1, 2, sharey=True)
         panels = [
             (axes[0], pts["cpu_s"], f"ksmd CPU time (s, cost model {model.name!r})", "CPU"),
             (axes[1], pts["cow_breaks"], "COW breaks, total over the run (count)", "COW breaks"),
         ]
+        ceiling = float(np.nanmax(pts["y"][is_oracle])) if is_oracle.any() and np.isfinite(pts["y"][is_oracle]).any() else None
+        fronts = []
         for ax, xv, xlabel, what in panels:
-            front = non_dominated(maximize=[pts["y"]], minimize=[xv])
-            for j, pol in enumerate(policies):
+            runs = ~is_oracle
+            front = np.zeros(len(results), dtype=bool)
+            if runs.any():
+                front[runs] = non_dominated(maximize=[pts["y"][runs]], minimize=[xv[runs]])
+            for pol in policies:
                 idx = np.array([i for i, r in enumerate(results) if r.spec.get("policy") == pol], dtype=int)
-                ax.scatter(xv[idx], pts["y"][idx], s=28, color=color(j), marker=MARKERS[j % len(MARKERS)],
-                           alpha=0.75, label=pol, gid=f"points:{pol}", zorder=3)
+                st = palette.policy_style(pol)
+                ax.scatter(xv[idx], pts["y"][idx], s=28, color=st.color, marker=st.marker,
+                           alpha=0.8, label=pol, gid=f"points:{pol}", zorder=3)
+            if ceiling is not None:
+                ax.axhline(ceiling, color=palette.ORACLE_COLOR, linestyle=palette.ORACLE_LINESTYLE, linewidth=1.2,
+                           label="oracle: perfect dedup, no CPU (ceiling)", gid="oracle-ceiling", zorder=2)
             fi = np.flatnonzero(front & np.isfinite(pts["y"]))
             order = fi[np.lexsort((-pts["y"][fi], xv[fi]))]
             if order.size:
                 ax.plot(xv[order], pts["y"][order], color="black", linewidth=1.0, drawstyle="steps-post", zorder=2,
-                        label=f"non-dominated front ({order.size} of {len(results)} runs)", gid="front")
+                        label=f"non-dominated front ({order.size} of {int((~is_oracle).sum())} runs)", gid="front")
                 ax.scatter(xv[order], pts["y"][order], s=90, facecolors="none", edgecolors="black", linewidths=1.2,
                            zorder=4, gid="front-points")
-                groups: dict[tuple[float, float], list[int]] = {}  # runs at one point get one label
-                for i in order:
-                    groups.setdefault((float(xv[i]), float(pts["y"][i])), []).append(int(i))
-                for k, members in enumerate(list(groups.values())[:annotate]):
-                    i = members[0]
-                    text = labels[i] + (f" (+{len(members) - 1} more here)" if len(members) > 1 else "")
-                    ax.annotate(text, (xv[i], pts["y"][i]), xytext=(6, 6 if k % 2 == 0 else -11),
-                                textcoords="offset points", fontsize=6.5, gid=f"front-label:{results[i].run_id}")
+            fronts.append(order)
             ax.set_xlabel(_scale(ax, xv, xlabel))
             ax.set_title(f"memory saved vs {what}: more is better up, less is better left", loc="left")
-            ax.legend(loc="lower right")
+            ax.set_ylim(bottom=0)
         axes[0].set_ylabel(ylabel)
+        legend_outside(axes[1])
         titles(fig, "Saving vs cost, one point per run", runs_subtitle(results, model.name))
+        for (ax, xv, _, _), order in zip(panels, fronts):
+            groups: dict[tuple[float, float], list[int]] = {}  # runs at one point get one label
+            for i in order:
+                groups.setdefault((float(xv[i]), float(pts["y"][i])), []).append(int(i))
+            chosen = list(groups.values())[:annotate]
+            texts = [labels[m[0]] + (f" (+{len(m) - 1} more here)" if len(m) > 1 else "") for m in chosen]
+            place_labels(ax, [xv[m[0]] for m in chosen], [pts["y"][m[0]] for m in chosen], texts,
+                         gids=[f"front-label:{results[m[0]].run_id}" for m in chosen])
     return fig

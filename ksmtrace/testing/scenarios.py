@@ -14,6 +14,8 @@ suite checks it, so a parameter that is not wired up fails a test.
 * ``random-N`` — a seeded random trace (``random-7``): churn, forks and exits.
 
 ``library_trace(path)`` is the small three-process trace the report, plot and sweep tests share.
+``plain_processes_trace(path)`` is what a user's first capture of ordinary programs looks like:
+no page in a mergeable VMA (no madvise/prctl), so the ``recorded`` scope is empty.
 """
 from __future__ import annotations
 
@@ -141,3 +143,31 @@ def scenario(name: str, path: str | os.PathLike):
         seed = int(name.split("-", 1)[1])
         return make_trace(path, random_snapshots(seed), interval=0.03)
     raise ValueError(f"unknown scenario {name!r}")
+
+
+def plain_processes_trace(path: str | os.PathLike, n: int = 8, pages: int = 240):
+    """Two plain processes (a parent and its fork child) of a capture made with ``--scope anon`` on a
+    6.18 kernel without KSM ground truth: no page is in a mergeable VMA.  Each has library-like
+    pages equal across both, zero-filled pages, private pages, pages rewritten every snapshot, and
+    the child shares some frames with its parent through fork; 0.5 s apart."""
+    snaps = []
+    for s in range(n):
+        d: dict = {}
+        for p in range(2):
+            for v in range(pages):
+                if v < pages // 3:
+                    spec: Any = {"c": f"lib{v % 40}"}
+                elif v < pages // 3 + 30:
+                    spec = {"c": 0}
+                elif v < pages // 3 + 60:
+                    spec = {"c": f"forked{v}", "frame": f"fork{v}"}  # parent and child share the frame
+                elif v < pages - 40:
+                    spec = {"c": f"own{p}-{v}"}
+                else:
+                    spec = {"c": f"churn{p}-{v}-{s}"}
+                d[(p, v)] = {**spec, "mergeable": False}
+        snaps.append(d)
+    procs = {0: {"pid": 4101, "comm": "python3"}, 1: {"pid": 4102, "ppid": 4101, "comm": "python3"}}
+    return make_trace(path, snaps, procs=procs, interval=0.5,
+                      host={"kernel_release": "6.18.44", "thp_enabled": "always [madvise] never"},
+                      capture={"scope": "anon"})

@@ -1,5 +1,6 @@
-"""The notebooks in notebooks/ run from a fresh kernel, top to bottom, within a time limit, and use
-only ksmtrace's public API."""
+"""The notebooks in notebooks/ are committed with their outputs (made by `python -m
+ksmtrace.testing.notebooks --update`), run from a fresh kernel, top to bottom, within a time limit,
+and use only ksmtrace's public API."""
 import json
 import re
 import time
@@ -11,7 +12,9 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.i
 TIMEOUT_PER_CELL = 300
 MAX_SECONDS = 240  # "a couple of minutes at most"
 PUBLIC = {"ksmtrace", "ksmtrace.plot", "ksmtrace.samples", "ksmtrace.sweep", "ksmtrace.replay", "ksmtrace.results",
-          "ksmtrace.analysis.breakdown", "ksmtrace.trace.reader", "ksmtrace.policies.pksm.delay"}
+          "ksmtrace.analysis.breakdown", "ksmtrace.analysis.frontier", "ksmtrace.fidelity", "ksmtrace.fidelity.plot",
+          "ksmtrace.trace.reader", "ksmtrace.policies.pksm.delay"}
+UNDEFINED = re.compile(r"\b(None|nan|NaN|null)\b")
 
 
 def test_the_notebooks_are_there():
@@ -26,9 +29,26 @@ def test_notebook_uses_only_the_public_api(path):
     for mod in re.findall(r"^\s*(?:from|import)\s+(ksmtrace[\w.]*)", code, re.M):
         assert mod in PUBLIC, f"{path.name} imports {mod}, not a public module"
     assert not re.search(r"ksmtrace[\w.]*\._(?!_)", code), "no private names"
-    for c in nb["cells"]:  # committed without outputs: the numbers come from running it
-        if c["cell_type"] == "code":
-            assert not c.get("outputs"), f"{path.name}: clear the outputs before committing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_committed_with_its_outputs(path):
+    """A reader sees the answers without running anything: every code cell was executed in order
+    (by `python -m ksmtrace.testing.notebooks --update`), no cell failed, the figures and the
+    generated conclusions are there, and nothing undefined is printed."""
+    nb = json.loads(path.read_text())
+    cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    counts = [c.get("execution_count") for c in cells]
+    assert all(isinstance(n, int) for n in counts), f"{path.name}: run `python -m ksmtrace.testing.notebooks --update`"
+    assert counts == sorted(counts) and len(set(counts)) == len(counts), f"{path.name}: cells were not run top to bottom"
+    outs = [o for c in cells for o in c.get("outputs", [])]
+    assert not [o for o in outs if o.get("output_type") == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outs) >= 2
+    assert any("text/markdown" in o.get("data", {}) for o in outs), "the conclusions are generated as Markdown"
+    for o in outs:
+        text = "".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", "")) + \
+            "".join(o.get("data", {}).get("text/markdown", ""))
+        assert not UNDEFINED.search(text), f"{path.name}: undefined value printed: {text[:300]}"
 
 
 @pytest.mark.slow

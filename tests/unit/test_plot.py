@@ -12,6 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from ksmtrace import plot
+from ksmtrace.plot import palette
+from ksmtrace.testing.figures import layout_problems
 from ksmtrace.analysis.breakdown import breakdown as compute_breakdown
 from ksmtrace.cli import cli
 from ksmtrace.errors import KsmtraceError
@@ -42,6 +44,12 @@ def world(tmp_path_factory):
     mp.undo()
 
 
+def _rgb(color):
+    from matplotlib.colors import to_rgb
+
+    return to_rgb(color)
+
+
 def _texts(fig):
     return fig._suptitle.get_text()
 
@@ -68,15 +76,23 @@ def test_timeline_content(world):
     assert np.allclose(hash_only.get_ydata(), runs[0].table["hash_only_saved"].to_numpy() * MIB)
     for r in runs:
         gid = f"run:{r.run_id}"
-        assert np.allclose(_line(ax_mem, gid).get_ydata(), r.table["frames_saved"].to_numpy() * MIB)
         assert np.array_equal(_line(ax_cow, gid).get_ydata(), r.table["cow_breaks"].to_numpy())
+        if r.policy == "oracle":  # the oracle is the dashed reference line, drawn once
+            assert not [ln for ln in ax_mem.get_lines() + ax_cpu.get_lines() if ln.get_gid() == gid]
+            continue
+        assert np.allclose(_line(ax_mem, gid).get_ydata(), r.table["frames_saved"].to_numpy() * MIB)
         assert np.allclose(_line(ax_cpu, gid).get_ydata(), r.cpu_per_snapshot())
     assert runs[1].table["cow_breaks"].sum() > 0  # the trace does produce COW breaks
     legend = [t.get_text() for t in ax_mem.get_legend().get_texts()]
     assert any(t.startswith("ksm pages_to_scan=100") for t in legend)
     assert any(t.startswith("ksm pages_to_scan=5 sleep_millisecs=200") for t in legend)
-    assert any(t.startswith("oracle (defaults)") for t in legend)
+    assert sum(t.startswith("oracle") for t in legend) == 1  # the oracle is listed once
     assert any("% of oracle" in t for t in legend)
+    # one colour per policy, run styles told apart by the line style
+    ksm_lines = [_line(ax_mem, f"run:{r.run_id}") for r in runs[1:]]
+    assert {ln.get_color() for ln in ksm_lines} == {palette.policy_color("ksm")}
+    assert len({ln.get_linestyle() for ln in ksm_lines}) == 2
+    assert _line(ax_mem, "oracle").get_color() == palette.ORACLE_COLOR
     title = _texts(fig)
     assert "trace trace" in title and "scope recorded" in title and "cost model" in title
 
@@ -106,22 +122,24 @@ def test_pareto_content(world):
     assert np.allclose(pts["y"], [r.table["frames_saved"].mean() * MIB for r in runs])
     assert np.allclose(pts["cpu_s"], [r.cpu_seconds() for r in runs])
     assert np.array_equal(pts["cow_breaks"], [r.table["cow_breaks"].sum() for r in runs])
-    # one point per run, grouped by policy
+    # one point per run, grouped by policy; the oracle is a ceiling line, never a point
     coll = {c.get_gid(): c for c in ax_cpu.collections if c.get_gid()}
-    oracle_pts = coll["points:oracle"].get_offsets()
+    assert "points:oracle" not in coll
     ksm_pts = coll["points:ksm"].get_offsets()
-    assert len(oracle_pts) == 1 and len(ksm_pts) == 2
+    assert len(ksm_pts) == 2
     assert np.allclose(ksm_pts[:, 0], pts["cpu_s"][1:])
-    # the oracle saves the most and costs no CPU: it alone is the CPU panel's front
-    front = _line(ax_cpu, "front")
-    assert np.allclose(front.get_xdata(), [pts["cpu_s"][0]]) and np.allclose(front.get_ydata(), [pts["y"][0]])
-    labels = [t.get_text() for t in ax_cpu.texts]
-    assert labels == ["oracle (defaults)"]
-    # the COW panel's front holds every run not beaten on saving and COW breaks at once
+    assert np.allclose(_line(ax_cpu, "oracle-ceiling").get_ydata(), pts["y"][0])
+    # the front is among the other runs: the fast ksm saves more, the slow one costs less CPU
     from ksmtrace.analysis.pareto import non_dominated
 
-    expect = non_dominated([pts["y"]], [pts["cow_breaks"]])
+    expect = non_dominated([pts["y"][1:]], [pts["cpu_s"][1:]])
+    assert len(_line(ax_cpu, "front").get_xdata()) == int(expect.sum())
+    labels = [t.get_text() for t in ax_cpu.texts]
+    assert labels and all(t.startswith("pages_to_scan=") for t in labels)
+    expect = non_dominated([pts["y"][1:]], [pts["cow_breaks"][1:]])
     assert len(_line(ax_cow, "front").get_xdata()) == int(expect.sum())
+    assert coll["points:ksm"].get_facecolor()[0][:3] == pytest.approx(_rgb(palette.policy_color("ksm")))
+    assert not layout_problems(fig), layout_problems(fig)
     assert "non-dominated front" in " ".join(t.get_text() for t in ax_cow.get_legend().get_texts())
     assert "trace trace" in _texts(fig)
 
@@ -216,7 +234,8 @@ def test_heatmap_content(world):
     assert ax.get_xlabel() == "time since first snapshot (s)"
     cbar = fig.axes[-1]
     assert "fraction" in cbar.get_ylabel() and "percentile" in cbar.get_ylabel()
-    assert "top 3 of 3 processes" in ax.get_title(loc="left")
+    assert ax.get_title(loc="left").endswith(": 3 processes")
+    assert "rows: the top 3 processes by merged pages over all panels" in _texts(fig)
 
 
 def test_heatmap_log_top_and_errors(world):
