@@ -229,3 +229,33 @@ def test_no_kernel_events_is_quiet(tmp_path):
         res = run_cli(["capture", "-p", str(t.pid), "--count", "1", "--no-kernel-events", "-o", str(tmp_path / "t")])
     assert res.returncode == 0 and "note" not in res.stderr
     assert open_trace(tmp_path / "t").capture["kernel_events"] == {"enabled": False, "reason": "off (--no-kernel-events)"}
+
+
+@pytest.mark.skipif(not (HAVE_EVENTS and tracefs.find_tracefs() is None), reason="needs tracefs unmounted at the start")
+def test_a_killed_captures_tracefs_mount_is_undone_by_the_next_capture(tmp_path):
+    """tracefs mounted by a capture that was then SIGKILLed: the next capture removes the killed
+    one's instances and, at its end, the mount too; a tracefs mounted by anything else stays."""
+    with Target(random_pages=16, zero_pages=0) as t:
+        p = popen_cli(["capture", "-p", str(t.pid), "--interval", "0.1", "-o", str(tmp_path / "t")])
+        try:
+            assert wait_until(lambda: committed(tmp_path / "t") >= 2, 60)
+            assert tracefs.find_tracefs() == tracefs.TRACEFS
+            assert tracefs.MOUNT_MARKER.read_text().split()[0] == str(p.pid)
+        finally:
+            p.kill()
+            p.communicate(timeout=60)
+        assert tracefs.find_tracefs() == tracefs.TRACEFS  # left behind by the kill
+        left = [n for n in os.listdir(tracefs.TRACEFS / "instances") if n.startswith(f"ksmtrace-{p.pid}-")]
+        assert len(left) == 2
+        res = run_cli(["capture", "-p", str(t.pid), "--count", "1", "-o", str(tmp_path / "next")])
+        assert res.returncode == 0, res.stderr
+        assert "left by a killed capture" in res.stderr
+        assert tracefs.find_tracefs() is None and not tracefs.MOUNT_MARKER.exists()
+        # a tracefs somebody else mounted (no marker of a capture) is left alone
+        tracefs.mount(tracefs.TRACEFS)
+        try:
+            res = run_cli(["capture", "-p", str(t.pid), "--count", "1", "-o", str(tmp_path / "third")])
+            assert res.returncode == 0, res.stderr
+            assert tracefs.find_tracefs() == tracefs.TRACEFS
+        finally:
+            tracefs.unmount(tracefs.TRACEFS)

@@ -103,12 +103,16 @@ class KernelEvents(RecorderBase):
             root = Path(given)
         else:
             root = T.find_tracefs()
+            mounted_now = False
             if root is None and T.TRACEFS.is_dir():
                 try:
-                    root = self.mounted = T.mount(T.TRACEFS)
+                    root = T.mount(T.TRACEFS)
+                    mounted_now = True
                 except T.TracefsError as exc:
                     self.reason = str(exc)
                     return self._off()
+            if root is not None and T.claim_mount(root, mounted_now):
+                self.mounted = root  # ours to unmount at the end (also when a killed capture mounted it)
         if root is None or not (root / "instances").is_dir():
             self.reason = f"no tracefs at {root or T.TRACEFS} (kernel without CONFIG_TRACING, or not mounted)"
             return self._off()
@@ -432,7 +436,7 @@ class KernelEvents(RecorderBase):
             self._thread = None
         self._remove_instances()
         if self.mounted is not None:
-            T.unmount(self.mounted)  # stays mounted when another capture uses it
+            T.release_mount(self.mounted)  # stays mounted while another capture uses it
             self.mounted = None
         if not self.enabled:
             return {}

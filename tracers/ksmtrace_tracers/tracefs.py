@@ -8,8 +8,10 @@ and pid list, opens the per-CPU ``trace_pipe_raw`` files, reads the per-CPU ``st
 overwritten or dropped) and removes the instance (events off, files closed, ``rmdir``).
 
 When tracefs is not mounted anywhere, root mounts it at its standard place, /sys/kernel/tracing
-(what systemd does at boot), and :func:`unmount` undoes that at the end unless someone else is
-using it.
+(what systemd does at boot), and undoes that at the end unless someone else is using it.  Which
+capture mounted it is written down in /run (:func:`claim_mount`), so a mount left by a capture that
+was killed is unmounted by the next capture that ends after it (:func:`release_mount`); a tracefs
+that something else mounted is never unmounted.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TRACEFS = Path("/sys/kernel/tracing")
+MOUNT_MARKER = Path("/run/ksmtrace-tracefs.mount")
 INSTANCE_PREFIX = "ksmtrace-"
 _INSTANCE_RE = re.compile(r"^ksmtrace-(\d+)-(\d+)-[a-z_]+$")
 
@@ -63,6 +66,61 @@ def mount(where: Path = TRACEFS) -> Path:
 def unmount(where: Path) -> bool:
     """Unmount tracefs mounted by :func:`mount`; False (and it stays) when someone uses it."""
     return _libc().umount2(str(where).encode(), 0) == 0
+
+
+def _me() -> str:
+    from ksmtrace_tracers.procinfo import read_stat
+
+    st = read_stat(os.getpid())
+    return f"{os.getpid()} {st.start_ticks if st else 0}"
+
+
+def _owner_alive(text: str) -> bool:
+    from ksmtrace_tracers.procinfo import read_stat
+
+    try:
+        pid, start = (int(x) for x in text.split()[:2])
+    except ValueError:
+        return False
+    st = read_stat(pid)
+    return st is not None and st.start_ticks == start and not st.zombie
+
+
+def claim_mount(where: Path, mounted_now: bool) -> bool:
+    """Whether this capture is to unmount tracefs at ``where`` when it ends: it just mounted it, or
+    the capture that mounted it (the /run marker) is dead.  Writes the marker in both cases."""
+    if where != TRACEFS:
+        return False
+    if not mounted_now:
+        try:
+            owner = MOUNT_MARKER.read_text()
+        except OSError:
+            return False  # mounted by something else: never ours to unmount
+        if _owner_alive(owner):
+            return False
+    try:
+        MOUNT_MARKER.write_text(_me() + "\n")
+    except OSError:
+        return mounted_now
+    return True
+
+
+def release_mount(where: Path) -> bool:
+    """At the end of a capture that claimed the mount: unmount it unless it is in use (then the
+    marker stays, and a later capture unmounts it).  True when it is gone."""
+    try:
+        owner = MOUNT_MARKER.read_text()
+    except OSError:
+        owner = _me()
+    if owner.split()[:2] != _me().split() and _owner_alive(owner):
+        return False  # another live capture took it over
+    if not unmount(where) and find_tracefs() == where:
+        return False
+    try:
+        MOUNT_MARKER.unlink()
+    except OSError:
+        pass
+    return True
 
 
 # --- events -----------------------------------------------------------------------------------------
