@@ -136,7 +136,7 @@ def replay(
 
         eng = ReferenceEngine(prep)
     ctx = RunContext(prep=prep, engine=eng, timing_ps=tcost.timing_ps(), hz=hz, start_ns=start_ns, seed=int(seed),
-                     runtime=runtime)
+                     runtime=runtime, trace=trace)
     rt = pol.runtime(ctx)
     table, procs = _run(prep, eng, rt, pol, make(progress))
     counters = eng.counters()
@@ -230,6 +230,7 @@ def _run(prep, eng, rt, pol: Policy, progress) -> pl.DataFrame:
             "zero_filled_pages": int(prep.zero_filled[s]),
             "cow_breaks": cows,
             "cow_ksm": c["cow_ksm"],
+            "cow_zero": c["cow_zero"],
             "merges": c["merges"] - prev_eng["merges"],
             "exposed_merges": c["exposed_merges"] - prev_eng["exposed_merges"],
             "merge_latency_sum_s": (c["merge_latency_sum_ns"] - prev_eng["merge_latency_sum_ns"]) / 1e9,

@@ -118,6 +118,7 @@ class RunResult:
             "hash_only_saved_final": int(last.get("hash_only_saved", 0) or 0),
             "cow_breaks": int(t["cow_breaks"].sum()) if t.height else 0,
             "cow_breaks_max_interval": int(t["cow_breaks"].max() or 0) if t.height else 0,
+            "cow_zero": int(last.get("cow_zero", 0) or 0),
             "merges": merges,
             "exposed_merges": int(t["exposed_merges"].sum()) if t.height else 0,
             "merge_latency_mean_s": (lat_sum / merges / 1e9) if merges else float("nan"),

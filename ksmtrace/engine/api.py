@@ -81,7 +81,8 @@ class Engine(Protocol):
 
     # --- the driver's side -----------------------------------------------------------------------
     def apply_snapshot(self, s: int, now: int) -> int:
-        """Apply snapshot ``s``'s page events at ``now``; returns the COW breaks they caused."""
+        """Apply snapshot ``s``'s page events at ``now``; returns the COW breaks of KSM pages they
+        caused (writes to pages the policy mapped to the zero page count in ``cow_zero``)."""
 
     def counters(self) -> dict[str, int]:
         """The engine's counters (ksmtrace.engine.state.COUNTER_NAMES)."""
@@ -131,3 +132,4 @@ class RunContext:
     seed: int
     runtime: str = "auto"  # one of RUNTIMES
     options: dict = dataclasses.field(default_factory=dict)
+    trace: Any = None  # the opened trace (ksmtrace.trace.reader.Trace), for tables prep does not hold

@@ -45,6 +45,7 @@ class ReferenceEngine:
         self.frames: dict[int, Frame] = {}
         self.split_thps: set[int] = set()
         self.cow_ksm = 0
+        self.cow_zero = 0
         self.unmerge_cows = 0
         self.merges = 0
         self.exposed = 0
@@ -171,11 +172,13 @@ class ReferenceEngine:
             if p is None:
                 continue
             if kind in (EV_GONE, EV_UNMERGE, EV_WRITE):
-                merged = p.zero_ksm or (p.frame != ZERO_FRAME and self.frame_of(p.frame).ksm)
-                if merged and kind in (EV_WRITE, EV_UNMERGE):
-                    cows += 1
-                    if kind == EV_UNMERGE:
-                        self.unmerge_cows += 1
+                if kind in (EV_WRITE, EV_UNMERGE):
+                    if p.frame != ZERO_FRAME and self.frame_of(p.frame).ksm:  # a KSM folio: COW_KSM
+                        cows += 1
+                        if kind == EV_UNMERGE:
+                            self.unmerge_cows += 1
+                    elif p.zero_ksm:  # the policy's zero page: a fresh page, not COW_KSM
+                        self.cow_zero += 1
                 if p.frame != ZERO_FRAME:
                     self.frame_of(p.frame).ref -= 1
                 del self.pages[pg]
@@ -226,6 +229,7 @@ class ReferenceEngine:
             "candidate_pages": len(self.pages),
             "unmerge_cows": self.unmerge_cows,
             "thp_splits": self.splits,
+            "cow_zero": self.cow_zero,
         }
         assert tuple(vals) == COUNTER_NAMES
         return vals

@@ -27,7 +27,7 @@ ZERO_FRAME = 0
 
 # indices into the engine counter array
 C_FRAMES = 0  # frames in use by candidate pages (zero page excluded)
-C_COW = 1  # cumulative COW breaks of merged pages (cow_ksm)
+C_COW = 1  # cumulative COW breaks of KSM pages (cow_ksm)
 C_MERGES = 2  # cumulative merges (a page stops using a frame of its own)
 C_EXPOSED = 3  # cumulative merges across security domains
 C_KSM_ZERO = 4  # pages currently mapped to the zero page by the policy (ksm_zero_pages)
@@ -37,8 +37,9 @@ C_LAT_SUM = 7  # cumulative merge latency, ns
 C_CAND = 8  # candidate pages now
 C_UNMERGED = 9  # cumulative COW breaks caused by a VMA becoming unmergeable (part of C_COW)
 C_SPLITS = 10  # cumulative THP splits
-C_NFREE = 11  # free frame slots (top of the free stack)
-N_COUNTERS = 12
+C_COW_ZERO = 11  # cumulative writes (and unmerges) of pages the policy mapped to the zero page (not cow_ksm)
+C_NFREE = 12  # free frame slots (top of the free stack)
+N_COUNTERS = 13
 COUNTER_NAMES = (
     "frames_in_use",
     "cow_ksm",
@@ -51,6 +52,7 @@ COUNTER_NAMES = (
     "candidate_pages",
     "unmerge_cows",
     "thp_splits",
+    "cow_zero",
 )  # (C_NFREE is engine bookkeeping, not reported)
 
 N_LAT_BINS = 168
@@ -303,7 +305,9 @@ def split_thp(E, pg, lo, hi, remap_zero):
 def apply_events(E, pgs, kinds, cids, gids, thps, proc_new, now):
     """Apply one snapshot's events at virtual time ``now``: removals first, then arrivals.
 
-    Returns the number of COW breaks of merged pages this snapshot caused.
+    Returns the number of COW breaks of KSM pages this snapshot caused (``cow_ksm``: the kernel
+    counts ``COW_KSM`` only when the written PTE maps a KSM folio; a write to a page the policy
+    mapped to the zero page allocates a fresh page and is counted in ``cow_zero``).
     """
     P = E.pg  # local bindings: numba handles them far better than tuple fields in loops
     F = E.fr
@@ -323,11 +327,13 @@ def apply_events(E, pgs, kinds, cids, gids, thps, proc_new, now):
             continue
         if k == EV_GONE or k == EV_UNMERGE or k == EV_WRITE:
             f = P[pg, P_FRAME]
-            merged = (f > 0 and F[f, F_KSM] == 1) or P[pg, P_ZKSM] == 1
-            if merged and (k == EV_WRITE or k == EV_UNMERGE):
-                cows += 1
-                if k == EV_UNMERGE:
-                    ec[C_UNMERGED] += 1
+            if k == EV_WRITE or k == EV_UNMERGE:
+                if f > 0 and F[f, F_KSM] == 1:  # do_wp_page copies a KSM folio: COW_KSM
+                    cows += 1
+                    if k == EV_UNMERGE:
+                        ec[C_UNMERGED] += 1
+                elif P[pg, P_ZKSM] == 1:  # the zero page has no folio: no COW_KSM
+                    ec[C_COW_ZERO] += 1
             if P[pg, P_ZKSM] == 1:
                 P[pg, P_ZKSM] = 0
                 ec[C_KSM_ZERO] -= 1

@@ -409,7 +409,8 @@ def _f(x) -> str:
 
 
 def _params_text(p: Mapping[str, Any]) -> str:
-    keys = ("profile", "pages_to_scan", "sleep_millisecs", "smart_scan", "use_zero_pages", "max_page_sharing", "advisor_mode")
+    keys = ("profile", "range_walk", "pages_to_scan", "sleep_millisecs", "smart_scan", "use_zero_pages", "max_page_sharing",
+            "advisor_mode")
     return " ".join(f"{k}={int(p[k]) if isinstance(p[k], bool) else p[k]}" for k in keys if k in p)
 
 

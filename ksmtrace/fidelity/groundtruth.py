@@ -132,6 +132,27 @@ def profile_for_release(release: str | None) -> str:
     return "3.18"
 
 
+#: the first release of each series whose ksmd jumps over holes in mergeable VMAs (commit
+#: f5548c318d65 "ksm: use range-walk function to jump over holes in scan_get_next_rmap_item",
+#: 6.18-rc6; Cc stable): read in the 6.12.59-rc1 review series and the 5.10.249 announcement.
+#: Other stable series may have it too from some release on; pass ``range_walk`` explicitly there.
+RANGE_WALK_SINCE = {(6, 12): 59, (5, 10): 249}
+
+
+def range_walk_for_release(release: str | None) -> bool:
+    """Whether a kernel release has the range walk (``ksm`` parameter ``range_walk``): 6.18 and
+    later, and the stable releases of :data:`RANGE_WALK_SINCE`.  Unknown releases are taken as the
+    newest kernel (like :func:`profile_for_release`)."""
+    v = _release_tuple(release)
+    if v is None:
+        return True
+    if v >= (6, 18):
+        return True
+    since = RANGE_WALK_SINCE.get(v)
+    m = re.match(r"\d+\.\d+\.(\d+)", str(release))
+    return since is not None and m is not None and int(m.group(1)) >= since
+
+
 def _release_tuple(release: str | None) -> tuple[int, int] | None:
     if not release:
         return None
@@ -345,7 +366,8 @@ def _check_other_users(trace, samples: pl.DataFrame, warnings: list[str]) -> Non
 
 def ksm_params(gt: GroundTruth, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """``ksm`` policy parameters reproducing the traced kernel (``overrides`` win)."""
-    p: dict[str, Any] = {"profile": profile_for_release(gt.kernel_release)}
+    p: dict[str, Any] = {"profile": profile_for_release(gt.kernel_release),
+                         "range_walk": range_walk_for_release(gt.kernel_release)}
     for name in SETTING_PARAMS:
         if name in gt.settings:
             v = gt.settings[name]

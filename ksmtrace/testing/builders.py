@@ -12,11 +12,21 @@ optionally ``frame`` (a label: pages with the same label share one physical fram
 ``zero_page`` (maps the kernel zero page), ``ksm`` (a real-kernel KSM page), ``swapped``,
 ``anon`` (default True), ``soft_dirty``.
 
+``procs`` gives per process ``pid`` (default 1000 + proc), ``ppid`` (default 1: no parent in the
+trace), ``start`` (clock ticks of 10 ms on the trace's clock; default: the first snapshot the
+process is in, rounded up), ``uid``, ``cgroup``, ``comm``, ``mergeable``, ``snaps``.
+
+``vmas`` (optional) writes a ``vmas`` table: ``True`` for one anonymous mergeable VMA per process
+spanning its pages, or ``{proc: [vma, ...]}`` (the same at every snapshot the process is in), or a
+list of such mappings, one per snapshot; a ``vma`` is ``(start_vpn, end_vpn)`` or a dict with
+``start``, ``end`` and optionally ``path`` (default ``""``), ``mergeable`` (True), ``stack``.
+
 The trace goes through the real :class:`~ksmtrace.trace.writer.TraceWriter` and delta encoder, so
 it is a trace like any captured one.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Mapping
 
@@ -52,6 +62,7 @@ def make_trace(
     ground_truth: list[list[Mapping[str, Any]]] | None = None,
     keyframe_every: int = 0,
     samples: Mapping[Any, int] | None = None,
+    vmas: Any = None,
 ):
     """Write a trace and return it opened (:class:`~ksmtrace.trace.reader.Trace`)."""
     from ksmtrace.trace.reader import open_trace
@@ -70,6 +81,7 @@ def make_trace(
     thp_base: dict[Any, int] = {}
     prev_pfn: dict[tuple[int, int], tuple[Any, int]] = {}
     prev_state: dict[int, dict[str, np.ndarray]] = {}
+    first_snap: dict[int, int] = {}
 
     def fresh() -> int:
         next_pfn[0] += 1
@@ -88,7 +100,9 @@ def make_trace(
         page_parts = []
         proc_rows = []
         cur_pfn: dict[tuple[int, int], tuple[Any, int]] = {}
+        vma_rows = []
         for proc in sorted(alive):
+            first_snap.setdefault(proc, s)
             info = procs.get(proc, {})
             pid = int(info.get("pid", 1000 + proc))
             pages = sorted(by_proc.get(proc, []), key=lambda x: x[0])
@@ -155,13 +169,16 @@ def make_trace(
             proc_rows.append(
                 {
                     "snap": s, "proc": proc, "pid": pid, "ppid": int(info.get("ppid", 1)),
-                    "start_ticks": int(info.get("start", proc)), "comm": str(info.get("comm", f"p{proc}")),
+                    "start_ticks": int(info.get("start", math.ceil(times[first_snap[proc]] * 100 - 1e-9))),
+                    "comm": str(info.get("comm", f"p{proc}")),
                     "cmdline": str(info.get("comm", f"p{proc}")), "cgroup": str(info.get("cgroup", "/")),
                     "uid": int(info.get("uid", 0)), "state": "ok", "rss_pages": n, "anon_pages": n,
                     "captured_pages": n, "mergeable": bool(info.get("mergeable", any_mergeable)),
                     "merge_any": False, "t_read_ns": int(times[s] * 1e9),
                 }
             )
+            if vmas is not None:
+                vma_rows += _vma_rows(vmas, s, proc, pid, vpn)
         # processes that vanished: their pages are gone
         for proc in sorted(set(prev_state) - alive):
             prev = prev_state.pop(proc)
@@ -176,6 +193,8 @@ def make_trace(
             cols[name] = np.concatenate(arrs) if arrs else np.zeros(0)
         pages = pa.table({n: pa.array(cols[n].astype(pschema.field(n).type.to_pandas_dtype())) for n in pschema.names}, schema=pschema)
         tables = {"pages": pages, "processes": pa.Table.from_pylist(proc_rows, schema=S.PROCESSES_SCHEMA)}
+        if vmas is not None:
+            tables["vmas"] = pa.Table.from_pylist(vma_rows, schema=S.VMAS_SCHEMA)
         if ground_truth is not None and s < len(ground_truth):
             rows = []
             for g in ground_truth[s]:
@@ -189,3 +208,29 @@ def make_trace(
         prev_pfn = cur_pfn
     w.close("complete")
     return open_trace(path)
+
+
+def _vma_rows(vmas: Any, s: int, proc: int, pid: int, vpn: np.ndarray) -> list[dict]:
+    """Rows of the vmas table for one process at snapshot ``s`` (see :func:`make_trace`)."""
+    if vmas is True:
+        specs = [(int(vpn.min()), int(vpn.max()) + 1)] if len(vpn) else []
+    else:
+        per = vmas[s] if isinstance(vmas, (list, tuple)) else vmas
+        specs = list(per.get(proc, []))
+    rows = []
+    for spec in specs:
+        d = dict(spec) if isinstance(spec, Mapping) else {"start": spec[0], "end": spec[1]}
+        a, b = int(d["start"]), int(d["end"])
+        path = str(d.get("path", ""))
+        n = int(((vpn >= a) & (vpn < b)).sum())
+        fl = S.V_IN_SCOPE | S.V_PRIVATE | (S.V_ANON if not path or path.startswith("[") else S.V_FILE)
+        if d.get("mergeable", True):
+            fl |= S.V_MERGEABLE
+        if d.get("stack") or path == "[stack]":
+            fl |= S.V_STACK
+        if path == "[heap]":
+            fl |= S.V_HEAP
+        rows.append({"snap": s, "proc": proc, "pid": pid, "start": a << 12, "end": b << 12, "perms": "rw-p",
+                     "flags": fl, "vmflags": "rd wr mr mw me ac" + (" mg" if d.get("mergeable", True) else ""),
+                     "path": path, "rss_pages": n, "anon_pages": n, "captured_pages": n})
+    return rows

@@ -8,9 +8,12 @@ suite checks it, so a parameter that is not wired up fails a test.
   processes, many copies of one content (for sharing limits and chains), zero-filled pages, pages
   rewritten every few snapshots (COW breaks, volatile pages), stable unique pages (smart_scan),
   a forked child sharing frames, a process that exits, a huge page with zero subpages; one of the
-  processes is in another security domain.
+  processes is in another security domain.  Its VMAs (:func:`mixed_vmas`) leave holes in a
+  mergeable VMA, are cloned by the fork child and split later.
 * ``mixed-slow`` — the same, 0.5 s apart (20 s in all), for behaviour that needs full scans of
   several seconds (the scan-time advisor).
+* ``families`` — fork families and strangers with equal content at equal virtual addresses
+  (:func:`families_snapshots`; for the same-address plan).
 * ``random-N`` — a seeded random trace (``random-7``): churn, forks and exits.
 
 ``library_trace(path)`` is the small three-process trace the report, plot and sweep tests share.
@@ -64,11 +67,52 @@ def mixed_snapshots(n_snaps: int = 40) -> list[dict]:
         # a late page identical to the hot content appears in proc 1 (first-visit merges in 6.10)
         if s >= 15:
             pages[(1, 40)] = "hot"
+            # and a template page in proc 0 after its fork: on the anon_vma its child's VMA shares
+            pages[(0, 60)] = "t1"
         snaps.append(pages)
     return snaps
 
 
 MIXED_PROCS = {3: {"uid": 1000, "cgroup": "/other"}, 4: {"ppid": 1000}}
+
+
+def mixed_vmas(n_snaps: int = 40) -> list[dict]:
+    """The VMAs of ``mixed``: each process's pages in one anonymous mergeable VMA, proc 0's with
+    140 unpopulated pages after them (holes), cloned by its fork child (proc 4), and split in two
+    by an mprotect-like change at snapshot 30."""
+    out = []
+    for s in range(n_snaps):
+        v0 = [(0, 200)] if s < 30 else [(0, 100), (100, 200)]
+        out.append({0: v0, 1: [(0, 64)], 2: [(0, 16)], 3: [(512, 1024)], 4: [(0, 200)]})
+    return out
+
+
+def families_snapshots(n_snaps: int = 12) -> list[dict]:
+    """Two fork families and strangers holding equal content at equal addresses (the same-address
+    plan): a parent (proc 0) and two children (1, 2) with the same template pages at the same vpns
+    (each in a frame of its own: written after the fork), a second family (3, 4) with other
+    templates, an unrelated process (5) holding the first family's templates at the same vpns, and
+    a process (6) holding them in a VMA of the same path and length at another address; some pages
+    differ per process and a few are rewritten now and then."""
+    snaps = []
+    for s in range(n_snaps):
+        pages: dict[tuple[int, int], Any] = {}
+        for p in (0, 1, 2, 5):
+            for v in range(24):
+                pages[(p, v)] = f"tmpl-{v}" if v < 16 else f"own-{p}-{v}"
+            if s % 4 == 3:
+                pages[(p, 20)] = f"w-{p}-{s}"
+        for p in (3, 4):
+            for v in range(16):
+                pages[(p, v)] = f"fam2-{v % 8}"
+        for v in range(16):
+            pages[(6, 1000 + v)] = f"tmpl-{v}"
+        snaps.append(pages)
+    return snaps
+
+
+FAMILIES_PROCS = {1: {"ppid": 1000}, 2: {"ppid": 1000}, 4: {"ppid": 1003}}
+FAMILIES_VMAS = {p: [{"start": 0, "end": 32, "path": "/lib"}] for p in range(6)} | {6: [{"start": 1000, "end": 1032, "path": "/lib"}]}
 
 
 def random_snapshots(seed: int, nproc: int = 3, npages: int = 60, nsnap: int = 12, ncontent: int = 8) -> list[dict]:
@@ -136,9 +180,11 @@ def library_trace(path: str | os.PathLike, n: int = 8, pages: int = 24):
 
 def scenario(name: str, path: str | os.PathLike):
     if name == "mixed":
-        return make_trace(path, mixed_snapshots(), interval=0.05, procs=MIXED_PROCS)
+        return make_trace(path, mixed_snapshots(), interval=0.05, procs=MIXED_PROCS, vmas=mixed_vmas())
     if name == "mixed-slow":  # the same pages, 0.5 s apart (for multi-second full scans)
-        return make_trace(path, mixed_snapshots(), interval=0.5, procs=MIXED_PROCS)
+        return make_trace(path, mixed_snapshots(), interval=0.5, procs=MIXED_PROCS, vmas=mixed_vmas())
+    if name == "families":
+        return make_trace(path, families_snapshots(), interval=0.05, procs=FAMILIES_PROCS, vmas=FAMILIES_VMAS)
     if name.startswith("random-"):
         seed = int(name.split("-", 1)[1])
         return make_trace(path, random_snapshots(seed), interval=0.03)

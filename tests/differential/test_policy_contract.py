@@ -43,7 +43,7 @@ def test_contract_catches_a_dead_parameter(scenarios):
     class Dead(Oracle):
         name = "dead"
         Params = P
-        sensitivity = {"knob": (2, "mixed", {})}
+        sensitivity = {**Oracle.sensitivity, "knob": (2, "mixed", {})}
 
     with pytest.raises(contract.ContractFailure, match="knob"):
         contract.check_sensitivity(Dead, scenarios)

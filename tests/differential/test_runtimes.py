@@ -28,7 +28,9 @@ CONTENTS = [0, "a", "b", "c", "d"]
 
 @st.composite
 def traces(draw):
-    """Small traces with churn, zero pages, a fork sharing frames, an exit and a huge page."""
+    """Small traces with churn, zero pages, a fork sharing frames, an exit and a huge page; and
+    the trace's keyword arguments: the child's start time (just before it appears: fork-time
+    registration) and, sometimes, VMAs (holes, fork clones, a split, a stack)."""
     nproc = draw(st.integers(1, 3))
     nsnap = draw(st.integers(2, 7))
     fork_at = draw(st.integers(1, nsnap))  # the fork happens at this snapshot (nsnap: never)
@@ -56,7 +58,21 @@ def traces(draw):
         if s >= exit_at and nproc > 1:
             new = {k: v for k, v in new.items() if k[0] != nproc - 1}
         snaps.append(new)
-    return snaps
+    kw = {"procs": {9: {"ppid": 1000, "start": max(2 * fork_at - 1, 0)}}}  # forked 10 ms before it shows
+    layout = draw(st.sampled_from(["none", "one", "split", "stack"]))
+    if layout != "none":
+        split_at = draw(st.integers(0, nsnap))
+        vmas = []
+        for s in range(nsnap):
+            v = {p: [(0, 64)] for p in list(range(nproc)) + [9]}
+            if layout == "split" and s >= split_at:
+                v[0] = [(0, 8), (8, 64)]
+            if layout == "stack":
+                v[0] = [{"start": 0, "end": 64, "path": "[stack]"}]
+                v[9] = [{"start": 0, "end": 64, "path": "[stack]"}]
+            vmas.append(v)
+        kw["vmas"] = vmas
+    return snaps, kw
 
 
 def _values(cls, name):
@@ -100,13 +116,14 @@ def _same(a, b, what):
 def test_runtimes_agree_on_generated_traces(cls, tmp_path_factory):
     @settings(max_examples=20, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-    @given(snaps=traces(), params=params_for(cls), seed=st.integers(0, 3))
-    def check(snaps, params, seed):
+    @given(trace=traces(), params=params_for(cls), seed=st.integers(0, 3))
+    def check(trace, params, seed):
+        snaps, kw = trace
         try:
             cls(params)
         except PolicyParamError:
             assume(False)
-        tr = make_trace(tmp_path_factory.mktemp("gen") / "t", snaps, interval=0.02)
+        tr = make_trace(tmp_path_factory.mktemp("gen") / "t", snaps, interval=0.02, **kw)
         spec = dict(seed=seed)
         ref = replay(tr, cls, params, engine="reference", **spec)
         readable = replay(tr, cls, params, engine="fast", runtime="readable", **spec)

@@ -15,8 +15,8 @@ ZERO = CostModel(ns={u: 0.0 for u in DEFAULT_NS}, name="zero")
 ENGINES = ["reference", "fast"]
 
 
-def run(tmp_path, snaps, params, times, engine, cost=ZERO, name="t", procs=None):
-    tr = make_trace(tmp_path / name, snaps, times=times, procs=procs)
+def run(tmp_path, snaps, params, times, engine, cost=ZERO, name="t", procs=None, vmas=None):
+    tr = make_trace(tmp_path / name, snaps, times=times, procs=procs, vmas=vmas)
     return replay(tr, "ksm", params, engine=engine, timing_cost=cost, hz=0)
 
 
@@ -115,6 +115,50 @@ def test_max_page_sharing_chains(tmp_path, engine, copies, shared, sharing, unsh
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_chain_collapse_rule_610_and_611(tmp_path, engine):
+    """max_page_sharing=2, five equal pages: two full dups A (pages 0, 1) and B (2, 3) in a chain.
+    Pages 0 and 1 are written (A goes stale) and later page 2 (B drops below the limit).
+    6.11+ (``hlist_is_singular_node``) collapses the chain into a plain node at the first lookup
+    after A is pruned; up to 6.10 (``prune_stale_stable_nodes && nr == 1``) the chain of one full
+    dup stays (``stable_node_dup_any``), and collapses only in a pruning lookup that finds the
+    single dup below the limit.  Frames are the same either way."""
+    a = {(0, v): "a" for v in range(5)}
+    w = {**a, (0, 0): "x0", (0, 1): "x1"}
+    w2 = {**w, (0, 2): "x2"}
+    snaps, times = [a, a, w, w, w2, w2], [0, 0.035, 0.037, 0.075, 0.077, 0.115]
+    p = {"pages_to_scan": 100, "sleep_millisecs": 10, "max_page_sharing": 2}
+    got = {}
+    for prof in ("6.11", "6.10"):
+        for prune in (2000, 0):
+            r = run(tmp_path, snaps, {**p, "profile": prof, "stable_node_chains_prune_millisecs": prune}, times, engine,
+                    name=f"{prof}-{prune}")
+            got[prof, prune] = (col(r, "stable_node_chains"), col(r, "stable_node_dups"), col(r, "frames_saved"))
+    assert got["6.11", 2000] == got["6.11", 0] == ([0, 1, 1, 0, 0, 0], [0, 2, 2, 0, 0, 0], [0, 2, 1, 1, 0, 1])
+    assert got["6.10", 2000] == ([0, 1, 1, 1, 1, 1], [0, 2, 2, 1, 1, 1], [0, 2, 1, 1, 0, 1])
+    assert got["6.10", 0] == ([0, 1, 1, 1, 1, 0], [0, 2, 2, 1, 1, 0], [0, 2, 1, 1, 0, 1])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_holes_in_mergeable_vmas_are_walked_without_the_range_walk(tmp_path, engine):
+    """Before f5548c318d65 ksmd looks up every 4 KiB address of a mergeable VMA with an anon_vma:
+    a 1000-page VMA holding 2 pages costs 998 extra lookups per full scan (a VMA with no anonymous
+    page has no anon_vma and is skipped whole); with the range walk (6.18, 6.12.59+) none, and the
+    clock, driven by the work, runs the next scan sooner."""
+    page = {(0, 10): "a", (0, 11): "b"}
+    vmas = {0: [(0, 1000), (5000, 6000)]}
+    times = [0, 0.015, 0.035]
+    p = {"pages_to_scan": 100, "sleep_millisecs": 10}
+    old = run(tmp_path, [page] * 3, p, times, engine, vmas=vmas, name="old")
+    new = run(tmp_path, [page] * 3, {**p, "range_walk": 1}, times, engine, vmas=vmas, name="new")
+    assert col(old, "full_scans") == col(new, "full_scans") == [0, 2, 4]  # one scan per wake-up
+    assert [a - b for a, b in zip(col(old, "u_addresses_walked"), col(new, "u_addresses_walked"))] == [0, 2 * 998, 2 * 998]
+    # priced at 26 ns an address (the shipped cost model), the holes slow each scan down
+    slow = run(tmp_path, [page] * 3, p, times, engine, cost=None, vmas=vmas, name="oldc")
+    fast = run(tmp_path, [page] * 3, {**p, "range_walk": 1}, times, engine, cost=None, vmas=vmas, name="newc")
+    assert slow.table["daemon_busy_s"].sum() > fast.table["daemon_busy_s"].sum()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_zero_pages_with_and_without_use_zero_pages(tmp_path, engine):
     page = {(0, v): 0 for v in range(5)}
     page[(0, 9)] = "x"
@@ -132,6 +176,26 @@ def test_zero_pages_with_and_without_use_zero_pages(tmp_path, engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_write_to_a_zero_merged_page_is_not_cow_ksm(tmp_path, engine):
+    """use_zero_pages: a write to a page KSM mapped to the zero page allocates a fresh page; the
+    kernel counts COW_KSM only for KSM folios (do_wp_page: ``folio && folio_test_ksm(folio)``), so
+    cow_ksm stays 0 and the write is counted in cow_zero; ksm_zero_pages drops at once."""
+    zeros = {(0, v): 0 for v in range(3)}
+    written = {**zeros, (0, 1): "x"}
+    p = {"pages_to_scan": 100, "sleep_millisecs": 10, "use_zero_pages": 1}
+    res = run(tmp_path, [zeros, zeros, written, written], p, [0, 0.015, 0.017, 0.025], engine)
+    assert col(res, "ksm_zero_pages") == [0, 3, 2, 2]
+    assert col(res, "cow_breaks") == [0, 0, 0, 0]
+    assert col(res, "cow_ksm") == [0, 0, 0, 0]
+    assert col(res, "cow_zero") == [0, 0, 1, 1]
+    assert res.summary["cow_zero"] == 1 and res.summary["cow_breaks"] == 0
+    # the same pages merged into an ordinary KSM page (use_zero_pages=0): the write is a KSM COW
+    off = run(tmp_path, [zeros, zeros, written, written], {**p, "use_zero_pages": 0}, [0, 0.015, 0.017, 0.025],
+              engine, name="off")
+    assert col(off, "cow_ksm") == [0, 0, 1, 1] and col(off, "cow_zero") == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_write_to_merged_page_is_one_cow_and_counters_wait_for_the_scanner(tmp_path, engine):
     a = {(0, 0): "a", (0, 1): "a", (0, 2): "u"}
     b = {(0, 0): "a", (0, 1): "written", (0, 2): "u"}
@@ -142,6 +206,29 @@ def test_write_to_merged_page_is_one_cow_and_counters_wait_for_the_scanner(tmp_p
     assert col(res, "frames_saved") == [0, 1, 0, 0]  # the engine knows at once
     assert col(res, "pages_sharing") == [0, 1, 1, 0]  # ksmd only when it revisits the page
     assert col(res, "pages_shared") == [0, 1, 1, 1]  # the KSM page keeps its last mapping
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fork_child_joins_the_scan_list_at_fork_time(tmp_path, engine):
+    """ksm_fork puts a child of a registered mm on the list at fork time, behind the cursor as it
+    is then.  A (4 pages) and B (4) are scanned one mm per wake-up (pages_to_scan=4, every 20 ms):
+    A at 0, B at 20, end of scan at 40, A at 60, ... C forks from A at 30 ms (cursor on B: the list
+    becomes A C B) and first shows in the snapshot at 70 ms.  At fork time it is scanned at 80 ms and
+    the scan ends at 120; registered at the snapshot instead (cursor on A: C A B) B comes at 80, the
+    scan ends at 100 and C waits until 120."""
+    a = {(0, v): f"a{v}" for v in range(4)}
+    b = {(1, v): f"b{v}" for v in range(4)}
+    c = {(2, v): f"c{v}" for v in range(4)}
+    snaps = [{**a, **b}, {**a, **b, **c}, {**a, **b, **c}, {**a, **b, **c}]
+    times = [0, 0.07, 0.09, 0.11]
+    p = {"pages_to_scan": 4, "sleep_millisecs": 20, "smart_scan": 0}
+    fork = run(tmp_path, snaps, p, times, engine, procs={2: {"ppid": 1000, "start": 3}}, name="fork")
+    snap = run(tmp_path, snaps, p, times, engine, procs={2: {"ppid": 1000}}, name="snap")  # starts at 70 ms
+    assert col(fork, "rmap_items") == [0, 8, 12, 12] and col(snap, "rmap_items") == [0, 8, 8, 8]
+    assert col(fork, "full_scans") == [0, 1, 1, 1] and col(snap, "full_scans") == [0, 1, 1, 2]
+    # a child of a process that is not registered (its parent is not in the trace) waits for the snapshot
+    orphan = run(tmp_path, snaps, p, times, engine, procs={2: {"ppid": 77, "start": 3}}, name="orphan")
+    assert col(orphan, "rmap_items") == col(snap, "rmap_items")
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -284,3 +284,65 @@ def test_every_parameter_changes_a_result(mk):
         ta = run(tr, pol, a, check_reference=False).table
         tb = run(tr, pol, b, check_reference=False).table
         assert not ta.equals(tb), (pol, a, b)
+
+
+# --- pksm_rmap_walk visits every VMA of the page's anon_vma ----------------------------------------------
+def _walk_runs(mk, snaps, start_s=0.0, **kw):
+    tr = mk(snaps, interval=0.05, **kw)
+    p = {"pages_to_scan": 10, "sleep_millisecs": 10}
+    on = run(tr, "pksm", p, start_s=start_s)
+    off = run(tr, "pksm", {**p, "anon_vma_walk": 0}, start_s=start_s)
+    return on.table.row(on.table.height - 1, named=True), off.table.row(off.table.height - 1, named=True)
+
+
+def test_a_fork_child_that_copied_the_page_makes_pksm_drop_it(mk):
+    """The parent's page (vpn 5, "x") was forked, and the child wrote its copy before pksmd first
+    ran.  The parent's page is still on the parent VMA's anon_vma, whose tree holds the child's
+    VMA; there the PTE maps the copy, so write_protect_page fails and PKSM drops the parent's page
+    for good (after making it a KSM page: its own PTE came first in the walk): it never merges with
+    the equal page of process 2.  Without the anon_vma walk it merges."""
+    vmas = {p: [(0, 16)] for p in range(3)}
+    forked = {(0, 5): {"c": "x", "frame": "F"}, (1, 5): {"c": "x", "frame": "F"}, (2, 9): "x"}
+    diverged = {(0, 5): "x", (1, 5): "child", (2, 9): "x"}
+    snaps = [forked, diverged] + [diverged] * 4
+    on, off = _walk_runs(mk, snaps, start_s=0.06, vmas=vmas, procs={1: {"ppid": 1000}})
+    assert off["frames_saved"] == 1 and off["pages_sharing"] == 1
+    assert on["frames_saved"] == 0 and on["pages_sharing"] == 0
+    # on: the parent's item dropped, process 2's waits in the unstable tree; off: the merged pair's
+    # KSM page keeps one item (the tree page's went with its last mapping)
+    assert on["rmap_items"] == off["rmap_items"] == 1 and on["pages_unshared"] == 1 and off["pages_shared"] == 1
+
+
+def test_a_tree_page_of_a_fork_family_is_merged_in_part(mk):
+    """The same family, but the parent's page is the *tree* page of a two-page merge (pksmd saw it
+    first): the walk over it replaces the parent's PTE (its VMA comes first) and then fails at the
+    child's: the scanned page is dropped, the parent's PTE stays on the new KSM page (a frame saved
+    that PKSM no longer tracks), as in ``try_to_merge_two_pages``."""
+    vmas = {p: [(0, 16)] for p in range(3)}
+    forked = {(0, 5): {"c": "x", "frame": "F"}, (1, 5): {"c": "x", "frame": "F"}, (2, 9): "y"}
+    diverged = {(0, 5): "x", (1, 5): "child", (2, 9): "y", (2, 5): "x"}
+    on, off = _walk_runs(mk, [forked, diverged] + [diverged] * 4, vmas=vmas, procs={1: {"ppid": 1000}})
+    assert on["frames_saved"] == off["frames_saved"] == 1
+    assert (on["pages_shared"], on["rmap_items"]) == (0, 1) and (off["pages_shared"], off["rmap_items"]) == (1, 2)
+
+
+def test_a_page_of_a_split_vma_is_dropped(mk):
+    """mprotect split the VMA [0, 32) in two; both halves share its anon_vma.  The walk of a page
+    in the upper half visits the lower half first (page_address_in_vma fails): DROP, nothing done.
+    Equal pages in another process merge only without the anon_vma walk."""
+    s0 = {(0, 2): "a", (1, 1): "b"}
+    s1 = {**s0, (0, 20): "x", (1, 3): "x"}
+    vmas = [{0: [(0, 32)], 1: [(0, 8)]}] + [{0: [(0, 16), (16, 32)], 1: [(0, 8)]}] * 5
+    on, off = _walk_runs(mk, [s0] + [s1] * 5, vmas=vmas)
+    assert off["frames_saved"] == 1 and on["frames_saved"] == 0
+
+
+def test_stack_pages_are_dropped(mk):
+    """vma_can_enter refuses VM_GROWSDOWN: the walk of a [stack] page ends at its first VMA: DROP."""
+    snap = {(0, 3): "x", (1, 3): "x"}
+    vmas = {0: [{"start": 0, "end": 8, "path": "[stack]"}], 1: [(0, 8)]}
+    on, off = _walk_runs(mk, [snap] * 6, vmas=vmas)
+    assert off["frames_saved"] == 1 and on["frames_saved"] == 0
+    # without a VMA table the walk visits exactly the page's mappings
+    plain_on, plain_off = _walk_runs(mk, [snap] * 6)
+    assert plain_on["frames_saved"] == plain_off["frames_saved"] == 1

@@ -1,4 +1,5 @@
 """The engine's ground truth, the trace preparation and the reference == fast equivalence."""
+import numpy as np
 import pytest
 
 from ksmtrace.replay import replay
@@ -60,6 +61,35 @@ def test_real_ksm_pages_are_not_grouped_as_one_frame(tmp_path):
     assert p.base_frames[0] == 4 and p.oracle_saved[0] == 3
 
 
+def _gap_trace(path, gap_page, after, run=1):
+    """Snapshot 1 lacks page (0, 1): the capture dropped it while the real KSM remapped it (its
+    frame freed between the pagemap and the kpageflags reads); at snapshot 2 it shows ``after``."""
+    base = {(0, 0): "a", (0, 1): gap_page, (0, 2): "a", (0, 3): 0}
+    s1 = {k: v for k, v in base.items() if k != (0, 1)}
+    s2 = {**base, (0, 1): after}
+    gt = [[{"run": run, "use_zero_pages": 1}]] * 4
+    return make_trace(path, [base, s1, s2, s2], ground_truth=gt, host={"kernel_release": "6.18.1"})
+
+
+def test_pages_the_capture_dropped_while_ksm_remapped_them_are_kept(tmp_path):
+    """A page absent for one snapshot between a present row and a row that shows the real KSM's
+    remap (a KSM page of the same content, or the zero page after a zero-filled page) was there
+    all along: no GONE/APPEAR events, the baseline counts it, and the replay's use_zero_pages
+    merges it as the kernel did (the ksm_zero_pages deficit of `validate --workload zero`)."""
+    zero = _gap_trace(tmp_path / "z", 0, {"c": 0, "zero_page": True})
+    p = zero.prepare("recorded", cache=False)
+    assert p.base_pages.tolist() == [4, 4, 4, 4]
+    pg1 = int(np.flatnonzero(p.page_vpn == 1)[0])
+    assert pg1 not in p.ev_pg[p.off[1]:].tolist()  # no event after snapshot 0
+    r = replay(zero, "ksm", {"use_zero_pages": 1, "pages_to_scan": 100, "sleep_millisecs": 10}, hz=0)
+    assert r.table["ksm_zero_pages"][-1] == 2
+    ksm = _gap_trace(tmp_path / "k", "a", {"c": "a", "ksm": True})
+    assert ksm.prepare("recorded", cache=False).base_pages.tolist() == [4, 4, 4, 4]
+    # without the real KSM running, or when it reappears as something else, the page really went
+    assert _gap_trace(tmp_path / "n", 0, {"c": 0, "zero_page": True}, run=0).prepare("recorded", cache=False).base_pages.tolist() == [4, 3, 3, 3]
+    assert _gap_trace(tmp_path / "o", "a", "b").prepare("recorded", cache=False).base_pages.tolist() == [4, 3, 4, 4]
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_oracle_reaches_the_bound_exactly(scenarios, engine):
     for scen in ("mixed", "random-5", "random-6"):
@@ -77,6 +107,20 @@ def test_cow_breaks_and_exposed_merges(tmp_path, engine):
     assert o.table["cow_breaks"].to_list() == [0, 1]
     assert o.table["merges"].to_list() == [2, 0]
     assert o.table["exposed_merges"].to_list() == [1, 0]  # proc 2 is in another cgroup
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_writes_to_zero_mapped_pages_are_cow_zero_not_cow_ksm(tmp_path, engine):
+    """The oracle maps zero pages to the zero page and merges the rest: a write to a zero-mapped
+    page is counted in cow_zero, a write to a KSM page in cow_breaks/cow_ksm, an unmerge alike."""
+    s0 = {(0, 0): 0, (0, 1): 0, (0, 2): "a", (1, 2): "a", (1, 3): 0}
+    s1 = {(0, 0): "x", (0, 1): 0, (0, 2): "y", (1, 2): "a", (1, 3): {"c": 0, "mergeable": False}}
+    tr = make_trace(tmp_path / "t", [s0, s1])
+    o = replay(tr, "oracle", engine=engine)
+    assert o.table["cow_breaks"].to_list() == [0, 1]
+    assert o.table["cow_ksm"].to_list() == [0, 1]
+    assert o.table["cow_zero"].to_list() == [0, 2]  # (0, 0) written, (1, 3) unmerged
+    assert o.summary["cow_zero"] == 2
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -15,7 +15,8 @@ from ksmtrace.errors import KsmtraceError
 from ksmtrace.fidelity import metrics as M
 from ksmtrace.fidelity.compare import _RefinedTrace, fidelity, refine_prepared
 from ksmtrace.fidelity.goals import evaluate_goals, rewrite_period
-from ksmtrace.fidelity.groundtruth import FidelityError, ksm_params, load_ground_truth, profile_for_release
+from ksmtrace.fidelity.groundtruth import (FidelityError, ksm_params, load_ground_truth, profile_for_release,
+                                           range_walk_for_release)
 from ksmtrace.fidelity.interval import meets_goals, recommend
 from ksmtrace.fidelity.subsample import subsample_trace
 from ksmtrace.fidelity.settings import SETTINGS, resolve_settings
@@ -59,6 +60,14 @@ def test_profile_for_release():
     assert profile_for_release("6.8.0-40-generic") == "6.10"
     assert profile_for_release("4.4.0") == "3.18"
     assert profile_for_release(None) == "6.12"
+
+
+def test_range_walk_for_release():
+    assert range_walk_for_release("6.18.44-fc-v669") and range_walk_for_release("6.19.0")
+    assert range_walk_for_release("6.12.59") and not range_walk_for_release("6.12.58-generic")
+    assert range_walk_for_release("5.10.249") and not range_walk_for_release("5.10.248")
+    assert not range_walk_for_release("6.11.3") and not range_walk_for_release("6.17.0")
+    assert range_walk_for_release(None)  # unknown: the newest kernel
 
 
 # --- ground truth --------------------------------------------------------------------------------
@@ -109,7 +118,7 @@ def test_ground_truth_start_settings_and_rebasing(tmp_path):
     assert gt.column("full_scans")[0] == 0 and gt.final("full_scans") == 7
     assert gt.final("cow_ksm") == 0 and gt.final("ksmd_cpu_ns") == 7 * 10**6
     p = ksm_params(gt)
-    assert p == {"profile": "6.12", "pages_to_scan": 500, "sleep_millisecs": 10, "smart_scan": False, "use_zero_pages": True,
+    assert p == {"profile": "6.12", "range_walk": True, "pages_to_scan": 500, "sleep_millisecs": 10, "smart_scan": False, "use_zero_pages": True,
                  "max_page_sharing": 64, "stable_node_chains_prune_millisecs": 2000, "advisor_mode": "none"}
     assert ksm_params(gt, {"profile": "6.10"})["profile"] == "6.10"
     # an exact start recorded by validate wins

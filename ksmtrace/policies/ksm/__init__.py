@@ -7,8 +7,14 @@ What it models (read beside ``mm/ksm.c``; function names below are the kernel's)
   model, advances virtual time, so aggressive settings scan slower than budget / sleep.
 * **Scan order** (``scan_get_next_rmap_item``): mm slots in list order, each mm's pages in address
   order; only present candidate pages are returned (zero-page PTEs, absent pages are walked over
-  and their rmap items freed, as ``get_next_rmap_item`` does).  A new mm is inserted *behind the
-  cursor* (``__ksm_enter``), so it is first scanned in the next full scan; an exiting mm with
+  and their rmap items freed, as ``get_next_rmap_item`` does).  Without ``range_walk`` (every
+  kernel before commit f5548c318d65: 6.18-rc6, backported to 6.12.59 and 5.10.249) the walk also
+  looks up every 4 KiB address of a ``VM_MERGEABLE`` VMA with an anon_vma where no page is: those
+  holes, counted from the trace's VMA table, are charged as ``addresses_walked`` where the walk
+  passes them (:class:`~ksmtrace.policies.ksm.runtime.Holes`).  A new mm is inserted *behind the
+  cursor* (``__ksm_enter``), so it is first scanned in the next full scan — a fork child of a
+  registered mm at its fork time (``ksm_fork``; the start time in the trace), others at the first
+  snapshot with a mergeable VMA; an exiting mm with
   rmap items is moved *after* the cursor (``__ksm_exit``) and its items are freed when ksmd gets
   there, which is when its counters drop.  The budget counts only pages handed to
   ``cmp_and_merge_page``; the rest of a batch is lost when a full scan ends (``seqnr++``).
@@ -28,7 +34,11 @@ What it models (read beside ``mm/ksm.c``; function names below are the kernel's)
   with the sharing limit bypassed).
 * **Profiles**: ``6.11`` (default; checksum before the stable search, Chengming Zhou's series),
   ``6.12`` (6.11 plus: splitting a THP maps its all-zero subpages to the shared zero page),
-  ``6.10`` (stable search first: a page equal to a KSM page merges on its first visit),
+  ``6.10`` (stable search first: a page equal to a KSM page merges on its first visit; and the
+  pre-6.11 ``stable_node_dup``: only a dup below the sharing limit is chosen, a chain collapses
+  only when a pruning lookup finds exactly one live dup (``prune_stale_stable_nodes && nr == 1``),
+  and with every dup full the search takes ``stable_node_dup_any``; 6.11+ collapses a chain left
+  with a single dup at every lookup),
   ``3.18`` (stable search first, jhash2 checksum, no smart_scan, no zero pages, no chains, no
   advisor, a stale node in a search is a miss rather than a restart).
 * **Counters** exactly as the kernel keeps them, lazily where it is lazy: ``pages_shared``,
@@ -58,6 +68,7 @@ from dataclasses import dataclass
 from ksmtrace.errors import PolicyParamError
 from ksmtrace.policies.base import Params, Policy, param
 from ksmtrace.policies.ksm.runtime import PROFILES, KsmRuntime
+from ksmtrace.policies.sameaddr import same_address_first_param, same_address_key_param
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,10 @@ class KsmParams(Params):
     advisor_max_cpu: int = param(70, "advisor: CPU cap", "%", minimum=1, maximum=100)
     advisor_min_pages_to_scan: int = param(500, "advisor: initial pages_to_scan", "pages", minimum=1)
     advisor_max_pages_to_scan: int = param(30000, "advisor: maximum pages_to_scan", "pages", minimum=1)
+    range_walk: bool = param(False, "the kernel jumps over holes in mergeable VMAs (f5548c318d65: 6.18, 6.12.59+, 5.10.249+); "
+                                    "off: every 4 KiB address of a mergeable VMA with an anon_vma is looked up")
+    same_address_first: bool = same_address_first_param()
+    same_address_key: str = same_address_key_param()
 
     def check(self) -> None:
         if self.profile == "3.18":
@@ -118,6 +133,9 @@ class KSM(Policy):
         "advisor_max_cpu": (1, "mixed-slow", {**_ADV_SLOW, "advisor_target_scan_time": 1}),
         "advisor_min_pages_to_scan": (50, "mixed", _ADV),
         "advisor_max_pages_to_scan": (600, "mixed", _ADV),
+        "range_walk": (True, "mixed", {}),
+        "same_address_first": (True, "families", {}),
+        "same_address_key": ("any", "families", {"same_address_first": True}),
     }
 
     Runtime = KsmRuntime

@@ -27,7 +27,8 @@ from ksmtrace.engine.jitutil import bitlen as _bitlen
 from ksmtrace.engine.jitutil import prefetch_row
 from ksmtrace.engine.state import F_KSM, P_CID, P_FRAME, P_PROC
 from ksmtrace.policies.ksm import KsmParams
-from ksmtrace.policies.ksm.runtime import ksm_counters
+from ksmtrace.policies.ksm.runtime import Holes, fork_registrations, ksm_counters
+from ksmtrace.policies.sameaddr import SameAddress
 
 # unit indices
 U_WAKEUPS = UNIT_INDEX["wakeups"]
@@ -50,7 +51,7 @@ U_PRUNE = UNIT_INDEX["stale_prunes"]
  S_ADV_START, S_ADV_CHANGE, S_ADV_SCANTIME, S_ADV_CPU, S_UNCOUNT, S_STCOUNT, S_NFREE, S_RMAP) = scalar_slots(19)
 N_SCALARS = 19
 # parameter slots: KsmParams' fields by name, then values derived from them
-P = param_slots(KsmParams, derived=("neworder", "v318", "remap", "hz"))
+P = param_slots(KsmParams, derived=("neworder", "v318", "remap", "hz", "oldchains"))
 OP = scalar_slots(N_SCALARS).stop
 
 # it: rmap item columns
@@ -67,6 +68,8 @@ PF_AHEAD = 12  # pages ahead whose frame and content rows are prefetched
 F_NONE, F_UNSTABLE, F_STABLE = 0, 1, 2
 
 KsmState = namedtuple("KsmState", ["it", "nd", "ct", "fn", "mm", "sc"])
+# (the holes and the same-address classes are separate arguments of the calls that read them: every
+# array of K is passed, and reference counted, at each non-inlined call that takes K)
 
 
 def new_state(prep, params, ctx, n_frames: int) -> KsmState:
@@ -90,6 +93,7 @@ def new_state(prep, params, ctx, n_frames: int) -> KsmState:
         "v318": v318,
         "remap": params.profile == "6.12",
         "hz": ctx.hz,
+        "oldchains": params.profile == "6.10",
     })
     sc = new_block(N_SCALARS, len(P), ctx)
     sc[OP : OP + len(P)] = pa
@@ -284,13 +288,16 @@ def remove_rmap_item_from_tree(E, K, pg):
 
 @njit
 def stable_node_dup(E, K, ch, prune):
+    """KsmRuntime.stable_node_dup (both rules: 6.11+, and up to 6.10 with ``oldchains``)."""
     now = K.sc[D_NOW]
     if prune == 0 or now < K.nd[ch, N_PRUNE] + K.sc[OP + P.stable_node_chains_prune_millisecs] * 1000000:
         prune = 0
     else:
         K.nd[ch, N_PRUNE] = now
+    old = K.sc[OP + P.oldchains] == 1
     found = -1
     found_len = 0
+    nr = 0
     d = K.nd[ch, N_DFIRST]
     while d >= 0:
         nxt = K.nd[d, N_DNEXT]
@@ -299,7 +306,13 @@ def stable_node_dup(E, K, ch, prune):
             remove_node_from_stable_tree(K, d)
             d = nxt
             continue
-        if found < 0 or (_candidate(K, d, 0) and ((not _candidate(K, found, 0)) or K.nd[d, N_LEN] > found_len)):
+        nr += 1
+        cand = _candidate(K, d, 0)
+        if old:
+            better = cand and (found < 0 or K.nd[d, N_LEN] > found_len)
+        else:
+            better = found < 0 or (cand and ((not _candidate(K, found, 0)) or K.nd[d, N_LEN] > found_len))
+        if better:
             found = d
             found_len = K.nd[d, N_LEN]
             if prune == 0 and _candidate(K, found, 0):
@@ -307,7 +320,8 @@ def stable_node_dup(E, K, ch, prune):
         d = nxt
     c = K.nd[ch, N_CID]
     if found >= 0:
-        if K.nd[ch, N_NDUPS] == 1:  # collapse the chain into a plain node
+        collapse = (prune != 0 and nr == 1) if old else K.nd[ch, N_NDUPS] == 1
+        if collapse:  # the chain becomes the plain node
             K.ct[c, C_ROOT] = found
             K.nd[found, N_KIND] = K_PLAIN
             K.nd[found, N_CHAIN] = -1
@@ -316,7 +330,7 @@ def stable_node_dup(E, K, ch, prune):
             _free_node(K, ch)
             K.sc[S_CHAINS] -= 1
             K.sc[S_DUPS] -= 1
-        elif K.nd[ch, N_DFIRST] != found and _candidate(K, found, 1):
+        elif K.nd[ch, N_DFIRST] != found and _candidate(K, found, 1):  # move it to the head
             p = K.nd[found, N_DPREV]
             n = K.nd[found, N_DNEXT]
             K.nd[p, N_DNEXT] = n
@@ -327,13 +341,15 @@ def stable_node_dup(E, K, ch, prune):
             K.nd[found, N_DPREV] = -1
             K.nd[first, N_DPREV] = found
             K.nd[ch, N_DFIRST] = found
-    else:  # free_stable_node_chain
-        if K.ct[c, C_ROOT] == ch:
-            K.ct[c, C_ROOT] = -1
-            K.sc[S_STCOUNT] -= 1
-        K.sc[S_CHAINS] -= 1
-        _free_node(K, ch)
-    return found
+        return found
+    if old and K.nd[ch, N_DFIRST] >= 0:  # stable_node_dup_any: every dup is full
+        return K.nd[ch, N_DFIRST]
+    if K.ct[c, C_ROOT] == ch:  # free_stable_node_chain
+        K.ct[c, C_ROOT] = -1
+        K.sc[S_STCOUNT] -= 1
+    K.sc[S_CHAINS] -= 1
+    _free_node(K, ch)
+    return -1
 
 
 @njit(inline="always")
@@ -496,14 +512,57 @@ def _stable_merge(E, K, pg):
 @njit
 def _unstable_merge(E, K, pg, tpg):
     remove_rmap_item_from_tree(E, K, tpg)
+    _merge_two(E, K, pg, tpg, True)
+
+
+@njit
+def _merge_two(E, K, pg, tpg, tpg_item):
+    """try_to_merge_two_pages and the new KSM page into the stable tree (KsmRuntime._merge_two)."""
     gen = _merge_two_pages(E, K, pg, tpg)
     if gen < 0:
         return
     nd = stable_tree_insert(E, K, E.pg[pg, P_FRAME], gen, E.pg[pg, P_CID])
     if nd < 0:
         return
-    stable_tree_append(K, tpg, nd)
+    if tpg_item:
+        stable_tree_append(K, tpg, nd)
     stable_tree_append(K, pg, nd)
+
+
+@njit
+def _same_address_merge(E, K, sa_cls, sa_off, sa_mem, pg):
+    """same_address_first (KsmRuntime.same_address_merge): True if the visit ends here."""
+    epg = E.pg
+    c = epg[pg, P_CID]
+    f = epg[pg, P_FRAME]
+    proc = epg[pg, P_PROC]
+    cls = sa_cls[pg]
+    if cls < 0:
+        return False
+    for j in range(sa_off[cls], sa_off[cls + 1]):
+        q = sa_mem[j]
+        if q == pg or epg[q, P_PROC] == proc:
+            continue
+        if not _scannable(E, q):
+            K.sc[DU + U_WALKED] += 1
+            continue
+        K.sc[DU + U_UNODE] += 1
+        fq = epg[q, P_FRAME]
+        if epg[q, P_CID] != c or fq == f:
+            continue
+        if E.fr[fq, F_KSM] == 1:
+            nd = K.fn[fq]
+            if nd < 0 or not _node_alive(E, K, nd) or not _candidate(K, nd, 0):
+                continue
+            if _merge_with_ksm_page(E, K, pg, nd):
+                stable_tree_append(K, pg, nd)
+            return True
+        has_item = K.it[q, I_ALLOC] == 1
+        if has_item:
+            remove_rmap_item_from_tree(E, K, q)
+        _merge_two(E, K, pg, q, has_item)
+        return True
+    return False
 
 
 # --- scanning ---------------------------------------------------------------------------------------
@@ -557,11 +616,13 @@ def _advisor(K):
 
 
 @njit
-def _end_of_mm(E, K, proc, head):
+def _end_of_mm(E, K, ht, proc, head):
     """Free an exited mm's items and slot, move the cursor on; True at the end of a full scan."""
     mm = K.mm
     it = K.it
     sc = K.sc
+    if mm[proc, M_EXITED] == 0:
+        sc[DU + U_WALKED] += ht[proc]  # holes after the mm's last page (no range walk)
     if mm[proc, M_EXITED] == 1:
         for q in range(mm[proc, M_LO], mm[proc, M_HI]):
             if it[q, I_ALLOC] == 1:
@@ -594,22 +655,16 @@ def _start_scan(K, head):
 
 
 @njit
-def _zero_or_stable(E, K, pg, neworder):
-    """The rare part of cmp_and_merge_page between the gate and the unstable tree: the zero page
-    and the stable tree.  Returns True if the visit ends here."""
-    if neworder:
-        if _merge_with_zero_page(E, K, pg):
-            return True
-        if not _scannable(E, pg):
-            return True
-        return _stable_merge(E, K, pg)
-    if _stable_merge(E, K, pg):
+def _zero_then_scannable(E, K, pg):
+    """6.11: the zero page after the gate.  True if the visit ends here (merged, or the split took
+    the page)."""
+    if _merge_with_zero_page(E, K, pg):
         return True
-    return False
+    return not _scannable(E, pg)
 
 
 @njit(cache=True)
-def run_until(E, K, t_end):
+def run_until(E, K, hg, ht, sa_cls, sa_off, sa_mem, t_end):
     """ksmd's loop from the next wake-up until ``t_end``.
 
     The per-visit path (scan_get_next_rmap_item, should_skip_rmap_item, cmp_and_merge_page up to
@@ -627,6 +682,7 @@ def run_until(E, K, t_end):
     neworder = sc[OP + P.neworder] == 1
     v318 = sc[OP + P.v318] == 1
     use_zero = sc[OP + P.use_zero_pages] == 1 and not v318
+    same = sc[OP + P.same_address_first] == 1
     u_csum = DU + (U_JHASH if v318 else U_CSUM)
     while sc[D_TWAKE] < t_end:
         if mm[head, M_NEXT] == head:  # ksmd_should_run() is false: wait for an mm
@@ -651,6 +707,7 @@ def run_until(E, K, t_end):
                     if q < lo:
                         q = lo
                     while q < hi:
+                        sc[DU + U_WALKED] += hg[q]  # holes of mergeable VMAs before q (no range walk)
                         # cache hints for the page PF_AHEAD visits ahead: its frame and content rows
                         # are random accesses (no effect on results)
                         qa = q + PF_AHEAD
@@ -699,7 +756,7 @@ def run_until(E, K, t_end):
                         q += 1
                 if pg >= 0:
                     break
-                if _end_of_mm(E, K, proc, head):
+                if _end_of_mm(E, K, ht, proc, head):
                     break
             if pg < 0:
                 break
@@ -721,14 +778,18 @@ def run_until(E, K, t_end):
                 if it[pg, I_OLD] != c:
                     it[pg, I_OLD] = c
                     continue
-                if (use_zero and c == 0) or ct[c, C_ROOT] >= 0:
-                    if _zero_or_stable(E, K, pg, True):
+                if use_zero and c == 0 and _zero_then_scannable(E, K, pg):
+                    continue
+                if same and _same_address_merge(E, K, sa_cls, sa_off, sa_mem, pg):
+                    continue
+                if ct[c, C_ROOT] >= 0:
+                    if _stable_merge(E, K, pg):
                         continue
                 else:
                     sc[DU + U_SNODE] += _bitlen(sc[S_STCOUNT])  # a descent that finds nothing
             else:
                 if ct[c, C_ROOT] >= 0:
-                    if _zero_or_stable(E, K, pg, False):
+                    if _stable_merge(E, K, pg):
                         continue
                 else:
                     sc[DU + U_SNODE] += _bitlen(sc[S_STCOUNT])
@@ -737,11 +798,10 @@ def run_until(E, K, t_end):
                 if it[pg, I_OLD] != c:
                     it[pg, I_OLD] = c
                     continue
-                if use_zero and c == 0:
-                    if _merge_with_zero_page(E, K, pg):
-                        continue
-                    if not _scannable(E, pg):
-                        continue
+                if use_zero and c == 0 and _zero_then_scannable(E, K, pg):
+                    continue
+                if same and _same_address_merge(E, K, sa_cls, sa_off, sa_mem, pg):
+                    continue
             # ---- unstable_tree_search_insert ----
             sc[DU + U_UNODE] += _bitlen(sc[S_UNCOUNT])
             seq = sc[S_SEQNR]
@@ -775,22 +835,38 @@ class KsmKernel(KernelRuntime):
 
     def __init__(self, params, ctx) -> None:
         super().__init__(params, ctx)
+        self.holes = Holes(ctx, not params.range_walk)
+        self.forks = fork_registrations(ctx)
+        self.same = SameAddress(ctx, params.same_address_first, params.same_address_key)
         self.K = new_state(ctx.prep, params, ctx, self.E.fr.shape[0])
         self.sc = self.K.sc
         self.v318 = params.profile == "3.18"
 
     def on_snapshot(self, s: int, now: int) -> None:
         prep, K = self.prep, self.K
+        self.holes.update(s)
+        self.same.update(s)
         order = prep.proc_order
         for proc in order[prep.proc_exit_snap[order] == s].tolist():
             if K.mm[proc, M_IN] and not K.mm[proc, M_EXITED]:
                 ksm_exit(K, proc)
         for proc in order[(prep.proc_reg_snap[order] == s) & (prep.proc_exit_snap[order] > s)].tolist():
-            ksm_enter(K, proc, now)
+            if not K.mm[proc, M_IN]:
+                ksm_enter(K, proc, now)
 
     def run_until(self, t_end: int) -> None:
-        run_until(self.E, self.K, np.int64(t_end))
+        mm = self.K.mm
+        while self.forks and self.forks[0][0] < t_end:  # ksm_fork: see KsmRuntime.run_until
+            t, child, parent = self.forks.pop(0)
+            self._run(t)
+            if mm[parent, M_IN] and not mm[parent, M_EXITED] and not mm[child, M_IN]:
+                ksm_enter(self.K, child, np.int64(t))
+        self._run(t_end)
         self.check()
+
+    def _run(self, t: int) -> None:
+        h, sa = self.holes, self.same
+        run_until(self.E, self.K, h.gap, h.tail, sa.cls, sa.off, sa.mem, np.int64(t))
 
     def counters(self) -> dict:
         sc = self.sc

@@ -8,7 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
+
 from ksmtrace.engine.daemon import Daemon
+from ksmtrace.policies.sameaddr import SameAddress
+from ksmtrace.trace.addrspace import NO_TIME, address_spaces
 
 PROFILES = ("6.12", "6.11", "6.10", "3.18")
 RMAP_ITEM_SIZE = 64
@@ -28,6 +32,59 @@ def skip_age(age: int) -> int:
 def tree_depth(n: int) -> int:
     """Node visits charged for one descent of a tree of ``n`` nodes."""
     return int(n).bit_length()
+
+
+class Holes:
+    """The addresses a ksmd without the range walk (before commit f5548c318d65: 6.18-rc6, 6.12.59,
+    5.10.249) looks up one by one although no page is there: every 4 KiB of a ``VM_MERGEABLE``
+    VMA with an anon_vma (``folio_walk_start`` per address in ``scan_get_next_rmap_item``).  The
+    model's walk visits page ids only, so the holes between page ``pg - 1`` and page ``pg`` of a
+    process are charged as ``gap[pg]`` addresses walked when the walk reaches ``pg``, and those
+    after a process's last page as ``tail[proc]`` at the end of its mm.  Updated at every snapshot
+    from the trace's VMA table (:meth:`ksmtrace.trace.addrspace.AddressSpaces.hole_gaps`); all zero
+    with the range walk, or for a trace without one.  Shared by the runtime and its kernel."""
+
+    def __init__(self, ctx, on: bool) -> None:
+        prep = ctx.prep
+        self.gap = np.zeros(max(prep.n_pages, 1), np.int64)
+        self.tail = np.zeros(max(prep.n_procs, 1), np.int64)
+        self.asp = address_spaces(ctx.trace, prep) if on and ctx.trace is not None else None
+        self.on = self.asp is not None and self.asp.has_vmas
+        self.prep = prep
+        self.snap = self.asp.snap_index(prep) if self.on else None
+        self.last = -1
+
+    def update(self, s: int) -> None:
+        if not self.on or self.snap[s] == self.last:
+            return
+        ts = int(self.snap[s])
+        procs = np.flatnonzero(self.asp.changed[ts]).tolist() if ts == self.last + 1 else None
+        self.asp.hole_gaps(ts, self.prep, self.gap, self.tail, procs)
+        self.last = ts
+
+
+def fork_registrations(ctx) -> list[tuple[int, int, int]]:
+    """``(time_ns, child, parent)`` of every process that ``ksm_fork`` puts on ksmd's list at fork
+    time, in time order: a child of a process in the trace (``ppid``), whose start time (the
+    trace's ``start_ticks``) lies before the first snapshot it appears in, and that registers at
+    that snapshot (it has a mergeable VMA there, as a fork inherits them).  The runtime registers
+    it then if its parent is on the list at that moment (``MMF_VM_MERGEABLE``); otherwise, or for
+    any other process, registration waits for the snapshot (``prepare._registration``)."""
+    prep, trace = ctx.prep, ctx.trace
+    if trace is None:
+        return []
+    asp = address_spaces(trace, prep)
+    times = np.asarray(prep.times_ns, np.int64)
+    out = []
+    for c in range(prep.n_procs):
+        p, t = int(asp.proc_parent[c]), int(asp.proc_start_ns[c])
+        first = int(prep.proc_first_snap[c])
+        if p < 0 or t == NO_TIME or first <= 0 or first >= prep.n_snaps or prep.proc_reg_snap[c] != first:
+            continue
+        if t < times[first]:
+            out.append((max(t, int(times[0])), c, p))
+    out.sort(key=lambda x: (x[0], int(asp.proc_rank[x[1]])))
+    return out
 
 
 @dataclass(eq=False)
@@ -78,6 +135,7 @@ class KsmRuntime(Daemon):
         self.new_order = prof in ("6.11", "6.12")  # checksum before stable search
         self.v318 = prof == "3.18"
         self.zero_remap = prof == "6.12"
+        self.old_chains = prof == "6.10"  # stable_node_dup before Chengming Zhou's 6.11 rework
         self.max_sharing = 1 << 62 if self.v318 else params.max_page_sharing
         # ksm_mm_head list: proc ids, in list order; the cursor is an index or None (= at head)
         self.mm_list: list[int] = []
@@ -104,15 +162,20 @@ class KsmRuntime(Daemon):
         self.adv_scan_time = 0
         self.adv_cpu = 0
         self.idle = True
+        self.holes = Holes(ctx, not params.range_walk)
+        self.forks = fork_registrations(ctx)
+        self.same = SameAddress(ctx, params.same_address_first, params.same_address_key)
 
     # --- snapshots: mm registration and exit ---------------------------------------------------
     def on_snapshot(self, s: int, now: int) -> None:
         prep = self.prep
+        self.holes.update(s)
+        self.same.update(s)
         for proc in prep.proc_order.tolist():
             if prep.proc_exit_snap[proc] == s and proc in self.mm_list and proc not in self.exited:
                 self._ksm_exit(proc)
         for proc in prep.proc_order.tolist():
-            if prep.proc_reg_snap[proc] == s and prep.proc_exit_snap[proc] > s:
+            if prep.proc_reg_snap[proc] == s and prep.proc_exit_snap[proc] > s and proc not in self.mm_list:
                 self._ksm_enter(proc, now)
 
     def _ksm_enter(self, proc: int, now: int) -> None:
@@ -142,6 +205,16 @@ class KsmRuntime(Daemon):
 
     # --- the daemon ------------------------------------------------------------------------------
     def run_until(self, t_end: int) -> None:
+        """ksmd until ``t_end``; a process forked meanwhile from a registered one joins the list at
+        its fork time (``ksm_fork`` -> ``__ksm_enter``), behind the cursor as it is then."""
+        while self.forks and self.forks[0][0] < t_end:
+            t, child, parent = self.forks.pop(0)
+            self._run(t)
+            if parent in self.mm_list and parent not in self.exited and child not in self.mm_list:
+                self._ksm_enter(child, t)
+        self._run(t_end)
+
+    def _run(self, t_end: int) -> None:
         while self.t_wake < t_end:
             if not self.mm_list:  # ksmd_should_run() is false: sleep until an mm registers
                 self.idle = True
@@ -176,9 +249,12 @@ class KsmRuntime(Daemon):
         while True:
             proc = self.cursor
             lo, hi = int(self.prep.proc_pg_lo[proc]), int(self.prep.proc_pg_hi[proc])
+            gap = self.holes.gap
             if proc not in self.exited:
                 pg = max(self.cur_pg, lo)
                 while pg < hi:
+                    if gap[pg]:  # holes of mergeable VMAs before this page (no range walk)
+                        self.charge("addresses_walked", int(gap[pg]))
                     if self._scannable(pg):
                         item = self.items.get(pg)
                         if item is None:
@@ -193,6 +269,8 @@ class KsmRuntime(Daemon):
                     if pg in self.items:  # get_next_rmap_item frees items it walks past
                         self._free_item(self.items[pg])
                     pg += 1
+                if self.holes.tail[proc]:
+                    self.charge("addresses_walked", int(self.holes.tail[proc]))
             # end of this mm: remove_trailing_rmap_items (all of them if the mm exited)
             for q in range(lo, hi):
                 if q in self.items and (proc in self.exited):
@@ -302,25 +380,42 @@ class KsmRuntime(Daemon):
         return len(node.hlist) > 0 and len(node.hlist) + offset < self.max_sharing
 
     def stable_node_dup(self, chain: StableChain, prune: bool):
-        """Choose a dup of a chain (and prune stale ones); returns the dup or None."""
+        """Choose a dup of a chain (and prune stale ones); returns the dup or None.
+
+        6.11+: the best dup, a candidate if there is one; a chain left with one dup collapses into
+        a plain node at every lookup (``hlist_is_singular_node``); an empty chain is freed here.
+        Up to 6.10 (``old_chains``): only a dup below the sharing limit is chosen (the fullest when
+        pruning, else the first); the chain collapses only when a pruning lookup found exactly one
+        live dup (``prune_stale_stable_nodes && nr == 1``); with no candidate the caller took
+        ``stable_node_dup_any``: the first dup (not a candidate: the search misses), or, if every
+        dup was stale, the chain is freed and the search starts again.
+        """
         if not prune or self.now < chain.prune_time + self.p.stable_node_chains_prune_millisecs * 1_000_000:
             prune = False
         else:
             chain.prune_time = self.now
+        old = self.old_chains
         found = None
         found_len = 0
+        nr = 0
         for dup in list(chain.dups):
             self.charge("stable_node_visits")
             if not self._node_alive(dup):
                 self.remove_node_from_stable_tree(dup)
                 continue
-            if found is None or (self.is_page_sharing_candidate(dup) and (not self.is_page_sharing_candidate(found) or len(dup.hlist) > found_len)):
+            nr += 1
+            cand = self.is_page_sharing_candidate(dup)
+            if old:
+                better = cand and (found is None or len(dup.hlist) > found_len)
+            else:
+                better = found is None or (cand and (not self.is_page_sharing_candidate(found) or len(dup.hlist) > found_len))
+            if better:
                 found = dup
                 found_len = len(dup.hlist)
                 if not prune and self.is_page_sharing_candidate(found):
                     break
         if found is not None:
-            if len(chain.dups) == 1:  # collapse the chain into a plain node
+            if (prune and nr == 1) if old else len(chain.dups) == 1:  # collapse the chain into a plain node
                 self.stable[chain.cid] = found
                 found.chain = None
                 chain.dups = []
@@ -329,11 +424,13 @@ class KsmRuntime(Daemon):
             elif chain.dups[0] is not found and self.is_page_sharing_candidate(found, 1):
                 chain.dups.remove(found)
                 chain.dups.insert(0, found)
-        else:  # free_stable_node_chain
-            if self.stable.get(chain.cid) is chain:
-                del self.stable[chain.cid]
-            self.chains -= 1
-        return found
+            return found
+        if old and chain.dups:  # stable_node_dup_any: every dup is full
+            return chain.dups[0]
+        if self.stable.get(chain.cid) is chain:  # free_stable_node_chain
+            del self.stable[chain.cid]
+        self.chains -= 1
+        return None
 
     def _stable_lookup(self, cid: int, prune: bool):
         """The node of equal content in the stable tree after stale handling: (dup, any) or None."""
@@ -442,8 +539,7 @@ class KsmRuntime(Daemon):
         self.charge("remaps")
         return self.eng.merge_zero(pg, self.now)
 
-    def try_to_merge_two_pages(self, pg: int, tree_item: RmapItem) -> Optional[int]:
-        tpg = tree_item.pg
+    def try_to_merge_two_pages(self, pg: int, tpg: int) -> Optional[int]:
         if not self._split(pg) or not self._split(tpg):
             return None
         gen = self.eng.stabilize(pg)
@@ -476,6 +572,8 @@ class KsmRuntime(Daemon):
                 return
             if not self._scannable(pg):
                 return
+            if self.same.on and self.same_address_merge(item, pg):
+                return
             if self._stable_merge(item, pg):
                 return
         else:
@@ -487,18 +585,63 @@ class KsmRuntime(Daemon):
                 return
             if not self._scannable(pg):
                 return
+            if self.same.on and self.same_address_merge(item, pg):  # (after the gate: see sameaddr)
+                return
         tree_item = self.unstable_tree_search_insert(item, pg)
         if tree_item is None:
             return
         self.remove_rmap_item_from_tree(tree_item)
-        gen = self.try_to_merge_two_pages(pg, tree_item)
+        self._merge_two(item, pg, tree_item, tree_item.pg)
+
+    def _merge_two(self, item: RmapItem, pg: int, tree_item: Optional[RmapItem], tpg: int) -> None:
+        """try_to_merge_two_pages, then the new KSM page into the stable tree with both items."""
+        eng = self.eng
+        gen = self.try_to_merge_two_pages(pg, tpg)
         if gen is None:
             return
         node = self.stable_tree_insert(eng.frame(pg), gen, eng.cid(pg))
         if node is None:  # cannot happen in this model (3.18's insert race); keep the kernel's shape
             return
-        self.stable_tree_append(tree_item, node)
+        if tree_item is not None:
+            self.stable_tree_append(tree_item, node)
         self.stable_tree_append(item, node)
+
+    def same_address_merge(self, item: RmapItem, pg: int) -> bool:
+        """``same_address_first``: compare the page with the pages at the same virtual address in
+        its related processes (:mod:`ksmtrace.policies.sameaddr`), in process start order, and merge
+        with the first equal one: onto its KSM page if it maps one below the sharing limit (as a
+        stable-tree hit), else the two pages into a new KSM page (as an unstable-tree hit: the
+        partner's rmap item, if it has one, leaves its tree and joins the new stable node).  Each
+        page looked at costs a page lookup in another mm and a memcmp (``unstable_node_visits``),
+        an address with no page a lookup (``addresses_walked``).  True if the visit ends here."""
+        eng = self.eng
+        c = eng.cid(pg)
+        f = eng.frame(pg)
+        proc = int(self.prep.page_proc[pg])
+        page_proc = self.prep.page_proc
+        for q in self.same.related(pg).tolist():
+            if q == pg or int(page_proc[q]) == proc:
+                continue
+            if not self._scannable(q):
+                self.charge("addresses_walked")
+                continue
+            self.charge("unstable_node_visits")
+            fq = eng.frame(q)
+            if eng.cid(q) != c or fq == f:
+                continue
+            if eng.page_is_ksm(q):
+                node = self.frame_node.get(fq)
+                if node is None or not self._node_alive(node) or not self.is_page_sharing_candidate(node):
+                    continue
+                if self.try_to_merge_with_ksm_page(pg, node):
+                    self.stable_tree_append(item, node)
+                return True
+            partner = self.items.get(q)
+            if partner is not None:
+                self.remove_rmap_item_from_tree(partner)
+            self._merge_two(item, pg, partner, q)
+            return True
+        return False
 
     def _stable_merge(self, item: RmapItem, pg: int) -> bool:
         """Search the stable tree and merge with what it finds; True if the visit ends here."""

@@ -9,25 +9,31 @@ from numba import njit
 from ksmtrace.engine import state as st
 from ksmtrace.engine.api import EV_APPEAR, EV_WRITE
 from ksmtrace.engine.daemon import NoDaemon
+from ksmtrace.policies.oracle import merge_keys
 
 
 class OracleKernel(NoDaemon):
     def __init__(self, params, ctx) -> None:
         self.ctx = ctx
         self.E = ctx.engine.E
-        n = ctx.prep.n_cids
+        keys, n_keys = merge_keys(params, ctx)
+        self.sa = keys is not None
+        self.keys = keys if keys is not None else np.zeros(len(ctx.prep.ev_pg), np.int64)
+        n = max(n_keys if self.sa else ctx.prep.n_cids, 1)
         self.holder = np.full(n, -1, dtype=np.int64)
         self.kframe = np.full(n, -1, dtype=np.int64)
         self.kgen = np.zeros(n, dtype=np.int64)
+        self.hkey = np.full(max(ctx.prep.n_pages, 1), -1, dtype=np.int64)
 
     def on_snapshot(self, s: int, now: int) -> None:
         p = self.ctx.prep
         sl = p.events(s)
-        _oracle_step(self.E, p.ev_pg[sl], p.ev_kind[sl], self.holder, self.kframe, self.kgen, now)
+        _oracle_step(self.E, p.ev_pg[sl], p.ev_kind[sl], self.keys[sl], self.sa, self.holder, self.kframe, self.kgen,
+                     self.hkey, now)
 
 
 @njit(cache=True)
-def _oracle_step(E, pgs, kinds, holder, kframe, kgen, now):
+def _oracle_step(E, pgs, kinds, keys, sa, holder, kframe, kgen, hkey, now):
     P = E.pg
     F = E.fr
     for i in range(len(pgs)):
@@ -36,7 +42,11 @@ def _oracle_step(E, pgs, kinds, holder, kframe, kgen, now):
         c = P[pg, st.P_CID]
         if not (k == EV_APPEAR or k == EV_WRITE) or c < 0:
             continue
-        if c == 0:
+        if sa:  # same_address_only: merge within the page's class, zero pages too
+            c = keys[i]
+            if c < 0:
+                continue
+        elif c == 0:
             st.merge_zero(E, pg, now)
             continue
         kf = kframe[c]
@@ -44,8 +54,10 @@ def _oracle_step(E, pgs, kinds, holder, kframe, kgen, now):
             st.merge(E, pg, kf, now)
             continue
         h = holder[c]
-        if h < 0 or h == pg or P[h, st.P_CID] != c:
+        if h < 0 or h == pg or P[h, st.P_CID] != P[pg, st.P_CID] or (sa and hkey[h] != c):
             holder[c] = pg
+            if sa:
+                hkey[pg] = c
             continue
         fh = P[h, st.P_FRAME]
         if fh == P[pg, st.P_FRAME]:

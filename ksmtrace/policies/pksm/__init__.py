@@ -55,12 +55,21 @@ Known quirks, each behind a switch that defaults to the faithful behaviour:
   engine merge: the counters move, the frames do not).  False: a failed compare is a failed merge
   (the scanned item goes to the rescan list as TRY; a zero-hash collision goes on to the trees).
 * ``track_cow_pages`` (False): see above.
+* ``anon_vma_walk`` (True): ``pksm_rmap_walk`` visits *every* VMA of the page's anon_vma (not just
+  those mapping it) and stops at the first failure: a VMA that does not map the page at its
+  address (a fork child that copied or unmapped it, the other half of a split VMA) makes
+  ``write_protect_page`` return DROP, and the page is dropped for good after the PTEs replaced so
+  far; a ``[stack]`` VMA (``vma_can_enter`` refuses ``VM_GROWSDOWN``) ends the walk.  The anon_vma
+  tree comes from :mod:`ksmtrace.trace.addrspace` (VMA lineage and fork clones).  In the zero
+  path a failed walk goes on to the trees.  False: the walk visits exactly the page's mappings.
 
 Where it deliberately differs:
 
 * Trees are maps keyed by the sampled hash; a descent costs ``bit_length(size)`` hash compares.
   Page locks, extra references (``check_page_dio``), swap, THP-split failures and migration never
-  make a merge fail; the rmap walk always reaches every mapping.
+  make a merge fail.
+* The rmap walk's anon_vma is approximated from the trace's VMA table (``anon_vma_walk``,
+  ``docs/policies-pksm-hashtable.md``); without a VMA table the walk reaches exactly every mapping.
 * The zero-check / memcmp results use the snapshot content at the wake-up's virtual time.
 * ``rmap_item`` allocations happen in the faulting task (not charged to pksmd); frees are charged.
   ``pages_visited`` counts every page pksmd looks at: ``cmp_and_merge_page`` calls, recheck
@@ -72,6 +81,7 @@ from dataclasses import dataclass
 
 from ksmtrace.policies.base import Params, Policy, param
 from ksmtrace.policies.pksm.runtime import PksmRuntime
+from ksmtrace.policies.sameaddr import same_address_first_param, same_address_key_param
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,10 @@ class PksmParams(Params):
     recheck_rotate: bool = param(False, "quirk switch: rotate unchanged items in the recheck walk (False = PKSM's head-only walk)")
     collision_counts_as_merge: bool = param(True, "quirk switch: a failed full compare still counts as a merge (PKSM's err=0 bug)")
     track_cow_pages: bool = param(False, "quirk switch: register COW copies as new pages (False = only do_anonymous_page registers)")
+    anon_vma_walk: bool = param(True, "quirk switch: the rmap walk visits every VMA of the page's anon_vma and drops the page "
+                                      "at the first that does not map it (pksm_rmap_walk); False = only the page's mappings")
+    same_address_first: bool = same_address_first_param()
+    same_address_key: str = same_address_key_param()
 
 
 class PKSM(Policy):
@@ -104,6 +118,9 @@ class PKSM(Policy):
         "recheck_rotate": (True, "mixed", {**_RECHECK, "period_seconds": 1}),
         "collision_counts_as_merge": (False, "random-2", {}),  # stale unstable items after rewrites
         "track_cow_pages": (True, "mixed", {}),
+        "anon_vma_walk": (False, "mixed", {}),
+        "same_address_first": (True, "families", {}),
+        "same_address_key": ("any", "families", {"same_address_first": True}),
     }
 
     Runtime = PksmRuntime

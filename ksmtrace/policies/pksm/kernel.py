@@ -38,7 +38,10 @@ from ksmtrace.engine.jitutil import bitlen as _bitlen
 from ksmtrace.engine.jitutil import prefetch_row
 from ksmtrace.engine.state import P_CID, P_FRAME, P_PROC
 from ksmtrace.policies.pksm import PksmParams
-from ksmtrace.policies.pksm.runtime import DROP, SUCCESS, TRY, Probation, event_keys, pksm_counters, pksm_extras
+from ksmtrace.policies.pksm.runtime import (DROP, SUCCESS, TRY, AnonVmaWalk, Probation, event_keys, pksm_counters,
+                                            pksm_extras)
+from ksmtrace.policies.sameaddr import SameAddress
+from ksmtrace.trace.addrspace import _row_at, tree_rows
 
 U_WAKEUPS = UNIT_INDEX["wakeups"]
 U_VISITED = UNIT_INDEX["pages_visited"]
@@ -51,17 +54,19 @@ U_WP = UNIT_INDEX["write_protects"]
 U_REMAP = UNIT_INDEX["remaps"]
 U_PRUNE = UNIT_INDEX["stale_prunes"]
 U_MOVES = UNIT_INDEX["list_moves"]
+U_WALKED = UNIT_INDEX["addresses_walked"]
+U_UNODE = UNIT_INDEX["unstable_node_visits"]
 
 # sc: the daemon's slots (D_*), then the policy's scalars
 (S_WAKE, S_RMAP, S_SHARED, S_SHARING, S_ZSHARING, S_SNODES, S_COLL,
  S_PEND, S_PCHG, S_PDIED, S_STCOUNT, S_UNCOUNT, S_NFREE,
  S_NEW_H, S_NEW_T, S_NEW_N, S_RES_H, S_RES_T, S_RES_N, S_CK_H, S_CK_T, S_DEL_H, S_DEL_T,
- S_CK_N, S_OLOC, S_OPROC, S_NPROC) = scalar_slots(27)
-N_SCALARS = 27
+ S_CK_N, S_OLOC, S_OPROC, S_NPROC, S_SNAP) = scalar_slots(28)
+N_SCALARS = 28
 # then the parameters (at OP): PksmParams' fields by name, then values derived from them; then the
 # local list (at sc[S_OLOC], 2 * pages_to_scan + 8 slots) and each process's first and end page
 # (at sc[S_OPROC], n_procs + n_procs)
-P = param_slots(PksmParams, derived=("delay", "probation_passes", "probation_ns", "restart", "hz", "zero_key"))
+P = param_slots(PksmParams, derived=("delay", "probation_passes", "probation_ns", "restart", "hz", "zero_key", "walk_on"))
 OP = scalar_slots(N_SCALARS).stop
 
 W_NONE, W_NEW, W_RESCAN, W_LOCAL = 0, 1, 2, 3
@@ -70,7 +75,7 @@ T_NONE, T_UNSTABLE, T_STABLE = 0, 1, 2
 ITEM_FIELDS = [
     "it_frame", "it_where", "it_tree", "it_dell", "it_inksm", "it_init", "it_sum", "it_map", "it_nanon",
     "it_next", "it_prev", "ck_next", "ck_prev", "del_next", "it_cnt", "it_t0", "it_seen", "it_wake",
-    "it_changed",
+    "it_changed", "it_origin", "it_group",
 ]
 PAGE_FIELDS = ["pg_frame", "pg_key", "pg_next", "pg_prev", "mv_item"]
 FRAME_FIELDS = ["fr_head", "fr_tail", "fr_cnt", "fr_item", "fr_ksm"]
@@ -79,32 +84,61 @@ KEY_FIELDS = ["st_item", "un_item"]
 # row per object, so that the fields of one object share a cache line and numba passes few arrays
 (I_IT_FRAME, I_IT_WHERE, I_IT_TREE, I_IT_DELL, I_IT_INKSM, I_IT_INIT, I_IT_SUM, I_IT_MAP, I_IT_NANON,
  I_IT_NEXT, I_IT_PREV, I_CK_NEXT, I_CK_PREV, I_DEL_NEXT, I_IT_CNT, I_IT_T0, I_IT_SEEN, I_IT_WAKE,
- I_IT_CHANGED) = range(len(ITEM_FIELDS))
+ I_IT_CHANGED, I_IT_ORIGIN, I_IT_GROUP) = range(len(ITEM_FIELDS))
 N_ICOLS = len(ITEM_FIELDS)
 G_PG_FRAME, G_PG_KEY, G_PG_NEXT, G_PG_PREV, G_MV_ITEM = range(len(PAGE_FIELDS))
 R_FR_HEAD, R_FR_TAIL, R_FR_CNT, R_FR_ITEM, R_FR_KSM = range(len(FRAME_FIELDS))
 K_ST_ITEM, K_UN_ITEM = range(len(KEY_FIELDS))
-ITEM_FILL = {"it_frame": -1, "it_sum": -1, "it_next": -1, "it_prev": -1, "ck_next": -1, "ck_prev": -1, "del_next": -1, "it_seen": -1, "it_wake": -1}
+ITEM_FILL = {"it_frame": -1, "it_sum": -1, "it_next": -1, "it_prev": -1, "ck_next": -1, "ck_prev": -1, "del_next": -1, "it_seen": -1, "it_wake": -1,
+             "it_origin": -1, "it_group": -1}
 ITEM_ROW = np.array([ITEM_FILL.get(n, 0) for n in ITEM_FIELDS], np.int64)
 
 # prefetch distances (iterations ahead) in loops over random rows
 PF_FAR = 16
 PF_NEAR = 8
 
-PksmState = namedtuple("PksmState", ["IT", "PG", "FR", "KY", "fl", "sc"])
+PksmState = namedtuple("PksmState", ["IT", "PG", "FR", "KY", "fl", "sc", "VR", "VI", "VB", "SA"])
+# The anon_vma walk's view of the trace (AnonVmaWalk, ksmtrace.trace.addrspace) packed into three
+# arrays — every array of S is passed, and reference counted, at each merge call: ``VR`` one row
+# per VMA row (start, end, snapshot, process, lineage group, blocked); ``VI`` a header of 9 section
+# offsets, then the (snapshot, process) row offsets, the groups' tree CSR, the groups' rows CSR,
+# process ranks, the prepared snapshots' trace snapshots and every page's vpn; ``VB`` scratch: the
+# walk's pages, then the tree's rows (VB[0]: where those start).  ``SA``: SameAddress.buf.
+V_START, V_END, V_SNAP, V_PROC, V_GROUP, V_BLOCKED = range(6)
+
+
+def _anon_vma(walk: AnonVmaWalk, prep) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    vpn = prep.page_vpn.astype(np.int64)
+    if walk.on:
+        a = walk.asp
+        vr = np.stack([a.start, a.end, a.snap, a.proc, a.group, walk.blocked], axis=1).astype(np.int64)
+        parts = [a.off, a.desc_off, a.desc, a.grow_off, a.grow, a.proc_rank, walk.snap, vpn]
+        n_rows = int(np.bincount(a.snap, minlength=1).max())
+    else:
+        vr = np.zeros((1, 6), np.int64)
+        z = np.zeros(1, np.int64)
+        parts = [z, z, z, z, z, z, z, vpn]
+        n_rows = 0
+    head = np.cumsum([9] + [len(x) for x in parts])
+    vi = np.concatenate([head, *[np.asarray(x, np.int64) for x in parts]])
+    n_pages = prep.n_pages + 8
+    vb = np.zeros(1 + n_pages + n_rows + 8, np.int64)
+    vb[0] = 1 + n_pages
+    return vr, vi, vb
 
 
 def _items(cap: int) -> np.ndarray:
     return np.tile(ITEM_ROW, (cap, 1))
 
 
-def new_state(prep, params, ctx, probation, n_keys: int, zero_key: int) -> PksmState:
+def new_state(prep, params, ctx, probation, n_keys: int, zero_key: int, walk: AnonVmaWalk, same) -> PksmState:
     n, f, np_ = prep.n_pages, st.n_frame_slots(prep), prep.n_procs
     cap = max(64, n // 4)
     rule = probation or Probation(0, 0, False)
     pa = params_array(params, P, {"delay": probation is not None, "probation_passes": rule.passes,
                                   "probation_ns": rule.ns, "restart": rule.restart, "hz": ctx.hz,
-                                  "zero_key": zero_key})
+                                  "zero_key": zero_key, "walk_on": walk.on})
+    vr, vi, vb = _anon_vma(walk, prep)
     n_loc = 2 * int(params.pages_to_scan) + 8
     sc = new_block(N_SCALARS, len(P), ctx, extra=n_loc + 2 * np_)
     o_loc = OP + len(P)
@@ -125,7 +159,7 @@ def new_state(prep, params, ctx, probation, n_keys: int, zero_key: int) -> PksmS
     FR[:, R_FR_KSM] = 0
     return PksmState(
         IT=_items(cap), PG=PG, FR=FR, KY=np.full((n_keys, len(KEY_FIELDS)), -1, np.int64),
-        fl=np.arange(cap - 1, -1, -1, dtype=np.int64), sc=sc,
+        fl=np.arange(cap - 1, -1, -1, dtype=np.int64), sc=sc, VR=vr, VI=vi, VB=vb, SA=same.buf,
     )
 
 
@@ -394,6 +428,32 @@ def on_snapshot(E, S, pgs, kinds, keys, now):
             PG[pg, G_MV_ITEM] = -2
             if mv >= 0:
                 _item_page_freed(IT, fl, sc, mv)
+    if sc[OP + P.walk_on] == 1:  # the origin of the items registered now (PksmRuntime._set_origin)
+        VR = S.VR
+        VI = S.VI
+        rank = VI[VI[5]:VI[6]]
+        smap = VI[VI[6]:VI[7]]
+        vpn = VI[VI[7]:VI[8]]
+        for i in range(n):
+            k = kinds[i]
+            pg = pgs[i]
+            if not (k == EV_APPEAR or k == EV_WRITE) or epg[pg, P_CID] < 0:
+                continue
+            f = PG[pg, G_PG_FRAME]
+            it = FR[f, R_FR_ITEM] if f > 0 else -1
+            if it < 0 or IT[it, I_IT_ORIGIN] != -1:
+                continue
+            best = -1
+            q = FR[f, R_FR_HEAD]
+            while q >= 0:
+                if best < 0 or rank[epg[q, P_PROC]] < rank[epg[best, P_PROC]] or (
+                        rank[epg[q, P_PROC]] == rank[epg[best, P_PROC]] and q < best):
+                    best = q
+                q = PG[q, G_PG_NEXT]
+            IT[it, I_IT_ORIGIN] = best
+            r = _row_at(VI[VI[0]:VI[1]], VR[:, V_START], VR[:, V_END], sc[S_NPROC], smap[sc[S_SNAP]], epg[best, P_PROC],
+                        vpn[best])
+            IT[it, I_IT_GROUP] = VR[r, V_GROUP] if r >= 0 else -1
 
 
 # --- trees ---------------------------------------------------------------------------------------------
@@ -454,11 +514,65 @@ def _key(IT, PG, FR, it):
     return PG[FR[IT[it, I_IT_FRAME], R_FR_HEAD], G_PG_KEY]
 
 
+@njit
+def _rmap_walk(IT, PG, FR, sc, VR, VI, VB, f):
+    """pksm_rmap_walk over physical page f (PksmRuntime._rmap_walk): the mappings it visits go to
+    the scratch ``VB``; returns (how many, whether the walk ends in success)."""
+    out = VB[1: VB[0]]
+    n = 0
+    it = FR[f, R_FR_ITEM]
+    g = IT[it, I_IT_GROUP] if it >= 0 else -1
+    if sc[OP + P.walk_on] == 1 and g >= 0:
+        vpn = VI[VI[7]:VI[8]]
+        v = vpn[IT[it, I_IT_ORIGIN]]
+        rows = VB[VB[0]:]
+        m = tree_rows(VI[VI[1]:VI[2]], VI[VI[2]:VI[3]], VI[VI[3]:VI[4]], VI[VI[4]:VI[5]], VR[:, V_START], VR[:, V_SNAP],
+                      VR[:, V_PROC], VI[VI[5]:VI[6]], VI[VI[6] + sc[S_SNAP]], g, rows)
+        op = sc[S_OPROC]
+        npr = sc[S_NPROC]
+        for k in range(m):
+            r = rows[k]
+            if VR[r, V_BLOCKED] == 1:  # vma_can_enter fails
+                return n, n > 0
+            q = -1
+            if VR[r, V_START] <= v and v < VR[r, V_END]:
+                pr = VR[r, V_PROC]
+                lo = sc[op + pr]
+                hi = sc[op + npr + pr]
+                while lo < hi:  # the page id of (pr, v)
+                    mid = (lo + hi) // 2
+                    if vpn[mid] < v:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                if lo < sc[op + npr + pr] and vpn[lo] == v:
+                    q = lo
+            if q < 0 or PG[q, G_PG_FRAME] != f:
+                return n, False
+            out[n] = q
+            n += 1
+    m = n
+    q = FR[f, R_FR_HEAD]
+    while q >= 0:  # the mappings the walk did not visit (all of them without the anon_vma walk)
+        seen = False
+        for k in range(m):
+            if out[k] == q:
+                seen = True
+                break
+        if not seen:
+            out[n] = q
+            n += 1
+        q = PG[q, G_PG_NEXT]
+    return n, True
+
+
 @njit(inline="always")
-def _remap_all(E, IT, PG, FR, fl, sc, f, target):
-    """rmap walk of page f onto KSM page target (0: the zero page): (PTEs replaced, equal).
+def _remap_all(E, IT, PG, FR, fl, sc, S, f, target):
+    """rmap walk of page f onto KSM page target (0: the zero page): (PTEs replaced, equal, walk ok).
     Inlined into the three merges below, so that a merge is one call from ksm_do_scan."""
     epg = E.pg
+    nw, ok = _rmap_walk(IT, PG, FR, sc, S.VR, S.VI, S.VB, f)
+    pages = S.VB[1: S.VB[0]]
     first = FR[f, R_FR_HEAD]
     pr = epg[first, P_PROC]
     op = sc[S_OPROC]
@@ -470,9 +584,8 @@ def _remap_all(E, IT, PG, FR, fl, sc, f, target):
         equal = cid == epg[FR[target, R_FR_HEAD], P_CID]
     done = 0
     now = sc[D_NOW]
-    q = first
-    while q >= 0:
-        nxt = PG[q, G_PG_NEXT]
+    for j in range(nw):
+        q = pages[j]
         sc[DU + U_WP] += 1
         if target == 0:
             sc[DU + U_ZCHECK] += 1
@@ -481,17 +594,16 @@ def _remap_all(E, IT, PG, FR, fl, sc, f, target):
         if equal:
             sc[DU + U_REMAP] += 1
             if target == 0:
-                ok = st.merge_zero(E, q, now)
+                merged = st.merge_zero(E, q, now)
             else:
-                ok = st.merge(E, q, target, now)
-            if ok:
+                merged = st.merge(E, q, target, now)
+            if merged:
                 _unmap(PG, FR, q)
                 _map(PG, FR, q, target)
                 done += 1
-        q = nxt
     if FR[f, R_FR_CNT] == 0:
         _page_freed(IT, FR, fl, sc, f)
-    return done, equal
+    return done, equal, ok
 
 
 # --- cmp_and_merge_page: the rare parts (the common part is in ksm_do_scan) -------------------------------
@@ -499,12 +611,14 @@ def _remap_all(E, IT, PG, FR, fl, sc, f, target):
 def _merge_zero(E, S, f):
     """The sampled hash is the zero page's: SUCCESS, or -1 to go on to the trees."""
     sc = S.sc
-    nz, equal = _remap_all(E, S.IT, S.PG, S.FR, S.fl, sc, f, 0)
+    nz, equal, ok = _remap_all(E, S.IT, S.PG, S.FR, S.fl, sc, S, f, 0)
     sc[S_ZSHARING] += nz
-    if equal:
+    if ok and equal:
         return SUCCESS
-    if sc[OP + P.collision_counts_as_merge] == 1:
+    if ok and sc[OP + P.collision_counts_as_merge] == 1:
         sc[S_COLL] += 1
+        return SUCCESS
+    if S.FR[f, R_FR_CNT] == 0:  # every mapping went to the zero page before the DROP
         return SUCCESS
     return -1
 
@@ -514,7 +628,11 @@ def _merge_stable(E, S, f, t):
     """A stable tree item ``t`` has the key: map the page onto it."""
     IT = S.IT
     sc = S.sc
-    nm, equal = _remap_all(E, IT, S.PG, S.FR, S.fl, sc, f, IT[t, I_IT_FRAME])
+    nm, equal, ok = _remap_all(E, IT, S.PG, S.FR, S.fl, sc, S, f, IT[t, I_IT_FRAME])
+    if not ok:  # the walk failed: PTEs replaced so far stay, the page is dropped
+        sc[S_SHARING] += nm
+        IT[t, I_IT_MAP] += nm
+        return DROP
     if not equal and sc[OP + P.collision_counts_as_merge] == 0:
         return TRY
     if not equal:
@@ -523,6 +641,45 @@ def _merge_stable(E, S, f, t):
     IT[t, I_IT_MAP] += nm
     _stable_tree_append(IT, sc, t)
     return SUCCESS
+
+
+@njit
+def _same_address_merge(E, S, it, f, key):
+    """same_address_first (PksmRuntime.same_address_merge): a result code, or -1 (no partner)."""
+    epg = E.pg
+    IT = S.IT
+    FR = S.FR
+    sc = S.sc
+    n_pg = S.PG.shape[0]
+    sa_cls = S.SA[:n_pg]
+    sa_off = S.SA[n_pg: 2 * n_pg + 2]
+    sa_mem = S.SA[2 * n_pg + 2:]
+    pg = FR[f, R_FR_HEAD]
+    c = epg[pg, P_CID]
+    proc = epg[pg, P_PROC]
+    cls = sa_cls[pg]
+    if cls < 0:
+        return -1
+    for j in range(sa_off[cls], sa_off[cls + 1]):
+        q = sa_mem[j]
+        if q == pg or epg[q, P_PROC] == proc:
+            continue
+        if epg[q, P_CID] < 0 or epg[q, P_FRAME] == 0:
+            sc[DU + U_WALKED] += 1
+            continue
+        sc[DU + U_UNODE] += 1
+        fq = epg[q, P_FRAME]
+        if fq == f or epg[q, P_CID] != c:
+            continue
+        t = FR[fq, R_FR_ITEM]
+        if t < 0 or IT[t, I_IT_DELL] == 1 or IT[t, I_IT_FRAME] < 0:
+            continue
+        if IT[t, I_IT_TREE] == T_STABLE:
+            return _merge_stable(E, S, f, t)
+        if FR[fq, R_FR_KSM] == 1:
+            continue
+        return _merge_unstable(E, S, it, f, t, key)
+    return -1
 
 
 @njit
@@ -542,14 +699,20 @@ def _merge_unstable(E, S, it, f, t, key):
     pr = epg[head, P_PROC]
     op = sc[S_OPROC]
     st.split_thp(E, head, sc[op + pr], sc[op + sc[S_NPROC] + pr], False)
-    sc[DU + U_WP] += FR[f, R_FR_CNT]
-    st.stabilize(E, FR[f, R_FR_HEAD])
-    FR[f, R_FR_KSM] = 1
-    nm, equal = _remap_all(E, IT, PG, FR, S.fl, sc, tf, f)
+    nw, ok = _rmap_walk(IT, PG, FR, sc, S.VR, S.VI, S.VB, f)
+    sc[DU + U_WP] += nw
+    if nw > 0:
+        st.stabilize(E, FR[f, R_FR_HEAD])
+        FR[f, R_FR_KSM] = 1
+    if not ok:
+        return DROP
+    nm, equal, ok = _remap_all(E, IT, PG, FR, S.fl, sc, S, tf, f)
     if not equal:
         sc[S_COLL] += 1
     sc[S_SHARING] += nm
     IT[it, I_IT_MAP] += nm
+    if not ok:  # the tree item stays in the unstable tree; the scanned page is dropped
+        return DROP
     _rm_tree(IT, KY, sc, t, False)
     if _search(IT, KY, sc, key, K_ST_ITEM, S_STCOUNT) >= 0:  # stable_tree_insert
         return TRY
@@ -584,6 +747,8 @@ def _probation_over(IT, PG, FR, sc, it):
 
 @njit(inline="always")
 def _drop(IT, FR, fl, sc, it):
+    if IT[it, I_IT_DELL] == 1:  # already on the del list (PksmRuntime._drop)
+        return
     sc[S_SNODES] -= IT[it, I_IT_NANON]
     IT[it, I_IT_NANON] = 0
     f = IT[it, I_IT_FRAME]
@@ -608,6 +773,7 @@ def ksm_do_scan(E, S, n):
     probation = sc[OP + P.probation_passes] > 0 or sc[OP + P.probation_ns] > 0
     delay = sc[OP + P.delay] == 1
     zero_key = sc[OP + P.zero_key]
+    same = sc[OP + P.same_address_first] == 1
     wake = sc[S_WAKE]
     # the local list is built in sc[lo:hi) (the local-list slots): new items are pushed at the front
     mid = sc[S_OLOC] + (2 * sc[OP + P.pages_to_scan] + 8) // 2
@@ -668,6 +834,8 @@ def ksm_do_scan(E, S, n):
             r = -1
             if key == zero_key:  # the zero page first
                 r = _merge_zero(E, S, f)
+            if r < 0 and same:  # what-if: the pages at the same virtual address
+                r = _same_address_merge(E, S, it, f, key)
             if r < 0:
                 t = _search(IT, KY, sc, key, K_ST_ITEM, S_STCOUNT)  # stable_tree_search
                 if t >= 0:
@@ -768,7 +936,9 @@ class PksmKernel(KernelRuntime):
         super().__init__(params, ctx)
         self.delay = probation is not None
         self.ev_key, n_keys, zero_key, self.hash_desc = event_keys(ctx.prep)
-        self.S = new_state(ctx.prep, params, ctx, probation, n_keys, zero_key)
+        self.same = SameAddress(ctx, params.same_address_first, params.same_address_key)
+        self.S = new_state(ctx.prep, params, ctx, probation, n_keys, zero_key, AnonVmaWalk(ctx, params.anon_vma_walk),
+                           self.same)
         self.sc = self.S.sc
         kinds = self.prep.ev_kind
         arr = ((kinds == EV_APPEAR) | (kinds == EV_WRITE)).astype(np.int64)
@@ -780,6 +950,8 @@ class PksmKernel(KernelRuntime):
         need = int(self._arrivals[sl.stop] - self._arrivals[sl.start])
         if self.S.sc[S_NFREE] < need:
             self.S = grow(self.S, need)
+        self.S.sc[S_SNAP] = s
+        self.same.update(s)
         on_snapshot(self.E, self.S, p.ev_pg[sl], p.ev_kind[sl], self.ev_key[sl], np.int64(now))
         self.check()
 

@@ -13,6 +13,9 @@ import numpy as np
 
 from ksmtrace.engine.api import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE
 from ksmtrace.engine.daemon import Daemon
+from ksmtrace.policies.sameaddr import SameAddress
+from ksmtrace.trace import schema as S
+from ksmtrace.trace.addrspace import address_spaces
 
 ZERO_CHECKSUM = 0x7AEC7314  # pksm_calc_zero_page_checksum(64), docs/kernel-notes.md 5a
 
@@ -60,6 +63,30 @@ def tree_depth(n: int) -> int:
     return int(n).bit_length()
 
 
+class AnonVmaWalk:
+    """What ``pksm_rmap_walk`` visits, from the trace's VMAs (shared set-up of the runtime and the
+    kernel).  PKSM walks *every* VMA on the page's anon_vma (``anon_vma_interval_tree_foreach``
+    over ``0..ULONG_MAX``), in the interval tree's order, and stops at the first non-success: a VMA
+    that does not hold the page's address (``page_address_in_vma``: a split half) or whose PTE
+    there maps another page (``page_check_address``: a fork child that copied or unmapped it) makes
+    ``write_protect_page`` return DROP, and a VMA ``vma_can_enter`` refuses (``VM_GROWSDOWN``: the
+    stack; ``VM_SHARED``) ends the walk — DROP if it is the first, otherwise the walk "succeeds"
+    without visiting the rest.  The anon_vma of a page is the one of the VMA it was allocated in,
+    approximated by the lineage group of the VMA holding its *origin* (the mapping of the oldest
+    process when PKSM registered it; :mod:`ksmtrace.trace.addrspace`); its tree is that group's
+    VMAs plus the groups cloned from it by fork.  ``on`` is False without a VMA table or with the
+    quirk switch off: the walk then visits exactly the page's mappings."""
+
+    def __init__(self, ctx, on: bool) -> None:
+        prep = ctx.prep
+        self.asp = address_spaces(ctx.trace, prep) if on and ctx.trace is not None else None
+        self.on = self.asp is not None and self.asp.has_vmas
+        if self.on:
+            self.snap = self.asp.snap_index(prep).astype(np.int64)
+            # VMA rows the walk cannot enter (vma_can_enter: VM_GROWSDOWN, VM_SHARED)
+            self.blocked = ((self.asp.flags & (S.V_STACK | S.V_SHARED)) != 0).astype(np.int64)
+
+
 # ---------------------------------------------------------------------------------------------
 # The runtime: one object per rmap_item, dicts for trees and lists.
 @dataclass(eq=False)
@@ -74,6 +101,8 @@ class Item:
     checksum: int = -1
     mapcount: int = 0  # _mapcount: PTEs replaced by this (KSM) page
     nanon: int = 0  # stable_node_anon objects on its hlist
+    origin: int = -1  # the page id the physical page was allocated at (its anon_vma's VMA)
+    group: int = -1  # that VMA's lineage group (ksmtrace.trace.addrspace), -1: unknown
     # delayed PKSM
     cnt: int = 0
     t0: int = 0
@@ -123,6 +152,9 @@ class PksmRuntime(Daemon):
         self.probation = rule.active
         self.restart = bool(rule.restart)
         self.wake_no = 0
+        self.walk = AnonVmaWalk(ctx, params.anon_vma_walk)
+        self.same = SameAddress(ctx, params.same_address_first, params.same_address_key)
+        self.snap = 0
 
     # --- the rmap (policy side) -------------------------------------------------------------------
     def _map(self, pg: int, f: int) -> bool:
@@ -165,17 +197,32 @@ class PksmRuntime(Daemon):
             it.dell = True
             self.del_list.append(it)
 
-    def _register(self, f: int, now: int) -> None:
+    def _register(self, f: int, now: int) -> Item:
         self.n_alloc += 1
         it = Item(iid=self.n_alloc, frame=f, t0=now)
         self.frame_item[f] = it
         self.new_list[it] = None
         self.rmap_items += 1
+        return it
+
+    def _set_origin(self, it: Item) -> None:
+        """The mapping of the oldest process (the page was allocated there before any fork that
+        shares it) and the lineage group of its VMA now."""
+        if not self.walk.on or it.frame < 0:
+            return
+        prep, asp = self.prep, self.walk.asp
+        rank = asp.proc_rank
+        pg = min(self.frame_pages[it.frame], key=lambda q: (int(rank[prep.page_proc[q]]), q))
+        it.origin = pg
+        it.group = asp.group_at(int(self.walk.snap[self.snap]), int(prep.page_proc[pg]), int(prep.page_vpn[pg]))
 
     # --- snapshots ----------------------------------------------------------------------------
     def on_snapshot(self, s: int, now: int) -> None:
         prep, eng = self.prep, self.eng
+        self.snap = s
+        self.same.update(s)
         sl = prep.events(s)
+        registered: list[Item] = []
         pgs = prep.ev_pg[sl].tolist()
         kinds = prep.ev_kind[sl].tolist()
         keys = self.ev_key[sl].tolist()
@@ -213,11 +260,13 @@ class PksmRuntime(Daemon):
             if not new_page:
                 continue
             if kind == EV_APPEAR or self.p.track_cow_pages:
-                self._register(f, now)
+                registered.append(self._register(f, now))
         for it in moving.values():  # (defensive) a page written in place that vanished
             if it is not None:
                 self.frame_item[-1 - it.iid] = it
                 self._page_freed(-1 - it.iid)
+        for it in registered:  # once every mapping of the snapshot is in
+            self._set_origin(it)
 
     def _unmap_sharing_page(self, f: int) -> None:
         """pksm_unmap_sharing_page on a COW of KSM page f (before the writer's PTE goes)."""
@@ -319,6 +368,8 @@ class PksmRuntime(Daemon):
 
     def _drop(self, it: Item) -> None:
         """pksm_drop_rmap_item: the page is never considered again."""
+        if it.dell:  # the walk took its last mapping: already queued, the del list frees it this wake-up
+            return
         self.stable_nodes -= it.nanon
         it.nanon = 0
         if it.frame >= 0 and self.frame_item.get(it.frame) is it:
@@ -388,15 +439,45 @@ class PksmRuntime(Daemon):
         if head.nanon == 1:
             self.shared += 1
 
-    def _remap_all(self, f: int, target: int) -> tuple[int, bool]:
+    def _rmap_walk(self, f: int) -> tuple[list[int], bool]:
+        """pksm_rmap_walk over physical page f: the mappings it visits, in order, and whether it
+        ends in success (False: DROP at a VMA that does not map f)."""
+        pages = list(self.frame_pages[f])
+        it = self.frame_item.get(f)
+        w = self.walk
+        if not w.on or it is None or it.group < 0:
+            return pages, True
+        prep, asp = self.prep, w.asp
+        v = int(prep.page_vpn[it.origin])
+        mine = set(pages)
+        out: list[int] = []
+        for r in asp.tree_rows(int(w.snap[self.snap]), it.group).tolist():
+            if w.blocked[r]:  # vma_can_enter fails: the walk ends, DROP if it is the first VMA
+                return out, bool(out)
+            q = self._page_at(int(asp.proc[r]), v) if asp.start[r] <= v < asp.end[r] else -1
+            if q not in mine:  # page_address_in_vma / page_check_address: DROP
+                return out, False
+            out.append(q)
+        seen = set(out)  # mappings the approximated tree does not hold come last
+        return out + [q for q in pages if q not in seen], True
+
+    def _page_at(self, proc: int, vpn: int) -> int:
+        prep = self.prep
+        lo, hi = int(prep.proc_pg_lo[proc]), int(prep.proc_pg_hi[proc])
+        i = lo + int(np.searchsorted(prep.page_vpn[lo:hi], vpn))
+        return i if i < hi and prep.page_vpn[i] == vpn else -1
+
+    def _remap_all(self, f: int, target: int) -> tuple[int, bool, bool]:
         """rmap walk of page f onto KSM page ``target`` (or the zero page, target 0).
 
-        Per mapping: write-protect, full compare (zero check), replace the PTE if equal.
-        Returns (PTEs replaced, whether the contents were equal)."""
+        Per mapping the walk visits: write-protect, full compare (zero check), replace the PTE if
+        equal.  Returns (PTEs replaced, whether the contents were equal, whether the walk ended in
+        success)."""
         eng = self.eng
-        pages = list(self.frame_pages[f])
-        eng.split_thp(pages[0], False)
-        cid = eng.cid(pages[0])
+        pages, ok = self._rmap_walk(f)
+        first = next(iter(self.frame_pages[f]))
+        eng.split_thp(first, False)
+        cid = eng.cid(first)
         equal = cid == 0 if target == 0 else cid == eng.cid(self._rep(target))
         done = 0
         for q in pages:
@@ -405,14 +486,14 @@ class PksmRuntime(Daemon):
             if not equal:
                 continue
             self.charge("remaps")
-            ok = eng.merge_zero(q, self.now) if target == 0 else eng.merge(q, target, self.now)
-            if ok:
+            merged = eng.merge_zero(q, self.now) if target == 0 else eng.merge(q, target, self.now)
+            if merged:
                 self._unmap(q)
                 self._map(q, target)
                 done += 1
         if not self.frame_pages[f]:
             self._page_freed(f)
-        return done, equal
+        return done, equal, ok
 
     # --- cmp_and_merge_page ---------------------------------------------------------------------------
     def cmp_and_merge_page(self, it: Item, init: bool) -> int:
@@ -424,46 +505,103 @@ class PksmRuntime(Daemon):
             it.checksum = self._key(it)
             self.charge("sampled_hashes")
         key = it.checksum
-        # the zero page first
+        # the zero page first (a failed walk goes on to the trees: cmp_and_merge_zero_page -EFAULT)
         if key == self.zero_key:
-            n, equal = self._remap_all(f, 0)
+            n, equal, ok = self._remap_all(f, 0)
             self.zero_sharing += n
-            if equal:
+            if ok and equal:
                 return SUCCESS
-            if self.p.collision_counts_as_merge:
+            if ok and self.p.collision_counts_as_merge:
                 self.collisions += 1
                 return SUCCESS
+            if f not in self.frame_pages:  # every mapping went to the zero page before the DROP
+                return SUCCESS
+        # what-if: the pages at the same virtual address first
+        if self.same.on:
+            r = self.same_address_merge(it, f, key)
+            if r is not None:
+                return r
         # the stable tree
         t = self.stable_tree_search(key)
         if t is not None:
-            n, equal = self._remap_all(f, t.frame)
-            if not equal and not self.p.collision_counts_as_merge:
-                return TRY
-            if not equal:
-                self.collisions += 1
-            self.sharing += n
-            t.mapcount += n
-            self.stable_tree_append(t)
-            return SUCCESS
+            return self._merge_stable(f, t)
         # the unstable tree
         t = self.unstable_tree_search_insert(it, key)
         if t is None:
             return SUCCESS
+        return self._merge_unstable(it, f, t, key)
+
+    def same_address_merge(self, it: Item, f: int, key: int) -> Optional[int]:
+        """``same_address_first`` (:mod:`ksmtrace.policies.sameaddr`): compare the page with the
+        pages at the same virtual address in its related processes (in process start order) and
+        merge with the first equal one that PKSM tracks: onto its KSM page if it is a stable-tree
+        item, else both into a new KSM page as an unstable-tree hit would.  Each page looked at is
+        a page lookup in another mm and a memcmp (``unstable_node_visits``); an address with no
+        page, a lookup (``addresses_walked``).  None: no partner, go on to the trees."""
+        eng, prep = self.eng, self.prep
+        pg = self._rep(f)
+        c = eng.cid(pg)
+        proc = int(prep.page_proc[pg])
+        for q in self.same.related(pg).tolist():
+            if q == pg or int(prep.page_proc[q]) == proc:
+                continue
+            if not eng.is_candidate(q) or eng.frame(q) == 0:
+                self.charge("addresses_walked")
+                continue
+            self.charge("unstable_node_visits")
+            fq = eng.frame(q)
+            if fq == f or eng.cid(q) != c:
+                continue
+            t = self.frame_item.get(fq)
+            if t is None or self._stale(t):
+                continue
+            if t.tree == "stable":
+                return self._merge_stable(f, t)
+            if fq in self.frame_ksm:
+                continue
+            return self._merge_unstable(it, f, t, key)
+        return None
+
+    def _merge_stable(self, f: int, t: Item) -> int:
+        """A stable tree item ``t`` has the key: map the page onto its KSM page."""
+        n, equal, ok = self._remap_all(f, t.frame)
+        if not ok:  # pksm_rmap_walk failed: the PTEs replaced so far stay, the page is dropped
+            self.sharing += n
+            t.mapcount += n
+            return DROP
+        if not equal and not self.p.collision_counts_as_merge:
+            return TRY
+        if not equal:
+            self.collisions += 1
+        self.sharing += n
+        t.mapcount += n
+        self.stable_tree_append(t)
+        return SUCCESS
+
+    def _merge_unstable(self, it: Item, f: int, t: Item, key: int) -> int:
+        """An unstable tree item ``t`` has the key: try_to_merge_two_pages, then the stable tree."""
         tf = t.frame
         equal = self.eng.cid(self._rep(f)) == self.eng.cid(self._rep(tf))
         if not equal and not self.p.collision_counts_as_merge:
             return TRY
-        # try_to_merge_two_pages: (1) write-protect the scanned page and make it a KSM page
+        # try_to_merge_two_pages: (1) write-protect the scanned page and make it a KSM page (at the
+        # first mapping the walk visits: set_page_stable_ksm)
         self.eng.split_thp(self._rep(f), False)
-        self.charge("write_protects", len(self.frame_pages[f]))
-        self.eng.stabilize(self._rep(f))
-        self.frame_ksm.add(f)
+        pages, ok = self._rmap_walk(f)
+        self.charge("write_protects", len(pages))
+        if pages:
+            self.eng.stabilize(self._rep(f))
+            self.frame_ksm.add(f)
+        if not ok:
+            return DROP
         # (2) the tree page's mappings onto it
-        n, equal = self._remap_all(tf, f)
+        n, equal, ok = self._remap_all(tf, f)
         if not equal:
             self.collisions += 1
         self.sharing += n
         it.mapcount += n
+        if not ok:  # the tree item stays in the unstable tree; the scanned page is dropped
+            return DROP
         self.remove_rmap_item_from_tree(t)
         if self.stable_tree_insert(it, key) == TRY:
             return TRY
