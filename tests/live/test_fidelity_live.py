@@ -39,9 +39,7 @@ REWRITE_SHARING_TOLERANCE = 0.03
 
 
 def _settled():
-    """The KSM settings and pages_shared as the last block left them, read under the settings lock:
-    other test runs on this host change the settings in their own locked blocks, so a read outside
-    the lock can catch one of theirs."""
+    """The KSM settings and pages_shared as the last block left them (see settled_ksm_settings)."""
     with K.ksm_settings() as ks:
         return ks.saved, K.read("pages_shared")
 
