@@ -270,8 +270,8 @@ def m_manifest_field(rng, d, out, base):
 
 
 def m_format_version(rng, d, out, base):
-    """``format_version`` true, 1.0, "1", 2, null, absent..."""
-    value = rng.choice([True, 1.0, "1", 2, 0, None, [1], {"v": 1}, -1, 2 ** 70, "missing"])
+    """``format_version`` true, 1.0, "1", a version after the newest, null, absent..."""
+    value = rng.choice([True, 1.0, "1", max(S.READ_VERSIONS) + 1, 0, None, [1], {"v": 1}, -1, 2 ** 70, "missing"])
 
     def edit(m):
         if value == "missing":

@@ -140,7 +140,7 @@ class Trace:
         """The Arrow schema of ``table`` in this trace (pages: with the manifest's fingerprint columns)."""
         if table == "pages":
             return self._pages_schema
-        return schema.SCHEMAS[table]
+        return schema.table_schema(table, self.meta.format_version)
 
     @cached_property
     def _pages_schema(self) -> pa.Schema:
@@ -150,6 +150,11 @@ class Trace:
         if table not in self._fields:
             self._fields[table] = {f.name: f for f in self._schema(table)}
         return self._fields[table]
+
+    @property
+    def version(self) -> int:
+        """The trace's format version (``schema.READ_VERSIONS``)."""
+        return self.meta.format_version
 
     @property
     def n_snapshots(self) -> int:

@@ -404,7 +404,8 @@ def _manifest(tr: Trace, m: Maps, key_fp: str, names: bool, ground_truth: bool) 
         "ksmtrace_version": __version__,
         "names": "comm kept, cmdline dropped" if names else "comm and cmdline replaced by proc-N",
         "what": "hashes re-keyed; PFNs -> frame classes; addresses, pids, start times remapped in order; "
-                "cgroups, uids, paths labelled; times shifted; hostname, command line, targets, summary dropped",
+                "cgroups, uids, paths labelled; times shifted; hostname, command line, targets, summary and "
+                "kernel events (faults, ksm_events) dropped",
     }
     extra: dict[str, Any] = {}
     v = tr.manifest.get("validate")
@@ -423,6 +424,16 @@ def _manifest(tr: Trace, m: Maps, key_fp: str, names: bool, ground_truth: bool) 
 def key_fingerprint(key: bytes) -> str:
     """Names a redaction key without revealing it (as the capture's key_fingerprint)."""
     return hashlib.blake2b(b"ksmtrace redact key", key=_subkey(key, "fingerprint"), digest_size=8).hexdigest()
+
+
+def _current(t: pa.Table, name: str) -> pa.Table:
+    """A table of an older format version in the current schema: columns a later version added
+    are null (e.g. ``ksm.ksmd_wait_ns`` of a version-1 trace)."""
+    want = S.SCHEMAS[name]
+    for f in want:
+        if f.name not in t.column_names:
+            t = t.append_column(f, pa.nulls(t.num_rows, f.type))
+    return t.select(want.names).cast(want)
 
 
 def redact(src: str | os.PathLike | Trace, dst: str | os.PathLike, *, key: bytes | None = None, names: bool = True,
@@ -450,7 +461,7 @@ def redact(src: str | os.PathLike | Trace, dst: str | os.PathLike, *, key: bytes
             for name, fn in (("processes", lambda t: _processes(t, m, names)), ("vmas", lambda t: _vmas(t, m)),
                              ("ksm", lambda t: _ksm(t, m)), ("ksm_stat", lambda t: _ksm_stat(t, m))):
                 if name in tr._log.files[s] and (ground_truth or name not in ("ksm", "ksm_stat")):
-                    tables[name] = fn(tr.read_table(name, [s]).to_arrow().cast(S.SCHEMAS[name]))
+                    tables[name] = fn(_current(tr.read_table(name, [s]).to_arrow(), name))
             stats = {k: e[k] for k in ("processes", "pages", "present", "new", "changed", "gone") if k in e}
             stats["wall"] = None  # the writer's wall-clock time of this copy: not kept either
             w.commit_snapshot(s, int(e["t_ns"]) + m.t_shift, int(e.get("t_end_ns") or e["t_ns"]) + m.t_shift, tables,

@@ -176,3 +176,33 @@ def test_writer_undoes_a_failed_commit(tmp_path):
     assert open_trace(tmp_path / "w").n_snapshots == 1
     w.commit_snapshot(1, 2, 2, {"pages": empty}, keyframe=False)
     assert open_trace(tmp_path / "w").n_snapshots == 2
+
+
+def test_version_1_traces_still_open():
+    """Format version 2 added the kernel-event tables, ksm.ksmd_wait_ns and the PRF page hash; the
+    shipped sample traces are version 1 and open unchanged, without the newer columns or tables."""
+    from ksmtrace.samples import sample_path
+
+    for name in ("prefork", "python-sci", "vm"):
+        tr = open_trace(sample_path(name))
+        assert tr.version == 1 and tr.manifest["format_version"] == 1
+        tr.check()
+        if tr.has_table("ksm"):
+            assert "ksmd_wait_ns" not in tr.read_table("ksm").columns
+        assert not tr.has_table("faults") and tr.read_table("faults").height == 0
+        assert tr.read_table("ksm_events").columns == S.KSM_EVENTS_SCHEMA.names
+
+
+@pytest.mark.parametrize("bad", [True, 1.0, "2", 3, 0])
+def test_format_version_must_be_a_readable_int(trace, bad):
+    m = json.loads((trace.path / "manifest.json").read_text())
+    m["format_version"] = bad
+    (trace.path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(TraceVersionError, match="is not supported .this ksmtrace reads versions 1, 2"):
+        open_trace(trace.path)
+
+
+def test_columns_added_in_version_2_are_required_in_version_2_files():
+    assert "ksmd_wait_ns" not in S.required_columns("ksm", 1)
+    assert "ksmd_wait_ns" in S.required_columns("ksm", 2)
+    assert S.required_columns("pages", 1) == S.PAGES_SCHEMA.names
