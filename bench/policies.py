@@ -150,6 +150,7 @@ POLICIES = [
     ("pksm", {}, "anon"),
     ("pksm-delay", {}, "anon"),
     ("hashtable", {"pages_per_second": 50000, "process_pages_per_second": 0, "sleep_millisecs": 20}, "anon"),
+    ("uksm", {}, "anon"),
 ]
 
 

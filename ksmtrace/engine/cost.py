@@ -33,6 +33,7 @@ UNITS: dict[str, tuple[str, bool]] = {
     "checksums": ("full 4 KiB page hashes (xxhash)", True),
     "jhash2_checksums": ("full 4 KiB page hashes with jhash2 (KSM 3.18)", True),
     "sampled_hashes": ("sampled page hashes (64 random 32-bit words)", True),
+    "sampled_words": ("words absorbed by a sampled hash at another strength than 64 (UKSM, pksm hash_strength)", True),
     "full_hashes": ("full-page hashes used as hash-table keys", True),
     "stable_node_visits": ("stable tree node visits: keyhole check + memcmp while descending", True),
     "unstable_node_visits": ("unstable tree node visits: page lookup in another mm + memcmp", True),
@@ -66,6 +67,7 @@ DEFAULT_NS: dict[str, float] = {
     "checksums": 190.0,
     "jhash2_checksums": 900.0,
     "sampled_hashes": 60.0,
+    "sampled_words": 60.0 / 64,
     "full_hashes": 190.0,
     "stable_node_visits": 40.0,
     "unstable_node_visits": 80.0,
@@ -146,6 +148,9 @@ class CostModel:
                 raise KsmtraceError(f"{p}: unit {k!r} has a non-numeric cost {v!r}") from None
             if ns[k] < 0:
                 raise KsmtraceError(f"{p}: unit {k!r} has a negative cost")
+        if "sampled_words" not in obj["ns"]:
+            # a file from before the unit existed: the same hash, per word (64 words per sampled hash)
+            ns["sampled_words"] = ns["sampled_hashes"] / 64
         return cls(ns=ns, name=obj.get("name", p.stem), source=obj.get("source", str(p)))
 
     def save(self, path: str | Path) -> None:

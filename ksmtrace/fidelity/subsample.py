@@ -43,7 +43,7 @@ def subsample_trace(src, dst: str | os.PathLike, every: int):
     keep = list(range(0, n, every))
     cols = tr.pages_columns
     extra = [c for c in cols if c not in S.PAGES_SCHEMA.names]
-    pschema = S.pages_schema(sample="sample" in cols, prefixes=all(f.name in cols for f in S.PREFIX_FIELDS))
+    pschema = S.pages_schema_for(cols)
     soft_dirty = bool(tr.capture.get("soft_dirty"))
     sd = S.F_SOFT_DIRTY
     capture = dict(tr.capture)

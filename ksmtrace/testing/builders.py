@@ -12,6 +12,17 @@ optionally ``frame`` (a label: pages with the same label share one physical fram
 ``zero_page`` (maps the kernel zero page), ``ksm`` (a real-kernel KSM page), ``swapped``,
 ``anon`` (default True), ``soft_dirty``.
 
+Fingerprints: ``samples`` (content -> u32) writes the 64-word sampled hash column ``sample``;
+``strengths=True`` writes the sampled hash at every strength of ``SAMPLE_STRENGTHS`` (format
+version 2), each derived from the content label (:func:`strength_sample`): the zero page gets its
+true value at every strength, any other content a hash of its label per strength, so different
+contents never collide unless ``collisions`` says so: ``{content: (group, upto)}`` makes a content
+hash as ``group`` at every strength <= ``upto`` (all members of a group collide there; group ``0``
+collides with the zero page).
+
+Contents: ``contents=True`` stores a 4096-byte page per content (:func:`content_bytes`, random bytes
+seeded by the label; zero for the zero page) in the contents table, as ``capture --contents`` does.
+
 ``procs`` gives per process ``pid`` (default 1000 + proc), ``ppid`` (default 1: no parent in the
 trace), ``start`` (clock ticks of 10 ms on the trace's clock; default: the first snapshot the
 process is in, rounded up), ``uid``, ``cgroup``, ``comm``, ``mergeable``, ``snaps``.
@@ -19,7 +30,10 @@ process is in, rounded up), ``uid``, ``cgroup``, ``comm``, ``mergeable``, ``snap
 ``vmas`` (optional) writes a ``vmas`` table: ``True`` for one anonymous mergeable VMA per process
 spanning its pages, or ``{proc: [vma, ...]}`` (the same at every snapshot the process is in), or a
 list of such mappings, one per snapshot; a ``vma`` is ``(start_vpn, end_vpn)`` or a dict with
-``start``, ``end`` and optionally ``path`` (default ``""``), ``mergeable`` (True), ``stack``.
+``start``, ``end`` and optionally ``path`` (default ``""``), ``mergeable`` (True), ``stack``, ``vmflags``
+(the smaps VmFlags text; default ``"rd wr mr mw me ac"``, plus ``mg`` when mergeable and ``gd`` for a
+stack), ``perms`` (default ``"rw-p"``; ``"r--p"`` for a read-only mapping, whose default VmFlags
+have no ``wr``), or ``(start_vpn, end_vpn, vmflags)``.
 
 The trace goes through the real :class:`~ksmtrace.trace.writer.TraceWriter` and delta encoder, so
 it is a trace like any captured one.
@@ -36,6 +50,7 @@ import xxhash
 
 from ksmtrace.trace import delta as D
 from ksmtrace.trace import schema as S
+from ksmtrace.trace.sampled import zero_sample
 from ksmtrace.trace.writer import TraceWriter
 
 ZERO_PFN = 0x1000
@@ -50,6 +65,25 @@ def _is_zero(c: Any) -> bool:
     return c == 0 or c == "zero"
 
 
+def strength_sample(c: Any, strength: int, collisions: Mapping[Any, tuple[Any, int]] | None = None) -> int:
+    """The builder's sampled hash of content ``c`` at ``strength`` (see the module docstring)."""
+    group, upto = (collisions or {}).get(c, (c, 0))
+    label = group if strength <= upto else c
+    if _is_zero(label) or _is_zero(c):
+        return zero_sample(strength)
+    return xxhash.xxh3_64_intdigest(f"{label!r}@{strength}".encode(), seed=_KEY) & 0xFFFFFFFF
+
+
+DEFAULT_VMFLAGS = "rd wr mr mw me ac"
+
+
+def content_bytes(c: Any) -> bytes:
+    """The builder's 4 KiB page of content ``c`` (``contents=True``)."""
+    if _is_zero(c):
+        return bytes(4096)
+    return np.random.default_rng(content_hash(c)).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+
+
 def make_trace(
     path: str | os.PathLike,
     snapshots: list[Mapping[tuple[int, int], Any]],
@@ -62,7 +96,10 @@ def make_trace(
     ground_truth: list[list[Mapping[str, Any]]] | None = None,
     keyframe_every: int = 0,
     samples: Mapping[Any, int] | None = None,
+    strengths: bool | Mapping[Any, Any] = False,
+    collisions: Mapping[Any, tuple[Any, int]] | None = None,
     vmas: Any = None,
+    contents: bool = False,
 ):
     """Write a trace and return it opened (:class:`~ksmtrace.trace.reader.Trace`)."""
     from ksmtrace.trace.reader import open_trace
@@ -71,10 +108,12 @@ def make_trace(
     times = list(times) if times is not None else [i * interval for i in range(len(snapshots))]
     host_facts = {"kernel_release": "test", "page_size": 4096, "hz": 250, "thp_enabled": "never", "root": True, "pfn_readable": True}
     host_facts.update(host or {})
-    cap = {"scope": "anon", "interval_s": interval, "soft_dirty": False, "contents": False, "hash": {"algorithm": "xxh3_64", "key_fingerprint": "test"}}
+    cap = {"scope": "anon", "interval_s": interval, "soft_dirty": False, "contents": contents, "hash": {"algorithm": "xxh3_64", "key_fingerprint": "test"}}
+    stored: set[int] = set()
     cap.update(capture or {})
-    with_sample = samples is not None
-    pschema = S.pages_schema(sample=with_sample)
+    with_sample = samples is not None or strengths
+    pschema = S.pages_schema(sample=with_sample, strengths=strengths)
+    fp_cols = tuple(n for n in pschema.names if n not in S.PAGES_SCHEMA.names)
     w = TraceWriter(path, host=host_facts, capture=cap, tracer={"name": "builder", "version": "1"}, pages_schema=pschema)
     next_pfn = [0x100000]
     labels: dict[Any, int] = {}
@@ -111,7 +150,7 @@ def make_trace(
             hashes = np.zeros(n, np.uint64)
             flags = np.zeros(n, np.uint32)
             pfns = np.zeros(n, np.uint64)
-            samp = np.zeros(n, np.uint32)
+            fps = {name: np.zeros(n, np.uint32) for name in fp_cols}
             any_mergeable = False
             for i, (v, d) in enumerate(pages):
                 c = d.get("c")
@@ -154,13 +193,13 @@ def make_trace(
                 hashes[i] = content_hash(0) if _is_zero(c) else content_hash(c)
                 flags[i] = f
                 pfns[i] = pfn
-                if with_sample:
-                    samp[i] = int(samples.get(c, content_hash(c) & 0xFFFFFFFF)) & 0xFFFFFFFF
-            cur = {"vpn": vpn, "hash": hashes, "flags": flags, "pfn": pfns}
-            extra: tuple[str, ...] = ()
-            if with_sample:
-                cur["sample"] = samp
-                extra = ("sample",)
+                if strengths:
+                    for st_ in S.SAMPLE_STRENGTHS:
+                        fps[S.strength_column(st_)][i] = strength_sample(c, st_, collisions)
+                if samples is not None:
+                    fps["sample"][i] = int(samples.get(c, content_hash(c) & 0xFFFFFFFF)) & 0xFFFFFFFF
+            cur = {"vpn": vpn, "hash": hashes, "flags": flags, "pfn": pfns, **fps}
+            extra = fp_cols
             keyframe = s == 0 or (keyframe_every and s % keyframe_every == 0)
             prev = prev_state.get(proc)
             dl = D.diff(prev, cur)
@@ -186,7 +225,7 @@ def make_trace(
             pid = int(info.get("pid", 1000 + proc))
             empty = {k: v[:0] for k, v in prev.items()}
             dl = D.diff(prev, empty)
-            page_parts.append(D.rows_for(s, proc, pid, prev, empty, dl, False, ("sample",) if with_sample else ()))
+            page_parts.append(D.rows_for(s, proc, pid, prev, empty, dl, False, fp_cols))
         cols: dict[str, np.ndarray] = {}
         for name in pschema.names:
             arrs = [p[name] for p in page_parts if name in p]
@@ -195,6 +234,16 @@ def make_trace(
         tables = {"pages": pages, "processes": pa.Table.from_pylist(proc_rows, schema=S.PROCESSES_SCHEMA)}
         if vmas is not None:
             tables["vmas"] = pa.Table.from_pylist(vma_rows, schema=S.VMAS_SCHEMA)
+        if contents:
+            new = {}
+            for spec in snap.values():
+                c = spec.get("c") if isinstance(spec, Mapping) else spec
+                h = content_hash(0) if _is_zero(c) else content_hash(c)
+                if h not in stored:
+                    stored.add(h)
+                    new[h] = content_bytes(c)
+            tables["contents"] = pa.table({"snap": pa.array([s] * len(new), pa.uint32()), "hash": pa.array(list(new), pa.uint64()),
+                                           "data": pa.array(list(new.values()), pa.binary())}, schema=S.CONTENTS_SCHEMA)
         if ground_truth is not None and s < len(ground_truth):
             rows = []
             for g in ground_truth[s]:
@@ -204,7 +253,10 @@ def make_trace(
                 rows.append(r)
             tables["ksm"] = pa.Table.from_pylist(rows, schema=S.KSM_SCHEMA)
         t0 = int(times[s] * 1e9)
-        w.commit_snapshot(s, t0, t0, tables, keyframe=bool(s == 0 or (keyframe_every and s % keyframe_every == 0)), stats={"pages": int(sum(len(v) for v in prev_state.values()))})
+        ops = cols["op"]
+        stats = {"pages": int(sum(len(v["vpn"]) for v in prev_state.values())), "new": int((ops == S.OP_NEW).sum()),
+                 "changed": int((ops == S.OP_CHANGED).sum()), "gone": int((ops == S.OP_GONE).sum())}
+        w.commit_snapshot(s, t0, t0, tables, keyframe=bool(s == 0 or (keyframe_every and s % keyframe_every == 0)), stats=stats)
         prev_pfn = cur_pfn
     w.close("complete")
     return open_trace(path)
@@ -220,6 +272,8 @@ def _vma_rows(vmas: Any, s: int, proc: int, pid: int, vpn: np.ndarray) -> list[d
     rows = []
     for spec in specs:
         d = dict(spec) if isinstance(spec, Mapping) else {"start": spec[0], "end": spec[1]}
+        if not isinstance(spec, Mapping) and len(spec) > 2:
+            d["vmflags"] = spec[2]
         a, b = int(d["start"]), int(d["end"])
         path = str(d.get("path", ""))
         n = int(((vpn >= a) & (vpn < b)).sum())
@@ -230,7 +284,12 @@ def _vma_rows(vmas: Any, s: int, proc: int, pid: int, vpn: np.ndarray) -> list[d
             fl |= S.V_STACK
         if path == "[heap]":
             fl |= S.V_HEAP
-        rows.append({"snap": s, "proc": proc, "pid": pid, "start": a << 12, "end": b << 12, "perms": "rw-p",
-                     "flags": fl, "vmflags": "rd wr mr mw me ac" + (" mg" if d.get("mergeable", True) else ""),
-                     "path": path, "rss_pages": n, "anon_pages": n, "captured_pages": n})
+        perms = str(d.get("perms", "rw-p"))
+        default = DEFAULT_VMFLAGS if "w" in perms else " ".join(f for f in DEFAULT_VMFLAGS.split() if f != "wr")
+        vmflags = d.get("vmflags") or (default + (" mg" if d.get("mergeable", True) else "")
+                                       + (" gd" if fl & S.V_STACK else ""))
+        if "gd" in vmflags.split():
+            fl |= S.V_STACK
+        rows.append({"snap": s, "proc": proc, "pid": pid, "start": a << 12, "end": b << 12, "perms": perms,
+                     "flags": fl, "vmflags": vmflags, "path": path, "rss_pages": n, "anon_pages": n, "captured_pages": n})
     return rows

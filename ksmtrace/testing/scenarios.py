@@ -15,6 +15,11 @@ suite checks it, so a parameter that is not wired up fails a test.
 * ``families`` — fork families and strangers with equal content at equal virtual addresses
   (:func:`families_snapshots`; for the same-address plan).
 * ``random-N`` — a seeded random trace (``random-7``): churn, forks and exits.
+* ``strengths`` — a trace with a VMA table and the sampled hash at every strength, 100 ms apart
+  (3 s): template pages shared across processes, contents that collide with each other at weak
+  strengths and contents that collide with the zero page, sparse VMAs (holes), a region rewritten
+  every few snapshots (COWs of merged pages), a VMA that grows and one that splits, an
+  ineligible stack VMA, a forked child and an exiting process.
 
 ``library_trace(path)`` is the small three-process trace the report, plot and sweep tests share.
 ``plain_processes_trace(path)`` is what a user's first capture of ordinary programs looks like:
@@ -153,6 +158,55 @@ def random_snapshots(seed: int, nproc: int = 3, npages: int = 60, nsnap: int = 1
     return snaps
 
 
+STRENGTHS_COLLISIONS = {**{f"g{i}": ("grp", 32) for i in range(6)}, **{f"nz{i}": (0, 16) for i in range(3)}}
+
+
+def strengths_snapshots(n_snaps: int = 30) -> tuple[list[dict], list[dict]]:
+    """Pages and VMAs of the ``strengths`` scenario."""
+    snaps, vmas = [], []
+    for s in range(n_snaps):
+        pages: dict[tuple[int, int], Any] = {}
+        vm: dict[int, list[tuple]] = {}
+        for p in (0, 1, 2):
+            if p == 2 and s >= 20:
+                continue
+            for v in range(40):  # a heap-like VMA: templates, group-colliding pages, zero, uniques
+                if v < 16:
+                    c: Any = f"t{v % 8}"
+                elif v < 22:
+                    c = f"g{(v + p) % 6}"
+                elif v < 26:
+                    c = 0
+                elif v < 28:
+                    c = f"nz{(v + p) % 3}"
+                else:
+                    c = f"u{p}-{v}"
+                pages[(p, v)] = c
+            for v in (100, 117, 140, 163):  # a sparse VMA: mostly holes
+                pages[(p, v)] = f"t{v % 8}"
+            for v in range(200, 216):  # rewritten every 3 snapshots: merged, then COW-broken
+                pages[(p, v)] = f"w{s // 3}-{v % 4}"
+            grow = 8 if s < 10 or p != 1 else 24  # proc 1's VMA grows at snapshot 10
+            for v in range(300, 300 + grow):
+                pages[(p, v)] = f"t{v % 8}"
+            for v in range(500, 504):  # the stack: not a UKSM slot
+                pages[(p, v)] = f"t{v % 8}"
+            heap = [(0, 64)] if not (p == 0 and s >= 15) else [(0, 32), (32, 64)]  # proc 0's heap splits
+            vm[p] = heap + [(100, 164), (200, 216), (300, 300 + grow), (496, 504, "rd wr mr mw me gd ac")]
+        if s >= 8:  # proc 3 forked from proc 0: its heap shares proc 0's frames until either writes
+            for v in range(40):
+                c = pages[(0, v)]
+                if s >= 18 and v % 5 == 0:
+                    pages[(3, v)] = f"child-{v}"
+                else:
+                    pages[(3, v)] = {"c": c, "frame": ("fork", v, str(c))}
+                    pages[(0, v)] = {"c": c, "frame": ("fork", v, str(c))}
+            vm[3] = [(0, 64)]
+        snaps.append(pages)
+        vmas.append(vm)
+    return snaps, vmas
+
+
 def library_trace(path: str | os.PathLike, n: int = 8, pages: int = 24):
     """Three processes (two users) sharing library-like pages, zero pages, private pages, pages
     rewritten every two snapshots, and from snapshot 3 on a write to a shared page each snapshot
@@ -185,6 +239,10 @@ def scenario(name: str, path: str | os.PathLike):
         return make_trace(path, mixed_snapshots(), interval=0.5, procs=MIXED_PROCS, vmas=mixed_vmas())
     if name == "families":
         return make_trace(path, families_snapshots(), interval=0.05, procs=FAMILIES_PROCS, vmas=FAMILIES_VMAS)
+    if name == "strengths":
+        snaps, vmas = strengths_snapshots()
+        return make_trace(path, snaps, interval=0.1, procs={3: {"ppid": 1000}}, strengths=True,
+                          collisions=STRENGTHS_COLLISIONS, vmas=vmas)
     if name.startswith("random-"):
         seed = int(name.split("-", 1)[1])
         return make_trace(path, random_snapshots(seed), interval=0.03)

@@ -256,6 +256,20 @@ class EventStore:
         self._const.pop((blk, name), None)
         self._whole.pop(name, None)
 
+    def with_column(self, name: str, values: np.ndarray) -> "EventStore":
+        """A copy of the store, in memory, with column ``name`` replaced by ``values`` (one per
+        event) and the same blocks and side arrays: a prepared trace derived from this one (a
+        restricted preset's content ids) without touching this store or its file."""
+        out = EventStore(self.has("sample"), pfn=self.has("pfn"), capacity=self.n)
+        dt = dict(out.columns)[name]
+        for i in range(len(self.starts) - 1):
+            a, b = self.starts[i], self.starts[i + 1]
+            out.append({c: (np.asarray(values[a:b], dt) if c == name else self.column_range(c, a, b)) for c, _ in out.columns})
+        out.finish()
+        for k in self._side:
+            out.put(k, self.get(k))
+        return out
+
     # --- pickling: in memory, the arrays; spilled, the file's path and token ---------------------
     def __getstate__(self):
         state = {k: v for k, v in self.__dict__.items() if k not in ("_fd", "_arr", "_whole")}

@@ -23,12 +23,21 @@ What this computes, and the rules it applies (also in ``docs/replay-semantics.md
 * **baselines** per snapshot: candidate pages, frames with no dedup, the oracle's frames (distinct
   non-zero contents: perfect dedup with zero pages mapped to the zero page), and the hash-only
   duplicate count that naive studies quote.
+* **fingerprints** per event, when captured: the sampled hash at strength 64 (``ev_sample``) and at
+  every strength of ``schema.SAMPLE_STRENGTHS`` (``ev_strength``, format version 2).
+* **VMAs** per snapshot (``vmas``, when the trace has the table): every VMA of a known process, in
+  (process, start) order, in pages, with its ``V_*`` flags and its smaps VmFlags as a bit set
+  (:data:`VMFLAG_BITS`) -- what a policy that walks VMAs (``uksm``) needs.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import os
 import pickle
+import stat
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +50,12 @@ from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decor
 from numba import njit
 
 from ksmtrace._version import __version__
-from ksmtrace.errors import TraceError
+from ksmtrace.errors import OutputError, TraceError
+from ksmtrace.outputs import OutputDir, open_output_dir
 from ksmtrace.trace import schema as S
 from ksmtrace.jitutil import prefetch_at, prefetch_row
 from ksmtrace.trace.events import Events, EventStore, spill_bytes
+from ksmtrace.trace.reader import Trace
 
 SCOPES = ("recorded", "anon")
 
@@ -55,7 +66,34 @@ EV_WRITE = 4
 EV_THP = 5
 EVENT_NAMES = {EV_APPEAR: "appear", EV_GONE: "gone", EV_UNMERGE: "unmerge", EV_WRITE: "write", EV_THP: "thp"}
 
-_PREP_VERSION = 10
+_PREP_VERSION = "11-streaming-int32"  # (a string: other branches' versions differ and share the cache directory)
+
+#: smaps VmFlags mnemonics (fs/proc/task_mmu.c show_smap_vma_flags) -> bit of ``VmaTable.vmflags``
+VMFLAG_BITS = {name: i for i, name in enumerate(
+    "rd wr ex sh mr mw me ms gd pf dw lo io sr rr dc de ac nr ht sf nl ar wf dd sd mm hg nh mg bt mt um uw ss sl".split())}
+
+
+def vmflag_mask(names: str) -> int:
+    """The bit set of a space-separated list of VmFlags mnemonics (unknown ones are ignored)."""
+    m = 0
+    for n in names.split():
+        b = VMFLAG_BITS.get(n)
+        if b is not None:
+            m |= 1 << b
+    return m
+
+
+@dataclass
+class VmaTable:
+    """The VMAs of every snapshot: rows of snapshot ``s`` are ``[off[s], off[s+1])``, sorted by
+    (process, start); addresses in pages; ``proc`` is the dense process index of ``Prepared``."""
+
+    off: np.ndarray  # int64 [n_snaps + 1]
+    proc: np.ndarray  # int32
+    start: np.ndarray  # int64 (vpn)
+    end: np.ndarray  # int64 (vpn, exclusive)
+    flags: np.ndarray  # uint32 (schema V_* bits)
+    vmflags: np.ndarray  # int64 (VMFLAG_BITS bit set)
 
 
 @dataclass
@@ -69,6 +107,7 @@ class Prepared:
     page_proc: np.ndarray  # int32 [n_pages]
     n_procs: int
     proc_pid: np.ndarray  # int64 [n_procs]
+    proc_id: np.ndarray  # int64 [n_procs]: the trace's process id (``proc`` column of its tables)
     proc_comm: list[str]
     proc_domain: np.ndarray  # int32 [n_procs] security domain id (uid+cgroup)
     proc_first_snap: np.ndarray  # int32: first snapshot the process is seen in
@@ -89,6 +128,9 @@ class Prepared:
     zero_page_mapped: np.ndarray  # int64 [n_snaps] pages in scope mapping the shared zero page
     hash_dup_pages: np.ndarray  # int64 [n_snaps] present pages minus distinct hashes (naive count)
     extras: dict[str, Any] = field(default_factory=dict)
+    ev_strength: np.ndarray | None = None  # uint32 [n_events, len(SAMPLE_STRENGTHS)] when captured
+    vmas: VmaTable | None = None  # the vmas table, when the trace has one
+    trace_identity: str = ""  # Trace.identity of the files it was built from (the cache checks it)
 
     @property
     def n_snaps(self) -> int:
@@ -144,53 +186,101 @@ class Prepared:
         return np.where(g >= 0, g, own)
 
 
-# ---------------------------------------------------------------------------------------------
-def _cache_path(trace, scope: str) -> Path | None:
+# --- the prepared cache ---------------------------------------------------------------------
+def cache_dir() -> Path | None:
+    """Where prepared traces are cached: ``$KSMTRACE_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/ksmtrace/prepared``; when that cannot be used (not writable, not ours, or
+    writable by others), a private ``ksmtrace-<uid>/prepared`` in the temporary directory; None
+    (no cache) when neither can be used or ``KSMTRACE_NO_CACHE`` is set."""
+    d = _open_cache_dir()
+    if d is None:
+        return None
+    d.close()
+    return d.path
+
+
+def _open_cache_dir() -> OutputDir | None:
     if os.environ.get("KSMTRACE_NO_CACHE"):
         return None
     base = os.environ.get("KSMTRACE_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ksmtrace", "prepared"
     )
-    key = hashlib.sha256(f"{trace.fingerprint}:{scope}:{_PREP_VERSION}:{__version__}".encode()).hexdigest()[:24]
-    return Path(base) / f"{key}.pkl"
+    for path in (base, os.path.join(tempfile.gettempdir(), f"ksmtrace-{os.geteuid()}", "prepared")):
+        try:
+            return open_output_dir(path, mode=0o700, what="cache directory")
+        except (OutputError, OSError):
+            continue
+    return None
 
 
-def _spill_path(cache_path: Path | None) -> Path | None:
-    """Where a large prepared trace's events go: beside its cache file (the cached pickle refers
-    to them), or nowhere (an anonymous temporary file) without a usable cache."""
-    if cache_path is None:
-        return None
+def cache_key(trace, scope: str) -> str:
+    """Names one prepared trace: the identity of every file of the trace (device, inode, size,
+    mtime, ctime, Parquet rows: any change means a rebuild), the scope, and the version of the
+    code that prepares it (the package version, this module's format and every jitted source)."""
+    parts = f"{trace.fingerprint}:{trace.identity}:{scope}:{_PREP_VERSION}:{__version__}:{_jit.CODE_DIGEST}:{_trace_code_digest()}"
+    return hashlib.sha256(parts.encode()).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=1)
+def _trace_code_digest() -> str:
+    """Digest of the trace package's sources: a change to how any table is read or derived
+    (not only the jitted parts) makes a new key, so an edited checkout never reads a stale cache."""
+    h = hashlib.sha256()
+    for p in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(p.name.encode() + b"\0")
+        try:
+            h.update(p.read_bytes())
+        except OSError:
+            pass
+    return h.hexdigest()[:16]
+
+
+def _load_cached(d: OutputDir, name: str, trace) -> Prepared | None:
+    """A cached Prepared, if the file is ours and was built from exactly this trace."""
     try:
-        cache_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = d.open_existing(name, os.O_RDONLY)
     except OSError:
         return None
-    return cache_path.with_suffix(".events")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            return None  # a pickle another user could have written is never loaded
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            prep = pickle.load(fh)
+    except Exception:  # a damaged or foreign cache file is simply rebuilt
+        return None
+    finally:
+        os.close(fd)
+    if (isinstance(prep, Prepared) and prep.trace_identity == trace.identity and prep.trace_fingerprint == trace.fingerprint
+            and all(f.name in prep.__dict__ for f in dataclasses.fields(Prepared))):  # (not an older layout)
+        return prep
+    return None
 
 
 def prepare(trace, scope: str = "recorded", cache: bool = True) -> Prepared:
+    """The engine-ready view of ``trace`` under ``scope``, from the cache when it holds one built
+    from exactly these files by this code (``cache=False`` or ``KSMTRACE_NO_CACHE=1``: always
+    rebuilt, nothing stored)."""
     if scope not in SCOPES:
         raise TraceError(f"unknown scope {scope!r} (scopes: {', '.join(SCOPES)})")
-    path = _cache_path(trace, scope) if cache else None
-    if path is not None and path.exists():
-        try:
-            with open(path, "rb") as fh:
-                prep = pickle.load(fh)
-            if isinstance(prep, Prepared) and prep.trace_fingerprint == trace.fingerprint:
+    trace.require_unchanged()  # the key names the files as they were opened: they must still be those
+    d = _open_cache_dir() if cache else None
+    try:
+        name = f"{cache_key(trace, scope)}.pkl" if d is not None else ""
+        if d is not None:
+            prep = _load_cached(d, name, trace)
+            if prep is not None:
                 return prep
-        except Exception:  # a stale or foreign cache file is simply rebuilt
-            pass
-    prep = _prepare(trace, scope, spill_path=_spill_path(path))
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = path.with_suffix(".tmp%d" % os.getpid())
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                pickle.dump(prep, fh, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, path)
-        except OSError:
-            pass
-    return prep
+        prep = _prepare(trace, scope, spill_path=(d.path / f"{name[:-4]}.events") if d is not None else None)
+        if d is not None:
+            try:
+                d.write_atomic(name, lambda fh: pickle.dump(prep, fh, protocol=pickle.HIGHEST_PROTOCOL), mode=0o600, sync=False)
+            except OutputError:
+                pass  # a full or read-only cache only costs the next run a rebuild
+        return prep
+    finally:
+        if d is not None:
+            d.close()
 
 
 # --- the computation: two streaming passes over the page rows, snapshot by snapshot ---------------
@@ -656,16 +746,17 @@ def _page_keys(trace, recorded: bool):
             any_rows = False
             for df in trace.read_batches("pages", s, cols, CHUNK_ROWS):
                 op = df["op"].to_numpy()
+                proc, vpn = df["proc"].to_numpy(), df["vpn"].to_numpy()
+                _check_values(trace, s, op, vpn=vpn)
                 keep = op != S.OP_SAME
                 if regs is not None:
                     _hll_add(regs, op, df["flags"].to_numpy(), np.ascontiguousarray(df["hash"].to_numpy()).view(np.int64),
                              recorded)
-                proc, vpn = df["proc"].to_numpy(), df["vpn"].to_numpy()
                 pid = df["pid"].to_numpy() if "pid" in cols else np.zeros(len(proc), np.uint32)
+                vpn = vpn.astype(np.int64)
+                ordered = _sorted_rows(proc.astype(np.int64), vpn)  # (all rows: pass 2 reads them all)
                 if not keep.all():
                     proc, pid, vpn, op = proc[keep], pid[keep], vpn[keep], op[keep]
-                vpn = vpn.astype(np.int64)
-                ordered = _sorted_rows(proc.astype(np.int64), vpn)
                 if not ordered:
                     order = np.argsort(proc, kind="stable")
                     proc, pid, vpn, op = proc[order], pid[order], vpn[order], op[order]
@@ -1037,12 +1128,14 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
     n_snaps = trace.n_snapshots
     times = np.asarray(trace.times_ns, dtype=np.int64)
     has_sample = trace.has_sample_hash
+    strength_cols = [S.strength_column(x) for x in S.SAMPLE_STRENGTHS] if trace.has_sample_strengths else []
 
     # --- pass 1: pages and processes ------------------------------------------------------------
     recorded = scope == "recorded"
     vpns, seen, rows_per_snap, in_order, distinct = _page_keys(trace, recorded)
     procs = _process_table(trace, seen)
     n_procs = procs.height
+    # dense process indices (procs is sorted by proc): nothing is sized by an id's value
     proc_ids = procs["proc"].to_numpy().astype(np.int64)
     segs = [_sorted_unique(vpns[p]) if p in vpns else np.zeros(0, np.int64) for p in proc_ids.tolist()]
     vpns.clear()
@@ -1087,12 +1180,16 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
     off = np.zeros(n_snaps + 1, np.int64)
     hits: list[np.ndarray] = []
     pairs: list[tuple[int, int]] = []
+    strengths: list[np.ndarray] = [np.zeros((0, len(strength_cols)), np.uint32)]  # ev_strength, chunk by chunk
     cols = ["proc", "vpn", "op", "hash", "flags", "pfn"] + (["sample"] if has_sample else [])
+    cols += [c for c in strength_cols if c not in cols]
     n_hashed = np.zeros(1, np.int64)
+    check = _DeltaCheck(trace, n_pages, proc_ids)
 
     def chunks():
         """Every snapshot's rows in page order, in chunks of at most CHUNK_ROWS rows (a snapshot
-        whose file is not in (process, address) order: whole, sorted), with their page ids.  Runs
+        whose file is not in (process, address) order: whole, sorted), with their page ids,
+        checked (``_check_values``, ``_DeltaCheck``; SAME rows are checked, then dropped).  Runs
         in a worker thread, one chunk ahead of the caller."""
         def parts(s: int):
             """(rows, last): the snapshot's file in batches when it is in page order, else whole."""
@@ -1103,30 +1200,44 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
             df = next(it, None)
             while df is not None:
                 nxt = next(it, None)
-                op_all = df["op"].to_numpy()
-                keep = op_all != S.OP_SAME
-                yield (df if keep.all() else df.filter(pl.Series(keep))), nxt is None
+                yield df, nxt is None
                 df = nxt
 
         for s in range(n_snaps):
             done = False
             for part, last in parts(s):
                 done = last
-                n = part.height
-                dproc = np.searchsorted(proc_ids, part["proc"].to_numpy().astype(np.int64)).astype(np.int64)
+                proc = part["proc"].to_numpy().astype(np.int64)
+                dproc = np.minimum(np.searchsorted(proc_ids, proc), max(n_procs - 1, 0)).astype(np.int64)
                 vpn = part["vpn"].to_numpy().astype(np.int64)
+                op = part["op"].to_numpy()
+                pfn = part["pfn"].to_numpy()
+                _check_values(trace, s, op, vpn=vpn, pfn=pfn)
                 order = None if in_order[s] else np.lexsort((vpn, dproc))
                 get = (lambda x: x) if order is None else (lambda x, o=order: x[o])
-                dproc, vpn, op = get(dproc), get(vpn), get(part["op"].to_numpy())
-                pg = np.empty(n, np.int64)
+                proc, dproc, vpn, op = get(proc), get(dproc), get(vpn), get(op)
+                unknown = np.flatnonzero(proc_ids[dproc] != proc) if n_procs else np.arange(len(proc))
+                if len(unknown):  # a process with no NEW, CHANGED or GONE row anywhere
+                    i = int(unknown[0])
+                    raise TraceError(f"{_pages_file(trace, s)}: page (proc {int(proc[i])}, vpn {int(vpn[i]):#x}) "
+                                     f"is {_OP_NAMES[int(op[i])]} at snapshot {s} but was not mapped before (its NEW row is missing)")
+                del proc
+                pg = np.empty(len(vpn), np.int64)
                 bad = _page_ids(dproc, vpn, proc_pg_lo, proc_pg_hi, page_vpn, pg)
                 if bad >= 0:
-                    raise TraceError(f"{trace.path / S.snapshot_file('pages', s)}: page (proc {int(proc_ids[dproc[bad]])}, "
-                                     f"vpn {int(vpn[bad]):#x}) has a row but was never NEW (a row was dropped)")
+                    raise TraceError(f"{_pages_file(trace, s)}: page (proc {int(proc_ids[dproc[bad]])}, vpn {int(vpn[bad]):#x}) "
+                                     f"is {_OP_NAMES[int(op[bad])]} at snapshot {s} but was not mapped before (its NEW row is missing)")
+                check.rows(s, pg, op, dproc, vpn)
+                keep = op != S.OP_SAME  # unchanged pages listed by keyframes: no event
+                if not keep.all():
+                    sel = np.flatnonzero(keep)
+                    get = (lambda x, o=sel: x[o]) if order is None else (lambda x, o=order[sel]: x[o])
+                    pg, dproc, op = pg[sel], dproc[sel], op[sel]
                 del vpn
+                n = len(pg)
                 flags = get(part["flags"].to_numpy()).astype(np.int64)
                 hkey = np.ascontiguousarray(get(part["hash"].to_numpy())).view(np.int64)
-                pfn = get(part["pfn"].to_numpy()).astype(np.int64)
+                pfn = get(pfn).astype(np.int64)
                 if s in gaps:  # rows the capture dropped: their previous rows (see _capture_gaps)
                     gpg, gf, gh, gp = gaps[s]
                     j = np.minimum(np.searchsorted(gpg, pg), len(gpg) - 1)
@@ -1134,12 +1245,17 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
                     if len(hit):
                         op, flags, hkey, pfn = op.copy(), flags.copy(), hkey.copy(), pfn.copy()
                         op[hit], flags[hit], hkey[hit], pfn[hit] = S.OP_CHANGED, gf[j[hit]], gh[j[hit]], gp[j[hit]]
-                yield SimpleNamespace(s=s, last=last, n=n, pg=pg, dproc=dproc, op=op, flags=flags,
-                                      hkey=hkey, pfn=pfn, sample=get(part["sample"].to_numpy()) if has_sample else None)
+                strength = (np.stack([get(part[c].to_numpy()).astype(np.uint32) for c in strength_cols], axis=1)
+                            if strength_cols else None)
+                if last:
+                    check.end(s)
+                yield SimpleNamespace(s=s, last=last, n=n, pg=pg, dproc=dproc, op=op, flags=flags, hkey=hkey, pfn=pfn,
+                                      sample=get(part["sample"].to_numpy()) if has_sample else None, strength=strength)
             if not done:  # no rows at all
+                check.end(s)
                 e = np.zeros(0, np.int64)
                 yield SimpleNamespace(s=s, last=True, n=0, pg=e, dproc=e, op=e.astype(np.uint8), flags=e, hkey=e,
-                                      pfn=e, sample=None)
+                                      pfn=e, sample=None, strength=None)
 
     forks: list[tuple[int, int, int, int]] = []
     for r in _ahead(chunks()):
@@ -1165,6 +1281,8 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
             forks += [(ev0 + e, int(buf["pg"][e]), int(buf["cid"][e]), int(r.pfn[o_row[e]])) for e in o_forks[:nf].tolist()]
             if has_sample:
                 buf["sample"][:m] = r.sample[o_row[:m]]
+            if strength_cols:
+                strengths.append(r.strength[o_row[:m]])
             store.commit(buf, m)
         if not r.last:
             continue
@@ -1199,11 +1317,13 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
     prep = Prepared(
         scope=scope,
         trace_fingerprint=trace.fingerprint,
+        trace_identity=trace.identity,
         times_ns=times,
         n_pages=n_pages,
         page_proc=page_proc,
         n_procs=n_procs,
         proc_pid=procs["pid"].to_numpy().astype(np.int64),
+        proc_id=proc_ids,
         proc_comm=procs["comm"].to_list(),
         proc_domain=procs["domain"].to_numpy().astype(np.int32),
         proc_first_snap=procs["first_snap"].fill_null(0).to_numpy().astype(np.int32),
@@ -1223,9 +1343,147 @@ def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> 
         zero_filled=zero_filled,
         zero_page_mapped=zpm,
         hash_dup_pages=base_pages + zpm - naive_distinct,
+        ev_strength=np.concatenate(strengths) if strength_cols else None,
+        vmas=_vma_table(trace, proc_ids, n_snaps),
     )
     _registration(prep, procs, first_cand, n_snaps, scope)
     return prep
+
+
+def _vma_table(trace, proc_ids: np.ndarray, n_snaps: int) -> VmaTable | None:
+    """The vmas table as arrays (None if the trace has none); VMAs of unknown processes dropped.
+    ``proc_ids`` are the trace's process ids, sorted (the dense index is the position)."""
+    if not trace.has_table("vmas"):
+        return None
+    v = trace.read_table("vmas", columns=["snap", "proc", "start", "end", "flags", "vmflags"])
+    if v.height == 0:
+        return None
+    tp = v["proc"].to_numpy().astype(np.int64)
+    pos = np.searchsorted(proc_ids, tp)
+    known = pos < len(proc_ids)
+    known[known] = proc_ids[pos[known]] == tp[known]
+    dense = np.where(known, pos, -1).astype(np.int64)
+    v = v.with_columns(pl.Series("dproc", dense)).filter(pl.col("dproc") >= 0).sort("snap", "dproc", "start")
+    masks = {m: vmflag_mask(m) for m in v["vmflags"].unique().to_list()}
+    return VmaTable(
+        off=np.searchsorted(v["snap"].to_numpy().astype(np.int64), np.arange(n_snaps + 1)).astype(np.int64),
+        proc=v["dproc"].to_numpy().astype(np.int32),
+        start=(v["start"].to_numpy().astype(np.int64) >> 12),
+        end=((v["end"].to_numpy().astype(np.int64) + S.PAGE_SIZE - 1) >> 12),
+        flags=v["flags"].to_numpy().astype(np.uint32),
+        vmflags=np.array([masks[m] for m in v["vmflags"].to_list()], dtype=np.int64),
+    )
+
+
+# --- checks of the page rows ------------------------------------------------------------------
+MAX_PAGE_NUMBER = 1 << 52  # a 64-bit address >> 12: virtual and physical page numbers are below
+
+
+def _pages_file(trace, s: int) -> str:
+    return str(trace.path / S.snapshot_file("pages", int(s)))
+
+
+def _check_values(trace, s: int, op: np.ndarray, vpn: np.ndarray | None = None, pfn: np.ndarray | None = None) -> None:
+    """Values the format allows, in rows of snapshot ``s``: an op of 0..3, page numbers below 2^52."""
+    if not len(op):
+        return
+    bad = op > S.OP_SAME
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise TraceError(f"{_pages_file(trace, s)}: op {int(op[i])} is not a page row operation (0 NEW, 1 CHANGED, 2 GONE, 3 SAME)")
+    for name, col in (("vpn", vpn), ("pfn", pfn)):
+        if col is not None and int(col.max()) >= MAX_PAGE_NUMBER:
+            raise TraceError(f"{_pages_file(trace, s)}: {name} {int(col.max()):#x} is not a page number "
+                             "(a 64-bit address >> 12 is below 2^52)")
+
+
+_DELTA_RULES = {
+    1: "appears twice in snapshot {s}",
+    2: "is NEW at snapshot {s} but was already mapped (a row of an earlier snapshot was dropped or duplicated)",
+    3: "is {op} at snapshot {s} but was not mapped before (its NEW row is missing)",
+    4: "is SAME at snapshot {s}, which is not a keyframe",
+}
+_OP_NAMES = {S.OP_NEW: "NEW", S.OP_CHANGED: "CHANGED", S.OP_GONE: "GONE", S.OP_SAME: "SAME"}
+
+
+class _DeltaCheck:
+    """The page rows must be a valid delta encoding, and agree with the statistics the snapshot
+    log recorded -- checked chunk by chunk as pass 2 reads them, in one int32 a page.
+
+    Each page (proc, vpn) has at most one row per snapshot; NEW only when it is not mapped,
+    CHANGED/GONE (and SAME) only when it is; SAME only in keyframes; a keyframe lists every page
+    mapped before it.  The log's ``new``, ``changed``, ``gone`` and ``pages`` (mapped pages), when
+    present, must equal what the rows say: a dropped, duplicated or emptied delta file shows here
+    (for a trace read from disk: a view of one, e.g. without some processes, has other rows).
+    """
+
+    def __init__(self, trace, n_pages: int, proc_ids: np.ndarray) -> None:
+        self.trace, self.proc_ids = trace, proc_ids
+        self.keyframe = np.array([bool(e.get("keyframe")) for e in trace.snapshots], dtype=np.bool_)
+        self.state = np.zeros(n_pages, np.int32)  # (last snapshot with a row + 1) << 1 | mapped
+        self.st = np.zeros(_D_N, np.int64)
+        self.counts = np.zeros(4, np.int64)
+        self.from_disk = isinstance(trace, Trace)
+
+    def rows(self, s: int, pg, op, dproc, vpn) -> None:
+        """Rows of snapshot ``s`` (any order within it)."""
+        code, i = _delta_rows(s, pg, op.astype(np.int64), bool(self.keyframe[s]), self.state, self.st, self.counts)
+        if code:
+            what = _DELTA_RULES[code].format(s=s, op=_OP_NAMES.get(int(op[i]), op[i]))
+            raise TraceError(f"{_pages_file(self.trace, s)}: page (proc {int(self.proc_ids[dproc[i]])}, vpn {int(vpn[i]):#x}) {what}")
+
+    def end(self, s: int) -> None:
+        """After the last row of snapshot ``s``."""
+        st, counts = self.st, self.counts
+        if self.keyframe[s] and st[D_LISTED] != st[D_BEFORE]:
+            raise TraceError(f"{_pages_file(self.trace, s)}: keyframe snapshot {s} does not list every page mapped before it "
+                             "(rows were dropped)")
+        if self.from_disk:  # (a view of a trace, e.g. without some processes: the log describes other rows)
+            e = self.trace.snapshots[s]
+            for key, k in (("new", S.OP_NEW), ("changed", S.OP_CHANGED), ("gone", S.OP_GONE)):
+                want = e.get(key)
+                if want is not None and want != counts[k]:
+                    raise TraceError(f"{_pages_file(self.trace, s)}: {int(counts[k]):,} {key.upper()} rows, "
+                                     f"but the snapshot log recorded {want:,}")
+            want = e.get("pages")
+            if want is not None and want != st[D_LIVE]:
+                raise TraceError(f"{_pages_file(self.trace, s)}: the rows leave {int(st[D_LIVE]):,} pages mapped, "
+                                 f"but the snapshot log recorded {want:,}")
+        st[D_BEFORE] = st[D_LIVE]
+        st[D_LISTED] = 0
+        counts[:] = 0
+
+
+D_LIVE, D_BEFORE, D_LISTED, _D_N = range(4)
+
+
+@njit(cache=True, nogil=True)
+def _delta_rows(s, pg, op, keyframe, state, st, counts):
+    """Rows of snapshot ``s`` against each page's state.  Returns (rule broken or 0, row index)."""
+    for i in range(len(pg)):
+        p = pg[i]
+        o = op[i]
+        x = state[p]
+        if (x >> 1) == s + 1:
+            return 1, i
+        live = (x & 1) != 0
+        counts[o] += 1
+        if o == 0:
+            if live:
+                return 2, i
+            live = True
+            st[D_LIVE] += 1
+        else:
+            if not live:
+                return 3, i
+            st[D_LISTED] += 1
+            if o == 2:
+                live = False
+                st[D_LIVE] -= 1
+            elif o == 3 and not keyframe:
+                return 4, i
+        state[p] = ((s + 1) << 1) | (1 if live else 0)
+    return 0, -1
 
 
 def _process_table(trace, seen: dict[int, tuple[int, int]]) -> pl.DataFrame:

@@ -13,7 +13,7 @@ TIMEOUT_PER_CELL = 300
 MAX_SECONDS = 240  # "a couple of minutes at most"
 PUBLIC = {"ksmtrace", "ksmtrace.plot", "ksmtrace.samples", "ksmtrace.sweep", "ksmtrace.replay", "ksmtrace.results",
           "ksmtrace.analysis.breakdown", "ksmtrace.analysis.frontier", "ksmtrace.fidelity", "ksmtrace.fidelity.plot",
-          "ksmtrace.trace.reader", "ksmtrace.policies.pksm.delay"}
+          "ksmtrace.trace.reader", "ksmtrace.policies.pksm.delay", "ksmtrace.testing.collisions"}
 UNDEFINED = re.compile(r"\b(None|nan|NaN|null)\b")
 
 

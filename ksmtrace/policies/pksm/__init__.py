@@ -33,6 +33,11 @@ What it models (read beside ``mm/pksm.c``; function names below are PKSM's; see 
 * **The sampled hash**: taken from the trace (``ev_sample``) when the capture recorded it, so
   sampled-hash collisions between different contents happen as on the real system; otherwise a
   collision-free model (the content id).  ``extras["sampled_hash"]`` says which.
+  ``hash_strength`` (a what-if: PKSM fixes it at 64 words, ``RSAD_STRENGTH_FULL >> 4``) hashes
+  that many words instead: the trees are keyed by the trace's hash at that strength (format
+  version 2 records 8 ... 1024 words; a trace with only ``sample`` models every strength with the
+  64-word collisions, :mod:`ksmtrace.policies.hashkeys`), and each hash costs ``hash_strength``
+  ``sampled_words`` (at 64: one ``sampled_hashes``, as before).
 * **Counters** as ``/sys/kernel/mm/pksm`` exports them: ``pages_shared`` (stable items with an
   anon node), ``pages_sharing`` (= PTEs replaced by a KSM page, minus COWs as
   ``pksm_unmap_sharing_page`` counts them, minus what a freed KSM page still held, plus
@@ -82,6 +87,7 @@ from dataclasses import dataclass
 from ksmtrace.policies.base import Params, Policy, param
 from ksmtrace.policies.pksm.runtime import PksmRuntime
 from ksmtrace.policies.sameaddr import same_address_first_param, same_address_key_param
+from ksmtrace.trace.schema import SAMPLE_STRENGTHS
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,7 @@ class PksmParams(Params):
                                       "at the first that does not map it (pksm_rmap_walk); False = only the page's mappings")
     same_address_first: bool = same_address_first_param()
     same_address_key: str = same_address_key_param()
+    hash_strength: int = param(64, "words of the sampled hash (what-if; PKSM: 64)", "words", choices=SAMPLE_STRENGTHS)
 
 
 class PKSM(Policy):
@@ -121,6 +128,7 @@ class PKSM(Policy):
         "anon_vma_walk": (False, "mixed", {}),
         "same_address_first": (True, "families", {}),
         "same_address_key": ("any", "families", {"same_address_first": True}),
+        "hash_strength": (8, "strengths", {"collision_counts_as_merge": False}),
     }
 
     Runtime = PksmRuntime

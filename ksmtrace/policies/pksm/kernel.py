@@ -37,6 +37,7 @@ from ksmtrace.engine.daemon import (D_ERR, D_NOW, DU, KernelRuntime, new_block, 
 from ksmtrace.jitutil import bitlen as _bitlen
 from ksmtrace.jitutil import prefetch_row
 from ksmtrace.engine.state import P_CID, P_FRAME, P_PROC
+from ksmtrace.policies import hashkeys
 from ksmtrace.policies.pksm import PksmParams
 from ksmtrace.policies.pksm.runtime import (DROP, SUCCESS, TRY, AnonVmaWalk, Probation, event_keys, pksm_counters,
                                             pksm_extras)
@@ -46,7 +47,6 @@ from ksmtrace.trace.addrspace import _row_at, tree_rows
 U_WAKEUPS = UNIT_INDEX["wakeups"]
 U_VISITED = UNIT_INDEX["pages_visited"]
 U_FREE = UNIT_INDEX["rmap_frees"]
-U_SAMPLED = UNIT_INDEX["sampled_hashes"]
 U_HCMP = UNIT_INDEX["hash_compares"]
 U_MEMCMP = UNIT_INDEX["memcmp_pages"]
 U_ZCHECK = UNIT_INDEX["zero_checks"]
@@ -66,7 +66,8 @@ N_SCALARS = 28
 # then the parameters (at OP): PksmParams' fields by name, then values derived from them; then the
 # local list (at sc[S_OLOC], 2 * pages_to_scan + 8 slots) and each process's first and end page
 # (at sc[S_OPROC], n_procs + n_procs)
-P = param_slots(PksmParams, derived=("delay", "probation_passes", "probation_ns", "restart", "hz", "zero_key", "walk_on"))
+P = param_slots(PksmParams, derived=("delay", "probation_passes", "probation_ns", "restart", "hz", "zero_key", "walk_on",
+                                     "hash_unit", "hash_n"))
 OP = scalar_slots(N_SCALARS).stop
 
 W_NONE, W_NEW, W_RESCAN, W_LOCAL = 0, 1, 2, 3
@@ -135,9 +136,11 @@ def new_state(prep, params, ctx, probation, n_keys: int, zero_key: int, walk: An
     n, f, np_ = prep.n_pages, st.n_frame_slots(prep), prep.n_procs
     cap = max(64, n // 4)
     rule = probation or Probation(0, 0, False)
+    hash_unit, hash_n = hashkeys.hash_cost(params.hash_strength)
     pa = params_array(params, P, {"delay": probation is not None, "probation_passes": rule.passes,
                                   "probation_ns": rule.ns, "restart": rule.restart, "hz": ctx.hz,
-                                  "zero_key": zero_key, "walk_on": walk.on})
+                                  "zero_key": zero_key, "walk_on": walk.on, "hash_unit": UNIT_INDEX[hash_unit],
+                                  "hash_n": hash_n})
     vr, vi, vb = _anon_vma(walk, prep)
     n_loc = 2 * int(params.pages_to_scan) + 8
     sc = new_block(N_SCALARS, len(P), ctx, extra=n_loc + 2 * np_)
@@ -732,7 +735,7 @@ def _probation_over(IT, PG, FR, sc, it):
         return True
     IT[it, I_IT_WAKE] = sc[S_WAKE]
     sc[DU + U_VISITED] += 1
-    sc[DU + U_SAMPLED] += 1
+    sc[DU + sc[OP + P.hash_unit]] += sc[OP + P.hash_n]
     h = _key(IT, PG, FR, it)
     if IT[it, I_IT_SEEN] >= 0 and h != IT[it, I_IT_SEEN]:
         if IT[it, I_IT_CHANGED] == 0:
@@ -829,7 +832,7 @@ def ksm_do_scan(E, S, n):
             _rm_tree(IT, KY, sc, it, False)
             if init:
                 IT[it, I_IT_SUM] = PG[FR[f, R_FR_HEAD], G_PG_KEY]
-                sc[DU + U_SAMPLED] += 1
+                sc[DU + sc[OP + P.hash_unit]] += sc[OP + P.hash_n]
             key = IT[it, I_IT_SUM]
             r = -1
             if key == zero_key:  # the zero page first
@@ -897,7 +900,7 @@ def update_unstable_page_checksum(S):
         nxt = IT[it, I_CK_NEXT]
         if IT[it, I_IT_FRAME] >= 0 and IT[it, I_IT_TREE] == T_UNSTABLE:
             sc[DU + U_VISITED] += 1
-            sc[DU + U_SAMPLED] += 1
+            sc[DU + sc[OP + P.hash_unit]] += sc[OP + P.hash_n]
             c = _key(IT, PG, FR, it)
             if c != IT[it, I_IT_SUM]:
                 _rm_tree(IT, KY, sc, it, False)
@@ -935,7 +938,7 @@ class PksmKernel(KernelRuntime):
     def __init__(self, params, ctx, probation: Probation | None = None) -> None:
         super().__init__(params, ctx)
         self.delay = probation is not None
-        self.ev_key, n_keys, zero_key, self.hash_desc = event_keys(ctx.prep)
+        self.ev_key, n_keys, zero_key, self.hash_desc = event_keys(ctx.prep, strength=params.hash_strength)
         self.same = SameAddress(ctx, params.same_address_first, params.same_address_key)
         self.S = new_state(ctx.prep, params, ctx, probation, n_keys, zero_key, AnonVmaWalk(ctx, params.anon_vma_walk),
                            self.same)

@@ -13,11 +13,13 @@ import numpy as np
 
 from ksmtrace.engine.api import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE
 from ksmtrace.engine.daemon import Daemon
+from ksmtrace.policies import hashkeys
 from ksmtrace.policies.sameaddr import SameAddress
 from ksmtrace.trace import schema as S
 from ksmtrace.trace.addrspace import address_spaces
+from ksmtrace.trace.sampled import zero_sample
+from ksmtrace.trace.schema import SAMPLE_WORDS
 
-ZERO_CHECKSUM = 0x7AEC7314  # pksm_calc_zero_page_checksum(64), docs/kernel-notes.md 5a
 
 # result codes of cmp_and_merge_page
 SUCCESS, DROP, TRY = 0, 1, 2
@@ -40,21 +42,23 @@ class Probation(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------
 # shared set-up (runtime and kernel): the tree key of every arrival event
-def event_keys(prep, mode: str = "auto") -> tuple[np.ndarray, int, int, str]:
+def event_keys(prep, mode: str = "auto", strength: int = SAMPLE_WORDS) -> tuple[np.ndarray, int, int, str]:
     """Per-event tree key (dense int), number of keys, the zero page's key, and a description.
 
-    With a recorded sampled hash the keys are the dense ranks of the sampled hashes (equal sampled
-    hash = equal key, whatever the content); otherwise the content id (collision-free).
+    With a recorded sampled hash (at ``strength``, or the recorded strength that models it:
+    :mod:`ksmtrace.policies.hashkeys`) the keys are the dense ranks of the sampled hashes (equal
+    sampled hash = equal key, whatever the content); otherwise the content id (collision-free).
     """
-    if mode == "auto" and prep.ev_sample is not None:
-        samp = prep.ev_sample.astype(np.int64)
+    samp = hashkeys.event_samples(prep, strength) if mode == "auto" else None
+    if samp is not None:
+        samp = samp.astype(np.int64)
         arrival = (prep.ev_kind == EV_APPEAR) | (prep.ev_kind == EV_WRITE)
         zsel = arrival & (prep.ev_cid == 0)
-        zero_sample = int(samp[zsel][0]) if zsel.any() else ZERO_CHECKSUM
-        vals = np.unique(np.append(samp[arrival], zero_sample))
+        zs = int(samp[zsel][0]) if zsel.any() else zero_sample(hashkeys.source_strength(prep, strength))
+        vals = np.unique(np.append(samp[arrival], zs))
         keys = np.where(arrival, np.searchsorted(vals, samp), -1).astype(np.int64)
-        zero_key = int(np.searchsorted(vals, zero_sample))
-        return keys, len(vals), zero_key, "from trace"
+        zero_key = int(np.searchsorted(vals, zs))
+        return keys, len(vals), zero_key, hashkeys.describe(prep, strength)
     keys = prep.ev_cid.astype(np.int64)
     return keys, max(int(prep.n_cids), 1), 0, "modelled collision-free"
 
@@ -120,7 +124,8 @@ class PksmRuntime(Daemon):
         self.prep = ctx.prep
         self.eng = ctx.engine
         self.delay = probation is not None  # the pksm-delay variant
-        self.ev_key, self.n_keys, self.zero_key, self.hash_desc = event_keys(ctx.prep)
+        self.ev_key, self.n_keys, self.zero_key, self.hash_desc = event_keys(ctx.prep, strength=params.hash_strength)
+        self.hash_cost = hashkeys.hash_cost(params.hash_strength)  # one sampled hash: (unit, count)
         # the policy's view of page -> frame (the rmap) and frame -> its pages, its item
         self.pg_frame: dict[int, int] = {}
         self.pg_key: dict[int, int] = {}
@@ -355,7 +360,7 @@ class PksmRuntime(Daemon):
             return True
         it.wake = self.wake_no
         self.charge("pages_visited")
-        self.charge("sampled_hashes")
+        self.charge(*self.hash_cost)
         h = self._key(it)
         if it.seen >= 0 and h != it.seen:
             if not it.changed:
@@ -504,7 +509,7 @@ class PksmRuntime(Daemon):
         self.remove_rmap_item_from_tree(it)
         if init:
             it.checksum = self._key(it)
-            self.charge("sampled_hashes")
+            self.charge(*self.hash_cost)
         key = it.checksum
         # the zero page first (a failed walk goes on to the trees: cmp_and_merge_zero_page -EFAULT)
         if key == self.zero_key:
@@ -625,7 +630,7 @@ class PksmRuntime(Daemon):
                 break
             if it.frame >= 0 and it.tree == "unstable":
                 self.charge("pages_visited")
-                self.charge("sampled_hashes")
+                self.charge(*self.hash_cost)
                 c = self._key(it)
                 if c != it.checksum:
                     self.remove_rmap_item_from_tree(it)
