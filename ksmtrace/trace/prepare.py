@@ -289,8 +289,11 @@ def prepare(trace, scope: str = "recorded", cache: bool = True) -> Prepared:
 # hash and a count), one snapshot's rows, and the events (in memory, or spilled to a file):
 #
 # 1. ``_page_keys``: every (process, virtual page) that has a NEW row -> page ids in (process,
-#    address) order; the first pid and snapshot of every process in the page rows.
-# 2. ``_derive_events``: each snapshot's rows in page order, against each page's previous row
+#    address) order; the first pid and snapshot of every process in the page rows.  Every batch's
+#    values are checked first (``_check_values``).
+# 2. ``_DeltaCheck``, then ``_derive_events``: each snapshot's rows (SAME rows included) are
+#    checked against the delta encoding and the snapshot log as they are read (one int32 a page),
+#    before any event is derived from them; then, in page order, against each page's previous row
 #    (kept per page): candidates, content ids (a hash table of the page hashes), huge-page ids,
 #    events, the per-snapshot counts.  An arrival's frame key (PFN and content) goes through a
 #    Bloom filter; a key it may have seen before is a candidate for sharing.
