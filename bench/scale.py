@@ -15,8 +15,9 @@ own, whose peak resident set is read from the kernel when it exits (``os.wait4``
 
 ``bytes/page`` is the peak over the host's pages; ``beyond base`` subtracts the peak of a child
 that imports everything and replays a 2,000-page trace (the interpreter, numpy, polars, numba and
-its compiled code: what no host size changes).  The numba cache is warmed first, so no step
-compiles.  Goal (issue 13): a 16 M-page (64 GiB) host x 100 snapshots replays ``ksm`` on this
+its compiled code: what no host size changes).  ``seconds`` is the step's wall time, ``CPU s``
+its CPU time over every thread (on a shared, busy machine the wall time grows, the CPU time much
+less).  The numba cache is warmed first, so no step compiles.  Goal (issue 13): a 16 M-page (64 GiB) host x 100 snapshots replays ``ksm`` on this
 24 GiB machine, at <= 200 bytes of RAM per page.
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ def child(step: str, trace: str) -> None:
     from ksmtrace.trace.reader import open_trace
 
     tr = open_trace(trace)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     out: dict = {}
     if step == "prepare":
         p = tr.prepare("recorded")
@@ -52,6 +53,7 @@ def child(step: str, trace: str) -> None:
         r = replay(tr, step)
         out.update(simulated_s=r.summary["duration_s"], merges=r.summary["merges"])
     out["seconds"] = time.perf_counter() - t
+    out["cpu"] = time.process_time() - c  # every thread's: what a busy shared machine does not inflate
     print(json.dumps(out))
 
 
@@ -96,7 +98,8 @@ def main() -> int:
         print(f"# ksmtrace scale benchmark ({os.cpu_count()} CPUs, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB), "
               f"work dir {work}")
         print(f"# base: a child that imports everything and replays a 2,000-page trace peaks at {base:.0f} MiB")
-        print(f"{'pages':>11} {'snaps':>5} {'page rows':>12} {'step':<9} {'seconds':>8} {'peak RSS':>10} "
+        print(f"# load average {os.getloadavg()[0]:.1f} at the start")
+        print(f"{'pages':>11} {'snaps':>5} {'page rows':>12} {'step':<9} {'seconds':>8} {'CPU s':>7} {'peak RSS':>10} "
               f"{'bytes/page':>10} {'beyond base':>11}")
         for size in [float(x) for x in a.sizes.split(",")]:
             pages = int(size * 1_000_000)
@@ -119,8 +122,9 @@ def main() -> int:
                 if step == "prepare":
                     extra = f"  ({r['events']:,} events{', spilled to a file' if r['spilled'] else ''}, {r['contents']:,} contents)"
                 elif "simulated_s" in r:
-                    extra = f"  ({r['simulated_s']:.0f} s simulated: {r['simulated_s'] / r['seconds']:.0f}x real time)"
-                print(f"{'':>11} {'':>5} {'':>12} {step:<9} {r['seconds']:>8.1f} {r['rss_mib']:>6.0f} MiB "
+                    extra = (f"  ({r['simulated_s']:.0f} s simulated: {r['simulated_s'] / r['seconds']:.0f}x real time, "
+                             f"{r['simulated_s'] / r['cpu']:.0f}x per CPU second)")
+                print(f"{'':>11} {'':>5} {'':>12} {step:<9} {r['seconds']:>8.1f} {r['cpu']:>7.1f} {r['rss_mib']:>6.0f} MiB "
                       f"{per:>10.0f} {beyond:>11.0f}{extra}", flush=True)
     finally:
         if not a.keep:

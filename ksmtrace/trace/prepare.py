@@ -737,9 +737,9 @@ def _page_keys(trace, recorded: bool):
     total = sum(int(e.get("files", {}).get("pages", {}).get("rows", 0)) for e in trace.snapshots)
     regs = np.zeros(1 << HLL_BITS, np.uint8) if total > HLL_ROWS else None
 
-    # (the pid of a process's first row is needed only when the trace has no processes table)
-    has_procs = any(e.get("files", {}).get("processes", {}).get("rows", 0) for e in trace.snapshots)
-    cols = ["proc", "vpn", "op"] if has_procs else ["proc", "pid", "vpn", "op"]
+    # (snap and pid are read for the reader's checks -- no nulls, the file's own snapshot -- as
+    # every column of the pages table is read by one of the two passes)
+    cols = ["snap", "proc", "pid", "vpn", "op"]
     if regs is not None:
         cols += ["flags", "hash"]
 
@@ -755,7 +755,7 @@ def _page_keys(trace, recorded: bool):
                 if regs is not None:
                     _hll_add(regs, op, df["flags"].to_numpy(), np.ascontiguousarray(df["hash"].to_numpy()).view(np.int64),
                              recorded)
-                pid = df["pid"].to_numpy() if "pid" in cols else np.zeros(len(proc), np.uint32)
+                pid = df["pid"].to_numpy()
                 vpn = vpn.astype(np.int64)
                 ordered = _sorted_rows(proc.astype(np.int64), vpn)  # (all rows: pass 2 reads them all)
                 if not keep.all():
