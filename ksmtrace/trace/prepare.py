@@ -55,7 +55,6 @@ from ksmtrace.outputs import OutputDir, open_output_dir
 from ksmtrace.trace import schema as S
 from ksmtrace.jitutil import prefetch_at, prefetch_row
 from ksmtrace.trace.events import Events, EventStore, spill_bytes
-from ksmtrace.trace.reader import Trace
 
 SCOPES = ("recorded", "anon")
 
@@ -1426,7 +1425,7 @@ class _DeltaCheck:
         self.state = np.zeros(n_pages, np.int32)  # (last snapshot with a row + 1) << 1 | mapped
         self.st = np.zeros(_D_N, np.int64)
         self.counts = np.zeros(4, np.int64)
-        self.from_disk = isinstance(trace, Trace)
+        self.from_disk = getattr(trace, "log_describes_rows", False)
 
     def rows(self, s: int, pg, op, dproc, vpn) -> None:
         """Rows of snapshot ``s`` (any order within it)."""
