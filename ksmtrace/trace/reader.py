@@ -145,6 +145,8 @@ class Trace:
         return h.hexdigest()[:16]
 
     def has_table(self, name: str) -> bool:
+        if schema.TABLE_SINCE.get(name, 1) > self.manifest["format_version"]:
+            return False  # not a table of this trace's version: read as empty
         return any(name in e.get("files", {}) for e in self.snapshots)
 
     @property
@@ -156,6 +158,8 @@ class Trace:
 
     # -------------------------------------------------------------------------------------
     def _file(self, table: str, snap: int) -> Path | None:
+        if schema.TABLE_SINCE.get(table, 1) > self.manifest["format_version"]:
+            return None  # a table newer than the trace's version is not part of it
         info = self.snapshots[snap].get("files", {}).get(table)
         if info is None:
             return None
