@@ -30,12 +30,14 @@ so a second run reuses the result files.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ksmtrace.outputs import open_output_dir
 from ksmtrace.progress import ProgressFn, make
 from ksmtrace.results import FRAMES_SAVED_DEFINITION
 from ksmtrace.samples import DEFAULT_SAMPLE, resolve_trace
@@ -168,7 +170,7 @@ def run_demo(trace: str | Path = DEFAULT_SAMPLE, out_dir: str | Path = DEFAULT_O
     path = resolve_trace(trace)
     tr = open_trace(path)
     out = Path(out_dir)
-    (out / "results").mkdir(parents=True, exist_ok=True)
+    open_output_dir(out).close()  # created, and the user's own, before any replay (ksmtrace.outputs)
     scope, scope_why = resolve_scope(tr, None)
     budget = float(budget_pct) if budget_pct is not None else BUDGETS_PCT[len(BUDGETS_PCT) // 2]
     if not budget > 0 or not math.isfinite(budget):
@@ -253,7 +255,8 @@ def run_demo(trace: str | Path = DEFAULT_SAMPLE, out_dir: str | Path = DEFAULT_O
     res_obj.seconds = time.monotonic() - t_start
     from ksmtrace.textfmt import dumps
 
-    (out / "summary.json").write_text(dumps(res_obj.to_json()) + "\n")
+    with open_output_dir(out) as d:
+        d.write_bytes("summary.json", (dumps(res_obj.to_json()) + "\n").encode())
     res_obj.files["summary"] = str(out / "summary.json")
     prog(steps, steps, "done")
     return res_obj
@@ -267,16 +270,15 @@ def _write_tables(res: DemoResult, out: Path) -> dict[str, str]:
     for name, rows, extra in (("comparison", res.rows, []),
                               ("delay-sweep", res.sweep_rows, ["probation_passes", "cow_breaks_avoided",
                                                                "cpu_seconds_avoided", "frames_saved_lost"])):
-        p = out / f"{name}.csv"
-        with open(p, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=cols + extra, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        files[name] = str(p)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, fieldnames=cols + extra, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        with open_output_dir(out) as d:
+            files[name] = str(d.write_bytes(f"{name}.csv", text.getvalue().encode()))
     if res.frontier is not None:
-        p = out / "frontier.csv"
-        res.frontier.runs.write_csv(p)
-        files["frontier"] = str(p)
+        with open_output_dir(out) as d:
+            files["frontier"] = str(d.write_atomic("frontier.csv", res.frontier.runs.write_csv))
     return files
 
 

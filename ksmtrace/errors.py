@@ -38,6 +38,11 @@ class PolicyContractError(KsmtraceError):
     """A policy broke the engine contract (for example it proposed merging unequal pages)."""
 
 
+class OutputError(KsmtraceError):
+    """An output directory or file cannot be used: not the user's own, writable by others, a
+    symbolic link another user could change, permission denied, disk full."""
+
+
 class ResultError(KsmtraceError):
     """A result file or directory cannot be read."""
 

@@ -4,6 +4,12 @@
 >>> res = replay("t", "ksm", {"pages_to_scan": 1000})          # a path or an opened trace
 >>> res.summary["frames_saved_final"], res.table["cow_breaks"].sum()
 
+Two run options apply to any policy: ``restrict`` (a safe preset: merges the policy may not make,
+:mod:`ksmtrace.trace.restrict`; also accepted as ``params["restrict"]``) and ``controller`` with
+``host_memory`` (a program that retunes the policy's parameters during the run, such as ksmtuned:
+:mod:`ksmtrace.controllers`).  Both are recorded in the run's spec and change its run id; without
+them a run is exactly what it was before they existed.
+
 Virtual time: snapshot ``s`` is taken at ``t_s``; its content holds during ``[t_s, t_{s+1})``.  A page
 written between two snapshots is written, as far as the replay knows, at the later snapshot.  The
 row of snapshot ``s`` holds the state at ``t_s`` right after its writes are applied, plus the
@@ -29,6 +35,15 @@ from ksmtrace.trace.reader import as_trace
 
 ENGINES = ("fast", "reference")
 AUTO = "auto"
+#: options every policy takes besides its own parameters (split off ``params`` before they are parsed)
+RUN_PARAMS = ("restrict",)
+
+
+def split_run_params(params: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``params`` -> (the policy's own parameters, the run options among them: :data:`RUN_PARAMS`)."""
+    own = dict(params or {})
+    run = {k: own.pop(k) for k in RUN_PARAMS if k in own}
+    return own, run
 
 
 def choose_scope(trace) -> tuple[str, str]:
@@ -101,6 +116,9 @@ def replay(
     seed: int = 0,
     runtime: str = "auto",
     progress: ProgressFn | None = None,
+    restrict: str | None = None,
+    controller=None,
+    host_memory: str | int | None = None,
 ) -> RunResult:
     """Replay ``trace`` (a :class:`~ksmtrace.trace.reader.Trace` or the path of one) through ``policy``.
 
@@ -112,17 +130,32 @@ def replay(
     ``timing_cost``: the cost model the daemon's clock uses (default: the shipped one).
     ``start_s``: when the daemon starts, in seconds after the first snapshot.  ``hz``: tick rate for sleep quantisation (default:
     the traced host's HZ, else 250).
+    ``restrict``: a safe preset (``zero-pages``, ``same-domain[:DOMAIN]``, ``windows[:DOMAIN]``,
+    ``read-only``, joined with ``+``; :mod:`ksmtrace.trace.restrict`).  ``controller``: a controller
+    (``"ksmtuned"``, ``"kubevirt:interval=10"``, ``"scan-time"`` or a
+    :class:`~ksmtrace.controllers.Controller`) that changes the policy's parameters during the run;
+    ``host_memory``: the host's size for its memory rules (``"16G"``, or bytes).
     """
+    from ksmtrace.trace.restrict import parse_restriction, restrict_prepared
+
     trace = as_trace(trace)
     if runtime not in RUNTIMES:
         raise KsmtraceError(f"unknown runtime {runtime!r} (runtimes: {', '.join(RUNTIMES)})")
+    params, run_opts = split_run_params(params)
+    restriction = parse_restriction(restrict if restrict is not None else run_opts.get("restrict"))
+    ctl, host_kib = _controller(policy, params, controller, host_memory)
+    if ctl is not None:
+        params = _with_initial(ctl, params)
     pol = make_policy(policy, params)
+    if ctl is not None and ctl.policies is not None and pol.name not in ctl.policies:
+        raise KsmtraceError(f"controller {ctl.name!r} writes the parameters of {', '.join(ctl.policies)}, not of {pol.name!r}")
     if scope == AUTO:
         scope = choose_scope(trace)[0]
-    spec = run_spec(trace, pol, engine=engine, scope=scope, timing_cost=timing_cost, start_s=start_s, hz=hz, seed=seed)
+    spec = run_spec(trace, pol, engine=engine, scope=scope, timing_cost=timing_cost, start_s=start_s, hz=hz, seed=seed,
+                    restrict=restriction, controller=ctl, host_kib=host_kib)
     scope, hz, start_ns = spec["scope"], spec["hz"], spec["start_ns"]
     tcost = resolve_cost_model(timing_cost)
-    prep = trace.prepare(scope)
+    prep = restrict_prepared(trace, trace.prepare(scope), restriction)
     missing = [r for r in pol.requires if not _trace_has(trace, r)]
     if missing:
         raise KsmtraceError(f"policy {pol.name!r} needs a trace with {missing[0]!r} (capture with --fingerprints)")
@@ -138,7 +171,12 @@ def replay(
     ctx = RunContext(prep=prep, engine=eng, timing_ps=tcost.timing_ps(), hz=hz, start_ns=start_ns, seed=int(seed),
                      runtime=runtime, trace=trace)
     rt = pol.runtime(ctx)
-    table, procs = _run(prep, eng, rt, pol, make(progress))
+    control = None
+    if ctl is not None:
+        from ksmtrace.controllers.loop import ControlLoop
+
+        control = ControlLoop(ctl, trace, prep, eng, rt, pol, host_kib, start_ns)
+    table, procs = _run(prep, eng, rt, pol, make(progress), control)
     counters = eng.counters()
     extras = {
         "contract_violations": counters["contract_violations"],
@@ -147,6 +185,10 @@ def replay(
         "thp_splits": counters["thp_splits"],
         "policy": rt.extras(),
     }
+    if control is not None:
+        extras["controller"] = control.extras()
+    if restriction is not None:
+        extras["restrict"] = {"spec": restriction.spec, "rules": restriction.describe()}
     if counters["contract_violations"]:
         raise PolicyContractError(
             f"policy {pol.name!r} broke the engine contract {counters['contract_violations']} times "
@@ -157,11 +199,39 @@ def replay(
     return res
 
 
+def _controller(policy, params: Mapping[str, Any], controller, host_memory) -> tuple[Any, int | None]:
+    """The run's controller and the host's size in KiB (None and None without a controller)."""
+    if controller is None:
+        return None, None
+    from ksmtrace.controllers import make_controller, parse_memory_size
+
+    ctl = make_controller(controller)
+    ctl = type(ctl)(ctl.params)  # a fresh one: a controller keeps state during a run (ksmtuned's npages)
+    host_kib = parse_memory_size(host_memory)
+    if ctl.needs_host_memory and host_kib is None:
+        raise KsmtraceError(f"controller {ctl.name!r} needs the host's memory size (host_memory, --host-memory 16G): "
+                            "its rules compare free memory with it")
+    return ctl, host_kib
+
+
+def _with_initial(ctl, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` with what the controller sets before the run; a different value given for one of
+    those is an error (the controller owns it)."""
+    init = ctl.initial_params()
+    clash = [k for k, v in init.items() if k in params and params[k] is not None and str(params[k]) != str(v)]
+    if clash:
+        raise KsmtraceError(f"controller {ctl.name!r} sets {', '.join(clash)} itself ({', '.join(f'{k}={init[k]}' for k in clash)})")
+    return {**dict(params), **init}
+
+
 def run_spec(trace, pol: Policy, *, engine: str = "fast", scope: str | None = None, timing_cost=None,
-             start_s: float = 0.0, hz: int | None = None, seed: int = 0) -> dict[str, Any]:
+             start_s: float = 0.0, hz: int | None = None, seed: int = 0, restrict=None, controller=None,
+             host_kib: int | None = None) -> dict[str, Any]:
     """What a replay of ``pol`` on ``trace`` is, including its run id, without running it.
 
-    The run id names a result file, so sweeps use this to skip runs they already have."""
+    The run id names a result file, so sweeps use this to skip runs they already have.  A
+    restriction and a controller (with the host size it was given) are run options: recorded in
+    ``options`` (so in the run id) only when present."""
     if engine not in ENGINES:
         raise KsmtraceError(f"unknown engine {engine!r} (engines: {', '.join(ENGINES)})")
     scope = scope or pol.default_scope
@@ -185,6 +255,16 @@ def run_spec(trace, pol: Policy, *, engine: str = "fast", scope: str | None = No
         "ksmtrace_version": __version__,
         "kernel_counters": list(pol.kernel_counters),
     }
+    if restrict is not None:
+        from ksmtrace.trace.restrict import parse_restriction
+
+        spec["restrict"] = spec["options"]["restrict"] = parse_restriction(restrict).spec
+    if controller is not None:
+        from ksmtrace.controllers import describe_controller, make_controller
+
+        ctl = make_controller(controller)
+        spec["controller"] = spec["options"]["controller"] = describe_controller(ctl)
+        spec["host_kib"] = spec["options"]["host_kib"] = int(host_kib) if host_kib else None
     spec["run_id"] = make_run_id(spec)
     return spec
 
@@ -199,8 +279,9 @@ def _trace_has(trace, capability: str) -> bool:
     return False
 
 
-def _run(prep, eng, rt, pol: Policy, progress) -> pl.DataFrame:
+def _run(prep, eng, rt, pol: Policy, progress, control=None) -> pl.DataFrame:
     n = prep.n_snaps
+    unrestricted = prep.extras.get("unrestricted_oracle_frames")
     times = prep.times_ns
     rows: list[dict[str, Any]] = []
     prev_eng = eng.counters()
@@ -212,6 +293,8 @@ def _run(prep, eng, rt, pol: Policy, progress) -> pl.DataFrame:
         now = int(times[s])
         cows = eng.apply_snapshot(s, now)
         rt.on_snapshot(s, now)
+        if control is not None:
+            control.at_snapshot(s, now)
         c = eng.counters()
         units = np.array(rt.units(), dtype=np.int64)  # a copy: runtimes keep counting in place
         busy = int(rt.busy_ns())
@@ -237,8 +320,12 @@ def _run(prep, eng, rt, pol: Policy, progress) -> pl.DataFrame:
             "thp_zero_remapped": c["thp_zero_remapped"],
             "daemon_busy_s": (busy - prev_busy) / 1e9,
         }
+        if unrestricted is not None:
+            row["unrestricted_oracle_saved"] = base - int(unrestricted[s])
         for k in kc:
             row[k] = kvals.get(k)
+        if control is not None:
+            row.update(control.row(row))
         for i, u in enumerate(UNIT_NAMES):
             row[f"u_{u}"] = int(units[i] - prev_units[i])
         rows.append(row)
@@ -247,7 +334,10 @@ def _run(prep, eng, rt, pol: Policy, progress) -> pl.DataFrame:
         proc_parts.append((s, live, cand[live], merged[live]))
         prev_eng, prev_units, prev_busy = c, units, busy
         if s + 1 < n:
-            rt.run_until(int(times[s + 1]))
+            if control is not None:
+                control.run_until(int(times[s + 1]))
+            else:
+                rt.run_until(int(times[s + 1]))
         progress(s + 1, n, f"snapshot {s + 1}/{n}")
     schema = {k: (pl.Int64 if k not in ("t_s", "merge_latency_sum_s", "daemon_busy_s") else pl.Float64) for k in rows[0]}
     table = pl.DataFrame(rows, schema=schema)

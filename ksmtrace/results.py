@@ -28,6 +28,7 @@ import polars as pl
 from ksmtrace.engine.cost import DAEMON_MASK, UNIT_NAMES, CostModel, resolve_cost_model
 from ksmtrace.engine.state import lat_bin_edges_ms
 from ksmtrace.errors import ResultError
+from ksmtrace.outputs import open_output_dir
 from ksmtrace.textfmt import dumps
 
 FRAMES_SAVED_DEFINITION = (
@@ -131,6 +132,10 @@ class RunResult:
         for k in self.spec.get("kernel_counters", []):
             if k in last and last[k] is not None:
                 s[k] = int(last[k])
+        if "unrestricted_oracle_saved" in t.columns:  # a run under a safe preset (ksmtrace.trace.restrict)
+            u = float(t["unrestricted_oracle_saved"].mean()) if t.height else 0.0
+            s["unrestricted_oracle_saved_mean"] = u
+            s["fraction_of_unrestricted_oracle_mean"] = _ratio(saved_mean, u)
         return s
 
     # --- files ---------------------------------------------------------------------------------
@@ -147,22 +152,14 @@ class RunResult:
         }
 
     def write(self, directory: str | os.PathLike) -> Path:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        pq_path = d / f"{self.run_id}.parquet"
-        js_path = d / f"{self.run_id}.json"
-        tmp = pq_path.with_name("." + pq_path.name + ".tmp")
-        self.table.write_parquet(tmp)
-        os.replace(tmp, pq_path)
-        if self.procs is not None:
-            pp = d / f"{self.run_id}.procs.parquet"
-            tmpp = pp.with_name("." + pp.name + ".tmp")
-            self.procs.write_parquet(tmpp)
-            os.replace(tmpp, pp)
-        tmpj = js_path.with_name("." + js_path.name + ".tmp")
-        tmpj.write_text(dumps(self.to_json()) + "\n")
-        os.replace(tmpj, js_path)  # the JSON is written last: its presence marks a complete result
-        return js_path
+        """Write the result files into ``directory`` (created if missing; it must be the user's
+        own and not writable by others: :func:`ksmtrace.outputs.open_output_dir`).  Each file is
+        written atomically; the JSON last, so its presence marks a complete result."""
+        with open_output_dir(directory) as d:
+            d.write_atomic(f"{self.run_id}.parquet", self.table.write_parquet)
+            if self.procs is not None:
+                d.write_atomic(f"{self.run_id}.procs.parquet", self.procs.write_parquet)
+            return d.write_bytes(f"{self.run_id}.json", (dumps(self.to_json()) + "\n").encode())
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "RunResult":

@@ -200,8 +200,9 @@ def plan_sweep(trace_path, policy: str, grid: Mapping[str, Sequence[Any]], out_d
     """Check the grid against the policy's parameters and work out every run's id and whether its
     result already exists in ``out_dir``.  Nothing is run."""
     from ksmtrace.policies.registry import get_policy
-    from ksmtrace.replay import ENGINES, run_spec
+    from ksmtrace.replay import ENGINES, RUN_PARAMS, run_spec, split_run_params
     from ksmtrace.trace.reader import open_trace
+    from ksmtrace.trace.restrict import parse_restriction
 
     if engine not in ENGINES:
         raise SweepError(f"unknown engine {engine!r} (engines: {', '.join(ENGINES)})")
@@ -211,8 +212,9 @@ def plan_sweep(trace_path, policy: str, grid: Mapping[str, Sequence[Any]], out_d
     if not grid:
         raise SweepError("empty grid: give at least one parameter and its values (-p key=v1,v2)")
     for k in grid:
-        if k not in known:
-            raise PolicyParamError(f"unknown parameter {k!r} for policy {cls.name!r} (parameters: {', '.join(known) or 'none'})")
+        if k not in known and k not in RUN_PARAMS:
+            raise PolicyParamError(f"unknown parameter {k!r} for policy {cls.name!r} (parameters: {', '.join(known) or 'none'}; "
+                                   f"and for every policy: {', '.join(RUN_PARAMS)})")
     trace = open_trace(trace_path)
     out = Path(out_dir)
     points = expand_grid(grid)
@@ -220,13 +222,17 @@ def plan_sweep(trace_path, policy: str, grid: Mapping[str, Sequence[Any]], out_d
                      engine=engine, scope=scope or cls.default_scope,
                      options={"timing_cost": timing_cost, "start_s": start_s, "seed": seed})
     for i, point in enumerate(points):
+        own, run = split_run_params(point)  # a safe preset is a run option every policy takes
         try:
-            pol = cls(point)
+            pol = cls(own)
+            restrict = parse_restriction(run.get("restrict"))
         except KsmtraceError as exc:
             where = ",".join(f"{k}={v}" for k, v in point.items())
             raise type(exc)(f"sweep point {where}: {exc}") from None
-        rid = run_spec(trace, pol, engine=engine, scope=scope, timing_cost=timing_cost, start_s=start_s, seed=seed)["run_id"]
-        plan.runs.append(PlannedRun(index=i, given=dict(point), params=pol.describe(), run_id=rid,
+        rid = run_spec(trace, pol, engine=engine, scope=scope, timing_cost=timing_cost, start_s=start_s, seed=seed,
+                       restrict=restrict)["run_id"]
+        extra = {"restrict": restrict.spec if restrict else None} if "restrict" in run else {}
+        plan.runs.append(PlannedRun(index=i, given=dict(point), params={**pol.describe(), **extra}, run_id=rid,
                                     done=_result_complete(out, rid)))
     return plan
 
@@ -536,7 +542,7 @@ def result_row(result, keys: Sequence[str], cost=None) -> dict[str, Any]:
     frac = s.get("fraction_of_oracle_mean")
     row: dict[str, Any] = {"policy": spec.get("policy")}
     for k in keys:
-        row[k] = params.get(k)
+        row[k] = params[k] if k in params else spec.get(k)  # a run option (restrict) is in the spec
     row.update({"scope": spec.get("scope"), "engine": spec.get("engine"), "run_id": result.run_id})
     row.update({
         "frames_saved_mean": s["frames_saved_mean"],
@@ -568,6 +574,8 @@ def results_table(results: Sequence, keys: Sequence[str] | None = None, cost=Non
         for k in allkeys:
             if len({repr(r.spec.get("params", {}).get(k)) for r in results}) > 1:
                 keys.append(k)
+        if len({r.spec.get("restrict") for r in results}) > 1:  # a run option: a safe preset
+            keys.append("restrict")
     rows = [result_row(r, keys, cost) for r in results]
     return _frame(rows, list(keys))
 

@@ -158,3 +158,41 @@ def watchdogs() -> list[int]:
         if b"ksmtrace_tracers.watchdog" in cmd:
             out.append(int(name))
     return out
+
+
+class TracefsView:
+    """tracefs mounted at a private directory for the test to look at (the same instances as
+    every other mount), unmounted afterwards.  While it exists, captures use it too."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        from ksmtrace_tracers import tracefs
+
+        self.path = Path(tempfile.mkdtemp(prefix="ksmtrace-test-tracefs-"))
+        tracefs.mount(self.path)
+
+    def instances(self) -> list[str]:
+        return sorted(n for n in os.listdir(self.path / "instances") if n.startswith("ksmtrace-"))
+
+    def close(self) -> None:
+        from ksmtrace_tracers import tracefs
+
+        for _ in range(100):
+            if tracefs.unmount(self.path):
+                break
+            time.sleep(0.05)
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+
+def settled_ksm_settings() -> dict:
+    """The KSM settings as the last locked block left them, read under the settings lock: other
+    test runs on this host change the settings in their own locked blocks, so a read outside the
+    lock can catch one of theirs in the middle."""
+    from ksmtrace.lab import kernelksm as K
+
+    with K.ksm_settings() as ks:
+        return dict(ks.saved)

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -26,3 +28,13 @@ def scenarios(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture
+def sleeper():
+    """A child process that waits on stdin: a harmless capture target, killed afterwards."""
+    p = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    yield p
+    p.kill()
+    p.wait()
+    p.stdin.close()

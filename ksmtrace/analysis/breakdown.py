@@ -22,18 +22,24 @@ snapshot, for the candidate pages of the scope:
     so merging inside each process can leave pages of both on one frame.
 ``across_process_saved``
     the rest of the non-zero saving: what needs merges between different processes.
-``same_domain_saved``
-    what a same-domain-only rule keeps: zero pages plus merges of non-zero pages only within one
-    security domain (uid + cgroup, ``Prepared.proc_domain``), the rule the engine's
-    ``exposed_merges`` counts violations of.  ``across_domain_saved = oracle_saved −
-    same_domain_saved`` is what the rule gives up.
+``same_domain_saved``, ``windows_saved``, ``same_process_saved``, ``read_only_saved``
+    what the oracle saves under a safe preset (:mod:`ksmtrace.trace.restrict`, the very rule a replay
+    with ``restrict=`` obeys): ``same-domain`` (no frame shared across security domains, uid +
+    cgroup — the domain the engine's ``exposed_merges`` counts crossings of — all-zero pages
+    included), ``windows`` (Microsoft's rule: the same, except that all-zero pages are common),
+    ``same-domain:process`` (each process — each VM — its own domain) and ``read-only`` (only pages of
+    VMAs without write permission; None when the trace has no vmas table).  ``across_domain_saved =
+    oracle_saved − same_domain_saved`` is what the same-domain rule gives up.  (``zero_saved`` is
+    exactly what the ``zero-pages`` preset keeps.)
 ``hash_only_saved``
     the naive count (present pages minus distinct hashes, zero-page mappings included) that
     studies which compare hashes only quote.  Shown for comparison; it overcounts.
 
-A restricted rule's count is the number of connected components of the graph whose nodes are the
-frames and whose edges join two frames holding equal content in the same process (or domain):
-each component can collapse to one frame, and a fork-shared frame joins the processes it spans.
+The within-process count is the number of connected components of the graph whose nodes are the
+frames and whose edges join two frames holding equal content in the same process: each component
+can collapse to one frame, and a fork-shared frame joins the processes it spans (Barker's
+self-sharing, counted on frames).  The presets are stricter about such frames: a frame shared by
+fork across domains stays one frame and nothing more merges into it.
 """
 from __future__ import annotations
 
@@ -47,8 +53,12 @@ from ksmtrace.errors import KsmtraceError
 BREAKDOWN_COLUMNS = (
     "snap", "t_s", "candidate_pages", "base_frames", "processes", "domains",
     "oracle_saved", "zero_saved", "nonzero_saved", "within_process_saved", "across_process_saved",
-    "same_domain_saved", "across_domain_saved", "hash_only_saved", "zero_page_mapped",
+    "same_domain_saved", "across_domain_saved", "windows_saved", "same_process_saved", "read_only_saved",
+    "hash_only_saved", "zero_page_mapped",
 )
+#: breakdown column -> the preset whose oracle it is (ksmtrace.trace.restrict)
+PRESET_COLUMNS = {"same_domain_saved": "same-domain", "windows_saved": "windows", "same_process_saved": "same-domain:process",
+                  "read_only_saved": "read-only"}
 
 BREAKDOWN_DEFINITIONS = {
     "candidate_pages": "pages the scope's dedup could consider (present, private anonymous, not the zero page)",
@@ -60,8 +70,13 @@ BREAKDOWN_DEFINITIONS = {
     "nonzero_saved": "oracle_saved minus zero_saved",
     "within_process_saved": "non-zero frames freed by merging only within one process",
     "across_process_saved": "non-zero frames that need merges between processes",
-    "same_domain_saved": "what a same-domain-only rule keeps: zero_saved + non-zero merges within one uid+cgroup",
-    "across_domain_saved": "what the same-domain-only rule gives up (oracle_saved - same_domain_saved)",
+    "same_domain_saved": "what the same-domain preset keeps: no frame shared across uid+cgroup domains, all-zero pages "
+                         "included (exposed_merges 0)",
+    "across_domain_saved": "what the same-domain preset gives up (oracle_saved - same_domain_saved)",
+    "windows_saved": "what Microsoft's rule (Windows 10 1903+) keeps: same-domain, but all-zero pages merge across domains",
+    "same_process_saved": "what the same-domain:process preset keeps: each process (each VM) its own domain",
+    "read_only_saved": "what the read-only preset keeps: only pages of VMAs without write permission merge "
+                       "(empty without a vmas table)",
     "hash_only_saved": "naive count: present pages minus distinct hashes (overcounts; for comparison)",
     "zero_page_mapped": "pages in scope already mapping the kernel zero page (no frame; not candidates)",
 }
@@ -77,6 +92,7 @@ def breakdown(source, scope: str | None = None, *, snaps: Iterable[int] | None =
     """
     from ksmtrace.trace.prepare import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE, Prepared
 
+    trace = None
     if isinstance(source, Prepared):
         if scope is not None and scope != source.scope:
             raise KsmtraceError(f"breakdown: the prepared trace has scope {source.scope!r}, not {scope!r}")
@@ -104,6 +120,7 @@ def breakdown(source, scope: str | None = None, *, snaps: Iterable[int] | None =
                 raise KsmtraceError(f"breakdown: snapshot {s} out of range (the trace has {n})")
             wanted[int(s)] = True
 
+    presets = _preset_savings(trace, prep)
     cur_cid = np.full(prep.n_pages, -1, dtype=np.int64)
     cur_gid = np.full(prep.n_pages, -1, dtype=np.int64)
     page_proc = prep.page_proc.astype(np.int64)
@@ -131,6 +148,9 @@ def breakdown(source, scope: str | None = None, *, snaps: Iterable[int] | None =
         row["candidate_pages"] = int(active.size)
         row["hash_only_saved"] = int(prep.hash_dup_pages[s])
         row["zero_page_mapped"] = int(prep.zero_page_mapped[s])
+        for col, saved in presets.items():
+            row[col] = None if saved is None else int(saved[s])
+        row["across_domain_saved"] = row["oracle_saved"] - row["same_domain_saved"]
         rows.append(row)
     schema = {c: (pl.Float64 if c == "t_s" else pl.Int64) for c in BREAKDOWN_COLUMNS}
     if not rows:
@@ -148,7 +168,6 @@ def _snapshot_row(cid: np.ndarray, gid: np.ndarray, proc: np.ndarray, dom: np.nd
     distinct_nz = _n_distinct(cid_nz)
     nonzero_saved = frames_nz - distinct_nz
     within = frames_nz - _components(gid_nz, cid_nz, proc[nz])
-    same_dom_nz = frames_nz - _components(gid_nz, cid_nz, dom[nz])
     oracle = zero_saved + nonzero_saved
     return {
         "base_frames": base_frames,
@@ -159,9 +178,21 @@ def _snapshot_row(cid: np.ndarray, gid: np.ndarray, proc: np.ndarray, dom: np.nd
         "nonzero_saved": nonzero_saved,
         "within_process_saved": within,
         "across_process_saved": nonzero_saved - within,
-        "same_domain_saved": zero_saved + same_dom_nz,
-        "across_domain_saved": oracle - zero_saved - same_dom_nz,
     }
+
+
+def _preset_savings(trace, prep) -> dict:
+    """Frames the oracle saves under each preset of :data:`PRESET_COLUMNS` at every snapshot (None:
+    not known for this trace: read-only needs the trace's vmas table)."""
+    from ksmtrace.trace.restrict import oracle_saved, restrict_prepared
+
+    out = {}
+    for col, preset in PRESET_COLUMNS.items():
+        if preset == "read-only" and prep.vmas is None:
+            out[col] = None
+            continue
+        out[col] = oracle_saved(restrict_prepared(trace, prep, preset))
+    return out
 
 
 def _n_distinct(a: np.ndarray) -> int:

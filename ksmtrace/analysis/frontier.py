@@ -114,6 +114,7 @@ class Frontier:
     runs: pl.DataFrame  # one row per run (see RUN_COLUMNS)
     out_dir: str | None = None
     results: dict[str, Any] = field(default_factory=dict, repr=False)  # run_id -> RunResult
+    restrict: str | None = None  # the safe preset every run obeyed (the oracle's too), if any
     oracle: Any = field(default=None, repr=False)  # the oracle's RunResult (the ceiling)
 
     @property
@@ -178,7 +179,7 @@ class Frontier:
             "budgets_pct": list(self.budgets_pct), "targets_pct": list(self.targets_pct), "grids": self.grids,
             "at_budget": self.budget_rows(), "to_reach": self.target_rows(),
             "runs": [{k: finite(v) for k, v in r.items()} for r in self.runs.to_dicts()],
-            "out_dir": self.out_dir, "definitions": DEFINITIONS,
+            "out_dir": self.out_dir, "restrict": self.restrict, "definitions": DEFINITIONS,
         }
 
     def text(self) -> str:
@@ -202,14 +203,16 @@ def _tcol(x: float) -> str:
 def frontier(trace, policies: Sequence[str] = DEFAULT_POLICIES, out_dir=None, *, level: str = "standard",
              grids: Mapping[str, Mapping[str, Sequence[Any]]] | None = None, scope: str | None = None,
              budgets_pct: Sequence[float] = BUDGETS_PCT, targets_pct: Sequence[float] = TARGETS_PCT,
-             cost=None, workers: int | None = 1, executor=None, progress: ProgressFn | None = None) -> Frontier:
+             cost=None, workers: int | None = 1, executor=None, progress: ProgressFn | None = None,
+             restrict: str | None = None) -> Frontier:
     """Sweep every policy of ``policies`` over its rate grid on ``trace`` (a path, sample name or
     Trace) and return the :class:`Frontier`.  ``out_dir``: where the sweeps keep their result files
     (one sub-directory per policy; default: a temporary directory, removed afterwards).
     ``grids``: a policy's own grid instead of :func:`rate_grid` (``{"ksm": {"pages_to_scan": [...]}}``).
     ``cost``: the cost model for the CPU column (the timing model is the shipped one).
     ``workers``, ``executor``: where the sweeps run (:func:`ksmtrace.sweep.sweep`; default: here,
-    one run after another)."""
+    one run after another).  ``restrict``: a safe preset every run obeys, the oracle's ceiling
+    included (:mod:`ksmtrace.trace.restrict`)."""
     from ksmtrace.engine.cost import resolve_cost_model
     from ksmtrace.policies.registry import get_policy
     from ksmtrace.replay import replay, resolve_scope, trace_params
@@ -217,8 +220,11 @@ def frontier(trace, policies: Sequence[str] = DEFAULT_POLICIES, out_dir=None, *,
     from ksmtrace.samples import resolve_trace
     from ksmtrace.sweep import sweep
     from ksmtrace.trace.reader import Trace, open_trace
+    from ksmtrace.trace.restrict import parse_restriction
 
     tr = trace if isinstance(trace, Trace) else open_trace(resolve_trace(trace))
+    restriction = parse_restriction(restrict)
+    only = {"restrict": [restriction.spec]} if restriction else {}
     names = []
     for p in policies:
         n = get_policy(p).name
@@ -248,11 +254,11 @@ def frontier(trace, policies: Sequence[str] = DEFAULT_POLICIES, out_dir=None, *,
             notes += [m for m in more if m not in notes]
             if not g:
                 notes.append(f"{n}: no rate parameter known (pages_to_scan, pages_per_second): one point at its defaults")
-            plans.append((n, {**g, **{k: [v] for k, v in implied.items() if k not in g}}))
+            plans.append((n, {**g, **{k: [v] for k, v in implied.items() if k not in g}, **(only if g else {})}))
         n_runs = sum(int(np.prod([len(v) for v in g.values()])) if g else 1 for _, g in plans) + 1
         done = 0
         prog(done, n_runs, "oracle")
-        oracle = replay(tr, "oracle", scope=scope)
+        oracle = replay(tr, "oracle", scope=scope, restrict=restriction)
         done += 1
         rows: list[dict[str, Any]] = []
         results: dict[str, Any] = {}
@@ -270,7 +276,7 @@ def frontier(trace, policies: Sequence[str] = DEFAULT_POLICIES, out_dir=None, *,
                 run_ids = list(dict.fromkeys(table["run_id"].to_list()))
                 done += table.height
             else:
-                res = replay(tr, n, scope=scope)
+                res = replay(tr, n, scope=scope, restrict=restriction)
                 res.write(base / n)
                 run_ids = [res.run_id]
                 done += 1
@@ -285,7 +291,8 @@ def frontier(trace, policies: Sequence[str] = DEFAULT_POLICIES, out_dir=None, *,
             oracle_saved_mean=float(oracle.summary["oracle_saved_mean"]),
             oracle_saved_final=int(oracle.summary["oracle_saved_final"]), cost_model=model.name,
             budgets_pct=tuple(float(b) for b in budgets_pct), targets_pct=tuple(float(x) for x in targets_pct),
-            grids=used_grids, runs=runs, out_dir=None if tmp else str(base), results=results, oracle=oracle)
+            grids=used_grids, runs=runs, out_dir=None if tmp else str(base), results=results, oracle=oracle,
+            restrict=restriction.spec if restriction else None)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -392,6 +399,8 @@ def format_frontier(fr: Frontier) -> str:
     lines = [
         f"frontier of {', '.join(fr.policies)} on trace {fr.trace_name!r}: {n} runs over {fr.duration_s:.0f} s",
         fr.scope_reason,
+        *([f"every run obeys the safe preset {fr.restrict} (the oracle's ceiling too): docs/safe-presets.md"]
+          if fr.restrict else []),
         *fr.notes,
         f"ceiling: the oracle (perfect, instantaneous dedup) saves {fr.oracle_saved_mean * MIB_PER_FRAME:,.1f} MiB on "
         f"average ({fr.oracle_saved_mean:,.0f} frames; {fr.oracle_saved_final:,} at the end); CPU from cost model "

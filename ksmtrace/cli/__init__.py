@@ -1,8 +1,11 @@
 """The ksmtrace command line: a thin click layer over the library.
 
 One error boundary lives here: every :class:`~ksmtrace.errors.KsmtraceError` becomes one line on
-stderr and a non-zero exit; ``--debug`` re-raises with the traceback.
+stderr and a non-zero exit; so does an operating-system error the library did not anticipate (a
+file it may not write, a full disk: ``ksmtrace: error: PATH: Permission denied``); Ctrl-C exits
+130 (128 + SIGINT) with one line; ``--debug`` re-raises with the traceback.
 """
+import errno
 import sys
 
 import click
@@ -10,16 +13,41 @@ import click
 from ksmtrace._version import __version__
 from ksmtrace.errors import KsmtraceError
 
+EXIT_INTERRUPTED = 130
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError: the file it concerns and the system's words."""
+    what = exc.strerror or str(exc)
+    name = exc.filename
+    return f"{name}: {what}" if name is not None else what
+
 
 class _Group(click.Group):
     def invoke(self, ctx):
+        def debug() -> bool:  # set by the group's callback, inside super().invoke
+            return bool(ctx.obj and ctx.obj.get("debug"))
+
         try:
             return super().invoke(ctx)
         except KsmtraceError as exc:
-            if ctx.obj and ctx.obj.get("debug"):
+            if debug():
                 raise
             click.echo(f"ksmtrace: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            if debug():
+                raise
+            click.echo("ksmtrace: interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:  # `ksmtrace ... | head`: the reader went away
+            sys.stderr.close()
+            ctx.exit(1)
+        except OSError as exc:
+            if debug() or exc.errno is None or exc.errno == errno.EPIPE:
+                raise
+            click.echo(f"ksmtrace: error: {os_error_line(exc)}", err=True)
+            ctx.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,9 +69,9 @@ def cli(ctx, debug):
 def main(argv=None):
     try:
         cli.main(args=argv, prog_name="ksmtrace", standalone_mode=True)
-    except KeyboardInterrupt:  # pragma: no cover - interactive
+    except KeyboardInterrupt:  # before a command runs (while the modules load)
         click.echo("ksmtrace: interrupted", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 # Commands live one per module; importing them registers them on ``cli``.

@@ -1,6 +1,7 @@
 """Shared CLI options and output helpers (results to stdout, progress and messages to stderr)."""
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import click
@@ -8,6 +9,27 @@ import click
 from ksmtrace.textfmt import dumps, fmt, kv_lines, table  # noqa: F401  (re-exported for the commands)
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")
+
+
+def _no_cache(ctx, param, value):
+    """Set KSMTRACE_NO_CACHE for the command (the environment reaches a sweep's worker processes
+    too) and restore it afterwards (commands can run in-process, one after another)."""
+    if value:
+        before = os.environ.get("KSMTRACE_NO_CACHE")
+        os.environ["KSMTRACE_NO_CACHE"] = "1"
+
+        def restore() -> None:
+            if before is None:
+                os.environ.pop("KSMTRACE_NO_CACHE", None)
+            else:
+                os.environ["KSMTRACE_NO_CACHE"] = before
+
+        ctx.call_on_close(restore)
+    return value
+
+
+no_cache_option = click.option("--no-cache", is_flag=True, expose_value=False, callback=_no_cache, is_eager=True,
+                               help="Prepare the trace afresh: neither read nor write the prepared-trace cache.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress and no messages on stderr.")
 executor_option = click.option(
     "--executor", default="local", show_default=True, metavar="local|dask|dask://HOST:PORT",

@@ -3,7 +3,15 @@ from __future__ import annotations
 
 import click
 
+from ksmtrace.cli._options import no_cache_option
+from ksmtrace.errors import KsmtraceError
 from ksmtrace.policies.base import parse_assignments
+
+restrict_option = click.option(
+    "--restrict", default=None, metavar="PRESET[+PRESET]",
+    help="A safe preset every policy obeys (merges it may not make): zero-pages, same-domain[:DOMAIN], "
+         "windows[:DOMAIN] (Microsoft's rule), read-only; DOMAIN = user-cgroup (default), user, cgroup, process. "
+         "Same as -p restrict=PRESET (docs/safe-presets.md).")
 
 
 def replay_options(f):
@@ -20,7 +28,24 @@ def replay_options(f):
     f = click.option("--start", "start_s", type=float, default=0.0, show_default=True,
                      help="Virtual time (s after the first snapshot) at which the daemon starts.")(f)
     f = click.option("--seed", type=int, default=0, show_default=True, help="Seed for policies with random choices.")(f)
+    f = no_cache_option(f)
+    f = restrict_option(f)
     return f
+
+
+def with_restrict(params: dict, restrict: str | None) -> dict:
+    """``params`` with ``--restrict`` (as ``restrict``, which every policy takes); an error if
+    ``-p restrict=`` says otherwise."""
+    if restrict is None:
+        return params
+    given = params.get("restrict")
+    if given is not None:
+        from ksmtrace.trace.restrict import parse_restriction
+
+        a, b = parse_restriction(given), parse_restriction(restrict)
+        if (a.spec if a else None) != (b.spec if b else None):
+            raise KsmtraceError(f"--restrict {restrict} and -p restrict={given} disagree: give one")
+    return {**params, "restrict": restrict}
 
 
 def params_from(items) -> dict:

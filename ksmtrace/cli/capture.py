@@ -7,7 +7,7 @@ import sys
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import emit_json, json_option, kv_lines, quiet_option
+from ksmtrace.cli._options import emit_json, json_option, kv_lines, note, quiet_option
 from ksmtrace.progress import Progress
 from ksmtrace.tracer import load_tracer
 
@@ -24,7 +24,9 @@ from ksmtrace.tracer import load_tracer
 @click.option("--count", type=int, default=None, help="Stop after this many snapshots (with --duration: whichever comes first).")
 @click.option("--scope", type=click.Choice(["mergeable", "anon", "all"]), default="anon", show_default=True,
               help="mergeable: VMAs marked mergeable (what KSM scans); anon: every private anonymous page; all: file pages too.")
-@click.option("--freeze", is_flag=True, help="Stop the targets (SIGSTOP or cgroup.freeze) while a snapshot is read; always resumed, even if ksmtrace dies.")
+@click.option("--freeze", is_flag=True, help="Stop the targets (SIGSTOP or cgroup.freeze) while a snapshot is read; always resumed, even if ksmtrace dies. "
+              "Refuses ksmtrace's ancestors, session leaders, init/systemd, sshd and other users' processes; refused with --all.")
+@click.option("--freeze-unsafe", is_flag=True, help="With --freeze: stop even the processes --freeze refuses (not with --all).")
 @click.option("--fingerprints", is_flag=True, help="Also record a PKSM-style sampled hash and 64/256/1024-byte prefix hashes per page.")
 @click.option("--contents", is_flag=True, help="Also store page contents (each distinct content once, zstd). Off by default: contents are private.")
 @click.option("--hash-key", type=click.Path(dir_okay=False), default=None, help="Key file shared across captures/hosts (created, 0600, if missing). Default: a random key per capture, never stored.")
@@ -33,13 +35,20 @@ from ksmtrace.tracer import load_tracer
 @click.option("--no-soft-dirty", is_flag=True, help="Do not use (or clear) soft-dirty bits even when the kernel has them.")
 @click.option("--no-ground-truth", is_flag=True, help="Do not sample /sys/kernel/mm/ksm, /proc/vmstat or ksm_stat.")
 @click.option("--workers", type=int, default=0, show_default=True, help="Read and hash large page lists in N worker processes.")
+@click.option("--kernel-events/--no-kernel-events", default=None,
+              help="Record the ksm:* tracepoints and the targets' write faults in private tracefs instances "
+                   "(default: on when root and the kernel has them; a note says why not).")
+@click.option("--kernel-events-buffer", "kernel_events_buffer", type=int, default=4096, show_default=True, metavar="KIB",
+              help="Trace buffer per CPU and instance for --kernel-events; lost events are counted.")
+@click.option("--nice", type=int, default=None, help="Run the capture (every thread and worker) at this nice value (-20..19; 19: yield to everything else).")
+@click.option("--sched-idle", is_flag=True, help="Run the capture under SCHED_IDLE: it only gets CPU time no other task wants (ksmd and the targets go first).")
 @click.option("--tracer", "tracer_name", default="procfs", show_default=True, help="Capture backend (entry point in ksmtrace.tracers).")
 @json_option
 @quiet_option
 @click.pass_context
-def capture(ctx, output, pids, names, trees, cgroups, all_, interval, duration, count, scope, freeze, fingerprints,
+def capture(ctx, output, pids, names, trees, cgroups, all_, interval, duration, count, scope, freeze, freeze_unsafe, fingerprints,
             contents, hash_key, keyframe_every, ksm_sample_interval, no_soft_dirty, no_ground_truth, workers,
-            tracer_name, as_json, quiet):
+            kernel_events, kernel_events_buffer, nice, sched_idle, tracer_name, as_json, quiet):
     """Snapshot the memory of live processes into a delta-encoded Parquet trace.
 
     Every snapshot records, per target process, every page in scope: a keyed hash of its
@@ -64,6 +73,7 @@ def capture(ctx, output, pids, names, trees, cgroups, all_, interval, duration, 
         count=count,
         scope=scope,
         freeze=freeze,
+        freeze_unsafe=freeze_unsafe,
         fingerprints=fingerprints,
         contents=contents,
         hash_key=hash_key,
@@ -72,7 +82,12 @@ def capture(ctx, output, pids, names, trees, cgroups, all_, interval, duration, 
         soft_dirty=not no_soft_dirty,
         ground_truth=not no_ground_truth,
         workers=workers,
+        kernel_events=kernel_events,
+        kernel_events_buffer_kb=kernel_events_buffer,
+        nice=nice,
+        sched_idle=sched_idle,
         command_line=["ksmtrace"] + sys.argv[1:],
+        notify=lambda text: note(f"ksmtrace: note: {text}", quiet),
     )
     prog = Progress("capture", quiet=quiet)
     try:
@@ -102,6 +117,10 @@ def _summary_text(s: dict) -> str:
         ("processes", s.get("processes")),
         ("pages", f"{s.get('present_pages', 0):,} present page-snapshots, {s.get('page_rows', 0):,} page rows written"),
         ("read", f"{s.get('bytes_read', 0) / 2**30:,.3f} GiB at {num(s.get('gib_per_s'))} GiB/s ({num(s.get('pages_per_s'), '{:,.0f}')} pages/s)"),
+        ("capture CPU", f"{num(s.get('capture_cpu_seconds'), '{:,.3f}')} s (every thread and worker)"),
+        ("kernel events", "not recorded" if not s.get("kernel_events") else
+         f"{s['kernel_events']['faults']:,} write faults, {s['kernel_events']['ksm_events']:,} ksm events, "
+         f"{s['kernel_events']['lost']:,} lost"),
         ("trace size", f"{s.get('trace_bytes', 0):,} bytes, {num(s.get('bytes_per_page_snapshot'), '{:.3f}')} B per page-snapshot"),
     ]
     if s.get("max_pause_ms") is not None:

@@ -9,7 +9,8 @@ import importlib
 import os
 
 COMMAND_MODULES = ("capture", "info", "policies", "replay", "compare", "calibrate", "fidelity", "validate",
-                   "plot", "sweep", "breakdown", "fleet", "frontier", "advise", "doctor", "strengths", "demo")
+                   "plot", "sweep", "breakdown", "fleet", "frontier", "controllers", "advise", "doctor", "strengths",
+                   "redact", "demo")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"ksmtrace.cli.{_name}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import emit_json, json_option, note, quiet_option
+from ksmtrace.cli._options import emit_json, json_option, no_cache_option, note, quiet_option
 from ksmtrace.cli._replay_opts import params_from
 from ksmtrace.progress import Progress
 
@@ -31,6 +31,7 @@ from ksmtrace.progress import Progress
                    "(read from the trace for ksmtrace's own workloads).")
 @click.option("--interval-plot", type=click.Path(dir_okay=False), default=None,
               help="Interval study: write the fidelity-vs-interval figure to this image.")
+@no_cache_option
 @json_option
 @quiet_option
 def fidelity_cmd(trace, params, plot_path, cost, timing_cost, sim_step, engine, intervals, rewrite_period,

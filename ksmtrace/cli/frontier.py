@@ -5,6 +5,7 @@ import click
 
 from ksmtrace.cli import cli
 from ksmtrace.cli._options import emit_json, executor_option, json_option, note, quiet_option
+from ksmtrace.cli._replay_opts import restrict_option
 from ksmtrace.errors import KsmtraceError
 from ksmtrace.progress import Progress
 
@@ -40,9 +41,11 @@ def floats(text: str, what: str) -> list[float]:
 @click.option("-j", "--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes for the sweeps.")
 @executor_option
+@restrict_option
 @json_option
 @quiet_option
-def frontier_cmd(trace, policies, level, budgets, targets, scope, cost, output, no_plots, workers, executor, as_json, quiet):
+def frontier_cmd(trace, policies, level, budgets, targets, scope, cost, output, no_plots, workers, executor, restrict, as_json,
+                 quiet):
     """Sweep each policy over its scan rate on TRACE and compare them at equal cost.
 
     Every policy becomes a curve: its mean saving (in % of the oracle, the ceiling) against
@@ -64,7 +67,7 @@ def frontier_cmd(trace, policies, level, budgets, targets, scope, cost, output, 
     prog = Progress("frontier", quiet=quiet or as_json)
     try:
         fr = frontier(trace, names, output, level=level, scope=scope, budgets_pct=floats(budgets, "budgets"),
-                      targets_pct=floats(targets, "targets"), cost=cost, workers=workers,
+                      targets_pct=floats(targets, "targets"), cost=cost, workers=workers, restrict=restrict,
                       executor=None if workers == 1 and executor == "local" else executor, progress=prog)
     finally:
         prog.close()

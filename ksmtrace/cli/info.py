@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import emit_json, fmt, json_option, kv_lines, table
+from ksmtrace.cli._options import emit_json, fmt, json_option, kv_lines, no_cache_option, table
 from ksmtrace.trace.info import trace_info
 
 
@@ -13,6 +13,7 @@ from ksmtrace.trace.info import trace_info
 @click.option("--scope", type=click.Choice(["anon", "recorded"]), default="anon", show_default=True,
               help="Pages counted as dedup candidates: every private anonymous page, or only mergeable ones.")
 @click.option("--max-rows", type=int, default=20, show_default=True, help="Per-snapshot rows shown (first and last); 0 = all.")
+@no_cache_option
 @json_option
 def info(trace, scope, max_rows, as_json):
     """Summarise a trace: snapshots, processes, pages, duplicates, coverage, size on disk.
@@ -37,7 +38,7 @@ def info(trace, scope, max_rows, as_json):
     lines = [
         ("trace", d["path"]),
         ("format", f"{d['format']} v{d['format_version']} (tracer {tracer.get('name', '?')} {tracer.get('version', '')})".rstrip()),
-        ("complete", f"{fmt(d['complete'])} ({d['end_reason']})"),
+        ("complete", _completion(d)),
         ("snapshots", f"{d['snapshots']:,} ({d['keyframes']} keyframe(s)) over {d['time_span_s']:.3f} s"),
         ("processes", d["processes"]),
         ("pages", f"{d['pages']:,} at the last snapshot; {d['page_snapshots']:,} page-snapshots; {d['page_rows']:,} page rows"),
@@ -67,3 +68,16 @@ def info(trace, scope, max_rows, as_json):
         click.echo("")
         rows = [dict(p, coverage=(None if p["coverage"] is None else round(p["coverage"], 3))) for p in d["process_list"]]
         click.echo(table(rows, ["proc", "pid", "comm", "first_snap", "last_snap", "state", "rss_pages", "captured_pages", "coverage"]))
+
+
+def _completion(d: dict) -> str:
+    """Whether the capture finished, in words."""
+    if d["complete"]:
+        return f"yes ({d['end_reason']})"
+    if d["capture_running"]:
+        return f"no: a capture is still writing this trace ({d['snapshots']} snapshot(s) committed so far)"
+    s = (f"no: the capture was killed before it finished; the snapshot it was taking was cut, "
+         f"the {d['snapshots']} committed before are complete")
+    if d["cleaned"]:
+        s += f" (removed its leftovers: {', '.join(d['cleaned'])})"
+    return s

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import emit_json, json_option, note, quiet_option
+from ksmtrace.cli._options import emit_json, json_option, no_cache_option, note, quiet_option
 from ksmtrace.errors import KsmtraceError
 
 KINDS = ("timeline", "pareto", "latency", "breakdown", "heatmap")
@@ -59,6 +59,7 @@ def _breakdown_source(paths: list[Path], scope: str | None):
 @click.option("--scope", type=click.Choice(["recorded", "anon"]), default=None,
               help="breakdown: candidate pages (default: the results' scope, or chosen from the trace: recorded "
                    "when it has mergeable memory, else anon).")
+@no_cache_option
 @json_option
 @quiet_option
 def plot_cmd(inputs, output, kind, units, cost, y_metric, top, value, scale, scope, as_json, quiet):

@@ -5,8 +5,9 @@ import click
 
 from ksmtrace.cli import cli
 from ksmtrace.cli._options import emit_json, json_option, kv_lines, note, quiet_option
-from ksmtrace.cli._replay_opts import params_from, replay_options, resolve_run
+from ksmtrace.cli._replay_opts import params_from, replay_options, resolve_run, with_restrict
 from ksmtrace.errors import KsmtraceError
+from ksmtrace.outputs import check_output_dir
 from ksmtrace.progress import Progress
 from ksmtrace.results import FRAMES_SAVED_DEFINITION
 
@@ -19,10 +20,17 @@ from ksmtrace.results import FRAMES_SAVED_DEFINITION
 @click.option("--as-captured", is_flag=True,
               help="ksm only: replay with the settings the real KSM had during the capture, from when it started "
                    "(the trace's ground truth; -p overrides a setting).")
+@click.option("--controller", default=None, metavar="NAME[:key=value,...]",
+              help="A controller that retunes the policy during the run: ksmtuned, kubevirt (memory pressure on "
+                   "--host-memory) or scan-time (the kernel's advisor); docs/controllers.md.")
+@click.option("--host-memory", default=None, metavar="SIZE",
+              help="The host's memory (MemTotal) for the controller's rules, e.g. 16G, 512M: free memory is this "
+                   "minus what the traced processes use.")
 @replay_options
 @json_option
 @quiet_option
-def replay_cmd(trace, policy, params, output, as_captured, engine, scope, cost, timing_cost, start_s, seed, as_json, quiet):
+def replay_cmd(trace, policy, params, output, as_captured, controller, host_memory, engine, scope, cost, timing_cost,
+               start_s, seed, restrict, as_json, quiet):
     """Replay TRACE through a policy in virtual time and summarise it.
 
     Prints frames saved (and as a fraction of the oracle), COW breaks, merges, merge latency, CPU
@@ -35,13 +43,19 @@ def replay_cmd(trace, policy, params, output, as_captured, engine, scope, cost, 
       ksmtrace replay my-trace --policy ksm -p pages_to_scan=1000 -p sleep_millisecs=20
       ksmtrace replay my-trace --policy pksm-delay -p probation_passes=3 -o results/
       ksmtrace replay my-trace --as-captured
+      ksmtrace replay my-trace --policy ksm --controller ksmtuned --host-memory 16G
+      ksmtrace replay my-trace --policy pksm --restrict same-domain:process
     """
     from ksmtrace.policies.registry import get_policy
     from ksmtrace.replay import replay
     from ksmtrace.trace.reader import open_trace
 
     tr = open_trace(trace)
-    given = params_from(params)
+    if output:
+        check_output_dir(output)  # refuse a directory we may not write before the replay, not after
+    given = with_restrict(params_from(params), restrict)
+    if host_memory is not None and controller is None:
+        raise KsmtraceError("--host-memory is the host size for a controller's rules: give --controller too")
     notes: list[str] = []
     if as_captured:
         from ksmtrace.fidelity.groundtruth import as_captured as infer
@@ -61,7 +75,8 @@ def replay_cmd(trace, policy, params, output, as_captured, engine, scope, cost, 
     prog = Progress(f"replay {policy}", quiet=quiet)
     try:
         res = replay(tr, policy, run_params, engine=engine, scope=scope, timing_cost=timing_cost,
-                     report_cost=cost, start_s=start_s, seed=seed, progress=prog)
+                     report_cost=cost, start_s=start_s, seed=seed, progress=prog, controller=controller,
+                     host_memory=host_memory)
     finally:
         prog.close()
     path = res.write(output) if output else None
@@ -74,6 +89,8 @@ def replay_cmd(trace, policy, params, output, as_captured, engine, scope, cost, 
     click.echo(scope_why)
     for n in notes:
         click.echo(n)
+    for line in run_option_lines(res):
+        click.echo(line)
     pairs = [
         ("frames_saved (final)", s["frames_saved_final"]),
         ("oracle_saved (final)", s["oracle_saved_final"]),
@@ -102,3 +119,39 @@ def replay_cmd(trace, policy, params, output, as_captured, engine, scope, cost, 
 
 def _f(v):
     return "-" if v is None or v != v else f"{v:.3g}"
+
+
+def run_option_lines(res) -> list[str]:
+    """What a restriction kept and what a controller did, in a sentence each."""
+    out = []
+    s = res.summary
+    r = res.extras.get("restrict")
+    if r:
+        line = f"restriction {r['spec']}: {r['rules']}"
+        u = s.get("unrestricted_oracle_saved_mean") or 0.0
+        if u > 0:
+            line += (f"; under it a perfect dedup keeps {100 * s['oracle_saved_mean'] / u:.1f} % of the unrestricted "
+                     f"saving, this run {100 * s['frames_saved_mean'] / u:.1f} %")
+        out.append(line)
+    c = res.extras.get("controller")
+    if c:
+        from ksmtrace.controllers import format_kib
+
+        t = res.table
+        host = f" on a {format_kib(c['host_kib'])} host" if c.get("host_kib") else ""
+        line = f"controller {c['name']}{host}: {c['ticks']} adjustments"
+        if "run" in t.columns and t.height:
+            line += f"; ksmd running at {100 * float(t['run'].mean()):.0f} % of the snapshots"
+        for k in ("pages_to_scan", "sleep_millisecs"):
+            if k in t.columns and t.height and t[k].null_count() < t.height:
+                lo, hi = t[k].min(), t[k].max()
+                line += f"; {k} {lo}" + (f"-{hi}" if hi != lo else "")
+        refused = sum(1 for e in c["log"] if e.get("refused"))
+        if refused:
+            line += f"; {refused} writes refused by the kernel (see the result's log)"
+        if c.get("snapshots_overcommitted"):
+            n = c["snapshots_overcommitted"]
+            line += (f"; the traced processes use more than the stated host at {n} snapshot{'s' if n != 1 else ''} "
+                     "(free memory counted as 0)")
+        out.append(line)
+    return out

@@ -6,6 +6,7 @@ import click
 from ksmtrace.cli import cli
 from ksmtrace.cli._options import echo_table, emit_json, executor_option, json_option, note, quiet_option
 from ksmtrace.cli._replay_opts import replay_options
+from ksmtrace.errors import KsmtraceError
 from ksmtrace.progress import Progress
 from ksmtrace.results import FRAMES_SAVED_DEFINITION
 
@@ -31,7 +32,7 @@ HEADERS = {"frames_saved_mean": "saved(mean)", "pct_of_oracle": "%oracle", "cpu_
 @json_option
 @quiet_option
 def sweep_cmd(trace, policy, grid_items, out_dir, workers, executor, pareto, dry_run, engine, scope, cost, timing_cost, start_s,
-              seed, as_json, quiet):
+              seed, restrict, as_json, quiet):
     """Replay TRACE through POLICY for every combination of parameter values.
 
     Runs go to worker processes (or a Dask cluster: --executor); each run's result is written to
@@ -47,6 +48,7 @@ def sweep_cmd(trace, policy, grid_items, out_dir, workers, executor, pareto, dry
     Example:
       ksmtrace sweep my-trace --policy ksm -p pages_to_scan=100:1600:x2 -p sleep_millisecs=20,200 -o sweeps/ksm --pareto
       ksmtrace sweep my-trace -P pksm-delay -p probation_passes=0:4 -p on_change=restart,keep -o sweeps/delay
+      ksmtrace sweep my-trace -P ksm -p pages_to_scan=100,1000 -p restrict=none,same-domain,zero-pages -o sweeps/safe
       ksmtrace plot sweeps/ksm --kind pareto -o ksm-pareto.png
     """
     from ksmtrace.replay import resolve_scope, trace_params
@@ -54,6 +56,11 @@ def sweep_cmd(trace, policy, grid_items, out_dir, workers, executor, pareto, dry
     from ksmtrace.trace.reader import open_trace
 
     grid = parse_grid(grid_items)
+    if restrict is not None:
+        if "restrict" in grid:
+            raise KsmtraceError("--restrict and -p restrict= both given: put every preset in -p restrict=a,b")
+        if grid:
+            grid["restrict"] = [restrict]
     tr = open_trace(trace)
     scope, scope_why = resolve_scope(tr, scope)
     implied, notes = trace_params(tr, policy, {k: None for k in grid})

@@ -25,6 +25,16 @@ A kernel's loop is therefore::
       while wake_up(sc, t_end):
           do_the_policys_batch(...)
           sleep(sc, sc[OP + P.sleep_millisecs], sc[OP + P.hz])
+
+**Parameters that change mid-run** (a controller's writes, :mod:`ksmtrace.controllers`): the replay
+driver calls ``set_params(changes, now)`` between batches — after every batch that woke before
+``now`` — on either face.  The readable face replaces ``self.p`` (the runtime's ``Params``, checked
+as at construction); the kernel face also rewrites its parameter slots ``sc[OP + P.name]`` from the
+new ``Params`` (:meth:`KernelRuntime.set_params`).  Both then call the runtime's hooks:
+``refuse_params`` (what its kernel would reject, and why) and ``params_changed`` (state derived
+from a parameter, such as ksm's own ``pages_to_scan``).  The run switch (the kernel's
+``/sys/kernel/mm/ksm/run``) is the driver's: while it is off the driver does not run the daemon,
+and switching it on calls ``wake_at(now)``.
 """
 from __future__ import annotations
 
@@ -38,15 +48,72 @@ from numba import njit
 
 from ksmtrace.engine.clock import next_wake, work_ns
 from ksmtrace.engine.cost import N_UNITS, UNIT_INDEX
-from ksmtrace.errors import PolicyContractError
+from ksmtrace.errors import PolicyContractError, PolicyParamError
 
 U_WAKEUPS = UNIT_INDEX["wakeups"]
 
 
 # =================================================================================================
+# Parameters changed mid-run (both faces)
+# =================================================================================================
+def replace_params(params: Any, changes: Mapping[str, Any]) -> Any:
+    """A copy of ``params`` (a frozen ``Params`` dataclass) with ``changes``, checked as at
+    construction (its ``__post_init__``); an unknown name, a boolean that is not 0/1 and an
+    out-of-range value are :class:`PolicyParamError`."""
+    current = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
+    out = {}
+    for k, v in changes.items():
+        if k not in current:
+            raise PolicyParamError(f"unknown parameter {k!r} (parameters: {', '.join(current)})")
+        if isinstance(current[k], bool):
+            if v not in (0, 1):
+                raise PolicyParamError(f"parameter {k}={v!r}: expected a boolean (0/1)")
+            v = bool(v)
+        out[k] = v
+    try:
+        return dataclasses.replace(params, **out)
+    except TypeError as exc:
+        raise PolicyParamError(str(exc)) from None
+
+
+class ParamsMixin:
+    """``set_params`` for a runtime whose parameters are ``self.p``; see the module docstring."""
+
+    p: Any
+
+    def set_params(self, changes: Mapping[str, Any], now: int) -> dict[str, str]:
+        """Apply ``changes`` (parameter name -> value) at virtual time ``now``, between batches; the
+        daemon sees them from its next batch on.  Returns the changes refused, with why
+        (:meth:`refuse_params`); the others are applied together."""
+        changes = dict(changes)
+        if not hasattr(self, "p"):
+            raise PolicyParamError(f"{type(self).__name__} keeps no parameters (self.p) to change")
+        replace_params(self.p, changes)  # every change valid, or none applied
+        refused = self.refuse_params(changes)
+        accepted = {k: v for k, v in changes.items() if k not in refused}
+        if accepted:
+            old = self.p
+            self.p = replace_params(old, accepted)
+            self._store_params()
+            self.params_changed(old, accepted, now)
+        return refused
+
+    def refuse_params(self, changes: Mapping[str, Any]) -> dict[str, str]:
+        """Changes this runtime's kernel would reject now: name -> why (none by default)."""
+        return {}
+
+    def params_changed(self, old: Any, changes: Mapping[str, Any], now: int) -> None:
+        """Hook after ``self.p`` changed (``old``: the previous ``Params``): update what the runtime
+        derived from its parameters.  Nothing by default."""
+
+    def _store_params(self) -> None:
+        """Where the face keeps its parameters besides ``self.p`` (the kernel's slots)."""
+
+
+# =================================================================================================
 # The readable face
 # =================================================================================================
-class Daemon:
+class Daemon(ParamsMixin):
     """What every readable runtime's daemon shares: its cost-unit counts, its modelled busy time,
     and the timed batch (``timed_batch`` runs one wake-up's work at ``self.now``; the work's cost
     under the timing model advances the clock, then the daemon sleeps ``sleep_ms``).
@@ -83,6 +150,15 @@ class Daemon:
         """Modelled ns of the batch in progress."""
         return int(work_ns(self._batch_units, self.unit_counts, self.ctx.timing_ps))
 
+    def batch_end(self) -> int:
+        """Virtual time at which the last batch's work ended (0 before the first batch)."""
+        return int(self.now + self.work_so_far())
+
+    def wake_at(self, t: int) -> None:
+        """Woken at ``t`` (the run switch turned on): the next batch is at ``t``, or later if the
+        daemon's sleep ends later."""
+        self.t_wake = max(int(self.t_wake), int(t))
+
     def units(self) -> np.ndarray:
         return self.unit_counts
 
@@ -110,6 +186,14 @@ class NoDaemon:
 
     def extras(self) -> dict:
         return {}
+
+    def set_params(self, changes: Mapping[str, Any], now: int) -> dict[str, str]:
+        if changes:
+            raise PolicyParamError(f"this policy has no daemon whose parameters could change: {', '.join(changes)}")
+        return {}
+
+    def wake_at(self, t: int) -> None:
+        return None
 
 
 # =================================================================================================
@@ -205,14 +289,20 @@ def params_array(params: Any, slots: tuple, derived: Mapping[str, int] | None = 
     return out
 
 
-class KernelRuntime:
+class KernelRuntime(ParamsMixin):
     """The Python object around a policy's numba kernel: what the replay driver calls that is the
     same for every kernel.  A subclass sets ``self.sc`` (from :func:`new_block`), implements
     ``on_snapshot``/``run_until`` by calling its jitted functions and then :meth:`check`, and maps
-    its scalars to counter names in :meth:`counters`."""
+    its scalars to counter names in :meth:`counters`.  To take parameter changes mid-run it names
+    its parameter slots: ``param_slots`` (from :func:`param_slots`), ``param_offset`` (``OP``) and
+    :meth:`derived_params` (the values of its derived slots)."""
 
     name = "kernel"
     sc: np.ndarray
+    #: the kernel's parameter slots (:func:`param_slots`) and where they start in ``sc``; None: the
+    #: kernel reads its parameters once (they cannot change mid-run)
+    param_slots: Any = None
+    param_offset: int = 0
 
     def __init__(self, params, ctx) -> None:
         self.p = params
@@ -233,3 +323,26 @@ class KernelRuntime:
 
     def extras(self) -> dict:
         return {}
+
+    def derived_params(self, params: Any) -> dict[str, int]:
+        """Values of the derived slots (and of fields that are not integers) for ``params``."""
+        return {}
+
+    def _store_params(self) -> None:
+        if self.param_slots is None:
+            raise PolicyParamError(f"the {self.name} kernel reads its parameters once: they cannot change mid-run "
+                                   "(run it with runtime='readable')")
+        n = len(self.param_slots)
+        self.sc[self.param_offset: self.param_offset + n] = params_array(self.p, self.param_slots,
+                                                                         self.derived_params(self.p))
+
+    def batch_end(self) -> int:
+        """Virtual time at which the last batch's work ended (0 before the first batch)."""
+        if int(self.sc[D_WAKES]) == 0:
+            return 0
+        w = int(((self.sc[DU: DU + N_UNITS] - self.sc[DB: DB + N_UNITS]) * self.sc[DT: DT + N_UNITS]).sum()) // 1000
+        return int(self.sc[D_NOW]) + w
+
+    def wake_at(self, t: int) -> None:
+        """Woken at ``t`` (see :meth:`Daemon.wake_at`)."""
+        self.sc[D_TWAKE] = max(int(self.sc[D_TWAKE]), int(t))

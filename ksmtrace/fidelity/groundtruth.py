@@ -84,13 +84,22 @@ class GroundTruth:
 
     def ksmd_stretch(self) -> float | None:
         """Wall time over CPU time of ksmd during the run: (run + run-queue wait) / run, from the
-        scheduler statistics ``ksmtrace validate`` records (None when the trace has none)."""
+        scheduler statistics ``ksmtrace validate`` records, else from ksmd's run and wait times in
+        the ground-truth samples of any capture (format 2: ``ksmd_wait_ns``), from KSM's start to
+        the last sample.  None when the trace has neither."""
         v = self.validate or {}
         a, b = v.get("ksmd_sched_start"), v.get("ksmd_sched_end")
-        if not a or not b:
+        if a and b:
+            run = b.get("run_ns", 0) - a.get("run_ns", 0)
+            wait = b.get("wait_ns", 0) - a.get("wait_ns", 0)
+        elif "ksmd_wait_ns" in self.samples.columns:
+            s = self.samples.filter(pl.col("t_s") >= self.start_s).drop_nulls(["ksmd_cpu_ns", "ksmd_wait_ns"])
+            if s.height < 2:
+                return None
+            run = int(s["ksmd_cpu_ns"][-1] - s["ksmd_cpu_ns"][0])
+            wait = int(s["ksmd_wait_ns"][-1] - s["ksmd_wait_ns"][0])
+        else:
             return None
-        run = b.get("run_ns", 0) - a.get("run_ns", 0)
-        wait = b.get("wait_ns", 0) - a.get("wait_ns", 0)
         if run <= 0 or wait < 0:
             return None
         return (run + wait) / run

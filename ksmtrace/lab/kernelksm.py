@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ksmtrace.errors import KernelError
+from ksmtrace_tracers import ksmsysfs
 
-KSM_DIR = Path("/sys/kernel/mm/ksm")
+KSM_DIR = ksmsysfs.KSM_DIR
 RUN_STOP, RUN_MERGE, RUN_UNMERGE = 0, 1, 2
 
 #: settings the kernel refuses to change while pages are merged (EBUSY)
@@ -62,41 +63,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM arrived inside a :class:`ksm_settings` block."""
 
 
-# --- reading ---------------------------------------------------------------------------------------
-def available() -> bool:
-    return KSM_DIR.is_dir()
-
-
-def _parse(text: str) -> int | str:
-    text = text.strip()
-    if "[" in text:  # "[none] scan-time"
-        return text[text.find("[") + 1 : text.find("]")]
-    try:
-        return int(text)
-    except ValueError:
-        return text
-
-
-def read(name: str) -> int | str:
-    try:
-        return _parse((KSM_DIR / name).read_text())
-    except FileNotFoundError:
-        raise KernelError(f"{KSM_DIR / name}: no such KSM file (kernel without CONFIG_KSM, or too old)") from None
-    except OSError as exc:
-        raise KernelError(f"{KSM_DIR / name}: cannot read: {exc.strerror}") from None
-
-
-def read_all() -> dict[str, int | str]:
-    """Every readable file of /sys/kernel/mm/ksm; choices (advisor_mode) as the selected value."""
-    if not available():
-        raise KernelError(f"{KSM_DIR}: missing (kernel without CONFIG_KSM)")
-    out: dict[str, int | str] = {}
-    for p in sorted(KSM_DIR.iterdir()):
-        try:
-            out[p.name] = _parse(p.read_text())
-        except OSError:
-            continue
-    return out
+# --- reading (the one KSM sysfs reader lives with the capture code) ------------------------------
+available = ksmsysfs.available
+read = ksmsysfs.read
+read_all = ksmsysfs.read_all
+ksmd_pid = ksmsysfs.ksmd_pid
 
 
 def writable_settings() -> list[str]:
@@ -145,41 +116,14 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.0
         time.sleep(interval)
 
 
-def ksmd_pid() -> int | None:
-    """pid of the ``ksmd`` kernel thread."""
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            data = Path(f"/proc/{name}/stat").read_bytes()
-        except OSError:
-            continue
-        if data[data.index(b"(") + 1 : data.rindex(b")")] == b"ksmd":
-            return int(name)
-    return None
-
-
 def ksmd_cpu_ns() -> int | None:
     """ksmd's CPU time in ns (first field of /proc/<ksmd>/schedstat)."""
-    pid = ksmd_pid()
-    if pid is None:
-        return None
-    try:
-        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
+    sched = ksmsysfs.schedstat(ksmd_pid())
+    return sched[0] if sched else None
 
 
 def vmstat(name: str) -> int | None:
-    try:
-        with open("/proc/vmstat") as f:
-            for line in f:
-                k, _, v = line.partition(" ")
-                if k == name:
-                    return int(v)
-    except OSError:
-        pass
-    return None
+    return ksmsysfs.vmstat((name,))[name]
 
 
 def cow_ksm() -> int | None:

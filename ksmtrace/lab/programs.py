@@ -100,31 +100,27 @@ def _own_group(p: subprocess.Popen) -> bool:
 
 def mergeable(pid: int) -> bool:
     """The process has a mergeable VMA or merge-any (from /proc/PID/ksm_stat)."""
-    try:
-        text = Path(f"/proc/{pid}/ksm_stat").read_text()
-    except OSError:
-        return False
-    return "ksm_mergeable: yes" in text or "ksm_merge_any: yes" in text
+    from ksmtrace_tracers.procinfo import read_ksm_stat
+
+    st = read_ksm_stat(pid) or {}
+    return bool(st.get("ksm_mergeable") or st.get("ksm_merge_any"))
 
 
 def other_mergeable(exclude: set[int]) -> list[str]:
     """``"pid comm"`` of every process with mergeable memory that is not in ``exclude`` (or a
     descendant of it)."""
     from ksmtrace.lab.workloads import procs as P
+    from ksmtrace_tracers.procinfo import list_pids, read_stat
 
     ex = set(exclude) | set(P.descendants(exclude))
     ex.add(os.getpid())
     out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) in ex:
+    for pid in list_pids():
+        if pid in ex or not mergeable(pid):
             continue
-        if mergeable(int(name)):
-            try:
-                comm = Path(f"/proc/{name}/comm").read_text().strip()
-            except OSError:
-                comm = "?"
-            out.append(f"{name} {comm}")
-    return sorted(out, key=lambda s: int(s.split()[0]))
+        st = read_stat(pid)
+        out.append(f"{pid} {st.comm if st is not None else '?'}")
+    return out
 
 
 class Running:

@@ -10,10 +10,8 @@ One run, in order (every step undone on every path — normal end, error, Ctrl-C
 3. start the workload and wait until it is ready (warn about other processes with mergeable
    memory: ksmd would scan them too);
 4. start the capture (``scope=mergeable``, what ksmd scans; ground truth sampled at every snapshot
-   and every ``ksm_sample_interval`` s; page contents read through /proc/PID/mem only, because
-   process_vm_readv pins pages and makes the kernel unshare a page KSM merged between the
-   pagemap read and the content read — a COW break the capture itself caused, measured at ~440
-   per 20 snapshots of a fast scan);
+   and every ``ksm_sample_interval`` s; page contents are read through /proc/PID/mem, which never
+   pins a page, so the capture causes no COW break of its own);
 5. snapshot 0 (nothing merged yet), then ``run=1``; the exact monotonic time goes into the trace
    manifest (``validate.run_start_ns``) so the replay's ksmd starts at the same instant;
 6. snapshots every ``interval`` s until ``duration`` s after snapshot 0;
@@ -96,20 +94,13 @@ class RunRecord:
 # ---------------------------------------------------------------------------------------------
 def _sched(pid: int | None) -> dict[str, int] | None:
     """ksmd's scheduler statistics: run and run-queue wait time (ns), timeslices, switches."""
-    if pid is None:
+    from ksmtrace_tracers import ksmsysfs, procinfo
+
+    st = ksmsysfs.schedstat(pid)
+    if st is None:
         return None
-    try:
-        run, wait, slices = (int(x) for x in Path(f"/proc/{pid}/schedstat").read_text().split()[:3])
-    except (OSError, ValueError):
-        return None
-    out = {"run_ns": run, "wait_ns": wait, "timeslices": slices}
-    try:
-        for line in Path(f"/proc/{pid}/sched").read_text().splitlines():
-            if "nr_voluntary_switches" in line or "nr_involuntary_switches" in line:
-                k, _, v = line.partition(":")
-                out[k.strip()] = int(v)
-    except (OSError, ValueError):
-        pass
+    out = {"run_ns": st[0], "wait_ns": st[1], "timeslices": st[2]}
+    out.update(procinfo.read_switches(pid) or {})
     return out
 
 
@@ -157,7 +148,6 @@ def ground_truth_run(
                 interval=opts.interval,
                 duration=opts.duration,
                 ksm_sample_interval=opts.ksm_sample_interval,
-                allow_pvr=False,
                 command_line=["ksmtrace", "validate", opts.name, f"settings={opts.settings}"],
             )
             with tracer.open(trace_dir, targets, copts) as cap:

@@ -60,7 +60,7 @@ def breakdown(data, *, scope: str | None = None, trace_name: str | None = None, 
         ax.plot(t, frames_to(col["oracle_saved"], units), color=ORACLE_COLOR, linewidth=1.2, marker=mk, markersize=2.5,
                 label="oracle_saved (total: perfect dedup)", gid="oracle_saved")
         ax.plot(t, frames_to(col["same_domain_saved"], units), color=SAME_DOMAIN_COLOR, linestyle="--", linewidth=1.8,
-                marker=mk, markersize=2.5, label="same-domain-only rule keeps (uid+cgroup; zero pages included)",
+                marker=mk, markersize=2.5, label="same-domain preset keeps (nothing shared across uid+cgroup)",
                 gid="same_domain_saved")
         naive = frames_to(col["hash_only_saved"], units)
         ax.plot(t, naive, color=NAIVE_COLOR, linestyle=":", linewidth=1.2,

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from ksmtrace._version import __version__
 from ksmtrace.errors import KsmtraceError
+from ksmtrace.outputs import open_output_dir
 from ksmtrace.plot import palette
 
 PAGE_SIZE = 4096
@@ -295,22 +296,15 @@ def save(fig: Figure, path: str | os.PathLike) -> Path:
         metadata = {"Creator": creator, "Date": None}
     else:
         metadata = {"Creator": creator, "Producer": creator, "CreationDate": None, "ModDate": None}
-    if p.parent and not p.parent.exists():
-        try:
-            p.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise KsmtraceError(f"{p.parent}: cannot create directory ({exc.strerror})") from None
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
+
+    def draw(fh) -> None:
         with style():
             if fig.canvas is None or not isinstance(fig.canvas, FigureCanvasAgg):
                 FigureCanvasAgg(fig)
-            fig.savefig(tmp, format=fmt, dpi=DPI, metadata=metadata)
-        os.replace(tmp, p)
-    except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise KsmtraceError(f"{p}: cannot write ({exc.strerror})") from None
+            fig.savefig(fh, format=fmt, dpi=DPI, metadata=metadata)
+
+    # the directory must be the user's own and not writable by others; the image is written
+    # atomically relative to it (ksmtrace.outputs)
+    with open_output_dir(p.parent) as d:
+        d.write_atomic(p.name, draw)
     return p

@@ -13,7 +13,8 @@ of a run depends on its policy name alone, never on its position in a list:
   list gets the n-th line style).
 
 The reference lines have styles of their own: the oracle is black and dashed, the naive hash-only
-count grey and dotted.
+count grey and dotted.  Controllers (runs of ``ksm`` retuned by ksmtuned, KubeVirt or the kernel's
+advisor) have fixed styles too (:func:`controller_style`), with markers no policy uses.
 """
 from __future__ import annotations
 
@@ -35,6 +36,14 @@ FALLBACK_COLORS = ("#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#393b
 FALLBACK_MARKERS = ("v", "P", "X", "<", ">", "h", "p", "8")
 #: line styles of the 1st, 2nd, ... run of one policy in one figure
 LINESTYLES: tuple[Any, ...] = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2, 1, 2)))
+
+#: the shipped controllers: name -> (colour, marker); other controllers get a stable pick
+CONTROLLERS: dict[str, tuple[str, str]] = {
+    "ksmtuned": ("#ff7f0e", "P"),
+    "kubevirt": ("#17becf", "X"),
+    "scan-time": ("#e377c2", "h"),
+}
+CONTROLLER_MARKERS = ("p", "8", "<", ">")
 
 ORACLE_COLOR = "#000000"
 ORACLE_LINESTYLE = "--"
@@ -60,6 +69,16 @@ def policy_style(policy: str | None) -> PolicyStyle:
         return PolicyStyle(c, m)
     return PolicyStyle(FALLBACK_COLORS[_stable(name, "colour") % len(FALLBACK_COLORS)],
                        FALLBACK_MARKERS[_stable(name, "marker") % len(FALLBACK_MARKERS)])
+
+
+def controller_style(name: str | None) -> PolicyStyle:
+    """The colour and marker of a controller (by its name, the part before any ``:``)."""
+    base = str(name or "?").partition(":")[0]
+    if base in CONTROLLERS:
+        c, m = CONTROLLERS[base]
+        return PolicyStyle(c, m)
+    return PolicyStyle(FALLBACK_COLORS[_stable(base, "ctl-colour") % len(FALLBACK_COLORS)],
+                       CONTROLLER_MARKERS[_stable(base, "ctl-marker") % len(CONTROLLER_MARKERS)])
 
 
 def policy_color(policy: str | None) -> str:

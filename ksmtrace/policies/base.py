@@ -114,6 +114,26 @@ def parse_params(params_cls: type[Params], values: Mapping[str, Any] | None) -> 
         raise PolicyParamError(str(exc)) from None
 
 
+def params_table(params_cls: type[Params]) -> list[dict[str, Any]]:
+    """One row per parameter of ``params_cls``: name, type, default, unit, choices, help."""
+    hints = typing.get_type_hints(params_cls)
+    rows = []
+    for f in fields(params_cls):
+        md = f.metadata
+        t = hints.get(f.name, str)
+        rows.append(
+            {
+                "name": f.name,
+                "type": getattr(t, "__name__", str(t)),
+                "default": f.default,
+                "unit": md.get("unit", ""),
+                "choices": list(md["choices"]) if md.get("choices") else None,
+                "help": md.get("help", ""),
+            }
+        )
+    return rows
+
+
 def parse_assignments(items: list[str] | tuple[str, ...]) -> dict[str, str]:
     """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}`` (the CLI's ``-p key=value``)."""
     out: dict[str, str] = {}
@@ -195,22 +215,7 @@ class Policy:
 
     @classmethod
     def parameter_table(cls) -> list[dict[str, Any]]:
-        hints = typing.get_type_hints(cls.Params)
-        rows = []
-        for f in fields(cls.Params):
-            md = f.metadata
-            t = hints.get(f.name, str)
-            rows.append(
-                {
-                    "name": f.name,
-                    "type": getattr(t, "__name__", str(t)),
-                    "default": f.default,
-                    "unit": md.get("unit", ""),
-                    "choices": list(md["choices"]) if md.get("choices") else None,
-                    "help": md.get("help", ""),
-                }
-            )
-        return rows
+        return params_table(cls.Params)
 
     @classmethod
     def docstring(cls) -> str:

@@ -32,7 +32,8 @@ spanning its pages, or ``{proc: [vma, ...]}`` (the same at every snapshot the pr
 list of such mappings, one per snapshot; a ``vma`` is ``(start_vpn, end_vpn)`` or a dict with
 ``start``, ``end`` and optionally ``path`` (default ``""``), ``mergeable`` (True), ``stack``, ``vmflags``
 (the smaps VmFlags text; default ``"rd wr mr mw me ac"``, plus ``mg`` when mergeable and ``gd`` for a
-stack), or ``(start_vpn, end_vpn, vmflags)``.
+stack), ``perms`` (default ``"rw-p"``; ``"r--p"`` for a read-only mapping, whose default VmFlags
+have no ``wr``), or ``(start_vpn, end_vpn, vmflags)``.
 
 The trace goes through the real :class:`~ksmtrace.trace.writer.TraceWriter` and delta encoder, so
 it is a trace like any captured one.
@@ -260,7 +261,10 @@ def make_trace(
         if extra_tables is not None and s < len(extra_tables):
             tables = {**extra_tables[s], **tables}
         t0 = int(times[s] * 1e9)
-        w.commit_snapshot(s, t0, t0, tables, keyframe=bool(s == 0 or (keyframe_every and s % keyframe_every == 0)), stats={"pages": int(sum(len(v) for v in prev_state.values()))})
+        ops = cols["op"]
+        stats = {"pages": int(sum(len(v["vpn"]) for v in prev_state.values())), "new": int((ops == S.OP_NEW).sum()),
+                 "changed": int((ops == S.OP_CHANGED).sum()), "gone": int((ops == S.OP_GONE).sum())}
+        w.commit_snapshot(s, t0, t0, tables, keyframe=bool(s == 0 or (keyframe_every and s % keyframe_every == 0)), stats=stats)
         prev_pfn = cur_pfn
     w.close("complete")
     return open_trace(path)
@@ -288,10 +292,12 @@ def _vma_rows(vmas: Any, s: int, proc: int, pid: int, vpn: np.ndarray) -> list[d
             fl |= S.V_STACK
         if path == "[heap]":
             fl |= S.V_HEAP
-        vmflags = d.get("vmflags") or (DEFAULT_VMFLAGS + (" mg" if d.get("mergeable", True) else "")
+        perms = str(d.get("perms", "rw-p"))
+        default = DEFAULT_VMFLAGS if "w" in perms else " ".join(f for f in DEFAULT_VMFLAGS.split() if f != "wr")
+        vmflags = d.get("vmflags") or (default + (" mg" if d.get("mergeable", True) else "")
                                        + (" gd" if fl & S.V_STACK else ""))
         if "gd" in vmflags.split():
             fl |= S.V_STACK
-        rows.append({"snap": s, "proc": proc, "pid": pid, "start": a << 12, "end": b << 12, "perms": "rw-p",
+        rows.append({"snap": s, "proc": proc, "pid": pid, "start": a << 12, "end": b << 12, "perms": perms,
                      "flags": fl, "vmflags": vmflags, "path": path, "rss_pages": n, "anon_pages": n, "captured_pages": n})
     return rows

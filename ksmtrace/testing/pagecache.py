@@ -1,4 +1,4 @@
-"""Build small page-cache traces in code (format version 3): files, their resident pages, which
+"""Build small page-cache traces in code (format version 2): files, their resident pages, which
 processes map them, dirty and active bits, and file metadata changes.
 
 >>> make_pagecache_trace(tmp / "t", [
@@ -123,18 +123,7 @@ def make_pagecache_trace(
             prev = prev_listed.pop(f)
             empty = {k: v[:0] for k, v in prev.items()}
             fp_parts.append((f, D.rows_for(s, 0, 0, prev, empty, D.diff(prev, empty), False)))
-        cols: dict[str, list] = {n: [] for n in S.FILEPAGES_SCHEMA.names}
-        for f, r in fp_parts:
-            n = len(r["vpn"])
-            cols["snap"].append(np.full(n, s, np.uint32))
-            cols["dev"].append(np.full(n, DEV, np.uint64))
-            cols["inode"].append(np.full(n, file_inode(f), np.uint64))
-            cols["index"].append(r["vpn"])
-            for k in ("op", "hash", "flags", "pfn"):
-                cols[k].append(r[k])
-        fp = pa.table({n: pa.array(np.concatenate(v).astype(S.FILEPAGES_SCHEMA.field(n).type.to_pandas_dtype())
-                                   if v else np.zeros(0, S.FILEPAGES_SCHEMA.field(n).type.to_pandas_dtype()))
-                       for n, v in cols.items()}, schema=S.FILEPAGES_SCHEMA)
+        fp = D.filepages_table(s, [(DEV, file_inode(f), r) for f, r in fp_parts])
         extra.append({"vma_files": pa.Table.from_pylist(vf_rows, schema=S.VMA_FILES_SCHEMA),
                       "files": pa.Table.from_pylist(file_rows, schema=S.FILES_SCHEMA), "filepages": fp})
         pages_snaps.append(pages)

@@ -21,7 +21,7 @@ suite checks it, so a parameter that is not wired up fails a test.
   every few snapshots (COWs of merged pages), a VMA that grows and one that splits, an
   ineligible stack VMA, a forked child and an exiting process.
 
-* ``pagecache`` — a page cache (format version 3, ``file`` scope): three copies of a library tree
+* ``pagecache`` — a page cache (format version 2, ``file`` scope): three copies of a library tree
   (:func:`pagecache_snapshots`), mapped in part by three processes, with zero-filled pages,
   pages at different offsets of one file with equal content, active pages, a file written
   through a mapping (dirty) and one by ``write()`` (mtime), and a file evicted; 50 ms apart.

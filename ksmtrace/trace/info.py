@@ -15,6 +15,9 @@ deduplication would save at that instant, from :func:`ksmtrace.trace.prepare.pre
   the kernel's zero page and so frees every zero-filled frame, not all but one.
 
 ``distinct_contents`` counts the distinct hashes of readable present pages over the whole trace.
+``complete`` is False for a trace still being captured (``capture_running``) or whose capture was
+killed (``cut``: the snapshot being taken then is lost; the committed ones are all there);
+``cleaned`` lists what a killed capture left behind and this open removed.
 
 Every unreadable trace raises :class:`~ksmtrace.errors.TraceError` naming the file.
 """
@@ -128,6 +131,9 @@ def trace_info(trace: Trace | str | os.PathLike, scope: str = "anon", cache: boo
         "created": m.get("created"),
         "complete": bool(m.get("complete")),
         "end_reason": m.get("end_reason"),
+        "capture_running": tr.capture_running,
+        "cut": not m.get("complete") and not tr.capture_running,
+        "cleaned": list(tr.cleaned),
         "snapshots": n,
         "keyframes": sum(1 for e in tr.snapshots if e.get("keyframe")),
         "time_span_s": times[-1] - times[0] if n else 0.0,

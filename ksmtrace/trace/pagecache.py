@@ -1,4 +1,4 @@
-"""The ``file`` scope: a trace's page cache as the replay engine's pages (format version 3).
+"""The ``file`` scope: a trace's page cache as the replay engine's pages (format version 2).
 
 A page-cache page is ``(device, inode, index)``: one page of one file's ``address_space``, however
 many processes map it.  This module turns a trace's page-cache view into a
@@ -277,6 +277,7 @@ def prepare_file(trace, scope: str = "file"):
         page_vpn=page_vpn,
         n_procs=n_files,
         proc_pid=np.zeros(n_files, np.int64),
+        proc_id=np.arange(n_files, dtype=np.int64),  # file ids: the scope has no traced process
         proc_comm=paths,
         proc_domain=np.zeros(n_files, np.int32),
         proc_first_snap=first,

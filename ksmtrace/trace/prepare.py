@@ -15,7 +15,7 @@ What this computes, and the rules it applies (also in ``docs/replay-semantics.md
 * **candidates** under the scope: ``recorded`` = present anonymous pages of mergeable VMAs (what
   ksmd scans); ``anon`` = every present private anonymous page.  Pages mapping the kernel's shared
   zero page, swapped pages and hugetlb pages are never candidates.  ``file`` = the page cache
-  (format version 3): resident clean pages of files, one page per (device, inode, index),
+  (format version 2): resident clean pages of files, one page per (device, inode, index),
   prepared by :mod:`ksmtrace.trace.pagecache`.
 * **events** per snapshot and page, from the page's previous row: ``APPEAR`` (became a candidate),
   ``GONE`` (stopped being one: unmapped, exited, swapped, zero-page mapped), ``UNMERGE`` (still a
@@ -34,9 +34,12 @@ What this computes, and the rules it applies (also in ``docs/replay-semantics.md
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import pickle
+import stat
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,8 +50,10 @@ from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decor
 from numba import njit
 
 from ksmtrace._version import __version__
-from ksmtrace.errors import TraceError
+from ksmtrace.errors import OutputError, TraceError
+from ksmtrace.outputs import OutputDir, open_output_dir
 from ksmtrace.trace import schema as S
+from ksmtrace.trace.reader import Trace
 
 SCOPES = ("recorded", "anon", "file")  # file: the page cache (ksmtrace.trace.pagecache)
 
@@ -59,7 +64,7 @@ EV_WRITE = 4
 EV_THP = 5
 EVENT_NAMES = {EV_APPEAR: "appear", EV_GONE: "gone", EV_UNMERGE: "unmerge", EV_WRITE: "write", EV_THP: "thp"}
 
-_PREP_VERSION = "9-strengths-vmas"  # (a string: other branches' versions differ and share the cache directory)
+_PREP_VERSION = "10-strengths-vmas-procid"  # (a string: other branches' versions differ and share the cache directory)
 
 #: smaps VmFlags mnemonics (fs/proc/task_mmu.c show_smap_vma_flags) -> bit of ``VmaTable.vmflags``
 VMFLAG_BITS = {name: i for i, name in enumerate(
@@ -101,6 +106,7 @@ class Prepared:
     page_vpn: np.ndarray  # int64 [n_pages]
     n_procs: int
     proc_pid: np.ndarray  # int64 [n_procs]
+    proc_id: np.ndarray  # int64 [n_procs]: the trace's process id (``proc`` column of its tables)
     proc_comm: list[str]
     proc_domain: np.ndarray  # int32 [n_procs] security domain id (uid+cgroup)
     proc_first_snap: np.ndarray  # int32: first snapshot the process is seen in
@@ -128,6 +134,7 @@ class Prepared:
     extras: dict[str, Any] = field(default_factory=dict)
     ev_strength: np.ndarray | None = None  # uint32 [n_events, len(SAMPLE_STRENGTHS)] when captured
     vmas: VmaTable | None = None  # the vmas table, when the trace has one
+    trace_identity: str = ""  # Trace.identity of the files it was built from (the cache checks it)
 
     @property
     def n_snaps(self) -> int:
@@ -148,42 +155,101 @@ class Prepared:
         return np.where(g >= 0, g, own)
 
 
-# ---------------------------------------------------------------------------------------------
-def _cache_path(trace, scope: str) -> Path | None:
+# --- the prepared cache ---------------------------------------------------------------------
+def cache_dir() -> Path | None:
+    """Where prepared traces are cached: ``$KSMTRACE_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/ksmtrace/prepared``; when that cannot be used (not writable, not ours, or
+    writable by others), a private ``ksmtrace-<uid>/prepared`` in the temporary directory; None
+    (no cache) when neither can be used or ``KSMTRACE_NO_CACHE`` is set."""
+    d = _open_cache_dir()
+    if d is None:
+        return None
+    d.close()
+    return d.path
+
+
+def _open_cache_dir() -> OutputDir | None:
     if os.environ.get("KSMTRACE_NO_CACHE"):
         return None
     base = os.environ.get("KSMTRACE_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ksmtrace", "prepared"
     )
-    key = hashlib.sha256(f"{trace.fingerprint}:{scope}:{_PREP_VERSION}:{__version__}".encode()).hexdigest()[:24]
-    return Path(base) / f"{key}.pkl"
+    for path in (base, os.path.join(tempfile.gettempdir(), f"ksmtrace-{os.geteuid()}", "prepared")):
+        try:
+            return open_output_dir(path, mode=0o700, what="cache directory")
+        except (OutputError, OSError):
+            continue
+    return None
+
+
+def cache_key(trace, scope: str) -> str:
+    """Names one prepared trace: the identity of every file of the trace (device, inode, size,
+    mtime, ctime, Parquet rows: any change means a rebuild), the scope, and the version of the
+    code that prepares it (the package version, this module's format and every jitted source)."""
+    parts = f"{trace.fingerprint}:{trace.identity}:{scope}:{_PREP_VERSION}:{__version__}:{_jit.CODE_DIGEST}:{_trace_code_digest()}"
+    return hashlib.sha256(parts.encode()).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=1)
+def _trace_code_digest() -> str:
+    """Digest of the trace package's sources: a change to how any table is read or derived
+    (not only the jitted parts) makes a new key, so an edited checkout never reads a stale cache."""
+    h = hashlib.sha256()
+    for p in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(p.name.encode() + b"\0")
+        try:
+            h.update(p.read_bytes())
+        except OSError:
+            pass
+    return h.hexdigest()[:16]
+
+
+def _load_cached(d: OutputDir, name: str, trace) -> Prepared | None:
+    """A cached Prepared, if the file is ours and was built from exactly this trace."""
+    try:
+        fd = d.open_existing(name, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            return None  # a pickle another user could have written is never loaded
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            prep = pickle.load(fh)
+    except Exception:  # a damaged or foreign cache file is simply rebuilt
+        return None
+    finally:
+        os.close(fd)
+    if (isinstance(prep, Prepared) and prep.trace_identity == trace.identity and prep.trace_fingerprint == trace.fingerprint
+            and all(f.name in prep.__dict__ for f in dataclasses.fields(Prepared))):  # (not an older layout)
+        return prep
+    return None
 
 
 def prepare(trace, scope: str = "recorded", cache: bool = True) -> Prepared:
+    """The engine-ready view of ``trace`` under ``scope``, from the cache when it holds one built
+    from exactly these files by this code (``cache=False`` or ``KSMTRACE_NO_CACHE=1``: always
+    rebuilt, nothing stored)."""
     if scope not in SCOPES:
         raise TraceError(f"unknown scope {scope!r} (scopes: {', '.join(SCOPES)})")
-    path = _cache_path(trace, scope) if cache else None
-    if path is not None and path.exists():
-        try:
-            with open(path, "rb") as fh:
-                prep = pickle.load(fh)
-            if (isinstance(prep, Prepared) and prep.trace_fingerprint == trace.fingerprint
-                    and all(f.name in prep.__dict__ for f in dataclasses.fields(Prepared))):  # (not an older layout)
+    trace.require_unchanged()  # the key names the files as they were opened: they must still be those
+    d = _open_cache_dir() if cache else None
+    try:
+        name = f"{cache_key(trace, scope)}.pkl" if d is not None else ""
+        if d is not None:
+            prep = _load_cached(d, name, trace)
+            if prep is not None:
                 return prep
-        except Exception:  # a stale or foreign cache file is simply rebuilt
-            pass
-    prep = _prepare(trace, scope)
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = path.with_suffix(".tmp%d" % os.getpid())
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                pickle.dump(prep, fh, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, path)
-        except OSError:
-            pass
-    return prep
+        prep = _prepare(trace, scope)
+        if d is not None:
+            try:
+                d.write_atomic(name, lambda fh: pickle.dump(prep, fh, protocol=pickle.HIGHEST_PROTOCOL), mode=0o600, sync=False)
+            except OutputError:
+                pass  # a full or read-only cache only costs the next run a rebuild
+        return prep
+    finally:
+        if d is not None:
+            d.close()
 
 
 @njit(cache=True)
@@ -274,23 +340,24 @@ def _prepare(trace, scope: str) -> Prepared:
     cols += [c for c in strength_cols if c not in cols]
     rows = trace.read_table("pages", columns=cols)
     op = rows["op"].to_numpy()
-    keep_rows = op != S.OP_SAME
-    if not keep_rows.all():
-        rows = rows.filter(pl.Series(keep_rows))
-        op = op[keep_rows]
+    _check_values(trace, rows, op)
 
     # --- processes -------------------------------------------------------------------------
     procs = _process_table(trace, rows)
     n_procs = procs.height
+    # dense process indices (procs is sorted by proc): nothing is sized by an id's value
     proc_ids = procs["proc"].to_numpy().astype(np.int64)
-    max_proc = int(proc_ids.max()) if n_procs else 0
-    proc_map = np.full(max_proc + 1, -1, dtype=np.int64)
-    proc_map[proc_ids] = np.arange(n_procs)
 
     # --- page ids: (process, virtual page) numbered in that order -----------------------------
-    row_proc = proc_map[rows["proc"].to_numpy().astype(np.int64)]
+    row_proc = np.searchsorted(proc_ids, rows["proc"].to_numpy().astype(np.int64))
     vpn = rows["vpn"].to_numpy().astype(np.int64)
     pg, n_pages = _dense2(row_proc, vpn, ordered=True)
+    snap = rows["snap"].to_numpy().astype(np.int64)
+    _check_deltas(trace, snap, pg, op, n_pages, row_proc, vpn, proc_ids)
+    keep_rows = op != S.OP_SAME  # unchanged pages listed by keyframes: no event
+    if not keep_rows.all():
+        rows = rows.filter(pl.Series(keep_rows))
+        op, row_proc, vpn, pg, snap = op[keep_rows], row_proc[keep_rows], vpn[keep_rows], pg[keep_rows], snap[keep_rows]
     page_proc = np.zeros(n_pages, np.int32)
     page_vpn = np.zeros(n_pages, np.int64)
     page_proc[pg] = row_proc
@@ -299,7 +366,6 @@ def _prepare(trace, scope: str) -> Prepared:
     proc_pg_hi = np.searchsorted(page_proc, np.arange(n_procs), side="right").astype(np.int64)
 
     # --- rows in (snapshot, page) order --------------------------------------------------------
-    snap = rows["snap"].to_numpy().astype(np.int64)
     order_key = snap * max(n_pages, 1) + pg
     if len(order_key) > 1 and not bool(np.all(order_key[1:] > order_key[:-1])):
         order = np.argsort(order_key, kind="stable")
@@ -441,12 +507,14 @@ def _prepare(trace, scope: str) -> Prepared:
     prep = Prepared(
         scope=scope,
         trace_fingerprint=trace.fingerprint,
+        trace_identity=trace.identity,
         times_ns=times,
         n_pages=n_pages,
         page_proc=page_proc,
         page_vpn=page_vpn,
         n_procs=n_procs,
         proc_pid=procs["pid"].to_numpy().astype(np.int64),
+        proc_id=proc_ids,
         proc_comm=procs["comm"].to_list(),
         proc_domain=procs["domain"].to_numpy().astype(np.int32),
         proc_first_snap=procs["first_snap"].fill_null(0).to_numpy().astype(np.int32),
@@ -472,24 +540,26 @@ def _prepare(trace, scope: str) -> Prepared:
         zero_page_mapped=zpm,
         hash_dup_pages=np.zeros(n_snaps, dtype=np.int64),
         ev_strength=strength,
-        vmas=_vma_table(trace, proc_map, n_snaps),
+        vmas=_vma_table(trace, proc_ids, n_snaps),
     )
     _registration(prep, procs, row_proc, cand, snap, n_snaps, scope)
     _baselines(prep)
     return prep
 
 
-def _vma_table(trace, proc_map: np.ndarray, n_snaps: int) -> VmaTable | None:
-    """The vmas table as arrays (None if the trace has none); VMAs of unknown processes dropped."""
+def _vma_table(trace, proc_ids: np.ndarray, n_snaps: int) -> VmaTable | None:
+    """The vmas table as arrays (None if the trace has none); VMAs of unknown processes dropped.
+    ``proc_ids`` are the trace's process ids, sorted (the dense index is the position)."""
     if not trace.has_table("vmas"):
         return None
     v = trace.read_table("vmas", columns=["snap", "proc", "start", "end", "flags", "vmflags"])
     if v.height == 0:
         return None
     tp = v["proc"].to_numpy().astype(np.int64)
-    known = tp < len(proc_map)
-    dense = np.full(len(tp), -1, np.int64)
-    dense[known] = proc_map[tp[known]]
+    pos = np.searchsorted(proc_ids, tp)
+    known = pos < len(proc_ids)
+    known[known] = proc_ids[pos[known]] == tp[known]
+    dense = np.where(known, pos, -1).astype(np.int64)
     v = v.with_columns(pl.Series("dproc", dense)).filter(pl.col("dproc") >= 0).sort("snap", "dproc", "start")
     masks = {m: vmflag_mask(m) for m in v["vmflags"].unique().to_list()}
     return VmaTable(
@@ -500,6 +570,120 @@ def _vma_table(trace, proc_map: np.ndarray, n_snaps: int) -> VmaTable | None:
         flags=v["flags"].to_numpy().astype(np.uint32),
         vmflags=np.array([masks[m] for m in v["vmflags"].to_list()], dtype=np.int64),
     )
+
+
+# --- checks of the page rows ------------------------------------------------------------------
+MAX_PAGE_NUMBER = 1 << 52  # a 64-bit address >> 12: virtual and physical page numbers are below
+
+
+def _pages_file(trace, s: int) -> str:
+    return str(trace.path / S.snapshot_file("pages", int(s)))
+
+
+def _check_values(trace, rows: pl.DataFrame, op: np.ndarray) -> None:
+    """Values the format allows: an op of 0..3, page numbers below 2^52."""
+    if not len(op):
+        return
+    bad = op > S.OP_SAME
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise TraceError(f"{_pages_file(trace, rows['snap'][i])}: op {int(op[i])} is not a page row operation (0 NEW, 1 CHANGED, 2 GONE, 3 SAME)")
+    for name in ("vpn", "pfn"):
+        col = rows[name]
+        if int(col.max()) >= MAX_PAGE_NUMBER:
+            i = int(col.arg_max())
+            raise TraceError(f"{_pages_file(trace, rows['snap'][i])}: {name} {int(col[i]):#x} is not a page number "
+                             "(a 64-bit address >> 12 is below 2^52)")
+
+
+_DELTA_RULES = {
+    1: "appears twice in snapshot {s}",
+    2: "is NEW at snapshot {s} but was already mapped (a row of an earlier snapshot was dropped or duplicated)",
+    3: "is {op} at snapshot {s} but was not mapped before (its NEW row is missing)",
+    4: "is SAME at snapshot {s}, which is not a keyframe",
+}
+_OP_NAMES = {S.OP_NEW: "NEW", S.OP_CHANGED: "CHANGED", S.OP_GONE: "GONE", S.OP_SAME: "SAME"}
+
+
+def _check_deltas(trace, snap, pg, op, n_pages, row_proc, vpn, proc_ids) -> None:
+    """The page rows must be a valid delta encoding, and agree with the statistics the snapshot
+    log recorded.
+
+    Each page (proc, vpn) has at most one row per snapshot; NEW only when it is not mapped,
+    CHANGED/GONE (and SAME) only when it is; SAME only in keyframes; a keyframe lists every page
+    mapped before it.  The log's ``new``, ``changed``, ``gone`` and ``pages`` (mapped pages), when
+    present, must equal what the rows say: a dropped, duplicated or emptied delta file shows here
+    (for a trace read from disk: a view of one, e.g. without some processes, has other rows).
+    """
+    n_snaps = trace.n_snapshots
+    keyframe = np.array([bool(e.get("keyframe")) for e in trace.snapshots], dtype=np.bool_)
+    code, i, counts, mapped = _delta_scan(snap, pg, op.astype(np.int64), n_pages, n_snaps, keyframe)
+    if code == 5:
+        raise TraceError(f"{_pages_file(trace, i)}: keyframe snapshot {i} does not list every page mapped before it "
+                         "(rows were dropped)")
+    if code:
+        s = int(snap[i])
+        what = _DELTA_RULES[code].format(s=s, op=_OP_NAMES.get(int(op[i]), op[i]))
+        raise TraceError(f"{_pages_file(trace, s)}: page (proc {int(proc_ids[row_proc[i]])}, vpn {int(vpn[i]):#x}) {what}")
+    if not isinstance(trace, Trace):
+        return  # a view of a trace (e.g. without some processes): the log describes other rows
+    for s, e in enumerate(trace.snapshots):
+        for key, k in (("new", S.OP_NEW), ("changed", S.OP_CHANGED), ("gone", S.OP_GONE)):
+            want = e.get(key)
+            if want is not None and want != counts[s, k]:
+                raise TraceError(f"{_pages_file(trace, s)}: {int(counts[s, k]):,} {key.upper()} rows, "
+                                 f"but the snapshot log recorded {want:,}")
+        want = e.get("pages")
+        if want is not None and want != mapped[s]:
+            raise TraceError(f"{_pages_file(trace, s)}: the rows leave {int(mapped[s]):,} pages mapped, "
+                             f"but the snapshot log recorded {want:,}")
+
+
+@njit(cache=True)
+def _delta_scan(snap, pg, op, n_pages, n_snaps, keyframe):
+    """One pass over the rows (in snapshot order).  Returns (rule broken or 0, row index — or
+    the snapshot for rule 5, rows per snapshot and op, pages mapped after each snapshot)."""
+    live = np.zeros(n_pages, np.bool_)
+    last = np.full(n_pages, -1, np.int64)
+    counts = np.zeros((n_snaps, 4), np.int64)
+    mapped = np.zeros(n_snaps, np.int64)
+    n_live = 0
+    cur = 0
+    live_before = 0
+    listed = 0
+    n = len(pg)
+    for i in range(n + 1):
+        s = snap[i] if i < n else n_snaps
+        while cur < s:  # close snapshot cur (and any snapshot without rows)
+            if keyframe[cur] and listed != live_before:
+                return 5, cur, counts, mapped
+            mapped[cur] = n_live
+            cur += 1
+            live_before = n_live
+            listed = 0
+        if i == n:
+            break
+        p = pg[i]
+        o = op[i]
+        if last[p] == s:
+            return 1, i, counts, mapped
+        last[p] = s
+        counts[s, o] += 1
+        if o == 0:
+            if live[p]:
+                return 2, i, counts, mapped
+            live[p] = True
+            n_live += 1
+        else:
+            if not live[p]:
+                return 3, i, counts, mapped
+            listed += 1
+            if o == 2:
+                live[p] = False
+                n_live -= 1
+            elif o == 3 and not keyframe[s]:
+                return 4, i, counts, mapped
+    return 0, -1, counts, mapped
 
 
 def _process_table(trace, rows: pl.DataFrame) -> pl.DataFrame:

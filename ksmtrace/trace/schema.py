@@ -10,6 +10,11 @@ A trace is a directory::
       ksm/snap-000000.parquet        ground truth: /sys/kernel/mm/ksm/*, cow_ksm, ksmd CPU (if KSM exists)
       ksm_stat/snap-000000.parquet   ground truth: /proc/PID/ksm_stat of every target
       contents/snap-000000.parquet   page contents, content-addressed (only with --contents)
+      faults/snap-000000.parquet     kernel events: user write faults of the targets (version 2)
+      ksm_events/snap-000000.parquet kernel events: the ksm:* tracepoints (version 2)
+      vma_files/snap-000000.parquet  page cache: the file (dev, inode, offset) behind each file VMA (version 2)
+      files/snap-000000.parquet      page cache: every file mapped or listed, its size, mtime, cached pages (version 2)
+      filepages/snap-000000.parquet  page cache: resident pages of the files under --files (version 2)
 
 Any Parquet reader opens a table with a glob (``pl.scan_parquet("TRACE/pages/*.parquet")``).  Only
 files of snapshots listed in the manifest are part of the trace; a file of a snapshot that was
@@ -24,20 +29,25 @@ from __future__ import annotations
 import pyarrow as pa
 
 FORMAT_NAME = "ksmtrace-trace"
-#: the version this ksmtrace writes.  Version 2 added the optional sampled-hash strength columns
-#: (``STRENGTH_FIELDS``); version 3 the page-cache tables (``PAGECACHE_TABLES``) and the page-cache
-#: flag bits (``F_DIRTY``, ``F_WRITEBACK``, ``F_ACTIVE``).  Each version is the one before plus
-#: optional parts, so every listed version is read.
-FORMAT_VERSION = 3
-READ_VERSIONS = (1, 2, 3)
+#: the version traces are written in.  Version 2 added the kernel-event tables (faults,
+#: ksm_events), ksmd's run-queue wait (ksm.ksmd_wait_ns), the keyed PRF page hash (manifest
+#: capture.hash.algorithm), the optional sampled hash at several strengths (STRENGTH_FIELDS) and
+#: the page cache: the optional tables vma_files, files, filepages (``PAGECACHE_TABLES``) and the
+#: page-cache flag bits F_DIRTY, F_WRITEBACK, F_ACTIVE.  A version-1 trace is read as a version-2
+#: trace without them.
+FORMAT_VERSION = 2
+#: the versions this ksmtrace reads
+READ_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PAGE_SIZE = 4096
 
-TABLES = ("pages", "vmas", "processes", "ksm", "ksm_stat", "contents", "vma_files", "files", "filepages")
-#: tables added by format version 3 (page cache): a trace of an older version has none of them
+TABLES = ("pages", "vmas", "processes", "ksm", "ksm_stat", "contents", "faults", "ksm_events",
+          "vma_files", "files", "filepages")
+#: the page-cache tables (format version 2, optional: written by ``capture --scope all`` and ``--files``)
 PAGECACHE_TABLES = ("vma_files", "files", "filepages")
-#: the first format version that has each table (older traces read it as empty)
-TABLE_SINCE = {name: 3 for name in PAGECACHE_TABLES}
+#: tables added after format version 1 (name -> the version that added it): a trace of an older
+#: version may not list them
+ADDED_TABLES = {"faults": 2, "ksm_events": 2, "vma_files": 2, "files": 2, "filepages": 2}
 
 
 def snapshot_file(table: str, snap: int) -> str:
@@ -67,7 +77,7 @@ F_PFN = 1 << 11  # the pfn column is real (root); else 0
 F_KPF = 1 << 12  # kpageflags were readable for this page
 F_READ_FAILED = 1 << 13  # present, but the content could not be read (hash is not valid)
 F_HUGETLB = 1 << 14  # hugetlbfs page (never scanned by KSM)
-# version 3, from kpageflags (only with F_KPF): the page-cache state of a file page
+# version 2, from kpageflags (only with F_KPF): the page-cache state of a file page
 F_DIRTY = 1 << 15  # kpageflags DIRTY (bit 4): written, not yet written back
 F_WRITEBACK = 1 << 16  # kpageflags WRITEBACK (bit 8): being written back
 F_ACTIVE = 1 << 17  # kpageflags ACTIVE (bit 6): on an active LRU list (recently used twice)
@@ -129,6 +139,10 @@ PREFIX_FIELDS = [pa.field(f"pfx{n}", pa.uint32(), nullable=False) for n in PREFI
 # sample32, sample (64), sample128, sample256, sample512, sample1024.
 SAMPLE_WORDS = 64
 SAMPLE_STRENGTHS = (8, 16, 32, 64, 128, 256, 512, 1024)
+
+#: a trace without a ``vmas`` table: a gap of more than this many pages between two pages of a
+#: process separates the VMAs a replay synthesises (and that a redaction keeps apart)
+SYNTH_VMA_GAP = 1024
 STRENGTH_FIELDS = [pa.field(f"sample{n}", pa.uint32(), nullable=False) for n in SAMPLE_STRENGTHS if n != SAMPLE_WORDS]
 
 
@@ -213,6 +227,7 @@ KSM_SCHEMA = pa.schema(
         pa.field("cow_ksm", pa.int64()),
         pa.field("ksm_swpin_copy", pa.int64()),
         pa.field("ksmd_cpu_ns", pa.int64()),  # /proc/<ksmd>/schedstat run time
+        pa.field("ksmd_wait_ns", pa.int64()),  # /proc/<ksmd>/schedstat run-queue wait (version 2)
     ]
 )
 
@@ -241,7 +256,63 @@ CONTENTS_SCHEMA = pa.schema(
     ]
 )
 
-# --- page cache (format version 3) -----------------------------------------------------------
+# --- kernel events (capture --kernel-events; format version 2) ------------------------------------
+# One row per user-mode write fault of a target process (exceptions:page_fault_user with the write
+# bit of the x86 error code), in the snapshot whose interval holds it: t_end_ns of the previous
+# snapshot < t_ns <= t_end_ns of this one.  A write to a write-protected page (a KSM page, a page a
+# fork shares, the zero page) faults, and that fault is the COW break; a first write to a page that
+# was not present faults too (``present`` false).  Writes to pages already writable never fault.
+FAULTS_SCHEMA = pa.schema(
+    [
+        pa.field("snap", pa.uint32(), nullable=False),
+        pa.field("t_ns", pa.int64(), nullable=False),  # CLOCK_MONOTONIC ns (the snapshots' clock)
+        pa.field("proc", pa.uint32()),  # the process incarnation, null if it was never captured
+        pa.field("pid", pa.uint32(), nullable=False),  # thread group id (tid where unknown)
+        pa.field("tid", pa.uint32(), nullable=False),  # the faulting thread
+        pa.field("vpn", pa.uint64(), nullable=False),  # faulting address >> 12
+        pa.field("address", pa.uint64(), nullable=False),
+        pa.field("error_code", pa.uint32(), nullable=False),  # x86: bit 0 present, 1 write, 2 user, 4 fetch
+        pa.field("write", pa.bool_(), nullable=False),
+        pa.field("present", pa.bool_(), nullable=False),  # a protection fault on a mapped page (COW)
+        pa.field("prev_flags", pa.uint32()),  # the page's F_* flags at the previous snapshot (null: not a row)
+        pa.field("cpu", pa.uint16(), nullable=False),
+    ]
+)
+# One row per ksm:* tracepoint hit (every process's, not only the targets': ksmd scans them all).
+# Kernel pointers are never stored: ``mm`` and ``rmap_item`` are per-trace ids in order of first
+# appearance.  Columns a tracepoint does not have are null.
+KSM_EVENT_NAMES = (
+    "ksm_start_scan",
+    "ksm_stop_scan",
+    "ksm_enter",
+    "ksm_exit",
+    "ksm_merge_one_page",
+    "ksm_merge_with_ksm_page",
+    "ksm_remove_ksm_page",
+    "ksm_remove_rmap_item",
+    "ksm_advisor",
+)
+KSM_EVENTS_SCHEMA = pa.schema(
+    [
+        pa.field("snap", pa.uint32(), nullable=False),
+        pa.field("t_ns", pa.int64(), nullable=False),
+        pa.field("event", pa.string(), nullable=False),  # one of KSM_EVENT_NAMES
+        pa.field("pid", pa.uint32(), nullable=False),  # the task that hit it (ksmd for the scan events)
+        pa.field("mm", pa.uint32()),  # per-trace id of the mm_struct
+        pa.field("rmap_item", pa.uint32()),  # per-trace id of the rmap_item
+        pa.field("pfn", pa.uint64()),
+        pa.field("err", pa.int32()),  # merge result (0: merged)
+        pa.field("ksm_page", pa.bool_()),  # ksm_merge_with_ksm_page: merged into an existing KSM page
+        pa.field("seq", pa.int32()),  # ksm_start_scan/stop_scan: the full-scan number
+        pa.field("rmap_entries", pa.uint32()),
+        pa.field("scan_time", pa.int64()),  # ksm_advisor: the last full scan's duration (s)
+        pa.field("pages_to_scan", pa.uint64()),
+        pa.field("cpu_percent", pa.uint32()),
+        pa.field("cpu", pa.uint16(), nullable=False),
+    ]
+)
+
+# --- page cache (format version 2) -----------------------------------------------------------
 # the file behind every file-backed VMA of a target (``--scope all``): /proc/PID/maps' device,
 # inode and offset.  ``dev`` is the kernel's dev_t as stat(2) reports it (os.makedev(major, minor)),
 # so it joins ``files``; ``pgoff`` is the byte offset of ``start`` in the file.
@@ -298,10 +369,28 @@ SCHEMAS = {
     "ksm": KSM_SCHEMA,
     "ksm_stat": KSM_STAT_SCHEMA,
     "contents": CONTENTS_SCHEMA,
+    "faults": FAULTS_SCHEMA,
+    "ksm_events": KSM_EVENTS_SCHEMA,
     "vma_files": VMA_FILES_SCHEMA,
     "files": FILES_SCHEMA,
     "filepages": FILEPAGES_SCHEMA,
 }
+
+#: columns a table gained after format version 1 (name -> the version that added it): the files of
+#: an older trace do not have them
+ADDED_COLUMNS = {"ksm": {"ksmd_wait_ns": 2}}
+
+
+def required_columns(table: str, version: int) -> list[str]:
+    """The columns every file of ``table`` has in a trace of format ``version``."""
+    return table_schema(table, version).names
+
+
+def table_schema(table: str, version: int) -> pa.Schema:
+    """The schema of ``table`` (not pages: see :func:`pages_schema_for`) in a trace of format
+    ``version``: without the columns added by a later version."""
+    added = ADDED_COLUMNS.get(table, {})
+    return pa.schema([f for f in SCHEMAS[table] if added.get(f.name, 1) <= version])
 
 
 def pages_schema(sample: bool = False, prefixes: bool = False, strengths: bool = False) -> pa.Schema:

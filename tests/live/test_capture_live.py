@@ -16,7 +16,7 @@ from ksmtrace.trace import schema as S
 from ksmtrace.trace.info import trace_info
 from ksmtrace.trace.reader import open_trace
 from ksmtrace.lab.workloads import KnownLayout
-from ksmtrace_tracers import capture as C
+from ksmtrace_tracers import procfs_reader as C
 from ksmtrace_tracers import hashing as H
 from ksmtrace_tracers.capture import Capture, CaptureOptions, run_capture
 from ksmtrace_tracers.targets import TargetSpec
@@ -50,7 +50,21 @@ def _pagemap_pfns(pid: int, vpns) -> list[int]:
     return out
 
 
-def test_known_layout_phase_by_phase(tmp_path):
+@pytest.fixture
+def ksm_off():
+    """KSM stopped for the whole test, under the settings lock: the known layout's regions are
+    mergeable, and another test run on this host may otherwise start ksmd and merge them (its
+    KSM pages would change the exact flags, frames and counts these tests expect)."""
+    from ksmtrace.lab import kernelksm as K
+
+    if not K.available():
+        yield
+        return
+    with K.ksm_settings(run=0):
+        yield
+
+
+def test_known_layout_phase_by_phase(tmp_path, ksm_off):
     """Exact pages, duplicates, zero pages, changed and vanished rows after every phase."""
     out = tmp_path / "layout.trace"
     with KnownLayout(peer=True) as kl:
@@ -172,7 +186,7 @@ def test_known_layout_phase_by_phase(tmp_path):
     read_every_table(out)
 
 
-def test_fingerprints_and_contents(tmp_path):
+def test_fingerprints_and_contents(tmp_path, ksm_off):
     out = tmp_path / "fp.trace"
     with KnownLayout(unique=32, dup=32, templates=4, zero=16, rewrite=8, unmap=8) as kl:
         lay = kl.layout()
@@ -196,10 +210,11 @@ def test_fingerprints_and_contents(tmp_path):
     data = dict(zip(contents["hash"].to_list(), contents["data"].to_list()))
     for row in pages.iter_rows(named=True):
         d = data[row["hash"]]
-        assert len(d) == 4096 and xxhash.xxh3_64_intdigest(d, seed=KEY) == row["hash"]
+        assert len(d) == 4096 and H.siphash24_reference(H.subkey(KEY, b"page hash"), xxhash.xxh3_128_digest(d)) == row["hash"]
         assert row["sample"] == H.pksm_sample_reference(d, perm)
         for n in (64, 256, 1024):
-            assert row[f"pfx{n}"] == xxhash.xxh3_64_intdigest(d[:n], seed=KEY) & 0xFFFFFFFF
+            pfx = H.siphash24_reference(H.subkey(KEY, b"prefix hash"), xxhash.xxh3_128_digest(d[:n]))
+            assert row[f"pfx{n}"] == pfx & 0xFFFFFFFF
     zero = pages.filter((pl.col("flags") & S.F_ZERO_FILLED) != 0)
     assert len(zero) == 16 and (zero["sample"] == H.PKSM_ZERO_SAMPLE).all()
     assert data[zero["hash"][0]] == bytes(4096)
@@ -337,8 +352,12 @@ def test_target_exits_between_and_during_snapshots(tmp_path):
 
     # run_capture: fixed targets all gone -> the capture ends and says so
     with Target(random_pages=16, zero_pages=0) as t2:
-        threading.Timer(0.35, t2.proc.kill).start()
-        summary = run_capture(CaptureOptions(output=tmp_path / "c", targets=t2.pid, interval=0.1, count=100))
+        def kill_after_the_second(st):  # not a timer: on a loaded host the setup alone may take longer
+            if st["snap"] == 1:
+                t2.proc.kill()
+
+        summary = run_capture(CaptureOptions(output=tmp_path / "c", targets=t2.pid, interval=0.1, count=100),
+                              on_snapshot=kill_after_the_second)
         t2.proc.wait()
     assert summary["end_reason"] == "all targets exited" and summary["all_targets_exited"]
     assert 2 <= summary["snapshots"] < 100 and summary["exit_status"] == 0
@@ -400,7 +419,7 @@ def test_scopes_anon_and_all(tmp_path):
 
 def test_soft_dirty_fallback_and_enabled_path(tmp_path, monkeypatch):
     calls: list[int] = []
-    monkeypatch.setattr(C, "_clear_soft_dirty", lambda pid: calls.append(pid))
+    monkeypatch.setattr(C, "clear_soft_dirty", lambda pid: calls.append(pid))
     with Target(random_pages=16, zero_pages=0) as t:
         real = C.PM.soft_dirty_available()
         with Capture(tmp_path / "fallback", t.pid, CaptureOptions()) as cap:
@@ -431,6 +450,8 @@ import numpy as np
 from ksmtrace_tracers.capture import Capture, CaptureOptions
 from ksmtrace.trace import schema as S
 import gzip, socket, pyarrow.parquet, pyarrow.compute  # noqa: F401,E401  (import before dropping privileges)
+from ksmtrace_tracers.hashing import PageHasher
+PageHasher(1)  # compile the keyed hash now: this host's stdlib is not readable by nobody
 NOBODY = 65534
 libc = ctypes.CDLL(None, use_errno=True)
 def drop():

@@ -38,15 +38,21 @@ FULL_SCANS_TOLERANCE = 0.12
 REWRITE_SHARING_TOLERANCE = 0.03
 
 
+def _settled():
+    """The KSM settings and pages_shared as the last block left them (see settled_ksm_settings)."""
+    with K.ksm_settings() as ks:
+        return ks.saved, K.read("pages_shared")
+
+
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     out = tmp_path_factory.mktemp("validate")
     got = {}
     for key, (w, params, preset, duration) in CASES.items():
-        before = K.settings()
+        before = _settled()[0]
         recs = validate(ValidateOptions(workload=w, workload_params=params, settings=preset, duration=duration,
                                         interval=0.25, output=out, plot=False))
-        assert K.settings() == before
+        assert _settled()[0] == before
         got[key] = (recs[0].report, params)
     return got
 
@@ -83,7 +89,7 @@ def _alive(pids):
 
 
 def test_settings_restored_after_a_failing_run(tmp_path):
-    before = K.settings()
+    before = _settled()[0]
     seen = {}
 
     def boom(wl):
@@ -95,8 +101,7 @@ def test_settings_restored_after_a_failing_run(tmp_path):
                            duration=5, interval=0.25)
     with pytest.raises(RuntimeError, match="injected failure"):
         ground_truth_run(opts, tmp_path / "t", on_running=boom)
-    assert K.settings() == before
-    assert K.read("pages_shared") == 0 and K.read("pages_sharing") == 0
+    assert _settled() == (before, 0)
     assert not _alive(seen["pids"])
     # the trace is still valid (closed, with the snapshot taken before the failure)
     m = json.loads((tmp_path / "t" / "manifest.json").read_text())
@@ -104,7 +109,7 @@ def test_settings_restored_after_a_failing_run(tmp_path):
 
 
 def test_settings_restored_when_the_workload_dies(tmp_path):
-    before = K.settings()
+    before = _settled()[0]
 
     def kill(wl):
         os.kill(wl.roots()[0], signal.SIGKILL)
@@ -113,12 +118,12 @@ def test_settings_restored_when_the_workload_dies(tmp_path):
                            duration=5, interval=0.25)
     with pytest.raises(WorkloadError, match="exited"):
         ground_truth_run(opts, tmp_path / "t", on_running=kill)
-    assert K.settings() == before
+    assert _settled()[0] == before
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_settings_restored_after_ctrl_c(tmp_path, sig):
-    before = K.settings()
+    before = _settled()[0]
     out = tmp_path / "out"
     p = popen_cli(["validate", "--workload", "static", "-w", "processes=1", "-w", "pages=512", "--settings", "chains",
                    "--duration", "30", "-o", str(out), "--no-plot"])
@@ -140,8 +145,7 @@ def test_settings_restored_after_ctrl_c(tmp_path, sig):
     _, err = p.communicate(timeout=60)
     assert p.returncode != 0
     assert "Traceback" not in err, err
-    assert K.settings() == before
-    assert K.read("pages_shared") == 0
+    assert _settled() == (before, 0)
     assert not _workers_of(p.pid)
     assert pids["run_start_ns"] > 0
 

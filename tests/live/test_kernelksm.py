@@ -12,7 +12,7 @@ import pytest
 from ksmtrace.lab import kernelksm as K
 from ksmtrace.errors import KernelError
 
-from tests._capture_util import needs_ksm
+from tests._capture_util import needs_ksm, settled_ksm_settings
 
 pytestmark = [pytest.mark.kernel_ksm, needs_ksm]
 
@@ -33,7 +33,7 @@ def test_read_all_and_helpers():
 
 
 def test_failing_block_restores_every_setting():
-    before = K.settings()
+    before = settled_ksm_settings()
     changes = dict(pages_to_scan=4321, sleep_millisecs=7, max_page_sharing=17, use_zero_pages=1, smart_scan=0,
                    advisor_max_cpu=33, stable_node_chains_prune_millisecs=1234, run=1)
     with pytest.raises(RuntimeError, match="boom"):
@@ -43,36 +43,36 @@ def test_failing_block_restores_every_setting():
                 assert now[k] == v, k
             assert ("run", 2) in ks.applied  # max_page_sharing needed an unmerge first
             raise RuntimeError("boom")
-    assert K.settings() == before
+    assert settled_ksm_settings() == before
 
 
 def test_keyboard_interrupt_and_advisor_order_restore():
-    before = K.settings()
+    before = settled_ksm_settings()
     with pytest.raises(KeyboardInterrupt):
         with K.ksm_settings(advisor_mode="scan-time", advisor_min_pages_to_scan=600):
             assert K.read("advisor_mode") == "scan-time"
             raise KeyboardInterrupt
-    assert K.settings() == before
+    assert settled_ksm_settings() == before
     # pages_to_scan is not writable while the advisor runs: a clear error, nothing left changed
     with pytest.raises(KernelError, match="advisor_mode is scan-time"):
         with K.ksm_settings(advisor_mode="scan-time", pages_to_scan=1000):
             pass
-    assert K.settings() == before
+    assert settled_ksm_settings() == before
 
 
 def test_bad_settings_change_nothing():
-    before = K.settings()
+    before = settled_ksm_settings()
     with pytest.raises(KernelError, match="not a writable KSM setting"):
         with K.ksm_settings(pages_shared=1):
             pass
     with pytest.raises(KernelError, match="cannot write"):
         with K.ksm_settings(sleep_millisecs=5, pages_to_scan=-3):
             pass
-    assert K.settings() == before
+    assert settled_ksm_settings() == before
 
 
 def test_sigterm_inside_the_block_restores(tmp_path):
-    before = K.settings()
+    before = settled_ksm_settings()
     code = textwrap.dedent(
         """
         import sys, time
@@ -95,4 +95,4 @@ def test_sigterm_inside_the_block_restores(tmp_path):
         p.stdout.close()
         p.stderr.close()
     assert p.returncode != 0
-    assert K.settings() == before
+    assert settled_ksm_settings() == before

@@ -13,6 +13,8 @@ import time
 import pytest
 
 from ksmtrace.lab import kernelksm as K
+
+from tests._capture_util import settled_ksm_settings
 from ksmtrace.replay import replay
 from ksmtrace.trace.reader import open_trace
 from ksmtrace.lab.workloads import get_workload
@@ -59,7 +61,7 @@ def test_simulated_ksm_converges_to_the_kernel(tmp_path, ksm_available):
     from ksmtrace_tracers.capture import Capture, CaptureOptions
     from ksmtrace_tracers.targets import TargetSpec
 
-    before = K.settings()
+    before = settled_ksm_settings()
     wl = get_workload("static", processes=2, pages=1536, dup_fraction=0.5, zero_fraction=0.1, templates=2, seed=7)
     settings = {"pages_to_scan": 5000, "sleep_millisecs": 10, "use_zero_pages": 0, "max_page_sharing": MPS, "smart_scan": 1}
     out = tmp_path / "live.trace"
@@ -75,7 +77,7 @@ def test_simulated_ksm_converges_to_the_kernel(tmp_path, ksm_available):
                 converged = K.wait_for(lambda: int(K.read("pages_sharing")) >= want_sharing and int(K.read("full_scans")) >= 4, timeout=60)
                 real = {k: int(K.read(k)) for k in ("pages_shared", "pages_sharing", "full_scans")}
                 cap.snapshot()
-        assert K.settings() == before  # every setting restored (and everything unmerged)
+        assert settled_ksm_settings() == before  # every setting restored (and everything unmerged)
     assert converged, f"the kernel did not converge: {real}"
     assert (real["pages_shared"], real["pages_sharing"]) == (want_shared, want_sharing)
 

@@ -60,18 +60,25 @@ def hand_trace(path):
 # (1,3), (2,4) = 5; U0: 1; C: 2 -> 15 frames for 17 candidate pages.  The oracle keeps one frame per
 # distinct non-zero content (A, B, U0, C) -> saves 11 = 5 zero + 6 non-zero (A 4, B 1, C 1).
 # Within one process: A's frames fA, (0,2), (3,2) collapse through the fork-shared fA (procs 0 and 3),
-# (1,1) and (2,1) stay -> 2; B 0; C 1 -> 3; across = 6 - 3 = 3.  Same domain: A in X -> 1 frame
-# (saves 3), A in Y 0, B 1, C 1 -> 5 non-zero + 5 zero = 10, giving up 1.  Hash-only: 17 candidate
-# pages + 1 zero-page mapping - 5 distinct hashes (A, B, 0, U0, C) = 13.
+# (1,1) and (2,1) stay -> 2; B 0; C 1 -> 3; across = 6 - 3 = 3.  Same domain (the preset: nothing
+# shared across domains, zero pages included): zero in X ((0,4), (0,5), fZ, (1,3)) -> 1 frame (saves
+# 3), zero in Y 0; A in X -> 1 frame (saves 3), A in Y 0, B 1, C 1 -> 3 + 5 = 8, giving up 3.
+# Windows (zero pages common): 5 zero + 5 non-zero = 10.  Each process its own domain: fA and fZ span
+# procs 0 and 3, so each stays one frame and nothing joins it; zero in proc 0 ((0,4), (0,5)) saves 1,
+# C in proc 2 saves 1 -> 2.  Hash-only: 17 candidate pages + 1 zero-page mapping - 5 distinct hashes
+# (A, B, 0, U0, C) = 13.  No vmas table: read-only unknown.
 EXPECTED_0 = dict(candidate_pages=17, base_frames=15, processes=4, domains=2, oracle_saved=11, zero_saved=5,
-                  nonzero_saved=6, within_process_saved=3, across_process_saved=3, same_domain_saved=10,
-                  across_domain_saved=1, hash_only_saved=13, zero_page_mapped=1)
+                  nonzero_saved=6, within_process_saved=3, across_process_saved=3, same_domain_saved=8,
+                  across_domain_saved=3, windows_saved=10, same_process_saved=2, read_only_saved=None,
+                  hash_only_saved=13, zero_page_mapped=1)
 # Snapshot 1: proc 2 gone, (1,1) now D.  Frames: A 3 (fA, (0,2), (3,2)), B 2, zero 4, U0 1, D 1 = 11
 # for 13 pages.  Oracle: 4 zero + A 2 + B 1 = 7; within: A 2 (all through fA), B 0 -> 2, across 1.
-# One domain left: same-domain keeps everything (7), gives up 0.  Hash-only: 13 + 1 - 5 = 9.
+# One domain left: same-domain keeps all but the one frame of zeros the domain keeps (6), windows
+# everything (7); per process: zero in proc 0 saves 1.  Hash-only: 13 + 1 - 5 = 9.
 EXPECTED_1 = dict(candidate_pages=13, base_frames=11, processes=3, domains=1, oracle_saved=7, zero_saved=4,
-                  nonzero_saved=3, within_process_saved=2, across_process_saved=1, same_domain_saved=7,
-                  across_domain_saved=0, hash_only_saved=9, zero_page_mapped=1)
+                  nonzero_saved=3, within_process_saved=2, across_process_saved=1, same_domain_saved=6,
+                  across_domain_saved=1, windows_saved=7, same_process_saved=1, read_only_saved=None,
+                  hash_only_saved=9, zero_page_mapped=1)
 
 
 def test_breakdown_hand_computed(tmp_path):
@@ -96,8 +103,16 @@ def test_breakdown_is_an_exact_split_of_the_oracle(tmp_path):
     # the oracle policy frees exactly that many frames
     res = replay(tr, "oracle")
     assert res.table["frames_saved"].to_list() == df["oracle_saved"].to_list()
-    # ordering of the restricted rules: within one process <= same domain <= everything
-    assert ((df["within_process_saved"] + df["zero_saved"]) <= df["same_domain_saved"]).all()
+    # ordering of the restricted rules: per process <= same domain <= windows <= everything
+    assert (df["same_process_saved"] <= df["same_domain_saved"]).all()
+    assert (df["same_domain_saved"] <= df["windows_saved"]).all()
+    assert (df["windows_saved"] <= df["oracle_saved"]).all()
+    # each preset column is the oracle policy's saving replayed under that preset
+    from ksmtrace.analysis.breakdown import PRESET_COLUMNS
+
+    for col, preset in PRESET_COLUMNS.items():
+        if df[col].null_count() == 0:
+            assert replay(tr, "oracle", restrict=preset).table["frames_saved"].to_list() == df[col].to_list(), col
 
 
 def test_breakdown_accepts_prepared_and_snapshot_subset(tmp_path):
@@ -156,7 +171,8 @@ def test_breakdown_cli(tmp_path):
     out = json.loads(res.stdout)
     assert [r["oracle_saved"] for r in out["rows"]] == [11, 7]
     assert out["rows"][0]["within_process_saved"] == 3
-    assert out["summary"]["pct_of_oracle"]["same_domain_saved"] == pytest.approx(100 * 8.5 / 9, abs=0.1)
+    assert out["summary"]["pct_of_oracle"]["same_domain_saved"] == pytest.approx(100 * 7 / 9, abs=0.1)
+    assert out["summary"]["pct_of_oracle"]["windows_saved"] == pytest.approx(100 * 8.5 / 9, abs=0.1)
     assert "same_domain_saved" in out["definitions"]
     res = runner.invoke(cli, ["breakdown", str(tmp_path / "t")])
     assert res.exit_code == 0, res.output

@@ -14,7 +14,7 @@ from ksmtrace.errors import CaptureError, TargetError
 from ksmtrace.trace import schema as S
 from ksmtrace_tracers import hashing as H
 from ksmtrace_tracers import pagemap as PM
-from ksmtrace_tracers.capture import _delta
+from ksmtrace_tracers.procfs_reader import page_delta as _delta, vanished
 from ksmtrace_tracers.procmaps import classify, parse_smaps
 from ksmtrace_tracers.targets import TargetSet, TargetSpec
 
@@ -159,18 +159,38 @@ def _pages(n, seed=1):
     return a
 
 
+def _prf(key, data):
+    return H.siphash24_reference(H.subkey(key, b"page hash"), xxhash.xxh3_128_digest(data))
+
+
+def test_siphash_matches_the_reference_vectors():
+    # SipHash-2-4 paper, appendix A: key 00..0f, message 00..0e (15 bytes)
+    key = bytes(range(16))
+    assert H.siphash24_reference(key, bytes(range(15))) == 0xA129CA6149BE45E5
+    assert H.siphash24_reference(key, b"") == 0x726FDB47DD0E0E31  # vectors[0]
+    assert H.siphash24_reference(key, bytes(range(16))) == 0x3F2ACC7F57C29BDB  # vectors[16]
+    # the batch version (16-byte messages) agrees with the reference
+    rng = np.random.default_rng(3)
+    msgs = rng.integers(0, 256, size=(50, 16), dtype=np.uint8)
+    out = np.zeros(50, np.uint64)
+    k0, k1 = np.uint64(int.from_bytes(key[:8], "little")), np.uint64(int.from_bytes(key[8:], "little"))
+    H.siphash24_16(msgs.view("<u8").reshape(50, 2), k0, k1, out)
+    assert out.tolist() == [H.siphash24_reference(key, m.tobytes()) for m in msgs]
+
+
 def test_keyed_page_hashes_and_zero_detection():
-    key = 0x0123456789ABCDEF
+    key = 0x0123456789ABCDEF_FEDCBA9876543210
     h = H.PageHasher(key)
     pages = _pages(8)
     buf = np.ascontiguousarray(pages).reshape(-1)
     mv = memoryview(buf)
     got = h.hash(h.slices(mv, 8), 8)
-    want = [xxhash.xxh3_64_intdigest(pages[i].tobytes(), seed=key) for i in range(8)]
-    assert got.tolist() == want
-    assert got[3] == h.zero_hash
+    assert got.tolist() == [_prf(key, pages[i].tobytes()) for i in range(8)]
+    assert h.hash(h.slices(mv, 8), 5).tolist() == got[:5].tolist()
+    assert got[3] == h.zero_hash == h.hash_bytes(bytes(4096))
     assert (got == h.zero_hash).sum() == 1
     assert H.PageHasher(key + 1).zero_hash != h.zero_hash  # keyed: no public zero-page hash
+    assert H.PageHasher(key ^ (1 << 100)).zero_hash != h.zero_hash  # all 128 key bits count
 
 
 def test_pksm_sampled_hash_matches_the_reference_and_is_keyed():
@@ -193,8 +213,9 @@ def test_prefix_hashes():
     pages = _pages(4)
     buf = np.ascontiguousarray(pages).reshape(-1)
     got = h.prefixes(h.prefix_slices(memoryview(buf), 4), 4)
+    pk = H.subkey(key, b"prefix hash")
     for n in S.PREFIX_LENGTHS:
-        want = [xxhash.xxh3_64_intdigest(pages[i, :n].tobytes(), seed=key) & 0xFFFFFFFF for i in range(4)]
+        want = [H.siphash24_reference(pk, xxhash.xxh3_128_digest(pages[i, :n].tobytes())) & 0xFFFFFFFF for i in range(4)]
         assert got[n].tolist() == want
         assert got[n][3] == h.zero_prefix[n]
 
@@ -203,14 +224,32 @@ def test_hash_key_file_created_private_and_reused(tmp_path):
     p = tmp_path / "key"
     k1, created = H.load_or_create_key(p)
     assert created and stat.S_IMODE(os.stat(p).st_mode) == 0o600
+    assert len(p.read_text().strip()) == 32 and k1 < 1 << 128
     k2, created2 = H.load_or_create_key(p)
     assert not created2 and k1 == k2
     fp = H.key_fingerprint(k1)
     assert len(fp) == 16 and int(fp, 16) != k1 and fp == H.key_fingerprint(k2)
+    assert H.key_fingerprint(k1 + 1) != fp
     bad = tmp_path / "bad"
     bad.write_text("not a key\n")
     with pytest.raises(CaptureError, match="not a hash key"):
         H.load_or_create_key(bad)
+    old = tmp_path / "old"  # a 64-bit key file of format version 1 is still a key
+    old.write_text("0123456789abcdef\n")
+    old.chmod(0o600)
+    assert H.load_or_create_key(old) == (0x0123456789ABCDEF, False)
+
+
+def test_a_key_file_others_can_read_is_used_with_a_warning(tmp_path):
+    p = tmp_path / "key"
+    H.load_or_create_key(p)
+    warnings = []
+    H.load_or_create_key(p, warn=warnings.append)
+    assert warnings == []
+    p.chmod(0o644)
+    key, _ = H.load_or_create_key(p, warn=warnings.append)
+    assert len(warnings) == 1 and "readable by group or others (mode 0644)" in warnings[0] and "chmod 600" in warnings[0]
+    assert key == int(p.read_text(), 16)
 
 
 # --- delta with and without soft-dirty ----------------------------------------------------------------
@@ -277,8 +316,6 @@ def test_target_spec_forms():
 
 def test_vanished_pages_are_dropped_not_failed():
     """A page whose read failed because it was unmapped meanwhile is no longer there."""
-    from ksmtrace_tracers.capture import Capture
-
     m = mmap.mmap(-1, 4 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     m2 = mmap.mmap(-1, 4 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     for mm in (m, m2):
@@ -288,7 +325,7 @@ def test_vanished_pages_are_dropped_not_failed():
     vpn = np.array(sorted([a, a + 1, b, b + 1]), np.uint64)
     m2.close()  # unmapped "mid-read"
     failed = np.ones(4, bool)
-    drop = Capture._vanished(os.getpid(), vpn, failed)
+    drop = vanished(os.getpid(), vpn, failed)
     gone = {b, b + 1}
     assert drop.tolist() == [int(v) in gone for v in vpn]
     m.close()

@@ -127,6 +127,18 @@ def test_ground_truth_start_settings_and_rebasing(tmp_path):
     assert gt.start_exact and gt.start_s == pytest.approx(0.03)
 
 
+def test_ksmd_stretch_from_a_plain_capture(tmp_path):
+    """A capture records ksmd's run-queue wait in every ground-truth sample (format 2), so fidelity
+    stretches the daemon's clock without a validate record; version-1 traces have no stretch."""
+    runs = (0, 1, 1, 1, 1, 1)
+    gt_rows = [[_gt_row(r, ksmd_cpu_ns=10**9 + s * 10**6, ksmd_wait_ns=5 * 10**8 + s * 3 * 10**6)] for s, r in enumerate(runs)]
+    tr = make_trace(tmp_path / "t", _dup_snaps(len(runs)), interval=0.1, ground_truth=gt_rows, host={"kernel_release": "6.18.1"})
+    gt = load_ground_truth(tr)
+    # from the first sample at or after KSM's start (snapshot 1) to the last: run 4 ms, wait 12 ms
+    assert gt.ksmd_stretch() == pytest.approx((4 + 12) / 4)
+    assert load_ground_truth(_gt_trace(tmp_path / "no-wait")).ksmd_stretch() is None  # samples without the wait
+
+
 def test_already_running_warns(tmp_path):
     tr = _gt_trace(tmp_path / "t", runs=(1, 1, 1))
     gt = load_ground_truth(tr)

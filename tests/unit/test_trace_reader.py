@@ -87,23 +87,54 @@ def test_truncated_parquet_names_the_file(trace):
     f = trace.path / "pages" / "snap-000001.parquet"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    tr = open_trace(trace.path)
-    with pytest.raises(TraceError, match="snap-000001.parquet"):
-        tr.read_table("pages")
+    with pytest.raises(TraceError, match=r"snap-000001.parquet: .* bytes, but the snapshot log recorded"):
+        open_trace(trace.path)
 
 
 def test_foreign_parquet_names_the_file(trace):
     f = trace.path / "pages" / "snap-000002.parquet"
     pl.DataFrame({"x": [1, 2]}).write_parquet(f)
+    _fix_log(trace.path, "pages", 2)
     with pytest.raises(TraceError, match=r"snap-000002.parquet: foreign Parquet file"):
-        open_trace(trace.path).read_table("pages")
+        open_trace(trace.path)
+
+
+def _fix_log(path, table, snap):
+    """Make the snapshot log agree with a rewritten file (rows, bytes), so only the content is wrong."""
+    import pyarrow.parquet as pq
+
+    f = path / S.snapshot_file(table, snap)
+    log = path / "snapshots.jsonl"
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    lines[snap]["files"][table].update(rows=pq.ParquetFile(f).metadata.num_rows, bytes=f.stat().st_size)
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def _killed(path):
+    """Make the trace look like a capture killed before it finished (manifest never completed)."""
+    m = json.loads((path / "manifest.json").read_text())
+    m.update(complete=False, end_reason=None, snapshot_count=0)
+    m.pop("snapshots", None)
+    (path / "manifest.json").write_text(json.dumps(m))
 
 
 def test_torn_log_line_is_an_uncommitted_snapshot(trace):
+    _killed(trace.path)
     log = trace.path / "snapshots.jsonl"
+    committed = log.read_bytes()
     with open(log, "ab") as fh:
         fh.write(b'{"snap": 3, "t_ns": 12')  # a crash in the middle of committing snapshot 3
-    assert open_trace(trace.path).n_snapshots == 3
+    tr = open_trace(trace.path)
+    assert tr.n_snapshots == 3
+    assert log.read_bytes() == committed  # the owner's open cut the torn line
+    assert "snapshots.jsonl (torn last line)" in tr.cleaned
+
+
+def test_torn_log_line_of_a_finished_capture_is_an_error(trace):
+    with open(trace.path / "snapshots.jsonl", "ab") as fh:
+        fh.write(b'{"snap": 3, "t_ns": 12')
+    with pytest.raises(TraceError, match="torn line, but the manifest says the capture finished"):
+        open_trace(trace.path)
 
 
 def test_corrupt_log_line(trace):
@@ -145,3 +176,33 @@ def test_writer_undoes_a_failed_commit(tmp_path):
     assert open_trace(tmp_path / "w").n_snapshots == 1
     w.commit_snapshot(1, 2, 2, {"pages": empty}, keyframe=False)
     assert open_trace(tmp_path / "w").n_snapshots == 2
+
+
+def test_version_1_traces_still_open():
+    """Format version 2 added the kernel-event tables, ksm.ksmd_wait_ns and the PRF page hash; the
+    shipped sample traces are version 1 and open unchanged, without the newer columns or tables."""
+    from ksmtrace.samples import sample_path
+
+    for name in ("prefork", "python-sci", "vm"):
+        tr = open_trace(sample_path(name))
+        assert tr.version == 1 and tr.manifest["format_version"] == 1
+        tr.check()
+        if tr.has_table("ksm"):
+            assert "ksmd_wait_ns" not in tr.read_table("ksm").columns
+        assert not tr.has_table("faults") and tr.read_table("faults").height == 0
+        assert tr.read_table("ksm_events").columns == S.KSM_EVENTS_SCHEMA.names
+
+
+@pytest.mark.parametrize("bad", [True, 1.0, "2", 3, 0])
+def test_format_version_must_be_a_readable_int(trace, bad):
+    m = json.loads((trace.path / "manifest.json").read_text())
+    m["format_version"] = bad
+    (trace.path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(TraceVersionError, match="is not supported .this ksmtrace reads versions 1, 2"):
+        open_trace(trace.path)
+
+
+def test_columns_added_in_version_2_are_required_in_version_2_files():
+    assert "ksmd_wait_ns" not in S.required_columns("ksm", 1)
+    assert "ksmd_wait_ns" in S.required_columns("ksm", 2)
+    assert S.required_columns("pages", 1) == S.PAGES_SCHEMA.names

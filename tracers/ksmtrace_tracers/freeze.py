@@ -1,5 +1,10 @@
 """``--freeze``: stop the targets only while a snapshot is read, and always resume them.
 
+Not every process may be stopped: :class:`FreezeGuard` refuses ksmtrace's own ancestors (stopping
+the shell or ``sudo`` that waits for ksmtrace), session leaders (shells, terminals, daemons),
+init/systemd, sshd and other users' processes unless ``--freeze-unsafe`` is given, and a cgroup
+that holds ksmtrace itself is never frozen.  ``--all --freeze`` is refused outright.
+
 Targets selected through ``--cgroup`` are frozen with the cgroup v2 freezer (``cgroup.freeze``
 = 1, waiting for ``frozen 1`` in ``cgroup.events``); other targets get SIGSTOP, and the snapshot
 waits until every thread shows state ``T``.  A target that was already stopped by someone else
@@ -18,10 +23,11 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable
 
-from ksmtrace.errors import CaptureError
+from ksmtrace.errors import CaptureError, TargetError
 from ksmtrace_tracers import procinfo as P
 
 _SIGNALS = {signal.SIGINT, signal.SIGTERM}
@@ -53,6 +59,87 @@ def _cgroup_frozen(cg: str) -> bool:
     except OSError:
         return True
     return False
+
+
+def invoking_uid() -> int:
+    """The user ksmtrace acts for: ``SUDO_UID`` when root runs it through sudo, else the real uid."""
+    if os.geteuid() == 0 and os.environ.get("SUDO_UID", "").isdigit():
+        return int(os.environ["SUDO_UID"])
+    return os.getuid()
+
+
+class FreezeGuard:
+    """Which targets ``--freeze`` may stop (see the module docstring)."""
+
+    def __init__(self, unsafe: bool = False) -> None:
+        self.unsafe = unsafe
+        self.ancestors = P.ancestors()
+        self.uid = invoking_uid()
+        self._refused: dict[tuple[int, int], str | None] = {}
+
+    def refusal(self, pid: int) -> str | None:
+        """Why ``pid`` must not be stopped, or None."""
+        st = P.read_stat(pid)
+        if pid == 1 or (st is not None and st.comm in ("systemd", "init")):
+            return "it is init/systemd"
+        if pid in self.ancestors:
+            return f"it is an ancestor of ksmtrace ({self.ancestors[pid]}): stopping it would stop the capture's own caller"
+        if st is None:
+            return None
+        if st.comm.startswith("sshd"):
+            return "it is sshd: stopping it can lock you out of the host"
+        if st.session_leader:
+            return "it is a session leader (a login shell, terminal or daemon)"
+        status = P.read_status(pid)
+        if status is not None and status.uid != self.uid:
+            return f"it belongs to another user (uid {status.uid}; ksmtrace runs for uid {self.uid})"
+        return None
+
+    def _reason(self, m) -> str | None:
+        if m.key not in self._refused:
+            self._refused[m.key] = None if self.unsafe else self.refusal(m.pid)
+        return self._refused[m.key]
+
+    def check(self, members: Iterable, cgroup_dirs: Iterable = ()) -> None:
+        """At the start: a target that must not be stopped is an error naming it; so is a cgroup
+        that holds ksmtrace itself (freezing it would freeze the capture)."""
+        for m in members:
+            why = self._reason(m)
+            if why is not None:
+                raise TargetError(f"--freeze: refusing to stop pid {m.pid} ({m.comm}): {why}; "
+                                  "give --freeze-unsafe to stop it anyway")
+        own = _own_cgroup_dir()
+        for cg in cgroup_dirs:
+            if own is not None and (own == str(cg) or own.startswith(str(cg).rstrip("/") + "/")):
+                raise TargetError(f"--freeze: cgroup {cg} holds ksmtrace itself; freezing it would freeze the capture")
+
+    def allowed(self, members: list, note=None) -> list:
+        """The members that may be stopped now (a target that joined later and must not be stopped
+        is read without stopping it; ``note`` is told once).  A cgroup with such a member is not
+        frozen as a whole: its other members are stopped one by one."""
+        refused = [m for m in members if self._reason(m) is not None]
+        if not refused:
+            return list(members)
+        bad_cgroups = {m.cgroup_dir for m in refused if m.cgroup_dir}
+        out = []
+        for m in members:
+            if self._reason(m) is not None:
+                if note is not None:
+                    note(f"--freeze: not stopping pid {m.pid} ({m.comm}), which joined the targets: {self._reason(m)}")
+                continue
+            out.append(replace(m, cgroup_dir=None) if m.cgroup_dir in bad_cgroups else m)
+        return out
+
+
+def _own_cgroup_dir() -> str | None:
+    """The cgroup v2 directory of this process."""
+    from ksmtrace_tracers.targets import cgroup2_mount
+
+    rel = P.read_cgroup(os.getpid())
+    mount = cgroup2_mount()
+    if not rel or mount is None or ";" in rel:
+        return None
+    return str(mount / rel.lstrip("/")).rstrip("/")
 
 
 class Freezer:

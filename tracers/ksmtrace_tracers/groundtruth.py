@@ -2,92 +2,23 @@
 
 One sample = every numeric ``/sys/kernel/mm/ksm/*`` file of the schema (``KSM_COUNTERS``; missing
 files are null), ``advisor_mode`` (the selected one of ``[none] scan-time``), ``cow_ksm`` and
-``ksm_swpin_copy`` from /proc/vmstat, and ksmd's CPU time in ns (first field of
-/proc/<ksmd>/schedstat).  A sample is taken at the start of every snapshot and, with
+``ksm_swpin_copy`` from /proc/vmstat, and ksmd's CPU time and run-queue wait in ns (the first two
+fields of /proc/<ksmd>/schedstat: how long ksmd ran, and how long it was runnable but waited for a
+CPU — what a busy host, or the capture itself, cost it).  A sample is taken at the start of every snapshot and, with
 ``--ksm-sample-interval``, by a background thread in between; samples belong to the next snapshot
 committed.  Per-process ``/proc/PID/ksm_stat`` is read by the capture loop.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Any
 
-from ksmtrace.trace.schema import KSM_COUNTERS
+import pyarrow as pa
 
-KSM_DIR = "/sys/kernel/mm/ksm"
-
-
-def ksm_available() -> bool:
-    return os.path.isdir(KSM_DIR)
-
-
-def _parse(name: str, text: str) -> int | str:
-    text = text.strip()
-    if "[" in text:  # "[none] scan-time": the selected choice
-        lb, rb = text.find("["), text.find("]")
-        return text[lb + 1 : rb]
-    try:
-        return int(text)
-    except ValueError:
-        return text
-
-
-def read_ksm_files() -> dict[str, int | str]:
-    """Every readable file of /sys/kernel/mm/ksm (numbers as int, choices as the selected one)."""
-    out: dict[str, int | str] = {}
-    try:
-        names = sorted(os.listdir(KSM_DIR))
-    except OSError:
-        return out
-    for name in names:
-        try:
-            with open(os.path.join(KSM_DIR, name)) as f:
-                out[name] = _parse(name, f.read())
-        except OSError:
-            continue
-    return out
-
-
-def read_vmstat(keys: tuple[str, ...] = ("cow_ksm", "ksm_swpin_copy")) -> dict[str, int | None]:
-    out: dict[str, int | None] = {k: None for k in keys}
-    try:
-        with open("/proc/vmstat") as f:
-            for line in f:
-                k, _, v = line.partition(" ")
-                if k in out:
-                    out[k] = int(v)
-    except OSError:
-        pass
-    return out
-
-
-def find_ksmd() -> int | None:
-    """pid of the ``ksmd`` kernel thread (a child of kthreadd, pid 2)."""
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        if data[data.index(b"(") + 1 : data.rindex(b")")] == b"ksmd":
-            fields = data[data.rindex(b")") + 2 :].split()
-            if int(fields[1]) == 2:
-                return int(name)
-    return None
-
-
-def ksmd_cpu_ns(pid: int | None) -> int | None:
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/schedstat") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
+from ksmtrace.trace.schema import KSM_COUNTERS, KSM_SCHEMA
+from ksmtrace_tracers import ksmsysfs
+from ksmtrace_tracers.session import RecorderBase, SnapshotContext
 
 
 class KsmSampler:
@@ -95,7 +26,7 @@ class KsmSampler:
 
     def __init__(self, interval: float | None = None) -> None:
         self.interval = interval
-        self.ksmd = find_ksmd()
+        self.ksmd = ksmsysfs.ksmd_pid()
         self._pending: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -103,15 +34,17 @@ class KsmSampler:
 
     def sample(self) -> dict[str, Any]:
         t = time.monotonic_ns()
-        files = read_ksm_files()
+        files = ksmsysfs.read_files()
         row: dict[str, Any] = {"t_ns": t, "advisor_mode": files.get("advisor_mode")}
         if not isinstance(row["advisor_mode"], str):
             row["advisor_mode"] = None
         for name in KSM_COUNTERS:
             v = files.get(name)
             row[name] = v if isinstance(v, int) else None
-        row.update(read_vmstat())
-        row["ksmd_cpu_ns"] = ksmd_cpu_ns(self.ksmd)
+        row.update(ksmsysfs.vmstat())
+        sched = ksmsysfs.schedstat(self.ksmd)
+        row["ksmd_cpu_ns"] = sched[0] if sched else None
+        row["ksmd_wait_ns"] = sched[1] if sched else None
         return row
 
     def start(self) -> None:
@@ -146,3 +79,38 @@ class KsmSampler:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+
+class GroundTruth(RecorderBase):
+    """The recorder of the ``ksm`` table: a sample at the start of every snapshot, one right after
+    its read window (the counters that go with the pages just read), and the background samples
+    taken in between; a discarded snapshot hands its samples to the next one."""
+
+    name = "ground_truth"
+
+    def __init__(self, interval: float | None = None) -> None:
+        self.sampler = KsmSampler(interval)
+        self._rows: list[dict[str, Any]] = []
+
+    def manifest(self) -> dict[str, dict[str, Any]]:
+        return {"capture": {"ground_truth": True, "ksm_sample_interval_s": self.sampler.interval}}
+
+    def start(self, session) -> None:
+        self.sampler.start()
+
+    def begin(self, ctx: SnapshotContext) -> None:
+        self.sampler.add(self.sampler.sample())
+
+    def end(self, ctx: SnapshotContext) -> dict[str, pa.Table]:
+        self.sampler.add(self.sampler.sample())
+        self._rows = self.sampler.take()
+        return {"ksm": pa.Table.from_pylist([dict(r, snap=ctx.snap) for r in self._rows], schema=KSM_SCHEMA)}
+
+    def commit(self, ctx: SnapshotContext, ok: bool) -> None:
+        if not ok:
+            self.sampler.give_back(self._rows)
+        self._rows = []
+
+    def close(self) -> dict[str, Any]:
+        self.sampler.stop()
+        return {}

@@ -13,13 +13,14 @@ from typing import Any
 
 from ksmtrace.progress import ProgressFn
 from ksmtrace_tracers import TRACER_NAME, TRACER_VERSION
-from ksmtrace_tracers.capture import Capture, CaptureOptions, host_capabilities, run_capture
+from ksmtrace_tracers.capture import Capture, host_capabilities, run_capture
+from ksmtrace_tracers.options import CaptureOptions
 from ksmtrace_tracers.procmaps import SCOPES
 from ksmtrace_tracers.targets import TargetSpec
 
 
 class ProcfsTracer:
-    """Captures live processes through /proc (pagemap, kpageflags, process_vm_readv, /proc/PID/mem)."""
+    """Captures live processes through /proc (pagemap, kpageflags, /proc/PID/mem)."""
 
     name = TRACER_NAME
     version = TRACER_VERSION

@@ -21,6 +21,12 @@ class Stat:
     ppid: int
     flags: int
     start_ticks: int  # field 22: start time in clock ticks since boot
+    pgrp: int = 0
+    session: int = 0
+
+    @property
+    def session_leader(self) -> bool:
+        return self.session == self.pid
 
     @property
     def kthread(self) -> bool:
@@ -49,7 +55,7 @@ def read_stat(pid: int) -> Stat | None:
         rp = data.rindex(b")")
         comm = data[lp + 1 : rp].decode("utf-8", "replace")
         fields = data[rp + 2 :].split()
-        return Stat(pid, comm, fields[0].decode(), int(fields[1]), int(fields[6]), int(fields[19]))
+        return Stat(pid, comm, fields[0].decode(), int(fields[1]), int(fields[6]), int(fields[19]), int(fields[2]), int(fields[3]))
     except (ValueError, IndexError):
         return None
 
@@ -110,6 +116,18 @@ def read_status(pid: int) -> Status | None:
     return Status(uid, rss, anon)
 
 
+def read_tgid(tid: int) -> int | None:
+    """The thread group (process) id of a thread, from /proc/TID/status (None when it is gone)."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def read_ksm_stat(pid: int) -> dict | None:
     """/proc/PID/ksm_stat as a dict (ints and yes/no booleans); None if missing or gone."""
     try:
@@ -130,6 +148,39 @@ def read_ksm_stat(pid: int) -> dict | None:
                 out[key] = int(value)
             except ValueError:
                 continue
+    return out
+
+
+def read_switches(pid: int) -> dict[str, int] | None:
+    """``nr_voluntary_switches`` and ``nr_involuntary_switches`` from /proc/PID/sched."""
+    try:
+        with open(f"/proc/{pid}/sched", "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        k = k.strip()
+        if k in ("nr_voluntary_switches", "nr_involuntary_switches"):
+            try:
+                out[k] = int(v)
+            except ValueError:
+                continue
+    return out
+
+
+def ancestors(pid: int | None = None) -> dict[int, str]:
+    """pid -> comm of every ancestor of ``pid`` (default: this process), parent first, up to init
+    (a wrapper such as ``sudo`` or ``timeout``, the shell, the terminal, ...)."""
+    out: dict[int, str] = {}
+    st = read_stat(os.getpid() if pid is None else pid)
+    while st is not None and st.ppid > 0 and st.ppid not in out:
+        parent = read_stat(st.ppid)
+        if parent is None:
+            break
+        out[parent.pid] = parent.comm
+        st = parent
     return out
 
 

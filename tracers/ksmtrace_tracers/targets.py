@@ -15,8 +15,10 @@ Selectors (any combination; the targets of a snapshot are their union):
 * ``all``: every user process with anonymous memory (RssAnon > 0).
 
 Kernel threads, zombies, ksmtrace itself and its own helper processes (the --freeze watchdog,
---workers processes) are never targets.  Other children of the capturing process are (a test
-captures the workload it started).
+--workers processes) are never targets.  ``--name`` and ``--all`` never select ksmtrace's
+ancestors either (``sudo``, ``timeout``, the shell that started it): ``sudo ksmtrace capture --name
+qemu`` captures qemu, not sudo.  Other children of the capturing process are targets (a test
+captures the workload it started), and so is an ancestor named explicitly with --pid/--tree.
 """
 from __future__ import annotations
 
@@ -142,6 +144,8 @@ class TargetSet:
             raise TargetError("no targets: give --pid, --name, --tree, --cgroup or --all")
         self.spec = spec
         self.self_pid = os.getpid() if exclude_self else -1
+        # --name/--all never pick ksmtrace's own wrappers (sudo, timeout, the shell)
+        self.ancestors = set(P.ancestors()) if exclude_self else set()
         self._regexes = []
         for rx in spec.names:
             try:
@@ -239,14 +243,14 @@ class TargetSet:
                 add(pid, cgroup_dir=str(cg))
         if self._regexes:
             for pid, st in stats.items():
-                if pid in found or st.kthread or st.zombie:
+                if pid in found or st.kthread or st.zombie or pid in self.ancestors:
                     continue
                 cmd = P.read_cmdline(pid) or ""
                 if any(rx.search(st.comm) or rx.search(cmd) for rx in self._regexes):
                     add(pid, st)
         if self.spec.all:
             for pid, st in stats.items():
-                if pid in found or st.kthread or st.zombie or pid in excluded:
+                if pid in found or st.kthread or st.zombie or pid in excluded or pid in self.ancestors:
                     continue
                 status = P.read_status(pid)
                 if status is not None and status.anon_pages > 0:

@@ -44,6 +44,13 @@ def resume(stopped: dict[int, int], cgroups: set[str]) -> None:
 
 
 def main(argv: list[str]) -> int:
+    # a capture under --nice/--sched-idle must still be resumed promptly on a busy host
+    try:
+        if os.sched_getscheduler(0) == os.SCHED_IDLE:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except OSError:
+        pass
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(sig, signal.SIG_IGN)
     fd = int(argv[0])

@@ -2,7 +2,7 @@
 
 xxhash holds the GIL, so threads do not help; processes do (limits.md: 2 processes ≈ 1.4x).  A
 process's page list is cut into contiguous chunks; each worker reads and hashes its chunks with
-its own buffer (same key, same methods: process_vm_readv only for exclusive pages) and returns
+its own buffer (same key, same /proc/PID/mem reads) and returns
 the hashes; the results are identical to a single-process read.  The pool is created before
 any thread or the watchdog exists; workers ignore SIGINT (the parent decides), die with the
 parent (PR_SET_PDEATHSIG) and never hold the watchdog's pipe.  ``--contents`` reads in the main
@@ -23,7 +23,7 @@ _reader: PageReader | None = None
 PR_SET_PDEATHSIG = 1
 
 
-def _init(key: int, fingerprints: bool, allow_pvr: bool) -> None:
+def _init(key: int, fingerprints: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
@@ -32,21 +32,21 @@ def _init(key: int, fingerprints: bool, allow_pvr: bool) -> None:
     except OSError:
         pass
     global _reader
-    _reader = PageReader(PageHasher(key, fingerprints), allow_pvr=allow_pvr)
+    _reader = PageReader(PageHasher(key, fingerprints))
 
 
 def _task(args) -> ReadResult:
-    pid, vpns, use_pvr = args
+    pid, vpns = args
     assert _reader is not None
-    return _reader.read(pid, vpns, use_pvr)
+    return _reader.read(pid, vpns)
 
 
 class WorkerPool:
-    def __init__(self, n: int, key: int, fingerprints: bool, allow_pvr: bool = True, min_chunk: int = 16384) -> None:
+    def __init__(self, n: int, key: int, fingerprints: bool, min_chunk: int = 16384) -> None:
         self.n = n
         self.min_chunk = min_chunk
         ctx = multiprocessing.get_context("fork")
-        self.pool = ctx.Pool(n, initializer=_init, initargs=(key, fingerprints, allow_pvr))
+        self.pool = ctx.Pool(n, initializer=_init, initargs=(key, fingerprints))
 
     @property
     def pids(self) -> list[int]:
@@ -55,11 +55,11 @@ class WorkerPool:
     def worth_it(self, n_pages: int) -> bool:
         return n_pages >= 2 * self.min_chunk
 
-    def read(self, pid: int, vpns: np.ndarray, use_pvr: np.ndarray) -> ReadResult:
+    def read(self, pid: int, vpns: np.ndarray) -> ReadResult:
         n = len(vpns)
         parts = max(1, min(self.n * 4, n // self.min_chunk))
         bounds = np.linspace(0, n, parts + 1).astype(np.int64)
-        chunks = [(pid, vpns[a:b], use_pvr[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        chunks = [(pid, vpns[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         results = self.pool.map(_task, chunks, chunksize=1)
         out = ReadResult(
             hash=np.concatenate([r.hash for r in results]),
@@ -68,8 +68,7 @@ class WorkerPool:
         if results[0].sample is not None:
             out.sample = np.concatenate([r.sample for r in results])  # type: ignore[misc]
             out.pfx = {k: np.concatenate([r.pfx[k] for r in results]) for k in results[0].pfx}  # type: ignore[index,union-attr]
-        out.bytes_pvr = sum(r.bytes_pvr for r in results)
-        out.bytes_mem = sum(r.bytes_mem for r in results)
+        out.bytes_read = sum(r.bytes_read for r in results)
         out.gone = any(r.gone for r in results)
         out.denied = any(r.denied for r in results)
         return out

@@ -1,5 +1,8 @@
 """Process plumbing shared by the workload processes and the code that starts them:
-parent-death signal, stop-signal waiting, /proc queries and careful termination by pid."""
+parent-death signal, stop-signal waiting, /proc queries and careful termination by pid.
+
+/proc is parsed in one place, :mod:`ksmtrace_tracers.procinfo` (the capture's parser); the
+queries here are thin views of it."""
 from __future__ import annotations
 
 import ctypes
@@ -7,6 +10,8 @@ import ctypes.util
 import os
 import signal
 import time
+
+from ksmtrace_tracers import procinfo
 
 PR_SET_PDEATHSIG = 1
 
@@ -51,40 +56,25 @@ def wait_stop(timeout: float | None) -> bool:
 
 def proc_stat(pid: int) -> tuple[str, int, int] | None:
     """``(state, ppid, starttime)`` of a process from /proc/PID/stat, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode("ascii", "replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = data[data.rindex(")") + 2:].split()
-    return fields[0], int(fields[1]), int(fields[19])
+    st = procinfo.read_stat(pid)
+    return None if st is None else (st.state, st.ppid, st.start_ticks)
 
 
 def is_running(pid: int, starttime: int | None = None) -> bool:
     """True if ``pid`` exists, is not a zombie and (if given) has this start time."""
-    st = proc_stat(pid)
-    if st is None or st[0] in ("Z", "X"):
+    st = procinfo.read_stat(pid)
+    if st is None or st.zombie:
         return False
-    return starttime is None or st[2] == starttime
+    return starttime is None or st.start_ticks == starttime
 
 
 def descendants(pids) -> list[int]:
     """Live (non-zombie) descendants of ``pids``, found by parent pid in /proc/*/stat
     (/proc/PID/task/*/children needs CONFIG_PROC_CHILDREN, which many kernels lack)."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        st = proc_stat(int(name))
-        if st is not None and st[0] not in ("Z", "X"):
-            children.setdefault(st[1], []).append(int(name))
-    out: list[int] = []
-    todo = list(pids)
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in out:
-                out.append(child)
-                todo.append(child)
+    children = procinfo.ppid_map()
+    out: set[int] = set()
+    for pid in pids:
+        out |= procinfo.descendants(pid, children)
     return sorted(out)
 
 

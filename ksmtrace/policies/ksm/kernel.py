@@ -27,7 +27,7 @@ from ksmtrace.engine.jitutil import bitlen as _bitlen
 from ksmtrace.engine.jitutil import prefetch_row
 from ksmtrace.engine.state import F_KSM, P_CID, P_FRAME, P_PROC
 from ksmtrace.policies.ksm import KsmParams
-from ksmtrace.policies.ksm.runtime import Holes, fork_registrations, ksm_counters
+from ksmtrace.policies.ksm.runtime import Holes, fork_registrations, ksm_counters, sleep_written, sysfs_refusals
 from ksmtrace.policies.sameaddr import SameAddress
 
 # unit indices
@@ -72,6 +72,19 @@ KsmState = namedtuple("KsmState", ["it", "nd", "ct", "fn", "mm", "sc"])
 # array of K is passed, and reference counted, at each non-inlined call that takes K)
 
 
+def derived_params(params, hz: int) -> dict[str, int]:
+    """The derived parameter slots (and the sharing limit 3.18 does not have)."""
+    v318 = params.profile == "3.18"
+    return {
+        "max_page_sharing": (1 << 62) if v318 else params.max_page_sharing,
+        "neworder": params.profile in ("6.11", "6.12"),
+        "v318": v318,
+        "remap": params.profile == "6.12",
+        "hz": hz,
+        "oldchains": params.profile == "6.10",
+    }
+
+
 def new_state(prep, params, ctx, n_frames: int) -> KsmState:
     n, c, f, np_ = prep.n_pages, prep.n_cids, n_frames, prep.n_procs
     cap = 2 * n + 16
@@ -86,15 +99,7 @@ def new_state(prep, params, ctx, n_frames: int) -> KsmState:
     mm[:, M_PREV] = np_
     mm[:np_, M_LO] = prep.proc_pg_lo
     mm[:np_, M_HI] = prep.proc_pg_hi
-    v318 = params.profile == "3.18"
-    pa = params_array(params, P, {
-        "max_page_sharing": (1 << 62) if v318 else params.max_page_sharing,
-        "neworder": params.profile in ("6.11", "6.12"),
-        "v318": v318,
-        "remap": params.profile == "6.12",
-        "hz": ctx.hz,
-        "oldchains": params.profile == "6.10",
-    })
+    pa = params_array(params, P, derived_params(params, ctx.hz))
     sc = new_block(N_SCALARS, len(P), ctx)
     sc[OP : OP + len(P)] = pa
     sc[S_CUR] = np_  # the head
@@ -832,6 +837,8 @@ class KsmKernel(KernelRuntime):
     """The kernel behind the driver's calls; counters as :class:`~ksmtrace.policies.ksm.runtime.KsmRuntime`."""
 
     name = "ksm"
+    param_slots = P
+    param_offset = OP
 
     def __init__(self, params, ctx) -> None:
         super().__init__(params, ctx)
@@ -841,6 +848,20 @@ class KsmKernel(KernelRuntime):
         self.K = new_state(ctx.prep, params, ctx, self.E.fr.shape[0])
         self.sc = self.K.sc
         self.v318 = params.profile == "3.18"
+
+    def derived_params(self, params) -> dict[str, int]:
+        return derived_params(params, self.ctx.hz)
+
+    # sysfs writes between batches: as KsmRuntime's
+    def refuse_params(self, changes) -> dict[str, str]:
+        return sysfs_refusals(self.p, changes)
+
+    def params_changed(self, old, changes, now: int) -> None:
+        sc = self.sc
+        if "pages_to_scan" in changes:
+            sc[S_PTS] = self.p.pages_to_scan
+        if self.p.sleep_millisecs != old.sleep_millisecs and sc[D_IDLE] == 0:
+            sc[D_TWAKE] = sleep_written(int(sc[D_TWAKE]), self.batch_end(), now, self.p.sleep_millisecs, self.ctx.hz)
 
     def on_snapshot(self, s: int, now: int) -> None:
         prep, K = self.prep, self.K

@@ -10,13 +10,42 @@ from typing import Optional
 
 import numpy as np
 
+from ksmtrace.engine.clock import next_wake
 from ksmtrace.engine.daemon import Daemon
+from ksmtrace.errors import PolicyParamError
 from ksmtrace.policies.sameaddr import SameAddress
 from ksmtrace.trace.addrspace import NO_TIME, address_spaces
 
 PROFILES = ("6.12", "6.11", "6.10", "3.18")
 RMAP_ITEM_SIZE = 64
 PAGE_SIZE = 4096
+#: parameters a running ksmd takes from /sys/kernel/mm/ksm between batches (a controller's writes).
+#: Not these: ``profile`` (another kernel), ``max_page_sharing`` (-EBUSY while any page is shared)
+#: and ``advisor_mode`` (switching resets the advisor's context mid-scan: not modelled).
+LIVE_PARAMS = ("pages_to_scan", "sleep_millisecs", "smart_scan", "use_zero_pages", "stable_node_chains_prune_millisecs",
+               "advisor_target_scan_time", "advisor_max_cpu", "advisor_min_pages_to_scan", "advisor_max_pages_to_scan")
+
+
+def sysfs_refusals(params, changes) -> dict[str, str]:
+    """The writes mm/ksm.c rejects: ``pages_to_scan`` while the scan-time advisor owns it
+    (``pages_to_scan_store``: -EINVAL).  A parameter ksmd does not take mid-run is an error."""
+    fixed = [k for k in changes if k not in LIVE_PARAMS]
+    if fixed:
+        raise PolicyParamError(f"ksm: {', '.join(fixed)} cannot change during a run (parameters that can: "
+                               f"{', '.join(LIVE_PARAMS)})")
+    if "pages_to_scan" in changes and params.advisor_mode != "none":
+        return {"pages_to_scan": "EINVAL: the scan-time advisor sets pages_to_scan (pages_to_scan_store)"}
+    return {}
+
+
+def sleep_written(t_wake: int, batch_end: int, now: int, sleep_ms: int, hz: int) -> int:
+    """ksmd's next wake-up after ``sleep_millisecs`` changed at ``now``: if it was sleeping, the
+    write wakes it at once (``sleep_millisecs_store``: ``wake_up_interruptible(&ksm_iter_wait)``,
+    whose condition is the changed value); if its batch was still running, it then sleeps the new
+    value."""
+    if batch_end > now:
+        return int(next_wake(batch_end, sleep_ms, hz))
+    return min(int(t_wake), int(now))
 
 
 def skip_age(age: int) -> int:
@@ -689,6 +718,16 @@ class KsmRuntime(Daemon):
         self.adv_scan_time = scan_time
         self.adv_cpu = cpu_time
         self.pages_to_scan = int(pages)
+
+    # --- sysfs writes between batches (ksmtrace.engine.daemon: set_params) ---------------------------
+    def refuse_params(self, changes) -> dict[str, str]:
+        return sysfs_refusals(self.p, changes)
+
+    def params_changed(self, old, changes, now: int) -> None:
+        if "pages_to_scan" in changes:
+            self.pages_to_scan = self.p.pages_to_scan
+        if self.p.sleep_millisecs != old.sleep_millisecs and not self.idle:
+            self.t_wake = sleep_written(self.t_wake, self.batch_end(), now, self.p.sleep_millisecs, self.ctx.hz)
 
     # --- reporting ----------------------------------------------------------------------------------
     def counters(self) -> dict:

@@ -32,7 +32,7 @@ from ksmtrace.trace import schema as S
 from ksmtrace.trace.prepare import vmflag_mask
 
 INELIGIBLE = vmflag_mask("pf io de ht mm sh ms gd")
-SYNTH_GAP = 1024  # pages: a gap this wide between two pages of a process splits a synthesised VMA
+SYNTH_GAP = S.SYNTH_VMA_GAP  # pages: a wider gap between two pages of a process splits a synthesised VMA
 MAX_ENTRIES = 1 << 27  # page indices over all slot instances (12 bytes each in the kernel)
 
 
