@@ -11,7 +11,9 @@ One snapshot, per target process (see ``docs/capture.md``):
    pins a page (:mod:`ksmtrace_tracers.procmem`), each page hashed with the keyed hash (:mod:`.hashing`);
 4. with soft-dirty, /proc/PID/clear_refs = 4 (while still frozen);
 5. the delta against the previous snapshot of the same process (or a keyframe): the ``pages``,
-   ``processes``, ``vmas`` (and ``ksm_stat``, ``contents``) tables of the snapshot.
+   ``processes``, ``vmas`` (and ``ksm_stat``, ``contents``) tables of the snapshot; with
+   ``--scope all`` also ``vma_files`` (device, inode and offset of every file VMA) and, on file
+   pages, the page-cache bits F_DIRTY, F_WRITEBACK, F_ACTIVE from kpageflags.
 """
 from __future__ import annotations
 
@@ -123,6 +125,8 @@ class ProcfsReader(RecorderBase):
         self._pending: dict[tuple[int, int], tuple[_Proc, dict[str, np.ndarray], dict[str, Any]]] = {}
         self.totals = {"page_snapshots": 0, "present_snapshots": 0, "pages_read": 0, "bytes_read": 0, "rows": 0}
         self.coverage: dict[int, dict[str, Any]] = {}
+        #: the files the targets map in this snapshot (scope all): (dev, inode) -> (path, pid, start, end)
+        self.mapped_files: dict[tuple[int, int], tuple[str, int, int, int]] = {}
         self.denied: set[int] = set()
 
     # --- the recorder hooks -------------------------------------------------------------------
@@ -203,6 +207,8 @@ class ProcfsReader(RecorderBase):
         page_parts: list[dict[str, np.ndarray]] = []
         proc_rows: list[dict[str, Any]] = []
         vma_cols: dict[str, list] = {name: [] for name in S.VMAS_SCHEMA.names}
+        vf_cols: dict[str, list] = {name: [] for name in S.VMA_FILES_SCHEMA.names}
+        self.mapped_files = {}
         ksm_stat_rows: list[dict[str, Any]] = []
         new_states: dict[tuple[int, int], tuple[_Proc, dict[str, np.ndarray], dict[str, Any]]] = {}
         n_new = n_changed = n_gone = 0
@@ -249,6 +255,16 @@ class ProcfsReader(RecorderBase):
                 vma_cols["rss_pages"].append(v.rss_kb // 4)
                 vma_cols["anon_pages"].append(v.anon_kb // 4)
                 vma_cols["captured_pages"].append(int(cap_n))
+                if self.options.scope == "all" and v.in_scope and v.inode != 0 and v.flags & S.V_FILE:
+                    vf_cols["snap"].append(snap)
+                    vf_cols["proc"].append(proc)
+                    vf_cols["pid"].append(m.pid)
+                    vf_cols["start"].append(v.start)
+                    vf_cols["end"].append(v.end)
+                    vf_cols["dev"].append(v.dev)
+                    vf_cols["inode"].append(v.inode)
+                    vf_cols["pgoff"].append(v.offset)
+                    self.mapped_files.setdefault((v.dev, v.inode), (v.path, m.pid, v.start, v.end))
             if r.ksm_stat is not None:
                 row = {"snap": snap, "t_ns": ctx.t_read_end, "proc": proc, "pid": m.pid}
                 for k in S.KSM_STAT_FIELDS:
@@ -280,6 +296,8 @@ class ProcfsReader(RecorderBase):
             "processes": pa.Table.from_pylist(proc_rows, schema=S.PROCESSES_SCHEMA),
             "vmas": pa.table(vma_cols, schema=S.VMAS_SCHEMA),
         }
+        if self.options.scope == "all":
+            tables["vma_files"] = pa.table(vf_cols, schema=S.VMA_FILES_SCHEMA)
         if self.ground_truth:
             tables["ksm_stat"] = pa.Table.from_pylist(ksm_stat_rows, schema=S.KSM_STAT_SCHEMA)
         if self.contents is not None:
@@ -509,6 +527,7 @@ class ProcfsReader(RecorderBase):
             flags |= np.where(present, S.F_PFN, 0).astype(np.uint32)
         flags |= np.where(kok, S.F_KPF, 0).astype(np.uint32)
         flags |= np.where(failed, S.F_READ_FAILED, 0).astype(np.uint32)
+        flags |= page_cache_flags(kflags, kok & file_ & ~anon)
         pfn_col = np.where(present, pfn, np.uint64(0)) if self.pfn_readable else np.zeros(n, np.uint64)
         state = {"vpn": vpn, "hash": hashes, "flags": flags, "pfn": pfn_col.astype(np.uint64)}
         if self.options.fingerprints:
@@ -621,6 +640,16 @@ def page_delta(prev: dict[str, np.ndarray] | None, cur: dict[str, np.ndarray], s
         if dirty.any():
             dl = D.Delta(dl.new, np.sort(np.concatenate((dl.changed, dl.same[dirty]))), dl.gone, dl.same[~dirty])
     return dl
+
+
+def page_cache_flags(kflags: np.ndarray, file_page: np.ndarray) -> np.ndarray:
+    """``F_DIRTY``, ``F_WRITEBACK``, ``F_ACTIVE`` of page-cache pages (``file_page``: file pages
+    whose kpageflags were read) from their kpageflags.  Anonymous pages get none: their dirty and
+    LRU bits say nothing about a file and would only churn the delta."""
+    out = np.zeros(len(kflags), np.uint32)
+    for bit, flag in ((PM.KPF_DIRTY, S.F_DIRTY), (PM.KPF_WRITEBACK, S.F_WRITEBACK), (PM.KPF_ACTIVE, S.F_ACTIVE)):
+        out |= np.where(file_page & PM.kpf_bit(kflags, bit), flag, 0).astype(np.uint32)
+    return out
 
 
 def pages_table(parts: list[dict[str, np.ndarray]], schema: pa.Schema) -> pa.Table:
