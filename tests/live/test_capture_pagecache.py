@@ -152,11 +152,11 @@ def test_files_are_read_without_changing_residency(tree, tmp_path):
 
 def test_pagecache_replay_of_listed_files_matches_a_brute_force_count(tree, tmp_path):
     """Scope anon (no file VMAs): the page cache the replay sees is exactly the listed files'
-    resident pages, so the oracle's saving is resident pages minus distinct contents, and the
+    resident pages (not the capture's own trace, written under the listed directory), so the oracle's saving is resident pages minus distinct contents, and the
     policy (merging across files only) reaches the across-file part of it once its scan passed."""
     root, proc = tree
     before = _residency(root)
-    out = tmp_path / "t"
+    out = root / "trace"  # under --files: the capture skips its own trace directory
     with Capture(out, [proc.pid], CaptureOptions(scope="anon", files=(str(root),), key=KEY, ground_truth=False,
                                                   kernel_events=False)) as cap:
         cap.snapshot()

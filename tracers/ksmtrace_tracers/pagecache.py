@@ -147,10 +147,19 @@ class FileRead:
     counts: tuple[int, int, int]  # cached, dirty, writeback
 
 
-def walk_files(roots: tuple[str, ...]):
+def walk_files(roots: tuple[str, ...], exclude: str | None = None):
     """Every regular file under the ``roots`` (a root may itself be a file), each once, without
-    following symbolic links."""
+    following symbolic links, and nothing under ``exclude`` (the capture's own trace directory:
+    its files change at every snapshot because of the capture itself)."""
     seen: set[tuple[int, int]] = set()
+    if exclude is not None:
+        try:
+            st = os.stat(exclude)
+            seen_dirs = {(st.st_dev, st.st_ino)}
+        except OSError:
+            seen_dirs = set()
+    else:
+        seen_dirs = set()
     for root in roots:
         try:
             st = os.stat(root)
@@ -161,8 +170,18 @@ def walk_files(roots: tuple[str, ...]):
                 seen.add((st.st_dev, st.st_ino))
                 yield root
             continue
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            continue
         for d, dirs, names in os.walk(root):
-            dirs.sort()
+            kept = []
+            for name in sorted(dirs):
+                try:
+                    ds = os.lstat(os.path.join(d, name))
+                except OSError:
+                    continue
+                if (ds.st_dev, ds.st_ino) not in seen_dirs:
+                    kept.append(name)
+            dirs[:] = kept
             for name in sorted(names):
                 p = os.path.join(d, name)
                 try:
@@ -271,6 +290,7 @@ class PageCacheRecorder(RecorderBase):
         self._state: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self._pending: dict[tuple[int, int], dict[str, np.ndarray]] | None = None
         self._reads: list[FileRead] = []
+        self.exclude: str | None = None
         self.totals = {"file_pages_read": 0, "file_page_rows": 0}
 
     def manifest(self) -> dict[str, dict[str, Any]]:
@@ -283,9 +303,12 @@ class PageCacheRecorder(RecorderBase):
             },
         }}
 
+    def start(self, session) -> None:
+        self.exclude = str(session.output)
+
     def read(self, ctx: SnapshotContext) -> None:
         self._reads = []
-        for p in walk_files(self.roots):
+        for p in walk_files(self.roots, self.exclude):
             r = self.reader.read(p)
             if r is not None:
                 self._reads.append(r)
