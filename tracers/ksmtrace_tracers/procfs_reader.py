@@ -112,8 +112,8 @@ class ProcfsReader(RecorderBase):
         self.hasher = PageHasher(key, opts.fingerprints)
         self.extra_cols: tuple[str, ...] = ()
         if opts.fingerprints:
-            self.extra_cols = ("sample",) + tuple(f.name for f in S.PREFIX_FIELDS)
-        self.pages_schema = S.pages_schema(sample=opts.fingerprints, prefixes=opts.fingerprints)
+            self.extra_cols = ("sample",) + tuple(f.name for f in S.PREFIX_FIELDS) + tuple(f.name for f in S.STRENGTH_FIELDS)
+        self.pages_schema = S.pages_schema(sample=opts.fingerprints, prefixes=opts.fingerprints, strengths=opts.fingerprints)
         if opts.workers > 0 and not opts.contents:
             from ksmtrace_tracers.workers import WorkerPool
 
@@ -165,6 +165,8 @@ class ProcfsReader(RecorderBase):
                 "zero_page": f"0x{self.hasher.zero_sample:08x}",
             }
             capture["prefix_lengths"] = list(S.PREFIX_LENGTHS)
+            capture["sample_strengths"] = list(S.SAMPLE_STRENGTHS)
+            capture["strength_permutation"] = "the capture's (hash key): sample is strength 64"
         return {"host": host, "capture": capture}
 
     def check_targets(self, members: list[Member], session) -> None:
@@ -540,6 +542,13 @@ class ProcfsReader(RecorderBase):
                 a[rd] = res.pfx[ln]  # type: ignore[index]
                 a[zero_page] = np.uint32(self.hasher.zero_prefix[ln])
                 state[f"pfx{ln}"] = a
+            for k, strength in enumerate(S.SAMPLE_STRENGTHS):
+                if strength == S.SAMPLE_WORDS:
+                    continue  # the ``sample`` column
+                a = np.zeros(n, np.uint32)
+                a[rd] = res.strengths[:, k]  # type: ignore[index]
+                a[zero_page] = self.hasher.zero_strengths[k]
+                state[S.strength_column(strength)] = a
         if self.contents is not None and zero_page.any():
             self.contents.add(self.hasher.zero_hash, bytes(PAGE))
         if drop.any():
