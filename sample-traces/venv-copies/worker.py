@@ -1,8 +1,14 @@
-"""One of the three importers of the ``venv-copies`` sample: imports numpy from its own copy of the
-library tree (``sys.path[0]``, no site-packages), does a little work with it, says ``ready`` and
-waits for stdin to close."""
+"""One of the three importers of the ``venv-copies`` sample: marks itself mergeable for KSM
+(prctl(PR_SET_MEMORY_MERGE, 1): every VMA gets VM_MERGEABLE), imports numpy from its own copy of
+the library tree (``sys.path[0]``, no site-packages), does a little work with it, says ``ready``
+and waits for stdin to close."""
+import ctypes
 import sys
 
+PR_SET_MEMORY_MERGE = 67
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) != 0:
+    raise OSError(ctypes.get_errno(), "prctl(PR_SET_MEMORY_MERGE)")
 sys.path.insert(0, sys.argv[1])
 import numpy as np  # noqa: E402  (from the copy given)
 
