@@ -48,6 +48,20 @@ def test_the_capture_hash_is_strength_64_of_the_same_function():
     assert (strength_samples(pages, perm)[:, S.SAMPLE_STRENGTHS.index(64)] == want).all()
 
 
+def test_the_capture_computes_every_strength_in_one_pass_like_the_spec():
+    hashing = pytest.importorskip("ksmtrace_tracers.hashing")
+    rng = np.random.default_rng(5)
+    pages = rng.integers(0, 256, size=(6, 4096), dtype=np.uint8)
+    pages[2] = 0
+    perm = hashing.pksm_permutation(0x77)
+    got = hashing.strength_hashes(pages, perm)
+    assert (got == strength_samples(pages, perm)).all()
+    assert (got[:, hashing.I64] == hashing.sample_hashes(pages, perm)).all()
+    h = hashing.PageHasher(0x77, fingerprints=True)
+    assert list(h.zero_strengths) == list(got[2]) == [zero_sample(x) for x in S.SAMPLE_STRENGTHS]
+    assert hashing.strength_hashes(pages[:0], perm).shape == (0, len(S.SAMPLE_STRENGTHS))
+
+
 def test_builder_collision_groups():
     coll = {"a": ("g", 32), "b": ("g", 16), "z": (0, 8)}
     assert strength_sample("a", 16, coll) == strength_sample("b", 16, coll) == strength_sample("g", 16, coll)
