@@ -37,13 +37,12 @@ from numba import njit, uint64
 
 from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decorator)
 from ksmtrace.errors import CaptureError
-from ksmtrace.trace.sampled import zero_sample
+from ksmtrace.trace.sampled import KEY_BITS, keyed_permutation, subkey, zero_sample
+from ksmtrace.trace.sampled import key_fingerprint as _key_fingerprint
 from ksmtrace.trace.schema import PREFIX_LENGTHS, SAMPLE_STRENGTHS
 
 PAGE = 4096
-KEY_BITS = 128
 HASH_ALGORITHM = "siphash24(xxh3_128)"
-FINGERPRINT_LABEL = b"ksmtrace hash-key fingerprint v2"
 SAMPLE_WORDS = 64
 SAMPLE_INIT = 0xDEADBEEF
 PKSM_ZERO_SAMPLE = 0x7AEC7314  # the sampled hash of a zero page: independent of the permutation
@@ -133,19 +132,9 @@ def new_key() -> int:
     return int.from_bytes(os.urandom(KEY_BITS // 8), "little")
 
 
-def key_bytes(key: int) -> bytes:
-    return int(key).to_bytes(KEY_BITS // 8, "little")
-
-
-def subkey(key: int, purpose: bytes) -> bytes:
-    """A 16-byte key for one use, derived from the capture key (keyed BLAKE2b, personalised)."""
-    return hashlib.blake2b(purpose, key=key_bytes(key), digest_size=16, person=b"ksmtrace-subkey").digest()
-
-
 def key_fingerprint(key: int) -> str:
-    """A public name of the key: keyed BLAKE2b of a fixed label, 16 hex digits.  Reveals nothing
-    useful about the key."""
-    return hashlib.blake2b(FINGERPRINT_LABEL, key=key_bytes(key), digest_size=8).hexdigest()
+    """A public name of the key (:func:`ksmtrace.trace.sampled.key_fingerprint`, version 2)."""
+    return _key_fingerprint(key, 2)
 
 
 def load_or_create_key(path: str | os.PathLike, warn=None) -> tuple[int, bool]:
@@ -196,15 +185,9 @@ def key_file_is_private(path: str | os.PathLike) -> bool:
 # --- fingerprints ------------------------------------------------------------------------------
 def pksm_permutation(key: int) -> np.ndarray:
     """The 1024 word offsets shuffled by a forward Fisher–Yates (as PKSM's init_random_sampling),
-    with ``prandom_u32()`` replaced by a keyed BLAKE2b stream: secret, deterministic."""
-    k = subkey(key, b"pksm permutation")
-    stream = b"".join(hashlib.blake2b(i.to_bytes(4, "little"), key=k).digest() for i in range(64))
-    rnd = np.frombuffer(stream, dtype="<u4")
-    table = list(range(1024))
-    for i in range(1024):
-        j = i + int(rnd[i]) % (1024 - i)
-        table[i], table[j] = table[j], table[i]
-    return np.array(table, dtype=np.int64)
+    with ``prandom_u32()`` replaced by a keyed BLAKE2b stream: secret, deterministic
+    (:func:`ksmtrace.trace.sampled.keyed_permutation`, which ``ksmtrace strengths`` uses too)."""
+    return keyed_permutation(key, 2)
 
 
 def pksm_sample_reference(page: bytes, offsets) -> int:
