@@ -14,7 +14,9 @@ What this computes, and the rules it applies (also in ``docs/replay-semantics.md
   itself — and without PFNs (unprivileged capture) every page is its own frame.
 * **candidates** under the scope: ``recorded`` = present anonymous pages of mergeable VMAs (what
   ksmd scans); ``anon`` = every present private anonymous page.  Pages mapping the kernel's shared
-  zero page, swapped pages and hugetlb pages are never candidates.
+  zero page, swapped pages and hugetlb pages are never candidates.  ``file`` = the page cache
+  (format version 2): resident clean pages of files, one page per (device, inode, index),
+  prepared by :mod:`ksmtrace.trace.pagecache`.
 * **events** per snapshot and page, from the page's previous row: ``APPEAR`` (became a candidate),
   ``GONE`` (stopped being one: unmapped, exited, swapped, zero-page mapped), ``UNMERGE`` (still a
   present anonymous page but no longer mergeable: the kernel breaks KSM sharing, a COW copy),
@@ -56,7 +58,7 @@ from ksmtrace.trace import schema as S
 from ksmtrace.jitutil import prefetch_at, prefetch_row
 from ksmtrace.trace.events import Events, EventStore, spill_bytes
 
-SCOPES = ("recorded", "anon")
+SCOPES = ("recorded", "anon", "file")  # file: the page cache (ksmtrace.trace.pagecache)
 
 EV_APPEAR = 1
 EV_GONE = 2
@@ -493,6 +495,82 @@ def _real_ksm_zero_merges(trace, pg, snap, flags, cand, zp_now):
     n_pages = int(pg.max()) + 1 if len(pg) else 0
     return _kz_rows(np.lexsort((snap, pg)), np.asarray(pg, np.int64), np.asarray(flags, np.int64), np.asarray(cand),
                     np.asarray(zp_now), zero_on, split_remap, n_pages)
+
+
+def _dense(key: np.ndarray, ordered: bool = False) -> tuple[np.ndarray, int]:
+    """Dense ids (0..k-1) of int64 keys: in key order if ``ordered``, else in order of appearance."""
+    key = np.asarray(key, np.int64)
+    return _dense2(key, np.zeros(len(key), np.int64), ordered=ordered)
+
+
+def _baselines(prep: Prepared) -> None:
+    """Frames with no dedup, frames with perfect dedup, zero-filled and hash-duplicate pages, from
+    a prepared trace's events (for preparations that do not count them as they go: the file scope)."""
+    bf, of, zf = _baseline_counts(prep.off, prep.ev_pg, prep.ev_kind, prep.ev_cid, prep.ev_gid, prep.n_pages, prep.n_cids, prep.n_gids)
+    prep.base_frames = bf
+    prep.oracle_frames = of
+    prep.zero_filled = zf
+    # naive: every present page in scope (zero-page mapped ones read as zeros) minus distinct hashes
+    distinct = of + (zf > 0)
+    naive_distinct = distinct + ((prep.zero_page_mapped > 0) & (zf == 0))
+    prep.hash_dup_pages = prep.base_pages + prep.zero_page_mapped - naive_distinct
+
+
+@njit(cache=True)
+def _baseline_counts(off, ev_pg, ev_kind, ev_cid, ev_gid, n_pages, n_cids, n_gids):
+    n_snaps = len(off) - 1
+    cur_cid = np.full(n_pages, -1, np.int64)
+    cur_gid = np.full(n_pages, -1, np.int64)  # -1: a frame of its own
+    cnt_cid = np.zeros(n_cids, np.int64)
+    cnt_gid = np.zeros(max(n_gids, 1), np.int64)
+    dc = 0
+    dg = 0
+    bf = np.zeros(n_snaps, np.int64)
+    of = np.zeros(n_snaps, np.int64)
+    zf = np.zeros(n_snaps, np.int64)
+    for s in range(n_snaps):
+        for i in range(off[s], off[s + 1]):  # removals first
+            k = ev_kind[i]
+            if k == 2 or k == 3 or k == 4:
+                p = ev_pg[i]
+                c = cur_cid[p]
+                if c < 0:
+                    continue
+                g = cur_gid[p]
+                cnt_cid[c] -= 1
+                if cnt_cid[c] == 0:
+                    dc -= 1
+                if g < 0:
+                    dg -= 1
+                else:
+                    cnt_gid[g] -= 1
+                    if cnt_gid[g] == 0:
+                        dg -= 1
+                cur_cid[p] = -1
+                cur_gid[p] = -1
+        for i in range(off[s], off[s + 1]):
+            k = ev_kind[i]
+            if k == 1 or k == 4:
+                p = ev_pg[i]
+                c = ev_cid[i]
+                g = ev_gid[i]
+                if cnt_cid[c] == 0:
+                    dc += 1
+                cnt_cid[c] += 1
+                if g < 0:
+                    dg += 1
+                else:
+                    if cnt_gid[g] == 0:
+                        dg += 1
+                    cnt_gid[g] += 1
+                cur_cid[p] = c
+                cur_gid[p] = g
+        zero = cnt_cid[0]
+        bf[s] = dg
+        of[s] = dc - (1 if zero > 0 else 0)
+        zf[s] = zero
+    return bf, of, zf
+
 
 
 def _dense2(a: np.ndarray, b: np.ndarray, ordered: bool = False) -> tuple[np.ndarray, int]:
@@ -1127,6 +1205,10 @@ def _shared_frames(store: EventStore, off: np.ndarray, hits: list, pairs: list, 
 
 
 def _prepare(trace, scope: str, spill_path: str | os.PathLike | None = None) -> Prepared:
+    if scope == "file":
+        from ksmtrace.trace.pagecache import prepare_file
+
+        return prepare_file(trace, scope)
     n_snaps = trace.n_snapshots
     times = np.asarray(trace.times_ns, dtype=np.int64)
     has_sample = trace.has_sample_hash

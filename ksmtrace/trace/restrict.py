@@ -73,7 +73,8 @@ from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decor
 from numba import njit
 
 from ksmtrace.errors import KsmtraceError
-from ksmtrace.trace.prepare import EV_APPEAR, EV_GONE, EV_THP, EV_UNMERGE, EV_WRITE, Prepared, _dense2, vmflag_mask
+from ksmtrace.trace.prepare import (EV_APPEAR, EV_GONE, EV_THP, EV_UNMERGE, EV_WRITE, Prepared, _baseline_counts, _dense,
+                                    _dense2, vmflag_mask)
 
 PRESETS = {
     "zero-pages": "only all-zero pages are merged",
@@ -187,7 +188,7 @@ def _restrict(trace, prep: Prepared, r: Restriction) -> Prepared:
     new_arr = np.zeros(len(arrive), np.int64)
     nz = lab >= 0
     if nz.any():
-        dense, n = _dense2(lab[nz], np.zeros(int(nz.sum()), np.int64))  # (in order of first appearance)
+        dense, n = _dense(lab[nz])
         new_arr[nz] = dense + 1
         n_cids = n + 1
     else:
@@ -199,62 +200,6 @@ def _restrict(trace, prep: Prepared, r: Restriction) -> Prepared:
     extras = {**prep.extras, "restrict": r.spec, "unrestricted_oracle_frames": prep.oracle_frames}
     return dataclasses.replace(prep, store=prep.store.with_column("cid", ev_cid), n_cids=int(n_cids), oracle_frames=of,
                                extras=extras)
-
-
-@njit(cache=True)
-def _baseline_counts(off, ev_pg, ev_kind, ev_cid, ev_gid, n_pages, n_cids, n_gids):
-    n_snaps = len(off) - 1
-    cur_cid = np.full(n_pages, -1, np.int64)
-    cur_gid = np.full(n_pages, -1, np.int64)  # -1: a frame of its own
-    cnt_cid = np.zeros(n_cids, np.int64)
-    cnt_gid = np.zeros(max(n_gids, 1), np.int64)
-    dc = 0
-    dg = 0
-    bf = np.zeros(n_snaps, np.int64)
-    of = np.zeros(n_snaps, np.int64)
-    zf = np.zeros(n_snaps, np.int64)
-    for s in range(n_snaps):
-        for i in range(off[s], off[s + 1]):  # removals first
-            k = ev_kind[i]
-            if k == 2 or k == 3 or k == 4:
-                p = ev_pg[i]
-                c = cur_cid[p]
-                if c < 0:
-                    continue
-                g = cur_gid[p]
-                cnt_cid[c] -= 1
-                if cnt_cid[c] == 0:
-                    dc -= 1
-                if g < 0:
-                    dg -= 1
-                else:
-                    cnt_gid[g] -= 1
-                    if cnt_gid[g] == 0:
-                        dg -= 1
-                cur_cid[p] = -1
-                cur_gid[p] = -1
-        for i in range(off[s], off[s + 1]):
-            k = ev_kind[i]
-            if k == 1 or k == 4:
-                p = ev_pg[i]
-                c = ev_cid[i]
-                g = ev_gid[i]
-                if cnt_cid[c] == 0:
-                    dc += 1
-                cnt_cid[c] += 1
-                if g < 0:
-                    dg += 1
-                else:
-                    if cnt_gid[g] == 0:
-                        dg += 1
-                    cnt_gid[g] += 1
-                cur_cid[p] = c
-                cur_gid[p] = g
-        zero = cnt_cid[0]
-        bf[s] = dg
-        of[s] = dc - (1 if zero > 0 else 0)
-        zf[s] = zero
-    return bf, of, zf
 
 
 @njit(cache=True)
