@@ -109,8 +109,15 @@ def one_run(case: str, interval: float | None, idle: bool, duration: float, lead
                 cap = Capture(out, TargetSpec(trees=tuple(roots)),
                               CaptureOptions(scope="mergeable", sched_idle=idle, notify=lambda m: None))
                 cap.snapshot()
+                if idle:
+                    # --sched-idle made every thread of this process SCHED_IDLE; the bench's own
+                    # thread must not be: on a busy host it then started KSM seconds late and read
+                    # the end state late (churn: 123 merged pages, read mid-replacement)
+                    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
                 def loop():
+                    if idle:
+                        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # the capture's thread
                     t0 = time.monotonic()
                     k = 1
                     while not stop.wait(max(0.0, t0 + k * interval - time.monotonic())):
