@@ -396,7 +396,20 @@ def test_zero(start):
     assert counts(obs2) == counts(obs0)
 
 
-def test_forkdiverge(start):
+@pytest.fixture
+def ksm_stopped():
+    """KSM held at run=0 (under the settings lock) for a test that compares frames: another test
+    run's ksmd would merge this workload's mergeable pages and change them."""
+    if not (IS_ROOT and os.path.isdir("/sys/kernel/mm/ksm")):
+        yield
+        return
+    from ksmtrace.lab import kernelksm as K
+
+    with K.ksm_settings(run=0):
+        yield
+
+
+def test_forkdiverge(start, ksm_stopped):
     run = start("forkdiverge", pages=256, dup_fraction=0.25, templates=8, children=2,
                 fork_delay=0.5, period=0.5, diverge_step=32, reconverge_after=1.5)
     parent = run.pids[0]
