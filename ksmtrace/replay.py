@@ -178,7 +178,7 @@ def replay(
 
         eng = ReferenceEngine(prep)
     ctx = RunContext(prep=prep, engine=eng, timing_ps=tcost.timing_ps(), hz=hz, start_ns=start_ns, seed=int(seed),
-                     runtime=runtime, trace=trace)
+                     runtime=runtime, trace=trace, wake_wait_ns=int(round(tcost.wake_wait_ns)))
     rt = pol.runtime(ctx)
     control = None
     if ctl is not None:

@@ -192,10 +192,7 @@ class TracefsView:
 
 
 def settled_ksm_settings() -> dict:
-    """The KSM settings as the last locked block left them, read under the settings lock: other
-    test runs on this host change the settings in their own locked blocks, so a read outside the
-    lock can catch one of theirs in the middle."""
+    """The KSM settings as the last locked block left them (kernelksm.settled_settings)."""
     from ksmtrace.lab import kernelksm as K
 
-    with K.ksm_settings() as ks:
-        return dict(ks.saved)
+    return K.settled_settings()

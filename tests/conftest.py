@@ -14,6 +14,24 @@ _cache = tempfile.mkdtemp(prefix="ksmtrace-test-cache-")
 os.environ.setdefault("KSMTRACE_CACHE_DIR", _cache)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--cpu-neighbours", type=int, default=0, metavar="N",
+                     help="run the session beside N CPU-bound processes (live tests must hold on a busy host)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_neighbours(request):
+    """``--cpu-neighbours N``: N CPU-bound processes for the whole session, killed at its end."""
+    n = request.config.getoption("--cpu-neighbours")
+    if not n:
+        yield
+        return
+    from ksmtrace.lab.programs import cpu_neighbours
+
+    with cpu_neighbours(n):
+        yield
+
+
 @pytest.fixture(scope="session")
 def scenarios(tmp_path_factory):
     """Standard scenario traces, built once per session: scenarios("mixed")."""

@@ -138,3 +138,4 @@ class RunContext:
     runtime: str = "auto"  # one of RUNTIMES
     options: dict = dataclasses.field(default_factory=dict)
     trace: Any = None  # the opened trace (ksmtrace.trace.reader.Trace), for tables prep does not hold
+    wake_wait_ns: int = 0  # mean wait for a CPU after each wake-up (ksmtrace.engine.clock.wake_wait)

@@ -3,6 +3,8 @@
 Shared by every runtime, reference and fast, so that both agree to the nanosecond.
 """
 from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decorator)
+import math
+
 from numba import njit
 
 
@@ -45,3 +47,23 @@ def work_ns(units_before, units_after, timing_ps):
     for i in range(len(timing_ps)):
         tot += (units_after[i] - units_before[i]) * timing_ps[i]
     return tot // 1000
+
+
+#: the golden ratio's fractional part: ``frac(k * GOLDEN)`` spreads any run of wake-ups evenly over [0, 1)
+GOLDEN = 0.6180339887498949
+
+
+@njit
+def wake_wait(k, mean_ns):
+    """How long the daemon's ``k``-th wake-up (0, 1, ...) waits for a CPU before its batch starts,
+    ns: on a busy host the timer's wake-up puts it on a run queue, and it runs when the scheduler
+    picks it.  Drawn deterministically (the golden-ratio sequence through the inverse of the
+    exponential distribution, so any stretch of wake-ups has the right mean and spread) with mean
+    ``mean_ns``; 0 when ``mean_ns`` is 0.  The spread matters, not only the mean: the timer is
+    armed when the batch ends, so a wait that pushes the batch's end past a jiffy boundary costs a
+    whole jiffy (measured ksmd waits: docs/fidelity.md)."""
+    if mean_ns <= 0:
+        return 0
+    u = (k + 1) * GOLDEN
+    u = u - math.floor(u)
+    return int(-mean_ns * math.log(1.0 - u))

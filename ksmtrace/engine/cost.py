@@ -93,6 +93,9 @@ class CostModel:
     ns: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_NS))
     name: str = "builtin"
     source: str = "built-in defaults"
+    #: as a timing model (the daemon's clock): the mean time a woken daemon waits for a CPU before
+    #: its batch starts, ns (a busy host; ``ksmtrace.engine.clock.wake_wait``); 0: it runs at once
+    wake_wait_ns: float = 0.0
 
     def __post_init__(self):
         unknown = [u for u in self.ns if u not in UNITS]
@@ -120,12 +123,18 @@ class CostModel:
         return float(vec @ w) / 1e9
 
     def to_json(self) -> dict:
-        return {"name": self.name, "source": self.source, "ns": dict(self.ns)}
+        out = {"name": self.name, "source": self.source, "ns": dict(self.ns)}
+        if self.wake_wait_ns:
+            out["wake_wait_ns"] = float(self.wake_wait_ns)
+        return out
 
     def digest(self) -> str:
         import hashlib
 
-        return hashlib.sha256(json.dumps(self.to_json()["ns"], sort_keys=True).encode()).hexdigest()[:12]
+        key = self.to_json()["ns"]
+        if self.wake_wait_ns:
+            key = dict(key, wake_wait_ns=float(self.wake_wait_ns))
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
     @classmethod
     def load(cls, path: str | Path) -> "CostModel":

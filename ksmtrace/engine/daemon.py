@@ -46,7 +46,7 @@ import numpy as np
 from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decorator)
 from numba import njit
 
-from ksmtrace.engine.clock import next_wake, work_ns
+from ksmtrace.engine.clock import next_wake, wake_wait, work_ns
 from ksmtrace.engine.cost import N_UNITS, UNIT_INDEX
 from ksmtrace.errors import PolicyContractError, PolicyParamError
 
@@ -127,7 +127,8 @@ class Daemon(ParamsMixin):
         self.unit_counts = np.zeros(N_UNITS, dtype=np.int64)
         self.busy = 0
         self.now = 0
-        self.t_wake = ctx.start_ns
+        self.wait_ns = int(getattr(ctx, "wake_wait_ns", 0) or 0)
+        self.t_wake = ctx.start_ns + int(wake_wait(0, self.wait_ns))
         self._batch_units = self.unit_counts.copy()
 
     def charge(self, unit: str, n: int = 1) -> None:
@@ -144,7 +145,8 @@ class Daemon(ParamsMixin):
             sleep_ms = decided
         w = int(work_ns(self._batch_units, self.unit_counts, self.ctx.timing_ps))
         self.busy += w
-        self.t_wake = int(next_wake(self.t_wake + w, sleep_ms, self.ctx.hz))
+        k = int(self.unit_counts[UNIT_INDEX["wakeups"]])
+        self.t_wake = int(next_wake(self.t_wake + w, sleep_ms, self.ctx.hz)) + int(wake_wait(k, self.wait_ns))
 
     def work_so_far(self) -> int:
         """Modelled ns of the batch in progress."""
@@ -205,6 +207,7 @@ D_NOW = 2  # virtual time of the batch in progress (its wake-up)
 D_WAKES = 3  # wake-ups so far
 D_ERR = 4  # a kernel's internal error code (0 = none); the runtime raises on it
 D_IDLE = 5  # 1 = waiting for work (set and cleared by the policy)
+D_WAIT = 6  # mean wait for a CPU after a wake-up, ns (ctx.wake_wait_ns; ksmtrace.engine.clock.wake_wait)
 N_DAEMON = 8
 DU = N_DAEMON  # cumulative unit counts
 DB = DU + N_UNITS  # unit counts at the start of the batch in progress
@@ -221,7 +224,8 @@ def new_block(n_scalars: int, n_params: int, ctx, extra: int = 0) -> np.ndarray:
     """A kernel's scalar array: the daemon's slots, ``n_scalars`` of the policy's, ``n_params``
     parameter slots (at ``D_END + n_scalars``), then ``extra`` slots for the kernel's own use."""
     sc = np.zeros(D_END + n_scalars + n_params + extra, np.int64)
-    sc[D_TWAKE] = ctx.start_ns
+    sc[D_WAIT] = int(getattr(ctx, "wake_wait_ns", 0) or 0)
+    sc[D_TWAKE] = ctx.start_ns + wake_wait(0, sc[D_WAIT])
     sc[DT : DT + N_UNITS] = ctx.timing_ps
     return sc
 
@@ -253,7 +257,7 @@ def sleep(sc, sleep_ms, hz):
     """End the batch: its work advances the clock, then the daemon sleeps ``sleep_ms``."""
     w = work_so_far(sc)
     sc[D_BUSY] += w
-    sc[D_TWAKE] = next_wake(sc[D_TWAKE] + w, sleep_ms, hz)
+    sc[D_TWAKE] = next_wake(sc[D_TWAKE] + w, sleep_ms, hz) + wake_wait(sc[DU + U_WAKEUPS], sc[D_WAIT])
 
 
 def param_slots(params_cls: type, derived: tuple[str, ...] = ()) -> tuple:

@@ -82,24 +82,32 @@ class GroundTruth:
         v = self.samples[name].drop_nulls()
         return float(v[-1]) if len(v) else None
 
-    def ksmd_stretch(self) -> float | None:
-        """Wall time over CPU time of ksmd during the run: (run + run-queue wait) / run, from the
-        scheduler statistics ``ksmtrace validate`` records, else from ksmd's run and wait times in
-        the ground-truth samples of any capture (format 2: ``ksmd_wait_ns``), from KSM's start to
-        the last sample.  None when the trace has neither."""
+    def ksmd_sched(self) -> dict[str, int] | None:
+        """ksmd's scheduler statistics over the run: ``run_ns`` (CPU), ``wait_ns`` (run-queue wait)
+        and, when ``ksmtrace validate`` recorded them, ``timeslices`` (times it got a CPU) and
+        ``nr_involuntary_switches`` (preemptions).  From the manifest's validate record, else from
+        ksmd's run and wait times in the ground-truth samples of any capture (format 2:
+        ``ksmd_wait_ns``), from KSM's start to the last sample.  None when the trace has neither."""
         v = self.validate or {}
         a, b = v.get("ksmd_sched_start"), v.get("ksmd_sched_end")
         if a and b:
-            run = b.get("run_ns", 0) - a.get("run_ns", 0)
-            wait = b.get("wait_ns", 0) - a.get("wait_ns", 0)
-        elif "ksmd_wait_ns" in self.samples.columns:
+            return {k: int(b[k]) - int(a[k]) for k in ("run_ns", "wait_ns", "timeslices", "nr_voluntary_switches",
+                                                         "nr_involuntary_switches") if k in a and k in b}
+        if "ksmd_wait_ns" in self.samples.columns:
             s = self.samples.filter(pl.col("t_s") >= self.start_s).drop_nulls(["ksmd_cpu_ns", "ksmd_wait_ns"])
             if s.height < 2:
                 return None
-            run = int(s["ksmd_cpu_ns"][-1] - s["ksmd_cpu_ns"][0])
-            wait = int(s["ksmd_wait_ns"][-1] - s["ksmd_wait_ns"][0])
-        else:
+            return {"run_ns": int(s["ksmd_cpu_ns"][-1] - s["ksmd_cpu_ns"][0]),
+                    "wait_ns": int(s["ksmd_wait_ns"][-1] - s["ksmd_wait_ns"][0])}
+        return None
+
+    def ksmd_stretch(self) -> float | None:
+        """Wall time over CPU time of ksmd during the run: (run + run-queue wait) / run
+        (:meth:`ksmd_sched`).  None when the trace records neither."""
+        st = self.ksmd_sched()
+        if not st:
             return None
+        run, wait = st.get("run_ns", 0), st.get("wait_ns", -1)
         if run <= 0 or wait < 0:
             return None
         return (run + wait) / run
@@ -428,15 +436,49 @@ def as_captured(trace) -> AsCaptured | None:
 
 
 def wall_clock_model(gt: GroundTruth, model):
-    """The daemon's clock for a replay of ``gt``: the CPU cost model stretched by ksmd's measured
-    (run + wait) / run when the trace records it (a busy host delays ksmd's batches), else ``model``."""
+    """The daemon's clock for a replay of ``gt``: the CPU cost model ``model`` plus the time ksmd
+    waited for a CPU during the run (:meth:`GroundTruth.ksmd_sched`); ``model`` itself when the
+    trace records no wait.
+
+    On a busy host the wait is several times ksmd's CPU time, so *where* it goes decides the pace.
+    With the time slices and preemptions ``ksmtrace validate`` records, each time slice waited
+    ``w = wait / timeslices`` on average, and the wait goes where the scheduler makes ksmd wait:
+
+    * every wake-up by the timer: a wait of mean ``w`` before the batch starts, drawn per wake-up
+      (``CostModel.wake_wait_ns``, :func:`ksmtrace.engine.clock.wake_wait`): the timer is armed
+      when the batch ends, so a long wait costs a whole jiffy and a short one nothing;
+    * inside a batch: ``w`` per preemption, at the measured rate of preemptions per CPU second
+      (the time of every unit × ``1 + rate · w``);
+    * every start of a full scan: ``w`` (``scan_starts``): ``scan_get_next_rmap_item()`` calls
+      ``lru_add_drain_all()``, which sleeps in ``flush_work()`` until the per-CPU kworkers drained,
+      and ksmd waits for a CPU again after it.
+
+    The charges add up to the measured wait when the replay wakes, is preempted and starts scans
+    as often as the kernel did.  Without the time slices (a plain capture records only run and
+    wait) every unit is stretched by ``(run + wait) / run``, which puts the wait where the CPU
+    work is: too much of it on the merging batches at the start, too little on the light batches
+    of a settled scan (docs/fidelity.md).
+    """
     from ksmtrace.engine.cost import CostModel
 
-    k = gt.ksmd_stretch()
-    if k is None or k <= 1.0:
+    st = gt.ksmd_sched()
+    if not st or st.get("run_ns", 0) <= 0 or st.get("wait_ns", -1) <= 0:
         return model
-    return CostModel(ns={u: float(v) * k for u, v in model.ns.items()}, name=f"{model.name} x{k:.2f} (ksmd run-queue wait)",
-                     source=f"{model.source}; stretched by ksmd's measured (run + wait) / run = {k:.3f}")
+    run, wait = st["run_ns"], st["wait_ns"]
+    slices, preempt = st.get("timeslices"), st.get("nr_involuntary_switches")
+    if not slices or preempt is None:
+        k = (run + wait) / run
+        return CostModel(ns={u: float(v) * k for u, v in model.ns.items()}, name=f"{model.name} x{k:.2f} (ksmd run-queue wait)",
+                         source=f"{model.source}; stretched by ksmd's measured (run + wait) / run = {k:.3f}")
+    w = wait / slices
+    per_cpu = 1.0 + preempt / run * w
+    ns = {u: float(v) * per_cpu for u, v in model.ns.items()}
+    ns["scan_starts"] = ns.get("scan_starts", 0.0) + w
+    return CostModel(ns=ns, name=f"{model.name} + ksmd's run-queue wait ({w / 1e6:.3g} ms per time slice)",
+                     source=f"{model.source}; ksmd waited {wait / 1e9:.3f} s for a CPU in {slices} time slices "
+                            f"({preempt} preemptions in {run / 1e9:.3f} s of CPU): a mean {w / 1e6:.3f} ms per wake-up, "
+                            "preemption and full-scan start",
+                     wake_wait_ns=w)
 
 
 def _finite(x) -> bool:

@@ -90,6 +90,14 @@ def settings() -> dict[str, int | str]:
     return {n: allv[n] for n in writable_settings() if n in allv}
 
 
+def settled_settings() -> dict[str, int | str]:
+    """:func:`settings` read under the settings lock: the settings as the last
+    :class:`ksm_settings` block left them.  Other runs on the host change the settings in their
+    own locked blocks, so a plain read can catch one of them in the middle."""
+    with ksm_settings() as ks:
+        return dict(ks.saved)
+
+
 def write(name: str, value: int | str) -> None:
     try:
         with open(KSM_DIR / name, "w") as f:

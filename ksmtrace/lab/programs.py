@@ -35,6 +35,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import textwrap
 import threading
@@ -121,6 +122,34 @@ def other_mergeable(exclude: set[int]) -> list[str]:
         st = read_stat(pid)
         out.append(f"{pid} {st.comm if st is not None else '?'}")
     return out
+
+
+class cpu_neighbours:
+    """Context manager: ``n`` CPU-bound processes (``while 1: pass``, nice 0, on any CPU) beside a
+    run, the "second CPU-bound process" of the fidelity goals: they die with this process and are
+    killed (by pid) on exit.  ``pids`` lists them."""
+
+    def __init__(self, n: int) -> None:
+        self.n = int(n)
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def __enter__(self) -> "cpu_neighbours":
+        try:
+            for _ in range(self.n):
+                self.procs.append(subprocess.Popen([sys.executable, "-c", "while 1: pass"], stdin=subprocess.DEVNULL,
+                                                   preexec_fn=_merge_any_preexec(os.getpid(), False)))
+        except BaseException:
+            _kill_tree(self.procs, grace=0.0)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _kill_tree(self.procs, grace=0.0)
+        self.procs = []
 
 
 class Running:

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from ksmtrace.engine.cost import default_cost_model
 from ksmtrace.errors import PolicyParamError
 from ksmtrace.policies.registry import list_policies
 from ksmtrace.replay import replay
@@ -116,15 +117,16 @@ def _same(a, b, what):
 def test_runtimes_agree_on_generated_traces(cls, tmp_path_factory):
     @settings(max_examples=20, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-    @given(trace=traces(), params=params_for(cls), seed=st.integers(0, 3))
-    def check(trace, params, seed):
+    @given(trace=traces(), params=params_for(cls), seed=st.integers(0, 3), wake_wait=st.sampled_from([0.0, 3e6]))
+    def check(trace, params, seed, wake_wait):
         snaps, kw = trace
         try:
             cls(params)
         except PolicyParamError:
             assume(False)
         tr = make_trace(tmp_path_factory.mktemp("gen") / "t", snaps, interval=0.02, **kw)
-        spec = dict(seed=seed)
+        # a busy host's clock too: every wake-up waits for a CPU (ksmtrace.engine.clock.wake_wait)
+        spec = dict(seed=seed, timing_cost=dataclasses.replace(default_cost_model(), wake_wait_ns=wake_wait))
         ref = replay(tr, cls, params, engine="reference", **spec)
         readable = replay(tr, cls, params, engine="fast", runtime="readable", **spec)
         _same(ref, readable, f"{cls.name} {params}: readable runtime, reference vs fast engine")

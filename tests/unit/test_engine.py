@@ -143,3 +143,36 @@ def test_thp_split_maps_zero_subpages_to_the_zero_page_on_612(tmp_path, engine):
     assert last612["pages_sharing"] == 4 and last611["pages_sharing"] == 11 + 4
 
 # reference == fast on generated traces, for every policy: tests/differential/test_runtimes.py
+
+
+def test_wake_wait_is_an_exponential_wait_of_the_given_mean():
+    """A busy host's wake-up wait (engine.clock.wake_wait): deterministic, 0 without a mean, and
+    over any run of wake-ups the mean and spread of an exponential distribution."""
+    from ksmtrace.engine.clock import wake_wait
+
+    assert wake_wait(5, 0) == 0
+    w = np.array([wake_wait(k, 3e6) for k in range(2000)], dtype=float)
+    assert w.min() >= 0 and np.array_equal(w, [wake_wait(k, 3e6) for k in range(2000)])
+    for part in (w[:200], w[1000:1400], w):
+        assert part.mean() == pytest.approx(3e6, rel=0.05)
+        assert np.median(part) == pytest.approx(3e6 * np.log(2), rel=0.05)  # the exponential's median
+    assert (w > 4e6).mean() == pytest.approx(np.exp(-4 / 3), abs=0.01)  # a jiffy at HZ=250 and beyond
+
+
+def test_a_busy_clock_slows_the_daemon_by_its_wake_up_waits(tmp_path):
+    """The same trace replayed with a 3 ms wake-up wait (a jiffy is 4 ms): fewer wake-ups in the
+    same time, and the same merges in the end."""
+    import dataclasses
+
+    from ksmtrace.engine.cost import default_cost_model
+    from ksmtrace.replay import replay
+    from ksmtrace.testing import make_trace
+
+    snaps = [{(0, i): f"c{i % 7}" for i in range(64)} | {(1, i): f"c{i % 7}" for i in range(64)}] * 40
+    tr = make_trace(tmp_path / "t", snaps, interval=0.05)
+    p = {"pages_to_scan": 16, "sleep_millisecs": 20}
+    idle = replay(tr, "ksm", p, hz=250)
+    busy = replay(tr, "ksm", p, hz=250, timing_cost=dataclasses.replace(default_cost_model(), wake_wait_ns=3e6))
+    n_idle, n_busy = int(idle.table["u_wakeups"].sum()), int(busy.table["u_wakeups"].sum())
+    assert 0.75 * n_idle < n_busy < 0.95 * n_idle
+    assert busy.table["pages_sharing"][-1] == idle.table["pages_sharing"][-1] > 0

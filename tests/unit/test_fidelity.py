@@ -139,6 +139,40 @@ def test_ksmd_stretch_from_a_plain_capture(tmp_path):
     assert load_ground_truth(_gt_trace(tmp_path / "no-wait")).ksmd_stretch() is None  # samples without the wait
 
 
+def test_wall_clock_charges_the_wait_where_ksmd_waits(tmp_path):
+    """With validate's time slices and preemptions, ksmd's run-queue wait goes to every wake-up
+    (drawn per wake-up), every preemption (in proportion to the CPU time) and every full-scan start
+    (the wake-up after lru_add_drain_all); a plain capture's run and wait only allow the
+    proportional stretch; no wait, no change."""
+    from ksmtrace.engine.cost import resolve_cost_model
+    from ksmtrace.fidelity.groundtruth import wall_clock_model
+
+    base = resolve_cost_model(None)
+    tr = _gt_trace(tmp_path / "t")
+    assert wall_clock_model(load_ground_truth(tr), base) is base
+    # 0.2 s CPU, 0.8 s wait in 400 time slices (2 ms each), 20 of them after a preemption
+    tr.manifest["validate"] = {"run_start_ns": tr.t0_ns + 30_000_000,
+                               "ksmd_sched_start": {"run_ns": 10**9, "wait_ns": 10**9, "timeslices": 100,
+                                                    "nr_voluntary_switches": 90, "nr_involuntary_switches": 9},
+                               "ksmd_sched_end": {"run_ns": 12 * 10**8, "wait_ns": 18 * 10**8, "timeslices": 500,
+                                                  "nr_voluntary_switches": 470, "nr_involuntary_switches": 29}}
+    gt = load_ground_truth(tr)
+    assert gt.ksmd_sched()["timeslices"] == 400 and gt.ksmd_stretch() == pytest.approx(5.0)
+    m = wall_clock_model(gt, base)
+    w, per_cpu = 2e6, 1 + 20 / 2e8 * 2e6  # 1.2: a preemption's 2 ms every 10 ms of CPU
+    for u in ("pages_visited", "checksums", "memcmp_pages"):
+        assert m.ns[u] == pytest.approx(base.ns[u] * per_cpu)
+    assert m.ns["wakeups"] == pytest.approx(base.ns["wakeups"] * per_cpu) and m.wake_wait_ns == pytest.approx(w)
+    assert m.ns["scan_starts"] == pytest.approx(base.ns["scan_starts"] * per_cpu + w)
+    assert "2 ms per time slice" in m.name
+    # the same run and wait without the time slices: stretched in proportion, x (0.2 + 0.8) / 0.2
+    for k in ("timeslices", "nr_voluntary_switches", "nr_involuntary_switches"):
+        del tr.manifest["validate"]["ksmd_sched_start"][k]
+    p = wall_clock_model(load_ground_truth(tr), base)
+    assert p.ns["wakeups"] == pytest.approx(5 * base.ns["wakeups"]) and p.ns["pages_visited"] == pytest.approx(5 * base.ns["pages_visited"])
+    assert p.wake_wait_ns == 0
+
+
 def test_already_running_warns(tmp_path):
     tr = _gt_trace(tmp_path / "t", runs=(1, 1, 1))
     gt = load_ground_truth(tr)

@@ -119,12 +119,12 @@ class Workload:
         """Upper bound of resident workload pages (for the memory check in start)."""
         return self.layout()["pages_total"]
 
-    def spec(self, proc: int, *, parent: int | None = None, log: bool = False) -> dict:
+    def spec(self, proc: int, *, parent: int | None = None, log: bool = False, barrier: bool = False) -> dict:
         """The JSON spec of ``python -m ksmtrace.lab.workloads.worker`` for logical process
         ``proc``."""
         import dataclasses
         return {"workload": self.name, "params": dataclasses.asdict(self.params),
-                "proc": proc, "parent": parent, "log": log}
+                "proc": proc, "parent": parent, "log": log, "barrier": barrier}
 
     def start(self, timeout: float = 30.0):
         """Start the processes, wait until all printed READY, return a

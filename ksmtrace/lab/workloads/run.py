@@ -79,8 +79,8 @@ class WorkloadRun:
 
     ``pids`` lists every process pid (top-level workers, then forked children as their fork
     EVENT arrives), ``ready_time`` is ``time.monotonic()`` once all workers printed READY and
-    ``t0[pid]`` is each worker's own READY time (step offsets count from it; forked children
-    inherit their parent's).  ``proc_pid[proc]`` maps logical process numbers to pids.
+    ``t0[pid]`` the instant every worker counts its step offsets from: that same time, sent to
+    them then (a start barrier; forked children inherit their parent's).  ``proc_pid[proc]`` maps logical process numbers to pids.
     Use as a context manager or call :meth:`stop`; runs left over are stopped at interpreter
     exit, and the workers die with the thread that started them (PR_SET_PDEATHSIG), so start
     them from a long-lived thread."""
@@ -122,12 +122,12 @@ class WorkloadRun:
         env = worker_env()
         by_pid: dict[int, int] = {}
         for proc in self.workload.processes():
-            spec = self.workload.spec(proc, parent=os.getpid(), log=True)
+            spec = self.workload.spec(proc, parent=os.getpid(), log=True, barrier=True)
             err = tempfile.TemporaryFile()
             p = subprocess.Popen(
                 [sys.executable, "-m", "ksmtrace.lab.workloads.worker",
                  json.dumps(spec, separators=(",", ":"))],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=env,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
                 close_fds=True)
             self._popen.append(p)
             self._stderr[p.pid] = err
@@ -159,7 +159,17 @@ class WorkloadRun:
                 raise WorkloadError(f"workload {self.workload.name!r} process {by_pid[pid]} "
                                     f"exited with status {rc} before READY"
                                     + (f": {tail}" if tail else ""))
-        self.ready_time = time.monotonic()
+        # every worker counts its steps from the same instant, however long each took to fill
+        # its memory (on a busy host READY lines came 0.6-0.8 s apart)
+        t_go = time.monotonic()
+        for p in self._popen:
+            try:
+                p.stdin.write(f"GO {t_go!r}\n".encode())
+                p.stdin.close()
+            except (BrokenPipeError, OSError):
+                pass
+            self.t0[p.pid] = t_go
+        self.ready_time = t_go
 
     def _reader(self, p: subprocess.Popen) -> None:
         """Collect READY/EVENT lines of one worker (and of the children it forks)."""

@@ -6,13 +6,17 @@ Spec (JSON object)::
      "params": {"period": 1.0},      # workload parameters (defaults for the missing ones)
      "proc": 0,                      # logical process number (default 0)
      "parent": 1234,                 # optional: exit at once unless os.getppid() is this pid
-     "log": false}                   # optional: print an EVENT line per performed step
+     "log": false,                   # optional: print an EVENT line per performed step
+     "barrier": false}               # optional: after READY, wait for "GO <t0>" on stdin
 
 Protocol on stdout:
 
 * ``READY {"pid", "proc", "workload", "t0", "page_size", "regions": [{"region", "start",
   "pages"}]}`` once every page is mapped and filled; ``t0`` is ``time.monotonic()`` at that
-  moment and every step offset counts from it.
+  moment and every step offset counts from it — unless ``"barrier": true``: then the worker
+  waits for a line ``GO <t0>`` on stdin and counts from that ``t0`` (the parent sends every
+  worker the same one once all are READY, so that processes that took different times to fill
+  their memory still perform their steps together; EOF on stdin counts from the READY time).
 * with ``"log": true`` only, one ``EVENT {"pid", "proc", "index", "t", "at", "description",
   "pages", ...}`` line after each performed step (``t`` planned and ``at`` actual offset;
   ``mapped``/``unmapped`` region lists; a fork adds ``child_pid``, ``child_proc`` and
@@ -36,7 +40,7 @@ from ksmtrace.lab.workloads.model import FORK, MAP, UNMAP, WRITE, Step
 from ksmtrace.lab.workloads.memory import Region
 from ksmtrace.lab.workloads.content import PAGE_SIZE
 
-_SPEC_KEYS = {"workload", "params", "proc", "parent", "log"}
+_SPEC_KEYS = {"workload", "params", "proc", "parent", "log", "barrier"}
 
 
 def parse_spec(text: str) -> dict:
@@ -54,7 +58,8 @@ def parse_spec(text: str) -> dict:
     if not isinstance(params, dict):
         raise WorkloadError('worker spec "params" must be a JSON object')
     return {"workload": spec["workload"], "params": params, "proc": int(spec.get("proc", 0)),
-            "parent": spec.get("parent"), "log": bool(spec.get("log", False))}
+            "parent": spec.get("parent"), "log": bool(spec.get("log", False)),
+            "barrier": bool(spec.get("barrier", False))}
 
 
 class Worker:
@@ -66,6 +71,7 @@ class Worker:
         self.params = self.workload.params
         self.proc = spec["proc"]
         self.log = spec["log"]
+        self.barrier = spec.get("barrier", False)
         initial = self.workload.initial()
         if self.proc not in initial:
             raise WorkloadError(f"workload {self.workload.name!r} has no process "
@@ -138,6 +144,28 @@ class Worker:
 
     # --- main loop ----------------------------------------------------------------------------
 
+    def wait_go(self) -> float | None:
+        """The common ``t0`` from a ``GO <t0>`` line on stdin (the READY time on EOF or a bad
+        line); None if a stop signal arrived first."""
+        import select
+
+        buf = b""
+        while True:
+            if procs.wait_stop(0.0):
+                return None
+            ready, _, _ = select.select([sys.stdin.fileno()], [], [], 0.05)
+            if not ready:
+                continue
+            chunk = os.read(sys.stdin.fileno(), 256)
+            buf += chunk
+            if not chunk or b"\n" in buf:
+                break
+        try:
+            tag, value = buf.split(b"\n", 1)[0].split()
+            return float(value) if tag == b"GO" else self.t0
+        except ValueError:
+            return self.t0
+
     def sleep_until(self, offset: float) -> bool:
         """Wait until ``t0 + offset``; True if a stop signal arrived."""
         deadline = self.t0 + offset
@@ -155,6 +183,11 @@ class Worker:
         self.emit("READY", {"pid": os.getpid(), "proc": self.proc,
                             "workload": self.workload.name, "t0": self.t0,
                             "page_size": PAGE_SIZE, "regions": self.describe_regions()})
+        if self.barrier:
+            go = self.wait_go()
+            if go is None:
+                return 0
+            self.t0 = go
         for step in self.workload.steps():
             if step.proc != self.proc:
                 continue
