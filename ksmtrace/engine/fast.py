@@ -19,6 +19,7 @@ class FastEngine:
         self.E = st.new_arrays(prep)
         self.n_frames = self.E.fr.shape[0]  # frame ids are recycled slots below this
         self._proc_new = np.zeros(prep.n_procs, dtype=np.bool_)
+        self._faulted: list[int] = []  # pages written by a fault since the last snapshot
         self.now = 0
 
     # --- the driver's side ----------------------------------------------------------------------
@@ -28,12 +29,21 @@ class FastEngine:
         sl = p.events(s)
         self._proc_new[:] = p.proc_first_snap == s
         self.now = now
+        kinds = st.faulted_kinds(p.ev_pg[sl], p.ev_kind[sl], self._faulted)
+        self._faulted = []
         return int(
             st.apply_events(
-                self.E, p.ev_pg[sl], p.ev_kind[sl], p.ev_cid[sl], p.ev_gid[sl], p.ev_thp[sl],
+                self.E, p.ev_pg[sl], kinds, p.ev_cid[sl], p.ev_gid[sl], p.ev_thp[sl],
                 self._proc_new, now,
             )
         )
+
+    def write_fault(self, pg: int, cid: int, now: int) -> int:
+        """A recorded write fault on ``pg`` at ``now`` (see :func:`ksmtrace.engine.state.write_fault`)."""
+        cow = int(st.write_fault(self.E, np.int64(pg), np.int64(cid), np.int64(now)))
+        if cow >= 0:
+            self._faulted.append(int(pg))
+        return cow
 
     def counters(self) -> dict[str, int]:
         ec = self.E.ec

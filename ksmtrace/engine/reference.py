@@ -55,6 +55,7 @@ class ReferenceEngine:
         self.splits = 0
         self.lat = [0] * N_LAT_BINS
         self.now = 0
+        self.faulted: set[int] = set()  # pages written by a fault since the last snapshot
         self._fresh = prep.n_gids + 1  # frame ids for arrivals whose frame no other arrival shares
 
     # --- queries -------------------------------------------------------------------------
@@ -166,6 +167,10 @@ class ReferenceEngine:
         sl = prep.events(s)
         events = list(zip(prep.ev_pg[sl].tolist(), prep.ev_kind[sl].tolist(), prep.ev_cid[sl].tolist(),
                           prep.ev_gid[sl].tolist(), prep.ev_thp[sl].tolist()))
+        # a page a fault wrote since the last snapshot already holds what its EV_WRITE shows
+        events = [(pg, EV_THP if kind == EV_WRITE and pg in self.faulted else kind, cid, gid, thp)
+                  for pg, kind, cid, gid, thp in events]
+        self.faulted = set()
         cows = 0
         for pg, kind, cid, gid, thp in events:  # removals first
             p = self.pages.get(pg)
@@ -213,6 +218,29 @@ class ReferenceEngine:
             self.pages[pg] = Page(cid=cid, frame=target, since=now, thp=thp)
         self.cow_ksm += cows
         return cows
+
+    def write_fault(self, pg: int, cid: int, now: int) -> int:
+        """A recorded write fault on ``pg`` at ``now``, leaving content ``cid`` (-1: the same
+        bytes): a KSM page is copied (COW_KSM), the policy's zero page gives a fresh page
+        (cow_zero), a frame shared by fork is copied; the page ends on a frame of its own.
+        Returns the KSM COW breaks (0/1), -1 if the page is not a candidate."""
+        p = self.pages.get(pg)
+        if p is None:
+            return -1
+        cow = 0
+        if p.frame != ZERO_FRAME and self.frame_of(p.frame).ksm:
+            cow = 1
+            self.cow_ksm += 1
+        elif p.zero_ksm:
+            self.cow_zero += 1
+        if p.frame != ZERO_FRAME:
+            self.frame_of(p.frame).ref -= 1
+        self._fresh += 1
+        fr = self.frame_of(self._fresh)
+        fr.ref, fr.cid, fr.since, fr.dom = 1, (p.cid if cid < 0 else cid), now, self.dom(pg)
+        self.pages[pg] = Page(cid=fr.cid, frame=self._fresh, since=now, thp=p.thp)
+        self.faulted.add(pg)
+        return cow
 
     # --- metrics -------------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:

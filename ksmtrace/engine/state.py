@@ -393,6 +393,72 @@ def apply_events(E, pgs, kinds, cids, gids, thps, proc_new, now):
     return cows
 
 
+def faulted_kinds(ev_pg: np.ndarray, ev_kind: np.ndarray, faulted: list[int]) -> np.ndarray:
+    """A snapshot's event kinds for the engine when the pages ``faulted`` were written by a fault
+    since the last snapshot: their ``EV_WRITE`` is already applied (the fault carried the content
+    it shows), so it only sets the page's huge page (``EV_THP``) -- one COW break per fault, never
+    a second one at the snapshot."""
+    if not faulted:
+        return ev_kind
+    m = np.zeros(int(max(faulted)) + 1, np.bool_)
+    m[np.asarray(faulted, np.int64)] = True
+    inr = ev_pg < len(m)
+    hit = (ev_kind == EV_WRITE) & inr
+    hit[hit] = m[ev_pg[hit]]
+    if not hit.any():
+        return ev_kind
+    out = ev_kind.copy()
+    out[hit] = EV_THP
+    return out
+
+
+@njit(cache=True)
+def write_fault(E, pg, c, now):
+    """A recorded write fault on ``pg`` at ``now`` (``--writes faults``); ``c`` is the content after
+    it (-1: the same bytes).  As ``do_wp_page``: a write to a KSM page copies it (``COW_KSM``), to
+    the policy's zero page allocates a page (``cow_zero``), to a frame another page maps (fork)
+    copies it; the page ends with a frame of its own either way (an exclusive frame is reused in
+    the kernel: the frame count is the same).  Returns the KSM COW breaks (0 or 1), -1 when the
+    page is not a candidate now (nothing to write)."""
+    P = E.pg
+    F = E.fr
+    ec = E.ec
+    if P[pg, P_CID] < 0:
+        return -1
+    f = P[pg, P_FRAME]
+    cow = 0
+    if f > 0 and F[f, F_KSM] == 1:
+        cow = 1
+        ec[C_COW] += 1
+    elif P[pg, P_ZKSM] == 1:
+        ec[C_COW_ZERO] += 1
+    if c < 0:
+        c = P[pg, P_CID]
+    if P[pg, P_ZKSM] == 1:
+        P[pg, P_ZKSM] = 0
+        ec[C_KSM_ZERO] -= 1
+    _release_a(P, F, E.gm, ec, pg)
+    P[pg, P_FRAME] = -1
+    if ec[C_NFREE] == 0:  # (cannot happen: a slot was just freed or the page had none)
+        P[pg, P_CID] = -1
+        ec[C_CAND] -= 1
+        ec[C_VIOLATIONS] += 1
+        return cow
+    ec[C_NFREE] -= 1
+    nf = F[ec[C_NFREE], F_FREEL]
+    F[nf, F_KSM] = 0
+    F[nf, F_CID] = c
+    F[nf, F_GID] = -1
+    F[nf, F_SINCE] = now
+    F[nf, F_FDOM] = P[pg, P_DOM]
+    F[nf, F_REF] = 1
+    ec[C_FRAMES] += 1
+    P[pg, P_FRAME] = nf
+    P[pg, P_CID] = c
+    P[pg, P_SINCE] = now
+    return cow
+
+
 @njit(cache=True)
 def _per_process_counts(P, fksm, n_procs):
     cand = np.zeros(n_procs, np.int64)

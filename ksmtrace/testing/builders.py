@@ -23,6 +23,12 @@ collides with the zero page).
 Contents: ``contents=True`` stores a 4096-byte page per content (:func:`content_bytes`, random bytes
 seeded by the label; zero for the zero page) in the contents table, as ``capture --contents`` does.
 
+``faults`` (optional) writes a ``faults`` table (format version 2, as ``capture --kernel-events``
+does): a list of ``(t, proc, vpn)`` (a write fault at ``t`` seconds on the trace's clock) or dicts
+with ``t``, ``proc``, ``vpn`` and optionally ``present`` (default True: a protection fault, the
+COW kind), ``write`` (True), ``pid``.  Each goes to the snapshot whose interval holds it (previous
+snapshot < t <= this one); one after the last snapshot is in no committed snapshot and is left out.
+
 ``procs`` gives per process ``pid`` (default 1000 + proc), ``ppid`` (default 1: no parent in the
 trace), ``start`` (clock ticks of 10 ms on the trace's clock; default: the first snapshot the
 process is in, rounded up), ``uid``, ``cgroup``, ``comm``, ``mergeable``, ``snaps``.
@@ -100,6 +106,7 @@ def make_trace(
     collisions: Mapping[Any, tuple[Any, int]] | None = None,
     vmas: Any = None,
     contents: bool = False,
+    faults: list | None = None,
 ):
     """Write a trace and return it opened (:class:`~ksmtrace.trace.reader.Trace`)."""
     from ksmtrace.trace.reader import open_trace
@@ -244,6 +251,8 @@ def make_trace(
                     new[h] = content_bytes(c)
             tables["contents"] = pa.table({"snap": pa.array([s] * len(new), pa.uint32()), "hash": pa.array(list(new), pa.uint64()),
                                            "data": pa.array(list(new.values()), pa.binary())}, schema=S.CONTENTS_SCHEMA)
+        if faults is not None:
+            tables["faults"] = _fault_rows(faults, times, s, procs)
         if ground_truth is not None and s < len(ground_truth):
             rows = []
             for g in ground_truth[s]:
@@ -260,6 +269,24 @@ def make_trace(
         prev_pfn = cur_pfn
     w.close("complete")
     return open_trace(path)
+
+
+def _fault_rows(faults: list, times: list[float], s: int, procs: Mapping[int, Mapping[str, Any]]) -> pa.Table:
+    """The ``faults`` table of snapshot ``s``: the faults with times[s-1] < t <= times[s]."""
+    rows = []
+    for f in faults:
+        d = dict(f) if isinstance(f, Mapping) else dict(zip(("t", "proc", "vpn"), f))
+        t = float(d["t"])
+        if not ((s == 0 and t <= times[0]) or (s > 0 and times[s - 1] < t <= times[s])):
+            continue
+        proc, vpn = int(d["proc"]), int(d["vpn"])
+        pid = int(d.get("pid", procs.get(proc, {}).get("pid", 1000 + proc)))
+        present, write = bool(d.get("present", True)), bool(d.get("write", True))
+        rows.append({"snap": s, "t_ns": int(round(t * 1e9)), "proc": proc, "pid": pid, "tid": pid, "vpn": vpn,
+                     "address": vpn << 12, "error_code": (1 if present else 0) | (2 if write else 0) | 4, "write": write,
+                     "present": present, "prev_flags": None, "cpu": 0})
+    rows.sort(key=lambda r: r["t_ns"])
+    return pa.Table.from_pylist(rows, schema=S.FAULTS_SCHEMA)
 
 
 def _vma_rows(vmas: Any, s: int, proc: int, pid: int, vpn: np.ndarray) -> list[dict]:
