@@ -352,7 +352,7 @@ def _run(prep, eng, rt, pol: Policy, progress, control=None, writes=None, wstats
         proc_parts.append((s, live, cand[live], merged[live]))
         prev_eng, prev_units, prev_busy = c, units, busy
         if s + 1 < n:
-            fault_cows = _fault_writes(writes, s, eng, advance, on_write, wstats) if writes is not None else 0
+            fault_cows = _fault_writes(writes, times, s, eng, advance, on_write, wstats) if writes is not None else 0
             advance(int(times[s + 1]))
         progress(s + 1, n, f"snapshot {s + 1}/{n}")
     schema = {k: (pl.Int64 if k not in ("t_s", "merge_latency_sum_s", "daemon_busy_s") else pl.Float64) for k in rows[0]}
@@ -370,16 +370,17 @@ def _run(prep, eng, rt, pol: Policy, progress, control=None, writes=None, wstats
     return table, procs
 
 
-def _fault_writes(writes, s: int, eng, advance, on_write, stats: dict[str, int]) -> int:
+def _fault_writes(writes, times, s: int, eng, advance, on_write, stats: dict[str, int]) -> int:
     """The recorded write faults between snapshots ``s`` and ``s+1``, each at its time: the daemon
     works up to the fault, the engine applies the write (a COW break if the page maps a KSM page
     in the replay), a runtime with an ``on_fault_write`` hook hears of it.  Returns the KSM COW
     breaks; ``stats`` counts the writes applied and those on pages that were not candidates."""
     cows = 0
-    sl = writes.interval(s)
-    for t, pg, c in zip(writes.t_ns[sl].tolist(), writes.pg[sl].tolist(), writes.cid[sl].tolist()):
+    sl = writes.between(int(times[s]), int(times[s + 1]))
+    for t, pg, c, u in zip(writes.t_ns[sl].tolist(), writes.pg[sl].tolist(), writes.cid[sl].tolist(),
+                           writes.until_ns[sl].tolist()):
         advance(t)
-        r = eng.write_fault(pg, c, t)
+        r = eng.write_fault(pg, c, t, u)
         if r < 0:
             stats["not_candidate"] = stats.get("not_candidate", 0) + 1
             continue

@@ -84,11 +84,11 @@ class Engine(Protocol):
         """Apply snapshot ``s``'s page events at ``now``; returns the COW breaks of KSM pages they
         caused (writes to pages the policy mapped to the zero page count in ``cow_zero``)."""
 
-    def write_fault(self, pg: int, cid: int, now: int) -> int:
+    def write_fault(self, pg: int, cid: int, now: int, until: int) -> int:
         """A recorded write fault on ``pg`` at ``now`` (``--writes faults``), leaving content ``cid``
         (-1: the same bytes): the page ends on a frame of its own (a KSM page or a frame a fork
         shares is copied; the policy's zero page gives a fresh page, ``cow_zero``), and its
-        ``EV_WRITE`` at the next snapshot counts as already applied.  Returns the COW breaks of
+        ``EV_WRITE`` at the snapshot at ``until`` (the trace's next) counts as already applied.  Returns the COW breaks of
         KSM pages (0 or 1), -1 when the page is not a candidate now."""
 
     def counters(self) -> dict[str, int]:

@@ -55,7 +55,7 @@ class ReferenceEngine:
         self.splits = 0
         self.lat = [0] * N_LAT_BINS
         self.now = 0
-        self.faulted: set[int] = set()  # pages written by a fault since the last snapshot
+        self.faulted: dict[int, int] = {}  # page written by a fault -> the snapshot time its write carries
         self._fresh = prep.n_gids + 1  # frame ids for arrivals whose frame no other arrival shares
 
     # --- queries -------------------------------------------------------------------------
@@ -167,10 +167,10 @@ class ReferenceEngine:
         sl = prep.events(s)
         events = list(zip(prep.ev_pg[sl].tolist(), prep.ev_kind[sl].tolist(), prep.ev_cid[sl].tolist(),
                           prep.ev_gid[sl].tolist(), prep.ev_thp[sl].tolist()))
-        # a page a fault wrote since the last snapshot already holds what its EV_WRITE shows
-        events = [(pg, EV_THP if kind == EV_WRITE and pg in self.faulted else kind, cid, gid, thp)
+        # a page a fault wrote before this snapshot already holds what its EV_WRITE here shows
+        events = [(pg, EV_THP if kind == EV_WRITE and self.faulted.get(pg) == now else kind, cid, gid, thp)
                   for pg, kind, cid, gid, thp in events]
-        self.faulted = set()
+        self.faulted = {pg: t for pg, t in self.faulted.items() if t > now}
         cows = 0
         for pg, kind, cid, gid, thp in events:  # removals first
             p = self.pages.get(pg)
@@ -219,11 +219,12 @@ class ReferenceEngine:
         self.cow_ksm += cows
         return cows
 
-    def write_fault(self, pg: int, cid: int, now: int) -> int:
+    def write_fault(self, pg: int, cid: int, now: int, until: int) -> int:
         """A recorded write fault on ``pg`` at ``now``, leaving content ``cid`` (-1: the same
         bytes): a KSM page is copied (COW_KSM), the policy's zero page gives a fresh page
-        (cow_zero), a frame shared by fork is copied; the page ends on a frame of its own.
-        Returns the KSM COW breaks (0/1), -1 if the page is not a candidate."""
+        (cow_zero), a frame shared by fork is copied; the page ends on a frame of its own, and its
+        ``EV_WRITE`` at the snapshot at ``until`` is already applied.  Returns the KSM COW breaks
+        (0/1), -1 if the page is not a candidate."""
         p = self.pages.get(pg)
         if p is None:
             return -1
@@ -239,7 +240,7 @@ class ReferenceEngine:
         fr = self.frame_of(self._fresh)
         fr.ref, fr.cid, fr.since, fr.dom = 1, (p.cid if cid < 0 else cid), now, self.dom(pg)
         self.pages[pg] = Page(cid=fr.cid, frame=self._fresh, since=now, thp=p.thp)
-        self.faulted.add(pg)
+        self.faulted[pg] = until
         return cow
 
     # --- metrics -------------------------------------------------------------------------------

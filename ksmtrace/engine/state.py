@@ -393,17 +393,22 @@ def apply_events(E, pgs, kinds, cids, gids, thps, proc_new, now):
     return cows
 
 
-def faulted_kinds(ev_pg: np.ndarray, ev_kind: np.ndarray, faulted: list[int]) -> np.ndarray:
-    """A snapshot's event kinds for the engine when the pages ``faulted`` were written by a fault
-    since the last snapshot: their ``EV_WRITE`` is already applied (the fault carried the content
-    it shows), so it only sets the page's huge page (``EV_THP``) -- one COW break per fault, never
-    a second one at the snapshot."""
+def faulted_kinds(ev_pg: np.ndarray, ev_kind: np.ndarray, faulted: dict[int, int], now: int) -> np.ndarray:
+    """A snapshot's event kinds for the engine, at ``now``, when the pages of ``faulted`` (page ->
+    the time of the snapshot whose write it carries) were written by a recorded fault: an
+    ``EV_WRITE`` at that snapshot is already applied (the fault carried the content it shows), so
+    it only sets the page's huge page (``EV_THP``) -- one COW break per fault, never a second one
+    at the snapshot.  Marks of snapshots up to ``now`` are dropped from ``faulted``."""
     if not faulted:
         return ev_kind
-    m = np.zeros(int(max(faulted)) + 1, np.bool_)
-    m[np.asarray(faulted, np.int64)] = True
-    inr = ev_pg < len(m)
-    hit = (ev_kind == EV_WRITE) & inr
+    due = [pg for pg, t in faulted.items() if t == now]
+    for pg in [pg for pg, t in faulted.items() if t <= now]:
+        del faulted[pg]
+    if not due or len(ev_pg) == 0:
+        return ev_kind
+    m = np.zeros(int(max(due)) + 1, np.bool_)
+    m[np.asarray(due, np.int64)] = True
+    hit = (ev_kind == EV_WRITE) & (ev_pg < len(m))
     hit[hit] = m[ev_pg[hit]]
     if not hit.any():
         return ev_kind

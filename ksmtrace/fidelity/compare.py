@@ -265,6 +265,7 @@ def fidelity(
     sim_step: float | None = None,
     wall_clock: bool = True,
     progress: ProgressFn | None = None,
+    writes: str | None = None,
 ) -> FidelityReport:
     """Compare the real KSM counters recorded in ``trace`` with a replay of the ``ksm`` policy.
 
@@ -273,8 +274,9 @@ def fidelity(
     (both default to the shipped, calibrated model).  ``wall_clock``: stretch the clock by ksmd's
     measured (run + run-queue wait) / run when the trace records it (``ksmtrace validate`` does), so
     that a busy host's slower batches are reproduced.  ``sim_step``: seconds between simulated
-    samples (default: 0.05 s, never finer than needed).  Raises FidelityError for a trace without
-    ground truth.
+    samples (default: 0.05 s, never finer than needed).  ``writes``: how the replay learns of
+    writes (:data:`ksmtrace.trace.faults.WRITE_MODES`; default ``faults`` when the trace recorded
+    the write faults).  Raises FidelityError for a trace without ground truth.
     """
     from ksmtrace.replay import replay
     from ksmtrace.trace.reader import as_trace
@@ -293,7 +295,7 @@ def fidelity(
     at_ns = compare_times_ns(trace)
     rtrace = _RefinedTrace(trace, int(round(step * 1e9)) if step and step > 0 else 0, at_ns)
     res = replay(rtrace, "ksm", params, engine=engine, scope="recorded", timing_cost=tmodel, report_cost=model,
-                 start_s=gt.start_s, hz=gt.hz, progress=progress)
+                 start_s=gt.start_s, hz=gt.hz, progress=progress, writes=writes)
     rows_at = np.searchsorted(rtrace.grid, at_ns)
     sim = _sim_table(res, model, rows_at)
     real = gt.samples.with_columns((pl.col("ksmd_cpu_ns") / 1e9).alias("ksmd_cpu_s"))

@@ -12,15 +12,17 @@ rows into the writes the replay applies between two snapshots (``--writes faults
   allocates a page, it breaks no sharing;
 * a fault belongs to the interval ``(t_k, t_k+1]`` of the snapshots that holds its time (the
   snapshots' clock: CLOCK_MONOTONIC) and to the page (process, virtual page) it hit; faults on
-  pages the trace never saw in that process are dropped (counted in :attr:`FaultWrites.unknown`);
+  pages the trace never saw in that process, before the first or after the last snapshot are
+  dropped (counted in :attr:`FaultWrites.unknown`);
 * the first fault of a page in an interval carries the page's content at snapshot ``k+1`` when
   that snapshot shows it written (``EV_WRITE``): the write that faulted is the one that changed it.
   Later faults of the page in the interval, and faults on pages whose content did not change, keep
   the content (a rewrite with the same bytes).
 
 The engine applies each write at its time (:meth:`ksmtrace.engine.api.Engine.write_fault`) and then
-treats the page's ``EV_WRITE`` at snapshot ``k+1`` as already applied, so a change is never
-counted twice.
+treats the page's ``EV_WRITE`` at snapshot ``k+1`` (at ``until_ns``) as already applied, so a change
+is never counted twice.  The prepared view may be refined (``fidelity`` inserts empty snapshots):
+intervals and "the next snapshot" are always the trace's own.
 """
 from __future__ import annotations
 
@@ -38,18 +40,20 @@ WRITE_MODES = ("auto", "faults", "snapshots")
 
 @dataclass
 class FaultWrites:
-    """The writes of interval ``k`` (between snapshots ``k`` and ``k+1``) are rows
-    ``[off[k], off[k+1])``, in time order."""
+    """The writes, in time order: at ``t_ns`` (virtual time, ns since the first snapshot) page
+    ``pg`` is written, leaving content ``cid`` (-1: the same bytes); ``until_ns`` is the time of the
+    trace snapshot that follows it (whose ``EV_WRITE`` of the page the write carries)."""
 
-    off: np.ndarray  # int64 [n_snaps + 1] (the last interval, after the last snapshot, is empty)
-    t_ns: np.ndarray  # int64, virtual time (ns since the first snapshot), t_k < t <= t_k+1
+    t_ns: np.ndarray  # int64
     pg: np.ndarray  # int64 page id
     cid: np.ndarray  # int64 content after the write, -1 = unchanged (the same bytes)
+    until_ns: np.ndarray  # int64
     recorded: int = 0  # write faults in the table
     unknown: int = 0  # protection write faults on no page of the prepared trace (or outside every interval)
 
-    def interval(self, k: int) -> slice:
-        return slice(int(self.off[k]), int(self.off[k + 1]))
+    def between(self, t0: int, t1: int) -> slice:
+        """The writes with ``t0 < t <= t1``."""
+        return slice(int(np.searchsorted(self.t_ns, t0, side="right")), int(np.searchsorted(self.t_ns, t1, side="right")))
 
     def __len__(self) -> int:
         return len(self.pg)
@@ -92,14 +96,18 @@ def fault_writes(trace, prep) -> FaultWrites:
         k = lo + int(np.searchsorted(prep.page_vpn[lo:hi], fvpn[i]))
         if k < hi and prep.page_vpn[k] == fvpn[i]:
             pg[i] = k
-    times = np.asarray(prep.times_ns, dtype=np.int64)
-    k = np.searchsorted(times, ft, side="left") - 1  # times[k] < t <= times[k+1]
-    ok = (pg >= 0) & (k >= 0) & (k < n - 1)
+    real = np.asarray(trace.times_ns, dtype=np.int64)  # the trace's own snapshots (prep's may be refined)
+    j = np.searchsorted(real, ft, side="left")  # real[j-1] < t <= real[j]
+    ok = (pg >= 0) & (j >= 1) & (j < len(real))
     unknown = int(len(pg) - np.count_nonzero(ok))
-    ft, pg, k = ft[ok], pg[ok], k[ok]
+    ft, pg, j = ft[ok], pg[ok], j[ok]
     o = np.lexsort((pg, ft))  # time order (ties: page order)
-    ft, pg, k = ft[o], pg[o], k[o]
-    # the first fault of a page in its interval takes the content snapshot k+1 shows it written with
+    ft, pg, j = ft[o], pg[o], j[o]
+    until = real[j]
+    times = np.asarray(prep.times_ns, dtype=np.int64)
+    k = np.searchsorted(times, until)  # prep's snapshot at that time
+    k = np.where((k < len(times)) & (times[np.minimum(k, len(times) - 1)] == until), k, -1) if len(times) else k
+    # the first fault of a page before a snapshot takes the content that snapshot shows it written with
     cid = np.full(len(pg), -1, np.int64)
     if len(pg):
         wr = np.flatnonzero(prep.ev_kind == EV_WRITE)
@@ -107,13 +115,12 @@ def fault_writes(trace, prep) -> FaultWrites:
         ev_key = ev_snap.astype(np.int64) * prep.n_pages + prep.ev_pg[wr].astype(np.int64)
         so = np.argsort(ev_key, kind="stable")
         ev_key, ev_cid = ev_key[so], prep.ev_cid[wr][so].astype(np.int64)
-        key = (k + 1) * prep.n_pages + pg
+        key = k * prep.n_pages + pg
         first = np.zeros(len(pg), bool)
-        _, idx = np.unique(key, return_index=True)  # (stable: the earliest row of each key)
+        _, idx = np.unique(key, return_index=True)  # (the earliest row of each key: rows are in time order)
         first[idx] = True
         e = np.searchsorted(ev_key, key)
-        hit = first & (e < len(ev_key)) & (ev_key[np.minimum(e, max(len(ev_key) - 1, 0))] == key) if len(ev_key) else np.zeros(len(pg), bool)
-        cid[hit] = ev_cid[e[hit]]
-    off = np.zeros(n + 1, np.int64)
-    off[1:] = np.cumsum(np.bincount(k, minlength=n)[:n])
-    return FaultWrites(off=off, t_ns=ft, pg=pg, cid=cid, recorded=recorded, unknown=unknown)
+        if len(ev_key):
+            hit = first & (k >= 0) & (e < len(ev_key)) & (ev_key[np.minimum(e, len(ev_key) - 1)] == key)
+            cid[hit] = ev_cid[e[hit]]
+    return FaultWrites(t_ns=ft, pg=pg, cid=cid, until_ns=until, recorded=recorded, unknown=unknown)
