@@ -172,8 +172,11 @@ class TracefsView:
         self.path = Path(tempfile.mkdtemp(prefix="ksmtrace-test-tracefs-"))
         tracefs.mount(self.path)
 
-    def instances(self) -> list[str]:
-        return sorted(n for n in os.listdir(self.path / "instances") if n.startswith("ksmtrace-"))
+    def instances(self, pid: int | None = None) -> list[str]:
+        """The trace instances of the capture running as ``pid`` (default: this process) — other
+        test runs on the host make instances of their own at the same time."""
+        prefix = f"ksmtrace-{os.getpid() if pid is None else pid}-"
+        return sorted(n for n in os.listdir(self.path / "instances") if n.startswith(prefix))
 
     def close(self) -> None:
         from ksmtrace_tracers import tracefs

@@ -44,7 +44,7 @@ from ksmtrace.progress import ProgressFn, make
 
 BUDGETS_PCT = (0.1, 1.0, 5.0)
 TARGETS_PCT = (50.0, 80.0, 95.0)
-DEFAULT_POLICIES = ("ksm", "pksm", "pksm-delay", "hashtable")
+DEFAULT_POLICIES = ("ksm", "pksm", "pksm-delay", "hashtable", "uksm")
 #: pages per wake-up, ×4 apart: from a trickle to more than any sample trace holds
 PAGES = {"standard": (16, 64, 256, 1024, 4096, 16384), "coarse": (32, 256, 2048, 16384)}
 #: sleep between wake-ups (ms): the kernel's default, 10x and 50x longer (fewer wake-ups, each costing tens of µs)
@@ -52,6 +52,10 @@ SLEEPS = {"standard": (20, 200, 1000), "coarse": (20, 500)}
 #: scan-rate caps (pages/s); 0 = no cap
 RATES = {"standard": (64, 256, 1024, 4096, 16384, 65536, 0), "coarse": (256, 4096, 65536, 0)}
 RATE_SLEEPS = {"standard": (100, 1000), "coarse": (1000,)}
+#: a CPU cap (% of a core: UKSM's max_cpu_percentage) with the governor's per-rung ratios below it
+CPU_CAPS = {"standard": (1, 3, 10, 30, 95), "coarse": (2, 20, 95)}
+#: UKSM's sleep (it stretches it by its own rule): its default and 10x
+CAP_SLEEPS = {"standard": (100, 1000), "coarse": (1000,)}
 LEVELS = tuple(PAGES)
 
 
@@ -60,7 +64,9 @@ def rate_grid(policy, level: str = "standard") -> dict[str, list[Any]]:
 
     * ``pages_to_scan`` (pages per wake-up: ``ksm``, ``pksm``, ``pksm-delay``) × ``sleep_millisecs``;
     * ``pages_per_second`` (a scan-rate cap: ``hashtable``), with ``process_pages_per_second`` = 0
-      so that the total cap alone sets the rate, × ``sleep_millisecs``.
+      so that the total cap alone sets the rate, × ``sleep_millisecs``;
+    * ``max_cpu_percentage`` (``uksm``: its rate is a CPU share, the governor's ladder below it)
+      × ``sleep_millisecs``.
 
     Empty for a policy with none of these (``oracle``, or a plug-in: then it is one point at its
     defaults).  ``level``: ``standard`` (6 × 3 points for a pages-per-wake-up policy) or ``coarse``
@@ -82,6 +88,10 @@ def rate_grid(policy, level: str = "standard") -> dict[str, list[Any]]:
             grid["process_pages_per_second"] = [0]
         if "sleep_millisecs" in names:
             grid["sleep_millisecs"] = list(RATE_SLEEPS[level])
+    elif "max_cpu_percentage" in names:
+        grid["max_cpu_percentage"] = list(CPU_CAPS[level])
+        if "sleep_millisecs" in names:
+            grid["sleep_millisecs"] = list(CAP_SLEEPS[level])
     return grid
 
 

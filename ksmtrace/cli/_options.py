@@ -38,6 +38,38 @@ executor_option = click.option(
          "Dask needs pip install 'ksmtrace[dask]'.")
 
 
+# options of the commands that sweep replays for an answer (frontier, controllers, advise)
+grid_option = click.option("--grid", "level", type=click.Choice(["standard", "coarse"]), default="standard",
+                           show_default=True,
+                           help="Rate grid swept: standard (6 scan sizes x 3 sleeps for ksm/pksm) or coarse (4 x 2).")
+auto_scope_option = click.option("--scope", type=click.Choice(["auto", "recorded", "anon"]), default="auto",
+                                 show_default=True,
+                                 help="Candidate pages: auto = recorded when the trace has mergeable memory, else anon.")
+cost_file_option = click.option("--cost", "cost", type=click.Path(dir_okay=False), default=None,
+                                help="Cost file (JSON, from `ksmtrace calibrate`) for ksmd CPU.")
+no_plots_option = click.option("--no-plots", is_flag=True, help="With -o: skip the figures.")
+sweep_workers_option = click.option("-j", "--workers", type=click.IntRange(min=1), default=1, show_default=True,
+                                    help="Worker processes for the sweeps.")
+
+
+def executor_for(workers: int, executor: str) -> str | None:
+    """The executor a sweeping command passes on (None: run in this process)."""
+    return None if workers == 1 and executor == "local" else executor
+
+
+def write_answer(output, name: str, obj: Any, csv: tuple[str, Any] | None = None) -> dict[str, str]:
+    """Write ``obj`` as strict JSON to ``output/name`` (and a polars frame as ``csv = (file, frame)``),
+    atomically, into a directory that is the user's own (:mod:`ksmtrace.outputs`). Returns the
+    files written by kind."""
+    from ksmtrace.outputs import open_output_dir
+
+    with open_output_dir(output) as d:
+        files = {"json": str(d.write_bytes(name, (dumps(obj) + "\n").encode()))}
+        if csv is not None:
+            files["csv"] = str(d.write_atomic(csv[0], csv[1].write_csv))
+    return files
+
+
 def emit_json(obj: Any) -> None:
     """Strict JSON on stdout."""
     click.echo(dumps(obj))

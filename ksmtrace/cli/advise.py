@@ -4,7 +4,8 @@ from __future__ import annotations
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import emit_json, executor_option, json_option, note, quiet_option
+from ksmtrace.cli._options import (cost_file_option, emit_json, executor_for, executor_option, json_option, note,
+                                   quiet_option, sweep_workers_option, write_answer)
 from ksmtrace.progress import Progress
 
 
@@ -16,15 +17,13 @@ from ksmtrace.progress import Progress
               help="Also require duplicates to be merged within S seconds (p90 of the merge latency).")
 @click.option("--min-saving", "min_saving", type=float, default=1.0, show_default=True, metavar="PCT",
               help="Go only when the saving is at least this % of the memory the candidate pages use.")
-@click.option("--cost", "cost", type=click.Path(dir_okay=False), default=None,
-              help="Cost file (JSON, from `ksmtrace calibrate`) for ksmd CPU.")
+@cost_file_option
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Keep every replay's result files here (a second call reuses them) and write advise.json.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write the figure (the search, and the recommended run over time) to this file (.png/.svg/.pdf).")
 @click.option("--no-attribution", is_flag=True, help="Skip the per-process opt-out replays.")
-@click.option("-j", "--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes for the search's sweeps.")
+@sweep_workers_option
 @executor_option
 @json_option
 @quiet_option
@@ -45,26 +44,19 @@ def advise_cmd(trace, budget, latency, min_saving, cost, output, plot_path, no_a
       ksmtrace advise my-trace --cpu-budget 0.5 --target-latency 30 --plot advise.png
       ksmtrace advise sample-traces/vm --json
     """
-    from pathlib import Path
-
     from ksmtrace.analysis.advise import advise
 
     prog = Progress("advise", quiet=quiet or as_json)
     try:
         adv = advise(trace, cpu_budget_pct=budget, target_latency_s=latency, min_saving_pct=min_saving, out_dir=output,
                      cost=cost, workers=workers,
-                     executor=None if workers == 1 and executor == "local" else executor,
+                     executor=executor_for(workers, executor),
                      attribution=not no_attribution, progress=prog)
     finally:
         prog.close()
     files = {}
     if output:
-        from ksmtrace.textfmt import dumps
-
-        p = Path(output) / "advise.json"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(dumps(adv.to_json()) + "\n")
-        files["json"] = str(p)
+        files.update(write_answer(output, "advise.json", adv.to_json()))
     if plot_path:
         from ksmtrace import plot
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import emit_json, executor_option, json_option, note, quiet_option
+from ksmtrace.cli._options import (auto_scope_option, cost_file_option, emit_json, executor_for, executor_option,
+                                   grid_option, json_option, no_plots_option, note, quiet_option, sweep_workers_option,
+                                   write_answer)
 from ksmtrace.progress import Progress
 
 
@@ -17,18 +19,14 @@ from ksmtrace.progress import Progress
 @click.option("--controller", "specs", multiple=True, metavar="NAME[:key=value,...]",
               help="A controller (repeatable; default: ksmtuned, kubevirt, scan-time), e.g. "
                    "ksmtuned:monitor_interval=5 to act every 5 s of the trace instead of every 60 s.")
-@click.option("--grid", "level", type=click.Choice(["standard", "coarse"]), default="standard", show_default=True,
-              help="The static ksm settings swept for the frontier.")
-@click.option("--scope", type=click.Choice(["auto", "recorded", "anon"]), default="auto", show_default=True,
-              help="Candidate pages: auto = recorded when the trace has mergeable memory, else anon.")
-@click.option("--cost", "cost", type=click.Path(dir_okay=False), default=None,
-              help="Cost file (JSON, from `ksmtrace calibrate`) for the CPU column.")
+@grid_option
+@auto_scope_option
+@cost_file_option
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Directory for the static runs (ksm/), the controllers' runs (controllers/), controllers.json and "
                    "the figure controllers.png; a second call reuses the static runs.")
-@click.option("--no-plots", is_flag=True, help="With -o: skip the figure.")
-@click.option("-j", "--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes for the static sweep.")
+@no_plots_option
+@sweep_workers_option
 @executor_option
 @json_option
 @quiet_option
@@ -56,16 +54,13 @@ def controllers_cmd(trace, host_memory, specs, level, scope, cost, output, no_pl
     try:
         cc = compare_controllers(trace, list(specs) or list(DEFAULT_CONTROLLERS), host_memory, output, level=level,
                                  scope=scope, cost=cost, workers=workers,
-                                 executor=None if workers == 1 and executor == "local" else executor, progress=prog)
+                                 executor=executor_for(workers, executor), progress=prog)
     finally:
         prog.close()
     files: dict[str, str] = {}
     if output:
-        from ksmtrace.textfmt import dumps
-
         out = Path(output)
-        (out / "controllers.json").write_text(dumps(cc.to_json()) + "\n")
-        files["json"] = str(out / "controllers.json")
+        files.update(write_answer(output, "controllers.json", cc.to_json()))
         if not no_plots:
             from ksmtrace import plot
 

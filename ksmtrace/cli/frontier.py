@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import click
 
+from ksmtrace.analysis.frontier import DEFAULT_POLICIES
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import emit_json, executor_option, json_option, note, quiet_option
+from ksmtrace.cli._options import (auto_scope_option, cost_file_option, emit_json, executor_for, executor_option,
+                                   grid_option, json_option, no_plots_option, note, quiet_option, sweep_workers_option,
+                                   write_answer)
 from ksmtrace.cli._replay_opts import restrict_option
 from ksmtrace.errors import KsmtraceError
 from ksmtrace.progress import Progress
@@ -22,24 +25,20 @@ def floats(text: str, what: str) -> list[float]:
 
 @cli.command("frontier")
 @click.argument("trace", type=click.Path())
-@click.option("--policies", default="ksm,pksm,pksm-delay,hashtable", show_default=True,
+@click.option("--policies", default=",".join(DEFAULT_POLICIES), show_default=True,
               help="Comma-separated policies; each is swept over its rate parameters (oracle is always the ceiling).")
-@click.option("--grid", "level", type=click.Choice(["standard", "coarse"]), default="standard", show_default=True,
-              help="Rate grid: standard (6 scan sizes x 3 sleeps for ksm/pksm) or coarse (4 x 2).")
+@grid_option
 @click.option("--budgets", default="0.1,1,5", show_default=True, metavar="PCT,...",
               help="CPU budgets (% of one core) for the matched-budget table.")
 @click.option("--targets", default="50,80,95", show_default=True, metavar="PCT,...",
               help="Shares of the oracle's saving for the CPU-needed table.")
-@click.option("--scope", type=click.Choice(["auto", "recorded", "anon"]), default="auto", show_default=True,
-              help="Candidate pages: auto = recorded when the trace has mergeable memory, else anon.")
-@click.option("--cost", "cost", type=click.Path(dir_okay=False), default=None,
-              help="Cost file (JSON, from `ksmtrace calibrate`) for the CPU column.")
+@auto_scope_option
+@cost_file_option
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Directory for every run's result files, frontier.json, frontier-runs.csv and the two figures "
                    "(frontier-cpu.png, frontier-cow.png); a second call reuses the runs.")
-@click.option("--no-plots", is_flag=True, help="With -o: skip the figures.")
-@click.option("-j", "--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes for the sweeps.")
+@no_plots_option
+@sweep_workers_option
 @executor_option
 @restrict_option
 @json_option
@@ -68,17 +67,13 @@ def frontier_cmd(trace, policies, level, budgets, targets, scope, cost, output, 
     try:
         fr = frontier(trace, names, output, level=level, scope=scope, budgets_pct=floats(budgets, "budgets"),
                       targets_pct=floats(targets, "targets"), cost=cost, workers=workers, restrict=restrict,
-                      executor=None if workers == 1 and executor == "local" else executor, progress=prog)
+                      executor=executor_for(workers, executor), progress=prog)
     finally:
         prog.close()
     files: dict[str, str] = {}
     if output:
-        from ksmtrace.textfmt import dumps
-
         out = Path(output)
-        (out / "frontier.json").write_text(dumps(fr.to_json()) + "\n")
-        fr.runs.write_csv(out / "frontier-runs.csv")
-        files = {"json": str(out / "frontier.json"), "csv": str(out / "frontier-runs.csv")}
+        files = write_answer(output, "frontier.json", fr.to_json(), csv=("frontier-runs.csv", fr.runs))
         if not no_plots:
             from ksmtrace import plot
 

@@ -151,6 +151,9 @@ class Trace:
             self._fields[table] = {f.name: f for f in self._schema(table)}
         return self._fields[table]
 
+    #: the snapshot log's statistics (rows per op) describe this trace's page rows (not so for a view)
+    log_describes_rows = True
+
     @property
     def version(self) -> int:
         """The trace's format version (``schema.READ_VERSIONS``)."""

@@ -23,6 +23,9 @@ from ksmtrace.errors import KsmtraceError
 class TraceWithout:
     """``trace`` minus the processes ``procs`` (see the module docstring)."""
 
+    #: its rows are not those the snapshot log's statistics describe (prepare checks them on a trace)
+    log_describes_rows = False
+
     def __init__(self, trace, procs: Iterable[int]) -> None:
         self._trace = trace
         self.excluded = sorted({int(p) for p in procs})

@@ -10,6 +10,8 @@ import subprocess
 import sys
 
 import pytest
+
+from ksmtrace.analysis.frontier import DEFAULT_POLICIES
 from click.testing import CliRunner
 
 from ksmtrace.cli import cli
@@ -106,8 +108,9 @@ def test_frontier_on_every_sample(name, tmp_path):
     assert_defined(text)
     assert "Saving at a matched CPU budget" in text and "CPU needed to keep 50 / 80 / 95 %" in text
     obj = strict((tmp_path / "frontier.json").read_text())
-    assert {r["policy"] for r in obj["runs"]} == {"ksm", "pksm", "pksm-delay", "hashtable"}
-    assert len(obj["at_budget"]) == 4 * 3 and len(obj["to_reach"]) == 4 * 3
+    assert {r["policy"] for r in obj["runs"]} == set(DEFAULT_POLICIES)
+    n = len(DEFAULT_POLICIES)
+    assert len(obj["at_budget"]) == n * 3 and len(obj["to_reach"]) == n * 3
     assert obj["scope"] == "recorded"
     assert any("profile 6.12" in n for n in obj["notes"])
 

@@ -5,6 +5,7 @@ or the events the capture goes on and says so."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -184,18 +185,17 @@ def test_instances_are_removed_on_every_exit_path(tmp_path, view, how):
         else:
             p = popen_cli(["capture", "-p", str(t.pid), "--interval", "0.1", "-o", str(out)])
             assert wait_until(lambda: committed(out) >= 2, 60)
-        assert len(view.instances()) == 2
+        assert len(view.instances(p.pid)) == 2
         sig = {"SIGINT": signal.SIGINT, "SIGKILL": signal.SIGKILL}.get(how, signal.SIGTERM)
         p.send_signal(sig)
         p.communicate(timeout=60)
         if how == "SIGKILL":
-            left = view.instances()
-            assert len(left) == 2 and all(n.startswith(f"ksmtrace-{p.pid}-") for n in left)
-            # the next capture removes them, and says so
+            assert len(view.instances(p.pid)) == 2
+            # the next capture removes them, and says so (with any other killed capture's)
             res = run_cli(["capture", "-p", str(t.pid), "--count", "1", "-o", str(tmp_path / "next")])
             assert res.returncode == 0, res.stderr
-            assert "removed 2 trace instance(s) left by a killed capture" in res.stderr
-        assert view.instances() == []
+            assert re.search(r"removed \d+ trace instance\(s\) left by a killed capture", res.stderr)
+        assert view.instances(p.pid) == []
         if how != "SIGKILL":
             assert open_trace(out).manifest["complete"]
 
@@ -235,6 +235,8 @@ def test_no_kernel_events_is_quiet(tmp_path):
 def test_a_killed_captures_tracefs_mount_is_undone_by_the_next_capture(tmp_path):
     """tracefs mounted by a capture that was then SIGKILLed: the next capture removes the killed
     one's instances and, at its end, the mount too; a tracefs mounted by anything else stays."""
+    if tracefs.find_tracefs() is not None:  # since collection: another test run on the host mounted one
+        pytest.skip("another test run on this host has tracefs mounted now (the test needs none)")
     with Target(random_pages=16, zero_pages=0) as t:
         p = popen_cli(["capture", "-p", str(t.pid), "--interval", "0.1", "-o", str(tmp_path / "t")])
         try:

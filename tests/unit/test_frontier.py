@@ -36,6 +36,7 @@ def test_rate_grids_come_from_the_policies_params():
     assert set(g) == {"pages_per_second", "process_pages_per_second", "sleep_millisecs"}
     assert 0 in g["pages_per_second"] and g["process_pages_per_second"] == [0]  # 0 = no cap: the top rate
     assert rate_grid("oracle") == {}
+    assert set(rate_grid("uksm")) == {"max_cpu_percentage", "sleep_millisecs"}
     coarse, std = rate_grid("ksm", "coarse"), rate_grid("ksm")
     assert len(coarse["pages_to_scan"]) < len(std["pages_to_scan"])
     with pytest.raises(KsmtraceError, match="grid level"):
