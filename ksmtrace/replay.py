@@ -204,7 +204,8 @@ def replay(
             f"policy {pol.name!r} broke the engine contract {counters['contract_violations']} times "
             "(merged unequal content or a page it does not own)"
         )
-    res = RunResult(spec=spec, table=table, latency_hist=eng.latency_hist(), extras=extras, procs=procs)
+    res = RunResult(spec=spec, table=table, latency_hist=eng.latency_hist(), extras=extras, procs=procs,
+                    first_merge_ns=eng.first_merge_ns())
     res.summary = res.compute_summary(report_cost)
     return res
 

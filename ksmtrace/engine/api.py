@@ -100,6 +100,9 @@ class Engine(Protocol):
     def latency_hist(self) -> np.ndarray:
         """Merge-latency histogram (ksmtrace.engine.state.lat_bin bins)."""
 
+    def first_merge_ns(self) -> np.ndarray:
+        """Per page, the virtual time of its first merge (-1: never merged)."""
+
 
 @runtime_checkable
 class Runtime(Protocol):

@@ -60,6 +60,10 @@ class FastEngine:
     def latency_hist(self) -> np.ndarray:
         return self.E.ec[st.LAT0 : st.TS0].copy()
 
+    def first_merge_ns(self) -> np.ndarray:
+        """Per page, the virtual time of its first merge (-1: never merged)."""
+        return self.E.pg[:, st.P_FIRST].copy()
+
     # --- queries (plain numpy reads: cheaper from Python than a jitted call) --------------------
     def is_candidate(self, pg: int) -> bool:
         return bool(self.E.pg[pg, st.P_CID] >= 0)

@@ -54,6 +54,7 @@ class ReferenceEngine:
         self.lat_sum = 0
         self.splits = 0
         self.lat = [0] * N_LAT_BINS
+        self.first_merge: dict[int, int] = {}  # page -> virtual time of its first merge
         self.now = 0
         self.faulted: dict[int, int] = {}  # page written by a fault -> the snapshot time its write carries
         self._fresh = prep.n_gids + 1  # frame ids for arrivals whose frame no other arrival shares
@@ -104,6 +105,7 @@ class ReferenceEngine:
         p = self.pages[pg]
         lat = max(0, now - max(p.since, partner_since))
         self.merges += 1
+        self.first_merge.setdefault(pg, now)
         self.lat_sum += lat
         self.lat[lat_bin(lat)] += 1
         if partner_dom != self.dom(pg):
@@ -276,3 +278,10 @@ class ReferenceEngine:
 
     def latency_hist(self) -> np.ndarray:
         return np.array(self.lat, dtype=np.int64)
+
+    def first_merge_ns(self) -> np.ndarray:
+        """Per page, the virtual time of its first merge (-1: never merged)."""
+        out = np.full(self.prep.n_pages, -1, dtype=np.int64)
+        for pg, t in self.first_merge.items():
+            out[pg] = t
+        return out

@@ -100,7 +100,8 @@ P_ZKSM = 3  # 1 = mapped to the zero page by the policy (use_zero_pages)
 P_THP = 4  # huge page id, -1
 P_DOM = 5  # security domain of the page's process
 P_PROC = 6  # the page's process (dense index)
-N_PCOLS = 7
+P_FIRST = 7  # virtual time (ns) of the page's first merge, -1 before it (fidelity's time to merge)
+N_PCOLS = 8
 # frame columns.  Frames live in recycled slots (a live frame has at least one candidate page,
 # so there are never more than n_pages + 1 of them); slot 0 is the kernel's zero page.
 F_REF = 0  # candidate pages mapping the frame
@@ -137,6 +138,7 @@ def new_arrays(prep) -> EngineArrays:
     pg[:, P_CID] = -1
     pg[:, P_FRAME] = -1
     pg[:, P_THP] = -1
+    pg[:, P_FIRST] = -1
     pg[:, P_DOM] = prep.proc_domain[prep.page_proc]
     pg[:, P_PROC] = prep.page_proc
     fr = np.zeros((f, N_FCOLS), np.int64)
@@ -216,6 +218,8 @@ def stabilize(E, pg):
 @njit
 def _account_merge(E, pg, partner_since, partner_dom, now):
     E.ec[C_MERGES] += 1
+    if E.pg[pg, P_FIRST] < 0:
+        E.pg[pg, P_FIRST] = now
     s = E.pg[pg, P_SINCE]
     if partner_since > s:
         s = partner_since

@@ -194,6 +194,7 @@ class FidelityReport:
     snapshot_times: np.ndarray | None = None  # when each snapshot is compared (end of its reads), s
     result: Any = None  # the RunResult of the refined replay
     validate: dict[str, Any] | None = None
+    events: dict[str, Any] | None = None  # event by event, from the ksm_events table (ksmtrace.fidelity.events)
 
     def row(self, name: str) -> dict[str, Any]:
         for r in self.rows:
@@ -225,6 +226,7 @@ class FidelityReport:
             "warnings": self.warnings,
             "definitions": NRMSE_NOTE,
             "validate": self.validate,
+            "events": None if self.events is None else {k: v for k, v in self.events.items() if not k.startswith("_")},
         })
 
     def text(self) -> str:
@@ -250,6 +252,10 @@ class FidelityReport:
                 "t90 sim (s)": r.get("t90_sim"),
             })
         out = "\n".join(head) + "\n\n" + table(rows)
+        if self.events is not None:
+            from ksmtrace.fidelity.events import event_text
+
+            out += "\n\n" + event_text(self.events)
         if self.warnings:
             out += "\n\n" + "\n".join(f"warning: {w}" for w in self.warnings)
         return out
@@ -301,7 +307,7 @@ def fidelity(
     real = gt.samples.with_columns((pl.col("ksmd_cpu_ns") / 1e9).alias("ksmd_cpu_s"))
     compare_at = at_ns / 1e9
     rows = compare_series(real, sim, compare_at, gt.start_s, params)
-    return FidelityReport(
+    rep = FidelityReport(
         trace=str(trace.path),
         trace_name=trace.name,
         params=params,
@@ -323,6 +329,10 @@ def fidelity(
         result=res,
         validate=gt.validate,
     )
+    from ksmtrace.fidelity.events import event_fidelity
+
+    rep.events = event_fidelity(trace, rep)
+    return rep
 
 
 def _sim_table(res, model: CostModel, index: np.ndarray) -> pl.DataFrame:

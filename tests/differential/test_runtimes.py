@@ -116,6 +116,7 @@ def _same(a, b, what):
         assert a.table[c].equals(b.table[c]), f"{what}: column {c}: {a.table[c].to_list()} vs {b.table[c].to_list()}"
     assert a.procs.equals(b.procs), f"{what}: per-process tables differ"
     assert np.array_equal(a.latency_hist, b.latency_hist), f"{what}: latency histograms differ"
+    assert np.array_equal(a.first_merge_ns, b.first_merge_ns), f"{what}: first merge times differ"
 
 
 @pytest.mark.parametrize("cls", POLICIES, ids=IDS)
