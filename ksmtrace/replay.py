@@ -11,7 +11,10 @@ Two run options apply to any policy: ``restrict`` (a safe preset: merges the pol
 them a run is exactly what it was before they existed.
 
 Virtual time: snapshot ``s`` is taken at ``t_s``; its content holds during ``[t_s, t_{s+1})``.  A page
-written between two snapshots is written, as far as the replay knows, at the later snapshot.  The
+written between two snapshots is written, as far as the snapshots know, at the later snapshot; a
+trace with a faults table (``capture --kernel-events``) also says when, and by default
+(``writes="faults"``) the replay applies every recorded write fault at its own time, the daemon
+running up to it first (:mod:`ksmtrace.trace.faults`, ``docs/replay-semantics.md``).  The
 row of snapshot ``s`` holds the state at ``t_s`` right after its writes are applied, plus the
 activity of the interval ``(t_{s-1}, t_s]`` (COW breaks, merges, work units).
 """
