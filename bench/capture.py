@@ -15,8 +15,12 @@ bytes", 50 % random, like /work/shared/reference/limits.md):
 3. the keyed page hash: ns per page of the format-1 hash (seeded xxh3_64), of the xxh3_128 digest
    and of the PRF (SipHash-2-4 of that digest), and what making the hash a PRF costs as a share of
    the capture's time per page (goal: <= 10 %);
-4. the target's pause per snapshot with --freeze (ms);
-5. trace bytes per page-snapshot over ``--snapshots`` snapshots for a static target (goal <= 0.05)
+4. --fingerprints: the capture rate with them (every strength of the sampled hash in one pass)
+   against without, and ns per page of the 64-word sample, of all eight strengths and of the
+   prefix hashes; --files: files and resident page-cache pages read per second under numpy's
+   install directory, and how many files' resident page sets changed (goal: none);
+5. the target's pause per snapshot with --freeze (ms);
+6. trace bytes per page-snapshot over ``--snapshots`` snapshots for a static target (goal <= 0.05)
    and for a target that rewrites 5 % of its pages between snapshots (goal <= 1.0).
 
 Every process it starts is killed in a ``finally`` block.
@@ -216,6 +220,58 @@ def hash_costs(repeat: int = 200) -> dict[str, float]:
     return out
 
 
+def fingerprint_costs(repeat: int = 50) -> dict[str, float]:
+    """ns per page, on 256 random pages: the 64-word sampled hash alone (numpy, what --fingerprints
+    computed before the strength columns) and every strength 8..1024 in one pass (numba), plus the
+    prefix hashes."""
+    from ksmtrace_tracers.hashing import PageHasher, sample_hashes, strength_hashes
+
+    n = 256
+    buf = np.random.default_rng(2).integers(0, 256, size=n * PAGE, dtype=np.uint8)
+    h = PageHasher(0x1234, fingerprints=True)
+    pages = buf.reshape(n, PAGE)
+    psl = h.prefix_slices(memoryview(buf), n)
+    fns = (("sample (64 words)", lambda: sample_hashes(pages, h.perm)),
+           ("sample8..sample1024 (one pass)", lambda: strength_hashes(pages, h.perm)),
+           ("pfx64/256/1024", lambda: h.prefixes(psl, n)))
+    out = {}
+    for name, f in fns:
+        f()
+        best = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(repeat):
+                f()
+            best.append((time.perf_counter() - t) / repeat / n * 1e9)
+        out[name] = min(best)
+    return out
+
+
+def page_cache_cost(root: Path) -> dict[str, float]:
+    """``--files``: read every resident page of the files under ``root`` (PageCacheReader, as a
+    snapshot does), and check that the resident page sets are unchanged afterwards."""
+    from ksmtrace_tracers import pagemap as PM
+    from ksmtrace_tracers.hashing import PageHasher
+    from ksmtrace_tracers.pagecache import PageCacheReader, file_residency, walk_files
+
+    paths = list(walk_files((str(root),)))
+    before = {p: file_residency(p).tobytes() for p in paths}
+    kpf = PM.KpageflagsReader()
+    reader = PageCacheReader(PageHasher(0x1234), kpf, PM.pfn_readable())
+    try:
+        t = time.perf_counter()
+        c0 = time.process_time()
+        reads = [reader.read(p) for p in walk_files((str(root),))]
+        secs, cpu = time.perf_counter() - t, time.process_time() - c0
+    finally:
+        reader.close()
+        kpf.close()
+    changed = sum(file_residency(p).tobytes() != before[p] for p in paths)
+    pages = sum(len(r.state["vpn"]) for r in reads if r is not None)
+    return {"files": len(paths), "resident_files": sum(r is not None for r in reads), "pages": pages,
+            "seconds": secs, "cpu_seconds": cpu, "changed_files": changed}
+
+
 def capture_run(out: Path, pid: int, snapshots: int, key: int, churn=None, **opts) -> tuple[list[dict], dict]:
     stats = []
     with Capture(out, pid, CaptureOptions(key=key, **opts)) as cap:
@@ -293,7 +349,7 @@ def main() -> None:
         print(f"{'capture':<16}{'keyframe GiB/s':>16}{'delta GiB/s':>13}{'delta Mpages/s':>16}"
               f"{'x raw pvr':>11}{'x raw mem':>11}")
         results = {}
-        variants = (("1 process", {}), ("--workers 2", {"workers": 2}))
+        variants = (("1 process", {}), ("--workers 2", {"workers": 2}), ("--fingerprints", {"fingerprints": True}))
         for name, kw in variants:
             stats, _ = capture_run(tmp / f"cap-{len(results)}", t.pid, 4, key, **kw)
             gib = [s["present"] * PAGE / 2**30 for s in stats]
@@ -315,6 +371,20 @@ def main() -> None:
               f"{100 * prf_cost / per_page_ns:.1f} % of the capture's {per_page_ns:.0f} ns per page (goal <= 10 %); "
               f"the whole keyed hash is {100 * costs['PRF: siphash24(xxh3_128)'] / per_page_ns:.1f} % of it "
               f"(the format-1 hash was {100 * costs['xxh3_64 seeded (format 1)'] / per_page_ns:.1f} %)")
+        fc = fingerprint_costs()
+        print("fingerprints, ns per page: " + ", ".join(f"{k} {v:.0f}" for k, v in fc.items()))
+        print(f"  --fingerprints captures at {results['--fingerprints'] / results['1 process']:.2f} x the rate without "
+              f"(delta snapshots, one process); all eight strengths cost "
+              f"{fc['sample8..sample1024 (one pass)'] / fc['sample (64 words)']:.2f} x the 64-word sample alone, "
+              f"{100 * fc['sample8..sample1024 (one pass)'] / per_page_ns:.1f} % of the capture's {per_page_ns:.0f} ns per page")
+        print()
+        import numpy as _np
+
+        pc = page_cache_cost(Path(_np.__file__).resolve().parent)
+        print(f"--files {Path(_np.__file__).resolve().parent}: {pc['files']:,} files ({pc['resident_files']:,} with resident "
+              f"pages), {pc['pages']:,} resident pages read in {pc['seconds']:.2f} s ({pc['cpu_seconds']:.2f} s CPU): "
+              f"{pc['pages'] / pc['seconds'] / 1e3:.0f} k pages/s, {1e6 * pc['seconds'] / max(pc['files'], 1):.0f} us per file; "
+              f"files whose resident page set changed: {pc['changed_files']}")
         print()
         stats, _ = capture_run(tmp / "freeze", t.pid, 4, key, freeze=True)
         pauses = [s["pause_ns"] / 1e6 for s in stats]

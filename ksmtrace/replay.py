@@ -69,11 +69,20 @@ def choose_scope(trace) -> tuple[str, str]:
                     "what KSM would scan if the processes opted in")
 
 
-def resolve_scope(trace, scope: str | None) -> tuple[str, str]:
-    """``scope`` as given (``recorded`` or ``anon``), or :func:`choose_scope` for ``auto``/None."""
+def resolve_scope(trace, scope: str | None, policy: str | Policy | type[Policy] | None = None) -> tuple[str, str]:
+    """``scope`` as given (``recorded``, ``anon`` or ``file``), or for ``auto``/None
+    :func:`choose_scope` — except for a policy whose default scope is ``file`` (the page cache:
+    other pages than any anonymous scope, so nothing to share a scope with), which gets ``file``."""
     if scope in (None, AUTO):
+        if policy is not None and _default_scope(policy) == "file":
+            return "file", "scope file: the page cache (resident file pages, one per device, inode and index)"
         return choose_scope(trace)
     return scope, f"scope {scope}: as given"
+
+
+def _default_scope(policy: str | Policy | type[Policy]) -> str:
+    cls = get_policy(policy) if isinstance(policy, str) else policy
+    return cls.default_scope
 
 
 def trace_params(trace, policy: str | Policy | type[Policy], params: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
@@ -159,7 +168,7 @@ def replay(
     if ctl is not None and ctl.policies is not None and pol.name not in ctl.policies:
         raise KsmtraceError(f"controller {ctl.name!r} writes the parameters of {', '.join(ctl.policies)}, not of {pol.name!r}")
     if scope == AUTO:
-        scope = choose_scope(trace)[0]
+        scope = resolve_scope(trace, AUTO, pol)[0]
     spec = run_spec(trace, pol, engine=engine, scope=scope, timing_cost=timing_cost, start_s=start_s, hz=hz, seed=seed,
                     restrict=restriction, controller=ctl, host_kib=host_kib, writes=writes)
     scope, hz, start_ns = spec["scope"], spec["hz"], spec["start_ns"]
@@ -441,22 +450,29 @@ def compare(
     workers.  By default (``workers=1``, no executor) the runs are replayed here, one after another.
     A run whose policy raises a :class:`~ksmtrace.errors.KsmtraceError` raises it here."""
     trace = as_trace(trace)
-    if scope in (None, AUTO):
-        scope = choose_scope(trace)[0]
+    auto = scope in (None, AUTO)
     items = [(item, None) if isinstance(item, str) else item for item in policies]
+    if auto and any(_default_scope(name) != "file" for name, _ in items):
+        scope = choose_scope(trace)[0]
+
+    def scope_for(name):  # the page-cache policy keeps its own scope under auto
+        return "file" if auto and _default_scope(name) == "file" else scope
+
     if executor is None and (workers or 1) == 1:
-        return [replay(trace, name, params, engine=engine, scope=scope, report_cost=report_cost, progress=progress, **kwargs)
+        return [replay(trace, name, params, engine=engine, scope=scope_for(name), report_cost=report_cost,
+                       progress=progress, **kwargs)
                 for name, params in items]
     from ksmtrace.executor import make_executor
 
-    tasks = [{"trace": str(trace.path), "policy": name, "params": dict(params or {}), "engine": engine, "scope": scope,
-              **kwargs} for name, params in items]
+    tasks = [{"trace": str(trace.path), "policy": name, "params": dict(params or {}), "engine": engine,
+              "scope": scope_for(name), **kwargs} for name, params in items]
     out: list[RunResult | None] = [None] * len(tasks)
     prog = make(progress)
     ex = make_executor(executor, min(workers or len(tasks), len(tasks)))
     try:
         if ex.warm() and not os.environ.get("KSMTRACE_NO_CACHE"):
-            trace.prepare(scope)  # fill the disk cache once, not in every worker
+            for sc in sorted({t["scope"] for t in tasks}):
+                trace.prepare(sc)  # fill the disk cache once, not in every worker
         for k, done in enumerate(ex.run(replay_task, tasks)):
             if done.error is not None:
                 raise done.error

@@ -30,7 +30,8 @@ from typing import Any, Sequence
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 #: what a trace directory holds (everything else in sample-traces/<name>/ is ours)
-TRACE_ENTRIES = ("manifest.json", "snapshots.jsonl", "pages", "vmas", "processes", "ksm", "ksm_stat", "contents")
+TRACE_ENTRIES = ("manifest.json", "snapshots.jsonl", "pages", "vmas", "processes", "ksm", "ksm_stat", "contents",
+                 "faults", "ksm_events", "vma_files", "files", "filepages")
 #: hard size limit of one sample trace (the tests check it too)
 MAX_TRACE_BYTES = 10 * 1024 * 1024
 

@@ -25,10 +25,10 @@ writes_option = click.option(
 def replay_options(f):
     f = click.option("--engine", type=click.Choice(["fast", "reference"]), default="fast", show_default=True,
                      help="fast (numba arrays) or reference (the page-by-page executable spec).")(f)
-    f = click.option("--scope", type=click.Choice(["auto", "recorded", "anon"]), default="auto", show_default=True,
+    f = click.option("--scope", type=click.Choice(["auto", "recorded", "anon", "file"]), default="auto", show_default=True,
                      help="Candidate pages: recorded = what ksmd scans (mergeable VMAs); anon = every private anonymous "
                           "page; auto = recorded when the trace has mergeable memory, else anon (one scope for every "
-                          "policy, printed with why).")(f)
+                          "policy, printed with why; the pagecache policy: file, the page cache).")(f)
     f = click.option("--cost", "cost", type=click.Path(dir_okay=False), default=None,
                      help="Cost file (JSON, from `ksmtrace calibrate`) for CPU seconds in the report.")(f)
     f = click.option("--timing-cost", type=click.Path(dir_okay=False), default=None,
@@ -66,5 +66,5 @@ def resolve_run(trace, policy, params: dict, scope: str | None) -> tuple[dict, s
     from ksmtrace.replay import resolve_scope, trace_params
 
     params, notes = trace_params(trace, policy, params)
-    scope, why = resolve_scope(trace, scope)
+    scope, why = resolve_scope(trace, scope, policy)
     return params, scope, why, notes

@@ -28,6 +28,8 @@ from ksmtrace.tracer import load_tracer
               "Refuses ksmtrace's ancestors, session leaders, init/systemd, sshd and other users' processes; refused with --all.")
 @click.option("--freeze-unsafe", is_flag=True, help="With --freeze: stop even the processes --freeze refuses (not with --all).")
 @click.option("--fingerprints", is_flag=True, help="Also record a PKSM-style sampled hash and 64/256/1024-byte prefix hashes per page.")
+@click.option("--files", "files", multiple=True, type=click.Path(), metavar="PATH",
+              help="Also record the resident page cache of the files under PATH (repeatable; read without changing residency).")
 @click.option("--contents", is_flag=True, help="Also store page contents (each distinct content once, zstd). Off by default: contents are private.")
 @click.option("--hash-key", type=click.Path(dir_okay=False), default=None, help="Key file shared across captures/hosts (created, 0600, if missing). Default: a random key per capture, never stored.")
 @click.option("--keyframe-every", type=int, default=0, show_default=True, help="Write a full keyframe every N snapshots (0: only snapshot 0).")
@@ -47,7 +49,7 @@ from ksmtrace.tracer import load_tracer
 @quiet_option
 @click.pass_context
 def capture(ctx, output, pids, names, trees, cgroups, all_, interval, duration, count, scope, freeze, freeze_unsafe, fingerprints,
-            contents, hash_key, keyframe_every, ksm_sample_interval, no_soft_dirty, no_ground_truth, workers,
+            files, contents, hash_key, keyframe_every, ksm_sample_interval, no_soft_dirty, no_ground_truth, workers,
             kernel_events, kernel_events_buffer, nice, sched_idle, tracer_name, as_json, quiet):
     """Snapshot the memory of live processes into a delta-encoded Parquet trace.
 
@@ -75,6 +77,7 @@ def capture(ctx, output, pids, names, trees, cgroups, all_, interval, duration, 
         freeze=freeze,
         freeze_unsafe=freeze_unsafe,
         fingerprints=fingerprints,
+        files=tuple(files),
         contents=contents,
         hash_key=hash_key,
         keyframe_every=keyframe_every,

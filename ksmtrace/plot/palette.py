@@ -30,6 +30,7 @@ KNOWN: dict[str, tuple[str, str]] = {
     "pksm-delay": ("#9467bd", "D"),
     "hashtable": ("#2ca02c", "^"),
     "uksm": ("#e6ab02", "d"),
+    "pagecache": ("#1b9e77", "H"),
 }
 #: colours and markers for policies not in KNOWN (none of them is used by a shipped policy)
 FALLBACK_COLORS = ("#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#393b79", "#637939", "#843c39")

@@ -10,7 +10,7 @@ page; any other value = a content, equal keys = equal pages) or a dict with ``c`
 optionally ``frame`` (a label: pages with the same label share one physical frame, as after fork),
 ``mergeable`` (default True), ``thp`` (a label: pages with the same label are one huge page),
 ``zero_page`` (maps the kernel zero page), ``ksm`` (a real-kernel KSM page), ``swapped``,
-``anon`` (default True), ``soft_dirty``.
+``anon`` (default True), ``soft_dirty``, ``flags`` (further ``F_*`` bits, e.g. ``F_DIRTY``).
 
 Fingerprints: ``samples`` (content -> u32) writes the 64-word sampled hash column ``sample``;
 ``strengths=True`` writes the sampled hash at every strength of ``SAMPLE_STRENGTHS`` (format
@@ -47,6 +47,10 @@ have no ``wr``), or ``(start_vpn, end_vpn, vmflags)``.
 
 The trace goes through the real :class:`~ksmtrace.trace.writer.TraceWriter` and delta encoder, so
 it is a trace like any captured one.
+
+``extra_tables`` (optional): one mapping per snapshot of further tables (name -> ``pyarrow.Table`` of
+that table's schema) committed with it, e.g. the page-cache tables that
+:func:`ksmtrace.testing.pagecache.make_pagecache_trace` builds.
 """
 from __future__ import annotations
 
@@ -112,6 +116,7 @@ def make_trace(
     contents: bool = False,
     faults: list | None = None,
     ksm_events: list | None = None,
+    extra_tables: list[Mapping[str, pa.Table]] | None = None,
 ):
     """Write a trace and return it opened (:class:`~ksmtrace.trace.reader.Trace`)."""
     from ksmtrace.trace.reader import open_trace
@@ -182,6 +187,7 @@ def make_trace(
                     f |= S.F_KSM
                 if d.get("soft_dirty"):
                     f |= S.F_SOFT_DIRTY
+                f |= int(d.get("flags", 0))
                 if d.get("zero_page"):
                     f |= S.F_ZERO_PAGE | S.F_ZERO_FILLED
                     c = 0
@@ -268,6 +274,8 @@ def make_trace(
                 r.update(g)
                 rows.append(r)
             tables["ksm"] = pa.Table.from_pylist(rows, schema=S.KSM_SCHEMA)
+        if extra_tables is not None and s < len(extra_tables):
+            tables = {**extra_tables[s], **tables}
         t0 = int(times[s] * 1e9)
         ops = cols["op"]
         stats = {"pages": int(sum(len(v["vpn"]) for v in prev_state.values())), "new": int((ops == S.OP_NEW).sum()),

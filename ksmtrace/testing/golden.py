@@ -4,7 +4,7 @@
     python -m ksmtrace.testing.golden --update           # rewrite them (on purpose!)
     python -m ksmtrace.testing.golden --update vm ksm    # only some traces / policies
 
-A golden file holds, for one sample trace and one core policy with its default parameters (fast
+A golden file holds, for one sample trace and one core policy (or ``pagecache``) with its default parameters (fast
 engine, the policy's default scope), the run's :attr:`RunResult.summary` minus what depends on the
 machine or on a cost model (``cpu_seconds``, ``cpu_model``), plus the total work units (exact
 counts, from which any cost model derives CPU seconds).  ``tests/golden/test_samples.py`` compares every
@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 CORE_POLICIES = ("oracle", "ksm", "pksm", "pksm-delay", "hashtable", "uksm")
+#: policies with golden files that replay a scope of their own (pagecache: the page cache, ``file``)
+OWN_SCOPE_POLICIES = ("pagecache",)
+GOLDEN_POLICIES = CORE_POLICIES + OWN_SCOPE_POLICIES
 MACHINE_DEPENDENT = ("cpu_seconds", "cpu_model")
 REL_TOL = 1e-9
 ABS_TOL = 1e-12
@@ -114,11 +117,11 @@ def _select(names: Iterable[str]) -> tuple[list[str], list[str]]:
 
     names = list(names)
     traces = [n for n in names if n in sample_names()] or sample_names()
-    policies = [n for n in names if n in CORE_POLICIES] or list(CORE_POLICIES)
+    policies = [n for n in names if n in GOLDEN_POLICIES] or list(GOLDEN_POLICIES)
     unknown = [n for n in names if n not in traces and n not in policies]
     if unknown:
         raise SystemExit(f"golden: unknown trace or policy {unknown[0]!r} (traces: {', '.join(sample_names())}; "
-                         f"policies: {', '.join(CORE_POLICIES)})")
+                         f"policies: {', '.join(GOLDEN_POLICIES)})")
     return traces, policies
 
 

@@ -25,6 +25,11 @@ suite checks it, so a parameter that is not wired up fails a test.
   every few snapshots (COWs of merged pages), a VMA that grows and one that splits, an
   ineligible stack VMA, a forked child and an exiting process.
 
+* ``pagecache`` — a page cache (format version 2, ``file`` scope): three copies of a library tree
+  (:func:`pagecache_snapshots`), mapped in part by three processes, with zero-filled pages,
+  pages at different offsets of one file with equal content, active pages, a file written
+  through a mapping (dirty) and one by ``write()`` (mtime), and a file evicted; 50 ms apart.
+
 ``library_trace(path)`` is the small three-process trace the report, plot and sweep tests share.
 ``plain_processes_trace(path)`` is what a user's first capture of ordinary programs looks like:
 no page in a mergeable VMA (no madvise/prctl), so the ``recorded`` scope is empty.
@@ -251,7 +256,43 @@ def mixed_faults(snaps: list[dict], interval: float, seed: int = 11) -> list[tup
     return out
 
 
+def pagecache_snapshots(n_snaps: int = 30) -> tuple[list[dict], list[dict]]:
+    """Pages ``(file, index) -> spec`` and file metadata per snapshot for the ``pagecache`` scenario."""
+    snaps, meta = [], []
+    for s in range(n_snaps):
+        d: dict = {}
+        m: dict = {}
+        for copy in range(3):  # files 3*copy + {0, 1, 2}: three copies of one tree
+            for k in range(3):
+                f = 3 * copy + k
+                if copy == 2 and k == 2 and 10 <= s < 16:
+                    continue  # evicted for a while
+                for i in range(12 + 4 * k):
+                    c: Any = f"lib{k}-{i}" if i % 5 else 0
+                    if k == 1 and i >= 12:
+                        c = f"lib1-{i % 2}"  # equal pages at other offsets of the same file
+                    spec: dict = {"c": c}
+                    if i < 6 + copy:
+                        spec["mapped"] = [copy]
+                    if i % 3 == 0:
+                        spec["active"] = True
+                    if copy == 1 and k == 0 and i == 3 and s % 9 == 4:
+                        spec["dirty"] = True  # written through a shared mapping
+                        spec["c"] = f"w{s}"
+                    d[(f, i)] = spec
+                m[f] = {"mtime_ns": (s // 7) if (copy == 0 and k == 2) else 0}  # written by write() every 7
+        d[(9, 0)] = "private-0"  # a file of its own
+        snaps.append(d)
+        meta.append(m)
+    return snaps, meta
+
+
 def scenario(name: str, path: str | os.PathLike):
+    if name == "pagecache":
+        from ksmtrace.testing.pagecache import make_pagecache_trace
+
+        snaps, meta = pagecache_snapshots()
+        return make_pagecache_trace(path, snaps, meta=meta, interval=0.05)
     if name == "mixed-faults":
         snaps = mixed_snapshots()
         return make_trace(path, snaps, interval=0.05, procs=MIXED_PROCS, vmas=mixed_vmas(), faults=mixed_faults(snaps, 0.05))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from ksmtrace.trace import schema as S
 
@@ -78,3 +79,22 @@ def rows_for(snap: int, proc: int, pid: int, prev, cur, delta: Delta, keyframe: 
     out["proc"] = np.full(m, proc, np.uint32)
     out["pid"] = np.full(m, pid, np.uint32)
     return out
+
+
+def filepages_table(snap: int, parts: list[tuple[int, int, dict[str, np.ndarray]]]) -> pa.Table:
+    """The ``filepages`` table of one snapshot from per-file rows: ``parts`` holds ``(dev, inode,
+    rows)`` with ``rows`` from :func:`rows_for` over the file's state (``vpn`` = page index)."""
+    cols: dict[str, list[np.ndarray]] = {n: [] for n in S.FILEPAGES_SCHEMA.names}
+    for dev, inode, r in parts:
+        n = len(r["vpn"])
+        cols["snap"].append(np.full(n, snap, np.uint32))
+        cols["dev"].append(np.full(n, dev, np.uint64))
+        cols["inode"].append(np.full(n, inode, np.uint64))
+        cols["index"].append(r["vpn"])
+        for k in ("op", "hash", "flags", "pfn"):
+            cols[k].append(r[k])
+    out = {}
+    for f in S.FILEPAGES_SCHEMA:
+        dt = f.type.to_pandas_dtype()
+        out[f.name] = pa.array(np.concatenate(cols[f.name]).astype(dt, copy=False) if cols[f.name] else np.zeros(0, dt), type=f.type)
+    return pa.table(out, schema=S.FILEPAGES_SCHEMA)

@@ -309,6 +309,9 @@ def parse_log(raw: bytes, where: str, manifest: Manifest) -> SnapshotLog:
         for table, info in fs.items():
             if table not in S.TABLES:
                 raise TraceError(f"{at}: unknown table {table[:40]!r} (tables: {', '.join(S.TABLES)})")
+            if S.ADDED_TABLES.get(table, 1) > manifest.format_version:
+                raise TraceError(f"{at}: table {table!r} is not part of format version {manifest.format_version} "
+                                 f"(added in version {S.ADDED_TABLES[table]})")
             if not isinstance(info, dict):
                 raise TraceError(f"{at}: 'files'.{table} must be an object (path, rows, bytes), not {_kind(info)}")
             for key in FILE_ENTRY:

@@ -14,7 +14,9 @@ What this computes, and the rules it applies (also in ``docs/replay-semantics.md
   itself — and without PFNs (unprivileged capture) every page is its own frame.
 * **candidates** under the scope: ``recorded`` = present anonymous pages of mergeable VMAs (what
   ksmd scans); ``anon`` = every present private anonymous page.  Pages mapping the kernel's shared
-  zero page, swapped pages and hugetlb pages are never candidates.
+  zero page, swapped pages and hugetlb pages are never candidates.  ``file`` = the page cache
+  (format version 2): resident clean pages of files, one page per (device, inode, index),
+  prepared by :mod:`ksmtrace.trace.pagecache`.
 * **events** per snapshot and page, from the page's previous row: ``APPEAR`` (became a candidate),
   ``GONE`` (stopped being one: unmapped, exited, swapped, zero-page mapped), ``UNMERGE`` (still a
   present anonymous page but no longer mergeable: the kernel breaks KSM sharing, a COW copy),
@@ -52,7 +54,7 @@ from ksmtrace.errors import OutputError, TraceError
 from ksmtrace.outputs import OutputDir, open_output_dir
 from ksmtrace.trace import schema as S
 
-SCOPES = ("recorded", "anon")
+SCOPES = ("recorded", "anon", "file")  # file: the page cache (ksmtrace.trace.pagecache)
 
 EV_APPEAR = 1
 EV_GONE = 2
@@ -323,6 +325,10 @@ def _previous_rows(pg, n_pages):
 
 
 def _prepare(trace, scope: str) -> Prepared:
+    if scope == "file":
+        from ksmtrace.trace.pagecache import prepare_file
+
+        return prepare_file(trace, scope)
     n_snaps = trace.n_snapshots
     times = np.asarray(trace.times_ns, dtype=np.int64)
     cols = ["snap", "proc", "pid", "vpn", "op", "hash", "flags", "pfn"]

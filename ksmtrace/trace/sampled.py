@@ -13,10 +13,12 @@ The zero page's hash does not depend on the permutation (every word is 0): :func
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import xxhash
 
-from ksmtrace.trace.schema import SAMPLE_STRENGTHS
+from ksmtrace.trace.schema import FORMAT_VERSION, SAMPLE_STRENGTHS
 
 PAGE = 4096
 WORDS = PAGE // 4
@@ -24,25 +26,46 @@ SAMPLE_INIT = 0xDEADBEEF
 STRENGTH_MAX = 1034  # UKSM's HASH_STRENGTH_MAX (the "loop-back" strength)
 _M = 0xFFFFFFFF
 _PERM_LABEL = b"ksmtrace pksm permutation v1:"
-FINGERPRINT_LABEL = b"ksmtrace hash-key fingerprint v1"
+FINGERPRINT_LABEL_V1 = b"ksmtrace hash-key fingerprint v1"
+FINGERPRINT_LABEL = b"ksmtrace hash-key fingerprint v2"
+KEY_BITS = 128  # a capture hash key (version 2; version 1 keys were 64-bit)
 
 
-def keyed_permutation(key: int) -> np.ndarray:
-    """The capture's word permutation for hash key ``key``: a forward Fisher-Yates of 0..1023 (as
-    PKSM's and UKSM's init_random_sampling) with ``prandom_u32()`` replaced by the keyed xxh3 of a
-    counter (the same as ``ksmtrace_tracers.hashing.pksm_permutation``, which the offline library
-    may not import)."""
+def key_bytes(key: int) -> bytes:
+    """A capture hash key (an integer of up to ``KEY_BITS`` bits) as the bytes the keyed hashes use."""
+    return int(key).to_bytes(KEY_BITS // 8, "little")
+
+
+def subkey(key: int, purpose: bytes) -> bytes:
+    """A 16-byte key for one use, derived from the capture key (keyed BLAKE2b, personalised)."""
+    return hashlib.blake2b(purpose, key=key_bytes(key), digest_size=16, person=b"ksmtrace-subkey").digest()
+
+
+def keyed_permutation(key: int, version: int = FORMAT_VERSION) -> np.ndarray:
+    """The capture's word permutation for hash key ``key`` in a trace of format ``version``: a
+    forward Fisher-Yates of 0..1023 (as PKSM's and UKSM's init_random_sampling) with
+    ``prandom_u32()`` replaced by a keyed stream — BLAKE2b under a subkey (version 2, what the
+    capture uses), the keyed xxh3 of a counter (version 1)."""
+    if version >= 2:
+        k = subkey(key, b"pksm permutation")
+        stream = b"".join(hashlib.blake2b(i.to_bytes(4, "little"), key=k).digest() for i in range(64))
+        rnd = [int(x) for x in np.frombuffer(stream, dtype="<u4")]
+    else:
+        rnd = [xxhash.xxh3_64_intdigest(_PERM_LABEL + i.to_bytes(4, "little"), seed=key) & _M for i in range(WORDS)]
     table = list(range(WORDS))
     for i in range(WORDS):
-        r = xxhash.xxh3_64_intdigest(_PERM_LABEL + i.to_bytes(4, "little"), seed=key) & _M
-        j = i + r % (WORDS - i)
+        j = i + rnd[i] % (WORDS - i)
         table[i], table[j] = table[j], table[i]
     return np.array(table, dtype=np.int64)
 
 
-def key_fingerprint(key: int) -> str:
-    """The public name of a hash key, as the manifest stores it (``capture.hash.key_fingerprint``)."""
-    return xxhash.xxh3_64_hexdigest(FINGERPRINT_LABEL, seed=key)
+def key_fingerprint(key: int, version: int = FORMAT_VERSION) -> str:
+    """The public name of a hash key, as the manifest stores it (``capture.hash.key_fingerprint``):
+    keyed BLAKE2b of a fixed label (version 2), seeded xxh3 (version 1); reveals nothing useful
+    about the key."""
+    if version >= 2:
+        return hashlib.blake2b(FINGERPRINT_LABEL, key=key_bytes(key), digest_size=8).hexdigest()
+    return xxhash.xxh3_64_hexdigest(FINGERPRINT_LABEL_V1, seed=key)
 
 
 def _step(h: int, w: int) -> int:

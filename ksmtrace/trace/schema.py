@@ -12,6 +12,9 @@ A trace is a directory::
       contents/snap-000000.parquet   page contents, content-addressed (only with --contents)
       faults/snap-000000.parquet     kernel events: user write faults of the targets (version 2)
       ksm_events/snap-000000.parquet kernel events: the ksm:* tracepoints (version 2)
+      vma_files/snap-000000.parquet  page cache: the file (dev, inode, offset) behind each file VMA (version 2)
+      files/snap-000000.parquet      page cache: every file mapped or listed, its size, mtime, cached pages (version 2)
+      filepages/snap-000000.parquet  page cache: resident pages of the files under --files (version 2)
 
 Any Parquet reader opens a table with a glob (``pl.scan_parquet("TRACE/pages/*.parquet")``).  Only
 files of snapshots listed in the manifest are part of the trace; a file of a snapshot that was
@@ -28,15 +31,23 @@ import pyarrow as pa
 FORMAT_NAME = "ksmtrace-trace"
 #: the version traces are written in.  Version 2 added the kernel-event tables (faults,
 #: ksm_events), ksmd's run-queue wait (ksm.ksmd_wait_ns), the keyed PRF page hash (manifest
-#: capture.hash.algorithm) and the optional sampled hash at several strengths (STRENGTH_FIELDS).
-#: A version-1 trace is read as a version-2 trace without them.
+#: capture.hash.algorithm), the optional sampled hash at several strengths (STRENGTH_FIELDS) and
+#: the page cache: the optional tables vma_files, files, filepages (``PAGECACHE_TABLES``) and the
+#: page-cache flag bits F_DIRTY, F_WRITEBACK, F_ACTIVE.  A version-1 trace is read as a version-2
+#: trace without them.
 FORMAT_VERSION = 2
 #: the versions this ksmtrace reads
 READ_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PAGE_SIZE = 4096
 
-TABLES = ("pages", "vmas", "processes", "ksm", "ksm_stat", "contents", "faults", "ksm_events")
+TABLES = ("pages", "vmas", "processes", "ksm", "ksm_stat", "contents", "faults", "ksm_events",
+          "vma_files", "files", "filepages")
+#: the page-cache tables (format version 2, optional: written by ``capture --scope all`` and ``--files``)
+PAGECACHE_TABLES = ("vma_files", "files", "filepages")
+#: tables added after format version 1 (name -> the version that added it): a trace of an older
+#: version may not list them
+ADDED_TABLES = {"faults": 2, "ksm_events": 2, "vma_files": 2, "files": 2, "filepages": 2}
 
 
 def snapshot_file(table: str, snap: int) -> str:
@@ -66,6 +77,10 @@ F_PFN = 1 << 11  # the pfn column is real (root); else 0
 F_KPF = 1 << 12  # kpageflags were readable for this page
 F_READ_FAILED = 1 << 13  # present, but the content could not be read (hash is not valid)
 F_HUGETLB = 1 << 14  # hugetlbfs page (never scanned by KSM)
+# version 2, from kpageflags (only with F_KPF): the page-cache state of a file page
+F_DIRTY = 1 << 15  # kpageflags DIRTY (bit 4): written, not yet written back
+F_WRITEBACK = 1 << 16  # kpageflags WRITEBACK (bit 8): being written back
+F_ACTIVE = 1 << 17  # kpageflags ACTIVE (bit 6): on an active LRU list (recently used twice)
 
 FLAG_NAMES = {
     "present": F_PRESENT,
@@ -83,6 +98,9 @@ FLAG_NAMES = {
     "kpf_known": F_KPF,
     "read_failed": F_READ_FAILED,
     "hugetlb": F_HUGETLB,
+    "dirty": F_DIRTY,
+    "writeback": F_WRITEBACK,
+    "active": F_ACTIVE,
 }
 
 # --- VMA flag bits (column ``flags`` of the vmas table) ------------------------------------
@@ -294,6 +312,56 @@ KSM_EVENTS_SCHEMA = pa.schema(
     ]
 )
 
+# --- page cache (format version 2) -----------------------------------------------------------
+# the file behind every file-backed VMA of a target (``--scope all``): /proc/PID/maps' device,
+# inode and offset.  ``dev`` is the kernel's dev_t as stat(2) reports it (os.makedev(major, minor)),
+# so it joins ``files``; ``pgoff`` is the byte offset of ``start`` in the file.
+VMA_FILES_SCHEMA = pa.schema(
+    [
+        pa.field("snap", pa.uint32(), nullable=False),
+        pa.field("proc", pa.uint32(), nullable=False),
+        pa.field("pid", pa.uint32(), nullable=False),
+        pa.field("start", pa.uint64(), nullable=False),  # joins vmas (proc, start)
+        pa.field("end", pa.uint64(), nullable=False),
+        pa.field("dev", pa.uint64(), nullable=False),
+        pa.field("inode", pa.uint64(), nullable=False),
+        pa.field("pgoff", pa.uint64(), nullable=False),  # byte offset in the file of ``start``
+    ]
+)
+# one row per file per snapshot: every file a target maps (scope all) and every regular file under
+# ``capture --files PATH`` with resident pages.  ``source``: FILE_MAPPED | FILE_LISTED bits.
+FILE_MAPPED = 1  # a target maps it (it has a vma_files row)
+FILE_LISTED = 2  # it is under a --files PATH (its resident pages are filepages rows)
+FILES_SCHEMA = pa.schema(
+    [
+        pa.field("snap", pa.uint32(), nullable=False),
+        pa.field("dev", pa.uint64(), nullable=False),
+        pa.field("inode", pa.uint64(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("size", pa.uint64(), nullable=False),  # st_size, bytes
+        pa.field("mtime_ns", pa.int64(), nullable=False),  # st_mtime_ns
+        pa.field("source", pa.uint8(), nullable=False),
+        pa.field("cached_pages", pa.uint64(), nullable=False),  # resident pages (cachestat or mincore)
+        pa.field("dirty_pages", pa.uint64(), nullable=False),  # cachestat nr_dirty (mincore: kpageflags count)
+        pa.field("writeback_pages", pa.uint64(), nullable=False),
+    ]
+)
+# the resident page-cache pages of the files under --files PATH, keyed by (dev, inode, index) and
+# delta encoded like ``pages`` (op NEW/CHANGED/GONE/SAME); ``flags`` F_PRESENT|F_FILE and, from
+# kpageflags, F_DIRTY, F_WRITEBACK, F_ACTIVE, F_KPF; F_ZERO_FILLED, F_READ_FAILED as in pages.
+FILEPAGES_SCHEMA = pa.schema(
+    [
+        pa.field("snap", pa.uint32(), nullable=False),
+        pa.field("dev", pa.uint64(), nullable=False),
+        pa.field("inode", pa.uint64(), nullable=False),
+        pa.field("index", pa.uint64(), nullable=False),  # page index in the file (offset >> 12)
+        pa.field("op", pa.uint8(), nullable=False),
+        pa.field("hash", pa.uint64(), nullable=False),  # the same keyed hash as pages.hash
+        pa.field("flags", pa.uint32(), nullable=False),
+        pa.field("pfn", pa.uint64(), nullable=False),
+    ]
+)
+
 SCHEMAS = {
     "pages": PAGES_SCHEMA,
     "vmas": VMAS_SCHEMA,
@@ -303,6 +371,9 @@ SCHEMAS = {
     "contents": CONTENTS_SCHEMA,
     "faults": FAULTS_SCHEMA,
     "ksm_events": KSM_EVENTS_SCHEMA,
+    "vma_files": VMA_FILES_SCHEMA,
+    "files": FILES_SCHEMA,
+    "filepages": FILEPAGES_SCHEMA,
 }
 
 #: columns a table gained after format version 1 (name -> the version that added it): the files of
@@ -358,12 +429,14 @@ PARQUET_OPTIONS = {
         column_encoding={"vpn": "DELTA_BINARY_PACKED"},
     ),
     "contents": dict(compression="zstd", use_dictionary=False),
+    "filepages": dict(compression="zstd", use_dictionary=["snap", "dev", "inode", "op", "flags"],
+                      column_encoding={"index": "DELTA_BINARY_PACKED"}),
 }
 # The small tables written at every snapshot (a few rows each): no column statistics, no embedded
 # Arrow schema (the column types come back from Parquet's own logical types) and no dictionaries.
 # That cuts each file from ~3-10 KB of footer to ~1-4 KB, so an idle snapshot costs ~12 KB instead
 # of ~26 KB (bench/capture.py: 0.05 B per page-snapshot of a static 2 GiB process).
 _SMALL_TABLE = dict(compression="zstd", use_dictionary=False, write_statistics=False, store_schema=False)
-for _name in ("vmas", "processes", "ksm", "ksm_stat"):
+for _name in ("vmas", "processes", "ksm", "ksm_stat", "vma_files", "files"):
     PARQUET_OPTIONS[_name] = _SMALL_TABLE
 DEFAULT_PARQUET_OPTIONS = dict(compression="zstd")

@@ -25,14 +25,14 @@ from ksmtrace.errors import TraceError
 from ksmtrace.progress import ProgressFn
 from ksmtrace.trace import schema as S
 from ksmtrace.trace.reader import as_trace, open_trace
-from ksmtrace.trace.sampled import PAGE, key_fingerprint, keyed_permutation, strength_samples, zero_sample
+from ksmtrace.trace.sampled import KEY_BITS, PAGE, key_fingerprint, keyed_permutation, strength_samples, zero_sample
 from ksmtrace.trace.writer import TraceWriter
 
 CHUNK = 4096  # contents hashed per pass
 
 
 def read_key_file(path: str | os.PathLike) -> int:
-    """A hash-key file as ``capture --hash-key`` writes it (16 hex digits)."""
+    """A hash-key file as ``capture --hash-key`` writes it (up to 32 hex digits; 16 in version 1)."""
     p = Path(path)
     try:
         text = p.read_text().strip()
@@ -40,8 +40,8 @@ def read_key_file(path: str | os.PathLike) -> int:
         raise TraceError(f"--hash-key {p}: cannot read: {exc.strerror}") from None
     if text.lower().startswith("0x"):
         text = text[2:]
-    if not (1 <= len(text) <= 16) or any(c not in "0123456789abcdefABCDEF" for c in text):
-        raise TraceError(f"--hash-key {p}: not a hash key (expected 16 hex digits)")
+    if not (1 <= len(text) <= KEY_BITS // 4) or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise TraceError(f"--hash-key {p}: not a hash key (expected up to {KEY_BITS // 4} hex digits)")
     return int(text, 16)
 
 
@@ -70,9 +70,9 @@ def add_strengths(src, dst: str | os.PathLike, key: int | None = None, progress:
     cap = dict(tr.capture)
     if key is not None:
         want = (cap.get("hash") or {}).get("key_fingerprint")
-        if want and key_fingerprint(key) != want:
+        if want and key_fingerprint(key, tr.version) != want:
             raise TraceError(f"{tr.path}: the hash key does not match the trace's key fingerprint {want}")
-        perm = keyed_permutation(key)
+        perm = keyed_permutation(key, tr.version)  # the capture's permutation in the trace's format
         cap["strength_permutation"] = "the capture's (hash key)"
     else:
         perm = np.random.default_rng(int.from_bytes(os.urandom(8), "little")).permutation(1024)

@@ -17,6 +17,9 @@ from ksmtrace.testing import golden
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = ("prefork", "python-sci", "vm")
+#: the page-cache sample (KSM idle: its own checks below) and every sample the pagecache golden covers
+PAGECACHE_SAMPLE = "venv-copies"
+PAGECACHE_GOLDEN = SAMPLES + (PAGECACHE_SAMPLE,)
 MAX_TRACE = 10 * 1024 * 1024
 MAX_ALL = 30 * 1024 * 1024
 
@@ -104,6 +107,43 @@ def test_golden_summary(name, policy):
         + "\n  ".join(differences[:30])
         + f"\nIf this change is intended, regenerate with:  {golden.UPDATE_COMMAND} {name} {policy}"
     )
+
+
+@pytest.mark.parametrize("name", PAGECACHE_GOLDEN)
+def test_pagecache_golden_summary(name):
+    """The page-cache what-if on every sample: the anonymous-memory samples have no page-cache
+    tables (an empty file scope, zeros), venv-copies has them."""
+    tr = samples.open_sample(name)
+    differences = golden.compare_to_golden(tr, "pagecache")
+    assert not differences, (
+        f"{name} under pagecache no longer matches tests/golden/{name}.pagecache.json:\n  "
+        + "\n  ".join(differences[:30])
+        + f"\nIf this change is intended, regenerate with:  {golden.UPDATE_COMMAND} {name} pagecache"
+    )
+
+
+def test_the_page_cache_sample_is_documented_and_small():
+    from ksmtrace.trace import schema as S
+
+    tr = samples.open_sample(PAGECACHE_SAMPLE)
+    tr.check()
+    assert tr.n_snapshots >= 10 and tr.manifest.get("complete") is True
+    assert tr.manifest["capture"]["scope"] == "all" and tr.manifest["capture"]["files"]
+    assert all(tr.has_table(t) for t in S.PAGECACHE_TABLES)
+    assert samples.trace_bytes(samples.sample_path(PAGECACHE_SAMPLE)) <= 5 * 1024 * 1024
+    d = samples.sample_path(PAGECACHE_SAMPLE)
+    readme = (d / "README.md").read_text()
+    for word in ("ksmtrace capture", "recapture", "--files", "--scope all", "KSM", "kernel"):
+        assert word in readme, f"{PAGECACHE_SAMPLE}/README.md should say how it was captured ({word!r})"
+    assert (d / "recapture.py").exists()
+    info = json.loads((d / "capture.json").read_text())
+    assert info["trace"] == PAGECACHE_SAMPLE
+    assert info["commands"]["capture"].startswith("-m ksmtrace capture")
+    # three copies of one tree: the listed files come in threes of equal size
+    files = tr.read_table("files", [tr.n_snapshots - 1])
+    listed = files.filter((files["source"] & S.FILE_LISTED) != 0)
+    envs = {p.split("/env")[1][0] for p in listed["path"].to_list() if "/env" in p}
+    assert envs == {"1", "2", "3"}
 
 
 def test_golden_diff_reports_float_and_int_changes():

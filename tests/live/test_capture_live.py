@@ -13,6 +13,7 @@ import pytest
 import xxhash
 
 from ksmtrace.trace import schema as S
+from ksmtrace.trace.sampled import random_sample_hash, zero_sample
 from ksmtrace.trace.info import trace_info
 from ksmtrace.trace.reader import open_trace
 from ksmtrace.lab.workloads import KnownLayout
@@ -204,19 +205,26 @@ def test_fingerprints_and_contents(tmp_path, ksm_off):
     per_snap = contents.group_by("snap").len().sort("snap")["len"].to_list()
     assert per_snap == [32 + 4 + 1 + 8 + 8, 8]  # distinct at s0; the 8 rewritten pages at s1
     assert contents["hash"].n_unique() == len(contents)
-    perm = H.pksm_permutation(KEY)[:64]
-    pages = tr.snapshot(1).join(tr.read_table("pages").select("proc", "vpn", "snap", "sample", "pfx64", "pfx256", "pfx1024"),
+    full_perm = H.pksm_permutation(KEY)
+    perm = full_perm[:64]
+    strength_cols = [S.strength_column(x) for x in S.SAMPLE_STRENGTHS]
+    assert tr.has_sample_strengths and tr.capture["sample_strengths"] == list(S.SAMPLE_STRENGTHS)
+    pages = tr.snapshot(1).join(tr.read_table("pages").select("proc", "vpn", "snap", "pfx64", "pfx256", "pfx1024",
+                                                              *strength_cols),
                                 on=["proc", "vpn"]).sort("snap").group_by("proc", "vpn").last()
     data = dict(zip(contents["hash"].to_list(), contents["data"].to_list()))
     for row in pages.iter_rows(named=True):
         d = data[row["hash"]]
         assert len(d) == 4096 and H.siphash24_reference(H.subkey(KEY, b"page hash"), xxhash.xxh3_128_digest(d)) == row["hash"]
         assert row["sample"] == H.pksm_sample_reference(d, perm)
+        # every strength, one pass, the same permutation as ``sample`` (the executable spec, word by word)
+        assert [row[c] for c in strength_cols] == [random_sample_hash(d, full_perm, x) for x in S.SAMPLE_STRENGTHS]
         for n in (64, 256, 1024):
             pfx = H.siphash24_reference(H.subkey(KEY, b"prefix hash"), xxhash.xxh3_128_digest(d[:n]))
             assert row[f"pfx{n}"] == pfx & 0xFFFFFFFF
     zero = pages.filter((pl.col("flags") & S.F_ZERO_FILLED) != 0)
     assert len(zero) == 16 and (zero["sample"] == H.PKSM_ZERO_SAMPLE).all()
+    assert all((zero[S.strength_column(x)] == zero_sample(x)).all() for x in S.SAMPLE_STRENGTHS)
     assert data[zero["hash"][0]] == bytes(4096)
     del lay
 

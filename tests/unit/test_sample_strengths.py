@@ -48,6 +48,20 @@ def test_the_capture_hash_is_strength_64_of_the_same_function():
     assert (strength_samples(pages, perm)[:, S.SAMPLE_STRENGTHS.index(64)] == want).all()
 
 
+def test_the_capture_computes_every_strength_in_one_pass_like_the_spec():
+    hashing = pytest.importorskip("ksmtrace_tracers.hashing")
+    rng = np.random.default_rng(5)
+    pages = rng.integers(0, 256, size=(6, 4096), dtype=np.uint8)
+    pages[2] = 0
+    perm = hashing.pksm_permutation(0x77)
+    got = hashing.strength_hashes(pages, perm)
+    assert (got == strength_samples(pages, perm)).all()
+    assert (got[:, hashing.I64] == hashing.sample_hashes(pages, perm)).all()
+    h = hashing.PageHasher(0x77, fingerprints=True)
+    assert list(h.zero_strengths) == list(got[2]) == [zero_sample(x) for x in S.SAMPLE_STRENGTHS]
+    assert hashing.strength_hashes(pages[:0], perm).shape == (0, len(S.SAMPLE_STRENGTHS))
+
+
 def test_builder_collision_groups():
     coll = {"a": ("g", 32), "b": ("g", 16), "z": (0, 8)}
     assert strength_sample("a", 16, coll) == strength_sample("b", 16, coll) == strength_sample("g", 16, coll)
@@ -195,3 +209,26 @@ def test_generated_collision_traces_have_their_structure(tmp_path):
     assert zero_like[0] > zero_like[3] > zero_like[-1] == 0  # sparse pages look like zero at weak strengths only
     uniq = [hashkeys.content_keys(p, [s])[0][1] for s in S.SAMPLE_STRENGTHS]
     assert uniq == sorted(uniq) and uniq[0] < uniq[-1] == p.n_cids  # collisions vanish at 1024 words
+
+
+def test_strengths_tool_reproduces_a_version_2_capture_with_its_key(tmp_path):
+    """``ksmtrace strengths --hash-key`` uses the capture's own permutation and key fingerprint:
+    on a version-2 trace whose ``sample`` column the capture's hasher computed, it reproduces that
+    column (a different key is refused by its fingerprint)."""
+    hashing = pytest.importorskip("ksmtrace_tracers.hashing")
+    from ksmtrace.testing.builders import content_bytes
+    from ksmtrace.trace.strengths import add_strengths
+
+    key = (0x0123456789ABCDEF << 64) | 0xFEDCBA9876543210  # a 128-bit key, as the capture makes
+    h = hashing.PageHasher(key, fingerprints=True)
+    labels = ["a", "b", "c"]
+    pages = np.stack([np.frombuffer(content_bytes(c), np.uint8) for c in labels])
+    sample = dict(zip(labels, (int(x) for x in hashing.sample_hashes(pages, h.perm))))
+    cap = {"hash": {"algorithm": hashing.HASH_ALGORITHM, "key_fingerprint": hashing.key_fingerprint(key)}}
+    snaps = [{(0, 1): "a", (0, 2): "b"}, {(0, 1): "a", (0, 2): "c"}]
+    tr = make_trace(tmp_path / "t", snaps, contents=True, capture=cap, samples=sample)
+    assert tr.version == 2
+    out = add_strengths(tr, tmp_path / "s", key=key)  # raises if the key does not reproduce `sample`
+    assert out.capture["strength_permutation"] == "the capture's (hash key)"
+    with pytest.raises(Exception, match="key fingerprint"):
+        add_strengths(tr, tmp_path / "x", key=key ^ 1)

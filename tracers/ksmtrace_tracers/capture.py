@@ -13,6 +13,8 @@ The recorders, in the order their hooks run:
   and ``ground_truth`` is on);
 * :class:`~ksmtrace_tracers.procfs_reader.ProcfsReader` — ``pages``, ``processes``, ``vmas``,
   ``ksm_stat`` (and ``contents``);
+* :class:`~ksmtrace_tracers.pagecache.PageCacheRecorder` — ``files`` and ``filepages`` (with
+  ``--scope all`` or ``--files PATH``; the reader adds ``vma_files`` with ``--scope all``);
 * :class:`~ksmtrace_tracers.kernel_events.KernelEvents` — ``faults`` and ``ksm_events`` (root, when
   tracefs and the events exist).
 
@@ -29,6 +31,7 @@ from ksmtrace_tracers import pagemap as PM
 from ksmtrace_tracers.groundtruth import GroundTruth
 from ksmtrace_tracers.kernel_events import KernelEvents
 from ksmtrace_tracers.options import CaptureOptions
+from ksmtrace_tracers.pagecache import PageCacheRecorder
 from ksmtrace_tracers.procfs_reader import ProcfsReader
 from ksmtrace_tracers.session import Recorder, Session, run_session
 
@@ -67,6 +70,8 @@ class Capture(Session):
             out.append(GroundTruth(opts.ksm_sample_interval))
         self.pages = ProcfsReader(opts, ground_truth=gt, note=self.note)
         out.append(self.pages)
+        if opts.scope == "all" or opts.files:
+            out.append(PageCacheRecorder(tuple(opts.files), opts.scope == "all", self.pages))
         self.kernel_events = KernelEvents(opts, self.note, self.pages.state_of)
         out.append(self.kernel_events)
         return out

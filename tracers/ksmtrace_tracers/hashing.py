@@ -16,7 +16,10 @@
 * Zero-filled pages: ``hash == keyed hash of 4096 zero bytes`` (no extra pass over the data).
 * ``--fingerprints``: the PKSM/UKSM sampled hash (``docs/kernel-notes.md`` §5a: state
   0xdeadbeef; for the first 64 entries of a permutation of the 1024 u32 word offsets:
-  ``h += w; h += h << 8; h ^= h >> 12`` mod 2^32), with the permutation drawn by a forward
+  ``h += w; h += h << 8; h ^= h >> 12`` mod 2^32) and, in the same pass, its state after 8, 16,
+  32, 128, 256, 512 and 1024 words (the strength columns ``sample8`` … ``sample1024`` of format
+  version 2: :func:`strength_hashes`, a numba loop per page; its spec is
+  :func:`ksmtrace.trace.sampled.strength_samples`), with the permutation drawn by a forward
   Fisher–Yates shuffle from a keyed BLAKE2b stream (so it is secret too); and prefix hashes
   ``pfxN`` = low 32 bits of the keyed PRF of the first N bytes (N = 64, 256, 1024).
 """
@@ -34,15 +37,17 @@ from numba import njit, uint64
 
 from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decorator)
 from ksmtrace.errors import CaptureError
-from ksmtrace.trace.schema import PREFIX_LENGTHS
+from ksmtrace.trace.sampled import KEY_BITS, keyed_permutation, subkey, zero_sample
+from ksmtrace.trace.sampled import key_fingerprint as _key_fingerprint
+from ksmtrace.trace.schema import PREFIX_LENGTHS, SAMPLE_STRENGTHS
 
 PAGE = 4096
-KEY_BITS = 128
 HASH_ALGORITHM = "siphash24(xxh3_128)"
-FINGERPRINT_LABEL = b"ksmtrace hash-key fingerprint v2"
 SAMPLE_WORDS = 64
 SAMPLE_INIT = 0xDEADBEEF
 PKSM_ZERO_SAMPLE = 0x7AEC7314  # the sampled hash of a zero page: independent of the permutation
+_STOPS = np.array(SAMPLE_STRENGTHS, np.int64)
+I64 = SAMPLE_STRENGTHS.index(SAMPLE_WORDS)  # the column of strength 64 (the ``sample`` column)
 
 _digest = xxhash.xxh3_128_digest
 
@@ -127,19 +132,9 @@ def new_key() -> int:
     return int.from_bytes(os.urandom(KEY_BITS // 8), "little")
 
 
-def key_bytes(key: int) -> bytes:
-    return int(key).to_bytes(KEY_BITS // 8, "little")
-
-
-def subkey(key: int, purpose: bytes) -> bytes:
-    """A 16-byte key for one use, derived from the capture key (keyed BLAKE2b, personalised)."""
-    return hashlib.blake2b(purpose, key=key_bytes(key), digest_size=16, person=b"ksmtrace-subkey").digest()
-
-
 def key_fingerprint(key: int) -> str:
-    """A public name of the key: keyed BLAKE2b of a fixed label, 16 hex digits.  Reveals nothing
-    useful about the key."""
-    return hashlib.blake2b(FINGERPRINT_LABEL, key=key_bytes(key), digest_size=8).hexdigest()
+    """A public name of the key (:func:`ksmtrace.trace.sampled.key_fingerprint`, version 2)."""
+    return _key_fingerprint(key, 2)
 
 
 def load_or_create_key(path: str | os.PathLike, warn=None) -> tuple[int, bool]:
@@ -190,15 +185,9 @@ def key_file_is_private(path: str | os.PathLike) -> bool:
 # --- fingerprints ------------------------------------------------------------------------------
 def pksm_permutation(key: int) -> np.ndarray:
     """The 1024 word offsets shuffled by a forward Fisher–Yates (as PKSM's init_random_sampling),
-    with ``prandom_u32()`` replaced by a keyed BLAKE2b stream: secret, deterministic."""
-    k = subkey(key, b"pksm permutation")
-    stream = b"".join(hashlib.blake2b(i.to_bytes(4, "little"), key=k).digest() for i in range(64))
-    rnd = np.frombuffer(stream, dtype="<u4")
-    table = list(range(1024))
-    for i in range(1024):
-        j = i + int(rnd[i]) % (1024 - i)
-        table[i], table[j] = table[j], table[i]
-    return np.array(table, dtype=np.int64)
+    with ``prandom_u32()`` replaced by a keyed BLAKE2b stream: secret, deterministic
+    (:func:`ksmtrace.trace.sampled.keyed_permutation`, which ``ksmtrace strengths`` uses too)."""
+    return keyed_permutation(key, 2)
 
 
 def pksm_sample_reference(page: bytes, offsets) -> int:
@@ -210,6 +199,35 @@ def pksm_sample_reference(page: bytes, offsets) -> int:
         h = (h + (h << 8)) & 0xFFFFFFFF
         h ^= h >> 12
     return h
+
+
+@njit(cache=True, nogil=True)
+def _strength_hashes(words, perm, stops, out):  # pragma: no cover (numba)
+    """The sampled hash of every page (rows of u32 ``words``) after each of the ``stops`` words of
+    ``perm``: one pass per page (the spec: :func:`ksmtrace.trace.sampled.strength_samples`)."""
+    n = words.shape[0]
+    last = stops[stops.shape[0] - 1]
+    for r in range(n):
+        h = np.uint32(SAMPLE_INIT)
+        k = 0
+        for i in range(last):
+            h = np.uint32(h + words[r, perm[i]])
+            h = np.uint32(h + np.uint32(h << np.uint32(8)))
+            h = np.uint32(h ^ (h >> np.uint32(12)))
+            if i + 1 == stops[k]:
+                out[r, k] = h
+                k += 1
+
+
+def strength_hashes(pages: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """The sampled hash of ``pages`` (an (n, 4096) uint8 array) at every strength of
+    ``SAMPLE_STRENGTHS`` of the permutation ``perm``, in one pass: (n, 8) uint32.  Column 64 is
+    :func:`sample_hashes`."""
+    n = len(pages)
+    out = np.zeros((n, len(SAMPLE_STRENGTHS)), np.uint32)
+    if n:
+        _strength_hashes(pages.reshape(n, PAGE).view("<u4"), perm.astype(np.int64), _STOPS, out)
+    return out
 
 
 def sample_hashes(pages: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -237,8 +255,12 @@ class PageHasher:
         zero = bytes(PAGE)
         self.zero_hash = self.hash_bytes(zero)  # also compiles the PRF before any worker forks
         self.fingerprints = fingerprints
-        self.offsets = pksm_permutation(key)[:SAMPLE_WORDS] if fingerprints else None
+        self.perm = pksm_permutation(key) if fingerprints else None
+        self.offsets = self.perm[:SAMPLE_WORDS] if fingerprints else None
         self.zero_sample = PKSM_ZERO_SAMPLE
+        self.zero_strengths = np.array([zero_sample(x) for x in SAMPLE_STRENGTHS], np.uint32)
+        if fingerprints:  # compile before any worker forks
+            strength_hashes(np.zeros((1, PAGE), np.uint8), self.perm)
         self.zero_prefix = {n: self._prf([zero[:n]], self._p0, self._p1)[0] & 0xFFFFFFFF for n in PREFIX_LENGTHS}
 
     @staticmethod
@@ -270,6 +292,11 @@ class PageHasher:
     def samples(self, buf: np.ndarray, n: int) -> np.ndarray:
         assert self.offsets is not None
         return sample_hashes(buf[: n * PAGE].reshape(n, PAGE), self.offsets)
+
+    def strengths(self, buf: np.ndarray, n: int) -> np.ndarray:
+        """The sampled hash of the first ``n`` pages of the buffer at every strength, (n, 8)."""
+        assert self.perm is not None
+        return strength_hashes(buf[: n * PAGE].reshape(n, PAGE), self.perm)
 
     def hash_bytes(self, data: bytes) -> int:
         """The keyed hash of one page given as bytes."""

@@ -39,6 +39,8 @@ class CaptureOptions:
     key: int | None = None  # an explicit key (library use; never stored)
     soft_dirty: bool = True  # use soft-dirty when the kernel has it
     workers: int = 0
+    # --- the page cache ---------------------------------------------------------------------
+    files: tuple[str, ...] = ()  # --files PATH: also record the resident page cache of the files under PATH
     # --- ground truth -----------------------------------------------------------------------
     ground_truth: bool = True  # sample the real KSM when /sys/kernel/mm/ksm exists
     ksm_sample_interval: float | None = None
@@ -66,5 +68,8 @@ class CaptureOptions:
             raise CaptureError("--freeze-unsafe only makes sense with --freeze")
         if not (64 <= self.kernel_events_buffer_kb <= 1 << 20):
             raise CaptureError(f"--kernel-events-buffer must be 64..1048576 KiB (got {self.kernel_events_buffer_kb})")
+        for path in self.files:
+            if not os.path.exists(path):
+                raise CaptureError(f"--files {path}: no such file or directory")
         if self.workers < 0:
             raise CaptureError(f"--workers must be >= 0 (got {self.workers})")

@@ -4,7 +4,7 @@ pagemap (Documentation/admin-guide/mm/pagemap.rst), one u64 per virtual page:
 bit 63 present, 62 swapped, 61 file-page or shared-anon, 56 exclusively mapped, 55 soft-dirty,
 bits 0-54 the PFN when present (zero without CAP_SYS_ADMIN), the swap type/offset when swapped.
 
-kpageflags, one u64 per PFN: KPF_ANON 12, KPF_COMPOUND_HEAD 15, KPF_COMPOUND_TAIL 16, KPF_HUGE 17
+kpageflags, one u64 per PFN: KPF_DIRTY 4, KPF_ACTIVE 6, KPF_WRITEBACK 8, KPF_ANON 12, KPF_COMPOUND_HEAD 15, KPF_COMPOUND_TAIL 16, KPF_HUGE 17
 (hugetlb), KPF_KSM 21, KPF_THP 22, KPF_ZERO_PAGE 24.
 """
 from __future__ import annotations
@@ -22,6 +22,9 @@ PM_SOFT_DIRTY = np.uint64(1 << 55)
 PM_PFN_MASK = np.uint64((1 << 55) - 1)
 
 KPF_LOCKED = 0
+KPF_DIRTY = 4
+KPF_ACTIVE = 6
+KPF_WRITEBACK = 8
 KPF_ANON = 12
 KPF_COMPOUND_HEAD = 15
 KPF_COMPOUND_TAIL = 16

@@ -11,7 +11,9 @@ One snapshot, per target process (see ``docs/capture.md``):
    pins a page (:mod:`ksmtrace_tracers.procmem`), each page hashed with the keyed hash (:mod:`.hashing`);
 4. with soft-dirty, /proc/PID/clear_refs = 4 (while still frozen);
 5. the delta against the previous snapshot of the same process (or a keyframe): the ``pages``,
-   ``processes``, ``vmas`` (and ``ksm_stat``, ``contents``) tables of the snapshot.
+   ``processes``, ``vmas`` (and ``ksm_stat``, ``contents``) tables of the snapshot; with
+   ``--scope all`` also ``vma_files`` (device, inode and offset of every file VMA) and, on file
+   pages, the page-cache bits F_DIRTY, F_WRITEBACK, F_ACTIVE from kpageflags.
 """
 from __future__ import annotations
 
@@ -110,8 +112,8 @@ class ProcfsReader(RecorderBase):
         self.hasher = PageHasher(key, opts.fingerprints)
         self.extra_cols: tuple[str, ...] = ()
         if opts.fingerprints:
-            self.extra_cols = ("sample",) + tuple(f.name for f in S.PREFIX_FIELDS)
-        self.pages_schema = S.pages_schema(sample=opts.fingerprints, prefixes=opts.fingerprints)
+            self.extra_cols = ("sample",) + tuple(f.name for f in S.PREFIX_FIELDS) + tuple(f.name for f in S.STRENGTH_FIELDS)
+        self.pages_schema = S.pages_schema(sample=opts.fingerprints, prefixes=opts.fingerprints, strengths=opts.fingerprints)
         if opts.workers > 0 and not opts.contents:
             from ksmtrace_tracers.workers import WorkerPool
 
@@ -123,6 +125,8 @@ class ProcfsReader(RecorderBase):
         self._pending: dict[tuple[int, int], tuple[_Proc, dict[str, np.ndarray], dict[str, Any]]] = {}
         self.totals = {"page_snapshots": 0, "present_snapshots": 0, "pages_read": 0, "bytes_read": 0, "rows": 0}
         self.coverage: dict[int, dict[str, Any]] = {}
+        #: the files the targets map in this snapshot (scope all): (dev, inode) -> (path, pid, start, end)
+        self.mapped_files: dict[tuple[int, int], tuple[str, int, int, int]] = {}
         self.denied: set[int] = set()
 
     # --- the recorder hooks -------------------------------------------------------------------
@@ -161,6 +165,8 @@ class ProcfsReader(RecorderBase):
                 "zero_page": f"0x{self.hasher.zero_sample:08x}",
             }
             capture["prefix_lengths"] = list(S.PREFIX_LENGTHS)
+            capture["sample_strengths"] = list(S.SAMPLE_STRENGTHS)
+            capture["strength_permutation"] = "the capture's (hash key): sample is strength 64"
         return {"host": host, "capture": capture}
 
     def check_targets(self, members: list[Member], session) -> None:
@@ -203,6 +209,8 @@ class ProcfsReader(RecorderBase):
         page_parts: list[dict[str, np.ndarray]] = []
         proc_rows: list[dict[str, Any]] = []
         vma_cols: dict[str, list] = {name: [] for name in S.VMAS_SCHEMA.names}
+        vf_cols: dict[str, list] = {name: [] for name in S.VMA_FILES_SCHEMA.names}
+        self.mapped_files = {}
         ksm_stat_rows: list[dict[str, Any]] = []
         new_states: dict[tuple[int, int], tuple[_Proc, dict[str, np.ndarray], dict[str, Any]]] = {}
         n_new = n_changed = n_gone = 0
@@ -249,6 +257,16 @@ class ProcfsReader(RecorderBase):
                 vma_cols["rss_pages"].append(v.rss_kb // 4)
                 vma_cols["anon_pages"].append(v.anon_kb // 4)
                 vma_cols["captured_pages"].append(int(cap_n))
+                if self.options.scope == "all" and v.in_scope and v.inode != 0 and v.flags & S.V_FILE:
+                    vf_cols["snap"].append(snap)
+                    vf_cols["proc"].append(proc)
+                    vf_cols["pid"].append(m.pid)
+                    vf_cols["start"].append(v.start)
+                    vf_cols["end"].append(v.end)
+                    vf_cols["dev"].append(v.dev)
+                    vf_cols["inode"].append(v.inode)
+                    vf_cols["pgoff"].append(v.offset)
+                    self.mapped_files.setdefault((v.dev, v.inode), (v.path, m.pid, v.start, v.end))
             if r.ksm_stat is not None:
                 row = {"snap": snap, "t_ns": ctx.t_read_end, "proc": proc, "pid": m.pid}
                 for k in S.KSM_STAT_FIELDS:
@@ -280,6 +298,8 @@ class ProcfsReader(RecorderBase):
             "processes": pa.Table.from_pylist(proc_rows, schema=S.PROCESSES_SCHEMA),
             "vmas": pa.table(vma_cols, schema=S.VMAS_SCHEMA),
         }
+        if self.options.scope == "all":
+            tables["vma_files"] = pa.table(vf_cols, schema=S.VMA_FILES_SCHEMA)
         if self.ground_truth:
             tables["ksm_stat"] = pa.Table.from_pylist(ksm_stat_rows, schema=S.KSM_STAT_SCHEMA)
         if self.contents is not None:
@@ -509,6 +529,7 @@ class ProcfsReader(RecorderBase):
             flags |= np.where(present, S.F_PFN, 0).astype(np.uint32)
         flags |= np.where(kok, S.F_KPF, 0).astype(np.uint32)
         flags |= np.where(failed, S.F_READ_FAILED, 0).astype(np.uint32)
+        flags |= page_cache_flags(kflags, kok & file_ & ~anon)
         pfn_col = np.where(present, pfn, np.uint64(0)) if self.pfn_readable else np.zeros(n, np.uint64)
         state = {"vpn": vpn, "hash": hashes, "flags": flags, "pfn": pfn_col.astype(np.uint64)}
         if self.options.fingerprints:
@@ -521,6 +542,13 @@ class ProcfsReader(RecorderBase):
                 a[rd] = res.pfx[ln]  # type: ignore[index]
                 a[zero_page] = np.uint32(self.hasher.zero_prefix[ln])
                 state[f"pfx{ln}"] = a
+            for k, strength in enumerate(S.SAMPLE_STRENGTHS):
+                if strength == S.SAMPLE_WORDS:
+                    continue  # the ``sample`` column
+                a = np.zeros(n, np.uint32)
+                a[rd] = res.strengths[:, k]  # type: ignore[index]
+                a[zero_page] = self.hasher.zero_strengths[k]
+                state[S.strength_column(strength)] = a
         if self.contents is not None and zero_page.any():
             self.contents.add(self.hasher.zero_hash, bytes(PAGE))
         if drop.any():
@@ -621,6 +649,16 @@ def page_delta(prev: dict[str, np.ndarray] | None, cur: dict[str, np.ndarray], s
         if dirty.any():
             dl = D.Delta(dl.new, np.sort(np.concatenate((dl.changed, dl.same[dirty]))), dl.gone, dl.same[~dirty])
     return dl
+
+
+def page_cache_flags(kflags: np.ndarray, file_page: np.ndarray) -> np.ndarray:
+    """``F_DIRTY``, ``F_WRITEBACK``, ``F_ACTIVE`` of page-cache pages (``file_page``: file pages
+    whose kpageflags were read) from their kpageflags.  Anonymous pages get none: their dirty and
+    LRU bits say nothing about a file and would only churn the delta."""
+    out = np.zeros(len(kflags), np.uint32)
+    for bit, flag in ((PM.KPF_DIRTY, S.F_DIRTY), (PM.KPF_WRITEBACK, S.F_WRITEBACK), (PM.KPF_ACTIVE, S.F_ACTIVE)):
+        out |= np.where(file_page & PM.kpf_bit(kflags, bit), flag, 0).astype(np.uint32)
+    return out
 
 
 def pages_table(parts: list[dict[str, np.ndarray]], schema: pa.Schema) -> pa.Table:

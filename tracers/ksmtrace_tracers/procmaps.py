@@ -13,6 +13,7 @@ to hash or cannot be read without side effects.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ class Vma:
     inode: int
     path: str
     vmflags: tuple[str, ...]
+    dev: int = 0  # the file's device as stat(2) gives it (os.makedev of maps' major:minor)
     rss_kb: int = 0
     anon_kb: int = 0
     flags: int = 0  # V_* bits (schema)
@@ -105,7 +107,7 @@ def classify(vmas: list[Vma], scope: str) -> None:
 
 
 _SMAPS_RE = re.compile(
-    rb"^(?:([0-9a-f]+)-([0-9a-f]+) (\S+) ([0-9a-f]+) \S+ (\d+)[ \t]*(.*)"
+    rb"^(?:([0-9a-f]+)-([0-9a-f]+) (\S+) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)[ \t]*(.*)"
     rb"|Rss: +(\d+) kB|Anonymous: +(\d+) kB|VmFlags: (.*))$",
     re.M,
 )
@@ -123,19 +125,20 @@ def parse_smaps(data: bytes) -> list[Vma]:
                 end=int(m.group(2), 16),
                 perms=m.group(3).decode(),
                 offset=int(m.group(4), 16),
-                inode=int(m.group(5)),
-                path=m.group(6).decode("utf-8", "replace").strip(),
+                inode=int(m.group(7)),
+                path=m.group(8).decode("utf-8", "replace").strip(),
                 vmflags=(),
+                dev=os.makedev(int(m.group(5), 16), int(m.group(6), 16)),
             )
             vmas.append(cur)
         elif cur is None:
             continue
-        elif m.group(7) is not None:
-            cur.rss_kb = int(m.group(7))
-        elif m.group(8) is not None:
-            cur.anon_kb = int(m.group(8))
         elif m.group(9) is not None:
-            cur.vmflags = tuple(m.group(9).decode().split())
+            cur.rss_kb = int(m.group(9))
+        elif m.group(10) is not None:
+            cur.anon_kb = int(m.group(10))
+        elif m.group(11) is not None:
+            cur.vmflags = tuple(m.group(11).decode().split())
     return vmas
 
 

@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ksmtrace_tracers.hashing import PageHasher
+from ksmtrace.trace.schema import SAMPLE_STRENGTHS
+from ksmtrace_tracers.hashing import I64, PageHasher
 from ksmtrace_tracers.procmem import PageFiller, ProcessGone, ReadDenied
 
 
@@ -14,6 +15,7 @@ class ReadResult:
     hash: np.ndarray  # uint64 [n]; 0 where the read failed
     failed: np.ndarray  # bool [n]
     sample: np.ndarray | None = None  # uint32 [n] (fingerprints)
+    strengths: np.ndarray | None = None  # uint32 [n, len(SAMPLE_STRENGTHS)] (fingerprints)
     pfx: dict[int, np.ndarray] | None = None  # N -> uint32 [n] (fingerprints)
     bytes_read: int = 0
     gone: bool = False
@@ -84,6 +86,7 @@ class PageReader:
         fp = self.hasher.fingerprints
         if fp:
             res.sample = np.zeros(n, np.uint32)
+            res.strengths = np.zeros((n, len(SAMPLE_STRENGTHS)), np.uint32)
             res.pfx = {ln: np.zeros(n, np.uint32) for ln in self.pslices}  # type: ignore[union-attr]
         if n == 0:
             return res
@@ -101,9 +104,10 @@ class PageReader:
                 res.hash[lo : lo + k] = h
                 res.failed[lo : lo + k] = ~ok
                 if fp:
-                    s = self.hasher.samples(f.buf, k)
-                    s[~ok] = 0
-                    res.sample[lo : lo + k] = s  # type: ignore[index]
+                    st = self.hasher.strengths(f.buf, k)  # every strength in one pass; 64 is ``sample``
+                    st[~ok] = 0
+                    res.strengths[lo : lo + k] = st  # type: ignore[index]
+                    res.sample[lo : lo + k] = st[:, I64]  # type: ignore[index]
                     for ln, arr in self.hasher.prefixes(self.pslices, k).items():  # type: ignore[arg-type]
                         arr[~ok] = 0
                         res.pfx[ln][lo : lo + k] = arr  # type: ignore[index]

@@ -67,6 +67,7 @@ class WorkerPool:
         )
         if results[0].sample is not None:
             out.sample = np.concatenate([r.sample for r in results])  # type: ignore[misc]
+            out.strengths = np.concatenate([r.strengths for r in results])  # type: ignore[misc]
             out.pfx = {k: np.concatenate([r.pfx[k] for r in results]) for k in results[0].pfx}  # type: ignore[index,union-attr]
         out.bytes_read = sum(r.bytes_read for r in results)
         out.gone = any(r.gone for r in results)
