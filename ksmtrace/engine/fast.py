@@ -19,6 +19,7 @@ class FastEngine:
         self.E = st.new_arrays(prep)
         self.n_frames = self.E.fr.shape[0]  # frame ids are recycled slots below this
         self._proc_new = np.zeros(prep.n_procs, dtype=np.bool_)
+        self._faulted: dict[int, int] = {}  # page written by a fault -> the snapshot time its write carries
         self.now = 0
 
     # --- the driver's side ----------------------------------------------------------------------
@@ -28,12 +29,21 @@ class FastEngine:
         sl = p.events(s)
         self._proc_new[:] = p.proc_first_snap == s
         self.now = now
+        kinds = st.faulted_kinds(p.ev_pg[sl], p.ev_kind[sl], self._faulted, now)
         return int(
             st.apply_events(
-                self.E, p.ev_pg[sl], p.ev_kind[sl], p.ev_cid[sl], p.ev_gid[sl], p.ev_thp[sl],
+                self.E, p.ev_pg[sl], kinds, p.ev_cid[sl], p.ev_gid[sl], p.ev_thp[sl],
                 self._proc_new, now,
             )
         )
+
+    def write_fault(self, pg: int, cid: int, now: int, until: int) -> int:
+        """A recorded write fault on ``pg`` at ``now`` (see :func:`ksmtrace.engine.state.write_fault`);
+        the page's ``EV_WRITE`` at the snapshot at ``until`` is then already applied."""
+        cow = int(st.write_fault(self.E, np.int64(pg), np.int64(cid), np.int64(now)))
+        if cow >= 0:
+            self._faulted[int(pg)] = int(until)
+        return cow
 
     def counters(self) -> dict[str, int]:
         ec = self.E.ec
@@ -49,6 +59,10 @@ class FastEngine:
 
     def latency_hist(self) -> np.ndarray:
         return self.E.ec[st.LAT0 : st.TS0].copy()
+
+    def first_merge_ns(self) -> np.ndarray:
+        """Per page, the virtual time of its first merge (-1: never merged)."""
+        return self.E.pg[:, st.P_FIRST].copy()
 
     # --- queries (plain numpy reads: cheaper from Python than a jitted call) --------------------
     def is_candidate(self, pg: int) -> bool:

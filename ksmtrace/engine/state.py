@@ -100,7 +100,8 @@ P_ZKSM = 3  # 1 = mapped to the zero page by the policy (use_zero_pages)
 P_THP = 4  # huge page id, -1
 P_DOM = 5  # security domain of the page's process
 P_PROC = 6  # the page's process (dense index)
-N_PCOLS = 7
+P_FIRST = 7  # virtual time (ns) of the page's first merge, -1 before it (fidelity's time to merge)
+N_PCOLS = 8
 # frame columns.  Frames live in recycled slots (a live frame has at least one candidate page,
 # so there are never more than n_pages + 1 of them); slot 0 is the kernel's zero page.
 F_REF = 0  # candidate pages mapping the frame
@@ -137,6 +138,7 @@ def new_arrays(prep) -> EngineArrays:
     pg[:, P_CID] = -1
     pg[:, P_FRAME] = -1
     pg[:, P_THP] = -1
+    pg[:, P_FIRST] = -1
     pg[:, P_DOM] = prep.proc_domain[prep.page_proc]
     pg[:, P_PROC] = prep.page_proc
     fr = np.zeros((f, N_FCOLS), np.int64)
@@ -216,6 +218,8 @@ def stabilize(E, pg):
 @njit
 def _account_merge(E, pg, partner_since, partner_dom, now):
     E.ec[C_MERGES] += 1
+    if E.pg[pg, P_FIRST] < 0:
+        E.pg[pg, P_FIRST] = now
     s = E.pg[pg, P_SINCE]
     if partner_since > s:
         s = partner_since
@@ -391,6 +395,77 @@ def apply_events(E, pgs, kinds, cids, gids, thps, proc_new, now):
         ec[C_CAND] += 1
     ec[C_COW] += cows
     return cows
+
+
+def faulted_kinds(ev_pg: np.ndarray, ev_kind: np.ndarray, faulted: dict[int, int], now: int) -> np.ndarray:
+    """A snapshot's event kinds for the engine, at ``now``, when the pages of ``faulted`` (page ->
+    the time of the snapshot whose write it carries) were written by a recorded fault: an
+    ``EV_WRITE`` at that snapshot is already applied (the fault carried the content it shows), so
+    it only sets the page's huge page (``EV_THP``) -- one COW break per fault, never a second one
+    at the snapshot.  Marks of snapshots up to ``now`` are dropped from ``faulted``."""
+    if not faulted:
+        return ev_kind
+    due = [pg for pg, t in faulted.items() if t == now]
+    for pg in [pg for pg, t in faulted.items() if t <= now]:
+        del faulted[pg]
+    if not due or len(ev_pg) == 0:
+        return ev_kind
+    m = np.zeros(int(max(due)) + 1, np.bool_)
+    m[np.asarray(due, np.int64)] = True
+    hit = (ev_kind == EV_WRITE) & (ev_pg < len(m))
+    hit[hit] = m[ev_pg[hit]]
+    if not hit.any():
+        return ev_kind
+    out = ev_kind.copy()
+    out[hit] = EV_THP
+    return out
+
+
+@njit(cache=True)
+def write_fault(E, pg, c, now):
+    """A recorded write fault on ``pg`` at ``now`` (``--writes faults``); ``c`` is the content after
+    it (-1: the same bytes).  As ``do_wp_page``: a write to a KSM page copies it (``COW_KSM``), to
+    the policy's zero page allocates a page (``cow_zero``), to a frame another page maps (fork)
+    copies it; the page ends with a frame of its own either way (an exclusive frame is reused in
+    the kernel: the frame count is the same).  Returns the KSM COW breaks (0 or 1), -1 when the
+    page is not a candidate now (nothing to write)."""
+    P = E.pg
+    F = E.fr
+    ec = E.ec
+    if P[pg, P_CID] < 0:
+        return -1
+    f = P[pg, P_FRAME]
+    cow = 0
+    if f > 0 and F[f, F_KSM] == 1:
+        cow = 1
+        ec[C_COW] += 1
+    elif P[pg, P_ZKSM] == 1:
+        ec[C_COW_ZERO] += 1
+    if c < 0:
+        c = P[pg, P_CID]
+    if P[pg, P_ZKSM] == 1:
+        P[pg, P_ZKSM] = 0
+        ec[C_KSM_ZERO] -= 1
+    _release_a(P, F, E.gm, ec, pg)
+    P[pg, P_FRAME] = -1
+    if ec[C_NFREE] == 0:  # (cannot happen: a slot was just freed or the page had none)
+        P[pg, P_CID] = -1
+        ec[C_CAND] -= 1
+        ec[C_VIOLATIONS] += 1
+        return cow
+    ec[C_NFREE] -= 1
+    nf = F[ec[C_NFREE], F_FREEL]
+    F[nf, F_KSM] = 0
+    F[nf, F_CID] = c
+    F[nf, F_GID] = -1
+    F[nf, F_SINCE] = now
+    F[nf, F_FDOM] = P[pg, P_DOM]
+    F[nf, F_REF] = 1
+    ec[C_FRAMES] += 1
+    P[pg, P_FRAME] = nf
+    P[pg, P_CID] = c
+    P[pg, P_SINCE] = now
+    return cow
 
 
 @njit(cache=True)

@@ -24,12 +24,23 @@ class OracleKernel(NoDaemon):
         self.kframe = np.full(n, -1, dtype=np.int64)
         self.kgen = np.zeros(n, dtype=np.int64)
         self.hkey = np.full(max(ctx.prep.n_pages, 1), -1, dtype=np.int64)
+        self.pkey = np.full(max(ctx.prep.n_pages, 1), -1, dtype=np.int64)  # key of each page's last arrival
 
     def on_snapshot(self, s: int, now: int) -> None:
         p = self.ctx.prep
         sl = p.events(s)
         _oracle_step(self.E, p.ev_pg[sl], p.ev_kind[sl], self.keys[sl], self.sa, self.holder, self.kframe, self.kgen,
                      self.hkey, now)
+        if self.sa:
+            k = p.ev_kind[sl]
+            arr = (k == EV_APPEAR) | (k == EV_WRITE)
+            self.pkey[p.ev_pg[sl][arr]] = self.keys[sl][arr]
+
+    def on_fault_write(self, pg: int, now: int) -> None:
+        """See :meth:`ksmtrace.policies.oracle.OracleRuntime.on_fault_write`."""
+        _oracle_step(self.E, np.array([pg], np.int32), np.array([EV_WRITE], np.uint8),
+                     np.array([self.pkey[pg]], np.int64), self.sa, self.holder, self.kframe, self.kgen, self.hkey,
+                     np.int64(now))
 
 
 @njit(cache=True)
