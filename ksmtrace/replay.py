@@ -291,7 +291,7 @@ def run_spec(trace, pol: Policy, *, engine: str = "fast", scope: str | None = No
         ctl = make_controller(controller)
         spec["controller"] = spec["options"]["controller"] = describe_controller(ctl)
         spec["host_kib"] = spec["options"]["host_kib"] = int(host_kib) if host_kib else None
-    if resolve_writes(trace, writes) == "faults":
+    if resolve_writes(trace, writes, pol) == "faults":
         spec["writes"] = spec["options"]["writes"] = "faults"
     spec["run_id"] = make_run_id(spec)
     return spec

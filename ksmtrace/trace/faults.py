@@ -59,11 +59,18 @@ class FaultWrites:
         return len(self.pg)
 
 
-def resolve_writes(trace, writes: str | None) -> str:
-    """The write mode a replay of ``trace`` uses: ``faults`` or ``snapshots``."""
+def resolve_writes(trace, writes: str | None, policy=None) -> str:
+    """The write mode a replay of ``trace`` uses: ``faults`` or ``snapshots``.  ``policy``: a
+    policy (class or instance) whose ``fault_writes`` is False takes the writes at the snapshots
+    under ``auto``, and refuses ``faults``."""
     writes = writes or "auto"
     if writes not in WRITE_MODES:
         raise KsmtraceError(f"unknown write mode {writes!r} (modes: {', '.join(WRITE_MODES)})")
+    if policy is not None and not getattr(policy, "fault_writes", True):
+        if writes == "faults":
+            raise KsmtraceError(f"policy {policy.name!r} does not model write faults between snapshots "
+                                "(its runtime keeps its own view of the pages); use --writes snapshots")
+        return "snapshots"
     has = trace.has_table("faults")
     if writes == "faults" and not has:
         raise KsmtraceError(f"{trace.path}: the trace has no faults table (capture it with --kernel-events as root) "

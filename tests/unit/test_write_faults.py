@@ -142,3 +142,16 @@ def test_cli_writes_option(same):
     import json
 
     assert all(row["cow_breaks"] == 0 for row in json.loads(r.output)["rows"])
+
+
+@pytest.mark.parametrize("policy", ["pksm", "pksm-delay"])
+def test_a_policy_without_fault_writes_takes_the_writes_at_the_snapshots(same, policy):
+    """PKSM keeps its own view of each page and learns of writes from the snapshots' events: on a
+    trace with faults it replays exactly as without them (auto), and refuses --writes faults."""
+    from ksmtrace.errors import KsmtraceError
+
+    faults, plain = same
+    a, b = replay(faults, policy), replay(plain, policy)
+    assert "writes" not in a.spec and a.table.drop("t_s").equals(b.table.drop("t_s"))
+    with pytest.raises(KsmtraceError, match="does not model write faults"):
+        replay(faults, policy, writes="faults")
