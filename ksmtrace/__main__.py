@@ -1,4 +1,4 @@
-from ksmtrace.cli import main
+from ksmtrace._entry import main
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,10 @@ Two run options apply to any policy: ``restrict`` (a safe preset: merges the pol
 them a run is exactly what it was before they existed.
 
 Virtual time: snapshot ``s`` is taken at ``t_s``; its content holds during ``[t_s, t_{s+1})``.  A page
-written between two snapshots is written, as far as the replay knows, at the later snapshot.  The
+written between two snapshots is written, as far as the snapshots know, at the later snapshot; a
+trace with a faults table (``capture --kernel-events``) also says when, and by default
+(``writes="faults"``) the replay applies every recorded write fault at its own time, the daemon
+running up to it first (:mod:`ksmtrace.trace.faults`, ``docs/replay-semantics.md``).  The
 row of snapshot ``s`` holds the state at ``t_s`` right after its writes are applied, plus the
 activity of the interval ``(t_{s-1}, t_s]`` (COW breaks, merges, work units).
 """
@@ -128,6 +131,7 @@ def replay(
     restrict: str | None = None,
     controller=None,
     host_memory: str | int | None = None,
+    writes: str | None = None,
 ) -> RunResult:
     """Replay ``trace`` (a :class:`~ksmtrace.trace.reader.Trace` or the path of one) through ``policy``.
 
@@ -144,7 +148,12 @@ def replay(
     (``"ksmtuned"``, ``"kubevirt:interval=10"``, ``"scan-time"`` or a
     :class:`~ksmtrace.controllers.Controller`) that changes the policy's parameters during the run;
     ``host_memory``: the host's size for its memory rules (``"16G"``, or bytes).
+    ``writes``: ``faults`` (the trace's recorded write faults are writes at their own time: a COW
+    break of a page merged in the replay even when its content did not change), ``snapshots``
+    (writes are the content changes the snapshots show, at the snapshot), ``auto`` (default:
+    ``faults`` when the trace has a faults table; :mod:`ksmtrace.trace.faults`).
     """
+    from ksmtrace.trace.faults import fault_writes
     from ksmtrace.trace.restrict import parse_restriction, restrict_prepared
 
     trace = as_trace(trace)
@@ -161,7 +170,7 @@ def replay(
     if scope == AUTO:
         scope = resolve_scope(trace, AUTO, pol)[0]
     spec = run_spec(trace, pol, engine=engine, scope=scope, timing_cost=timing_cost, start_s=start_s, hz=hz, seed=seed,
-                    restrict=restriction, controller=ctl, host_kib=host_kib)
+                    restrict=restriction, controller=ctl, host_kib=host_kib, writes=writes)
     scope, hz, start_ns = spec["scope"], spec["hz"], spec["start_ns"]
     tcost = resolve_cost_model(timing_cost)
     prep = restrict_prepared(trace, trace.prepare(scope), restriction)
@@ -169,10 +178,11 @@ def replay(
     if missing:
         raise KsmtraceError(f"policy {pol.name!r} needs a trace with {missing[0]!r} (capture with --fingerprints)")
     spec["snapshots"] = prep.n_snaps
+    fw = fault_writes(trace, prep) if spec.get("writes") == "faults" else None
     if engine == "fast":
         from ksmtrace.engine.fast import FastEngine
 
-        eng = FastEngine(prep)
+        eng = FastEngine(prep, len(fw) if fw is not None else 0)
     else:
         from ksmtrace.engine.reference import ReferenceEngine
 
@@ -185,7 +195,8 @@ def replay(
         from ksmtrace.controllers.loop import ControlLoop
 
         control = ControlLoop(ctl, trace, prep, eng, rt, pol, host_kib, start_ns)
-    table, procs = _run(prep, eng, rt, pol, make(progress), control)
+    wstats: dict[str, int] = {}
+    table, procs = _run(prep, eng, rt, pol, make(progress), control, fw, wstats)
     counters = eng.counters()
     extras = {
         "contract_violations": counters["contract_violations"],
@@ -196,6 +207,8 @@ def replay(
     }
     if control is not None:
         extras["controller"] = control.extras()
+    if fw is not None:
+        extras["writes"] = {"mode": "faults", "recorded": fw.recorded, "unknown_page": fw.unknown, **wstats}
     if restriction is not None:
         extras["restrict"] = {"spec": restriction.spec, "rules": restriction.describe()}
     if counters["contract_violations"]:
@@ -203,7 +216,8 @@ def replay(
             f"policy {pol.name!r} broke the engine contract {counters['contract_violations']} times "
             "(merged unequal content or a page it does not own)"
         )
-    res = RunResult(spec=spec, table=table, latency_hist=eng.latency_hist(), extras=extras, procs=procs)
+    res = RunResult(spec=spec, table=table, latency_hist=eng.latency_hist(), extras=extras, procs=procs,
+                    first_merge_ns=eng.first_merge_ns())
     res.summary = res.compute_summary(report_cost)
     return res
 
@@ -235,12 +249,15 @@ def _with_initial(ctl, params: Mapping[str, Any]) -> dict[str, Any]:
 
 def run_spec(trace, pol: Policy, *, engine: str = "fast", scope: str | None = None, timing_cost=None,
              start_s: float = 0.0, hz: int | None = None, seed: int = 0, restrict=None, controller=None,
-             host_kib: int | None = None) -> dict[str, Any]:
+             host_kib: int | None = None, writes: str | None = None) -> dict[str, Any]:
     """What a replay of ``pol`` on ``trace`` is, including its run id, without running it.
 
     The run id names a result file, so sweeps use this to skip runs they already have.  A
     restriction and a controller (with the host size it was given) are run options: recorded in
-    ``options`` (so in the run id) only when present."""
+    ``options`` (so in the run id) only when present; so is ``writes`` when it is ``faults``
+    (:func:`ksmtrace.trace.faults.resolve_writes`: the default on a trace with a faults table)."""
+    from ksmtrace.trace.faults import resolve_writes
+
     if engine not in ENGINES:
         raise KsmtraceError(f"unknown engine {engine!r} (engines: {', '.join(ENGINES)})")
     scope = scope or pol.default_scope
@@ -274,6 +291,8 @@ def run_spec(trace, pol: Policy, *, engine: str = "fast", scope: str | None = No
         ctl = make_controller(controller)
         spec["controller"] = spec["options"]["controller"] = describe_controller(ctl)
         spec["host_kib"] = spec["options"]["host_kib"] = int(host_kib) if host_kib else None
+    if resolve_writes(trace, writes, pol) == "faults":
+        spec["writes"] = spec["options"]["writes"] = "faults"
     spec["run_id"] = make_run_id(spec)
     return spec
 
@@ -288,7 +307,7 @@ def _trace_has(trace, capability: str) -> bool:
     return False
 
 
-def _run(prep, eng, rt, pol: Policy, progress, control=None) -> pl.DataFrame:
+def _run(prep, eng, rt, pol: Policy, progress, control=None, writes=None, wstats=None) -> pl.DataFrame:
     n = prep.n_snaps
     unrestricted = prep.extras.get("unrestricted_oracle_frames")
     times = prep.times_ns
@@ -298,11 +317,16 @@ def _run(prep, eng, rt, pol: Policy, progress, control=None) -> pl.DataFrame:
     prev_busy = 0
     kc = list(pol.kernel_counters)
     proc_parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
-    # a runtime may apply the snapshots itself, fused with its own step (the oracle's fast route)
-    applier = rt if hasattr(rt, "apply_snapshot") else eng
+    # a runtime may apply the snapshots itself, fused with its own step (the oracle's fast route);
+    # not with recorded write faults: the fused step cannot tell the arrivals a fault already wrote
+    # from the others, so the engine applies the snapshot and the runtime's on_snapshot runs unfused
+    applier = rt if hasattr(rt, "apply_snapshot") and writes is None else eng
+    advance = control.run_until if control is not None else rt.run_until
+    on_write = getattr(rt, "on_fault_write", None)
+    fault_cows = 0
     for s in range(n):
         now = int(times[s])
-        cows = applier.apply_snapshot(s, now)
+        cows = applier.apply_snapshot(s, now) + fault_cows
         rt.on_snapshot(s, now)
         if control is not None:
             control.at_snapshot(s, now)
@@ -345,10 +369,8 @@ def _run(prep, eng, rt, pol: Policy, progress, control=None) -> pl.DataFrame:
         proc_parts.append((s, live, cand[live], merged[live]))
         prev_eng, prev_units, prev_busy = c, units, busy
         if s + 1 < n:
-            if control is not None:
-                control.run_until(int(times[s + 1]))
-            else:
-                rt.run_until(int(times[s + 1]))
+            fault_cows = _fault_writes(writes, times, s, eng, advance, on_write, wstats) if writes is not None else 0
+            advance(int(times[s + 1]))
         progress(s + 1, n, f"snapshot {s + 1}/{n}")
     schema = {k: (pl.Int64 if k not in ("t_s", "merge_latency_sum_s", "daemon_busy_s") else pl.Float64) for k in rows[0]}
     table = pl.DataFrame(rows, schema=schema)
@@ -363,6 +385,27 @@ def _run(prep, eng, rt, pol: Policy, progress, control=None) -> pl.DataFrame:
         "merged_pages": np.concatenate([m for _, _, _, m in proc_parts]) if proc_parts else np.zeros(0, np.int64),
     })
     return table, procs
+
+
+def _fault_writes(writes, times, s: int, eng, advance, on_write, stats: dict[str, int]) -> int:
+    """The recorded write faults between snapshots ``s`` and ``s+1``, each at its time: the daemon
+    works up to the fault, the engine applies the write (a COW break if the page maps a KSM page
+    in the replay), a runtime with an ``on_fault_write`` hook hears of it.  Returns the KSM COW
+    breaks; ``stats`` counts the writes applied and those on pages that were not candidates."""
+    cows = 0
+    sl = writes.between(int(times[s]), int(times[s + 1]))
+    for t, pg, c, u in zip(writes.t_ns[sl].tolist(), writes.pg[sl].tolist(), writes.cid[sl].tolist(),
+                           writes.until_ns[sl].tolist()):
+        advance(t)
+        r = eng.write_fault(pg, c, t, u)
+        if r < 0:
+            stats["not_candidate"] = stats.get("not_candidate", 0) + 1
+            continue
+        stats["applied"] = stats.get("applied", 0) + 1
+        cows += r
+        if on_write is not None:
+            on_write(pg, t)
+    return cows
 
 
 _OPEN_TRACES: dict[str, Any] = {}

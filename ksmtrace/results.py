@@ -59,6 +59,7 @@ class RunResult:
     extras: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     procs: pl.DataFrame | None = None  # per snapshot and process: candidate_pages, merged_pages
+    first_merge_ns: np.ndarray | None = None  # per page: virtual time of its first merge, -1 never (not written)
 
     @property
     def run_id(self) -> str:

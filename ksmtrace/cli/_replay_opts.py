@@ -14,6 +14,14 @@ restrict_option = click.option(
          "Same as -p restrict=PRESET (docs/safe-presets.md).")
 
 
+writes_option = click.option(
+    "--writes", type=click.Choice(["auto", "faults", "snapshots"]), default="auto", show_default=True,
+    help="How the replay learns of writes: faults = the trace's recorded write faults, each at its time (a COW "
+         "break of a page merged in the replay even when its content did not change); snapshots = the content "
+         "changes the snapshots show, at the snapshot; auto = faults when the trace has a faults table "
+         "(capture --kernel-events).  docs/replay-semantics.md.")
+
+
 def replay_options(f):
     f = click.option("--engine", type=click.Choice(["fast", "reference"]), default="fast", show_default=True,
                      help="fast (numba arrays) or reference (the page-by-page executable spec).")(f)

@@ -8,7 +8,7 @@ import click
 
 from ksmtrace.cli import cli
 from ksmtrace.cli._options import echo_table, emit_json, executor_option, json_option, note, quiet_option
-from ksmtrace.cli._replay_opts import params_from, replay_options, resolve_run, with_restrict
+from ksmtrace.cli._replay_opts import params_from, replay_options, resolve_run, with_restrict, writes_option
 from ksmtrace.outputs import check_output_dir
 from ksmtrace.progress import Progress
 from ksmtrace.results import FRAMES_SAVED_DEFINITION
@@ -64,10 +64,11 @@ def comparison_rows(results) -> list[dict]:
                    "and the exposed merges it removes.")
 @executor_option
 @replay_options
+@writes_option
 @json_option
 @quiet_option
 def compare_cmd(trace, policies, params, output, as_csv, workers, presets, executor, engine, scope, cost, timing_cost, start_s,
-                seed, restrict, as_json, quiet):
+                seed, restrict, writes, as_json, quiet):
     """Replay several policies on TRACE and compare memory saved, COW breaks and CPU.
 
     Memory saved is the mean over snapshots of frames_saved, and as a percentage of what a
@@ -110,7 +111,8 @@ def compare_cmd(trace, policies, params, output, as_csv, workers, presets, execu
     try:
         results = compare(tr, [(name, p) for name, p, _ in specs], engine=engine, scope=scope,
                           timing_cost=timing_cost, report_cost=cost, start_s=start_s, seed=seed, progress=prog,
-                          executor=None if workers == 1 and executor == "local" else executor, workers=workers)
+                          executor=None if workers == 1 and executor == "local" else executor, workers=workers,
+                          writes=writes)
     finally:
         prog.close()
     for r, (name, _, label) in zip(results, specs):

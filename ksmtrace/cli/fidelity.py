@@ -5,7 +5,8 @@ import click
 
 from ksmtrace.cli import cli
 from ksmtrace.cli._options import emit_json, json_option, no_cache_option, note, quiet_option
-from ksmtrace.cli._replay_opts import params_from
+from ksmtrace.cli._replay_opts import params_from, writes_option
+from ksmtrace.errors import KsmtraceError
 from ksmtrace.progress import Progress
 
 
@@ -31,11 +32,15 @@ from ksmtrace.progress import Progress
                    "(read from the trace for ksmtrace's own workloads).")
 @click.option("--interval-plot", type=click.Path(dir_okay=False), default=None,
               help="Interval study: write the fidelity-vs-interval figure to this image.")
+@click.option("--events-plot", type=click.Path(dir_okay=False), default=None,
+              help="Write the event-by-event figure (merges per interval, time to merge per page, full-scan ends) "
+                   "to this PNG; needs a trace with kernel events.")
+@writes_option
 @no_cache_option
 @json_option
 @quiet_option
 def fidelity_cmd(trace, params, plot_path, cost, timing_cost, sim_step, engine, intervals, rewrite_period,
-                 interval_plot, as_json, quiet):
+                 interval_plot, events_plot, writes, as_json, quiet):
     """Compare the real KSM counters recorded in TRACE with a replay of the ksm policy.
 
     TRACE must hold ground truth: it was captured while the host ran KSM (`ksmtrace validate`
@@ -61,7 +66,7 @@ def fidelity_cmd(trace, params, plot_path, cost, timing_cost, sim_step, engine, 
     prog = Progress("fidelity", quiet=quiet)
     try:
         rep = fidelity(tr, params_from(params) or None, engine=engine, cost=cost, timing_cost=timing_cost,
-                       sim_step=sim_step, progress=prog)
+                       sim_step=sim_step, progress=prog, writes=writes)
     finally:
         prog.close()
     if plot_path:
@@ -69,6 +74,14 @@ def fidelity_cmd(trace, params, plot_path, cost, timing_cost, sim_step, engine, 
         from ksmtrace.plot import save
 
         save(trajectories(rep), plot_path)
+    if events_plot:
+        if rep.events is None:
+            raise KsmtraceError(f"{trace}: --events-plot needs a trace with kernel events (the ksm_events table: "
+                                "capture --kernel-events as root)")
+        from ksmtrace.fidelity.events import event_plot
+        from ksmtrace.plot import save
+
+        save(event_plot(rep), events_plot)
     study, advice = None, None
     if intervals:
         from ksmtrace.fidelity.goals import rewrite_period as _period

@@ -5,7 +5,7 @@ import click
 
 from ksmtrace.cli import cli
 from ksmtrace.cli._options import emit_json, json_option, kv_lines, note, quiet_option
-from ksmtrace.cli._replay_opts import params_from, replay_options, resolve_run, with_restrict
+from ksmtrace.cli._replay_opts import params_from, replay_options, resolve_run, with_restrict, writes_option
 from ksmtrace.errors import KsmtraceError
 from ksmtrace.outputs import check_output_dir
 from ksmtrace.progress import Progress
@@ -27,10 +27,11 @@ from ksmtrace.results import FRAMES_SAVED_DEFINITION
               help="The host's memory (MemTotal) for the controller's rules, e.g. 16G, 512M: free memory is this "
                    "minus what the traced processes use.")
 @replay_options
+@writes_option
 @json_option
 @quiet_option
 def replay_cmd(trace, policy, params, output, as_captured, controller, host_memory, engine, scope, cost, timing_cost,
-               start_s, seed, restrict, as_json, quiet):
+               start_s, seed, restrict, writes, as_json, quiet):
     """Replay TRACE through a policy in virtual time and summarise it.
 
     Prints frames saved (and as a fraction of the oracle), COW breaks, merges, merge latency, CPU
@@ -76,7 +77,7 @@ def replay_cmd(trace, policy, params, output, as_captured, controller, host_memo
     try:
         res = replay(tr, policy, run_params, engine=engine, scope=scope, timing_cost=timing_cost,
                      report_cost=cost, start_s=start_s, seed=seed, progress=prog, controller=controller,
-                     host_memory=host_memory)
+                     host_memory=host_memory, writes=writes)
     finally:
         prog.close()
     path = res.write(output) if output else None
@@ -154,4 +155,9 @@ def run_option_lines(res) -> list[str]:
             line += (f"; the traced processes use more than the stated host at {n} snapshot{'s' if n != 1 else ''} "
                      "(free memory counted as 0)")
         out.append(line)
+    w = res.extras.get("writes")
+    if w:
+        out.append(f"writes: {w.get('applied', 0):,} recorded write faults replayed at their time "
+                   f"({w['recorded']:,} in the trace; {w.get('not_candidate', 0):,} on pages that were not candidates then, "
+                   f"{w['unknown_page']:,} on no page of the trace or outside the snapshots); --writes snapshots to ignore them")
     return out

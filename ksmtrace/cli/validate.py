@@ -20,7 +20,7 @@ def _settings_help() -> str:
 
 @cli.command("validate", context_settings={"max_content_width": 100})
 @click.option("--workload", default="static", show_default=True, metavar="NAME",
-              help="static, rewrite, zero, forkdiverge, churn (seeded generators), vms (QEMU guests booting the same "
+              help="static, rewrite, samewrite, zero, forkdiverge, churn (seeded generators), vms (QEMU guests booting the same "
                    "kernel; run sample-traces/vm/prepare.sh first), prefork (gunicorn pool under load; -w gunicorn=PATH).")
 @click.option("-w", "--workload-param", "wparams", multiple=True, metavar="KEY=VALUE",
               help="Workload parameter (repeatable), e.g. -w processes=2 -w pages=2048.")

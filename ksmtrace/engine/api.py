@@ -84,6 +84,13 @@ class Engine(Protocol):
         """Apply snapshot ``s``'s page events at ``now``; returns the COW breaks of KSM pages they
         caused (writes to pages the policy mapped to the zero page count in ``cow_zero``)."""
 
+    def write_fault(self, pg: int, cid: int, now: int, until: int) -> int:
+        """A recorded write fault on ``pg`` at ``now`` (``--writes faults``), leaving content ``cid``
+        (-1: the same bytes): the page ends on a frame of its own (a KSM page or a frame a fork
+        shares is copied; the policy's zero page gives a fresh page, ``cow_zero``), and its
+        ``EV_WRITE`` at the snapshot at ``until`` (the trace's next) counts as already applied.  Returns the COW breaks of
+        KSM pages (0 or 1), -1 when the page is not a candidate now."""
+
     def counters(self) -> dict[str, int]:
         """The engine's counters (ksmtrace.engine.state.COUNTER_NAMES)."""
 
@@ -92,6 +99,9 @@ class Engine(Protocol):
 
     def latency_hist(self) -> np.ndarray:
         """Merge-latency histogram (ksmtrace.engine.state.lat_bin bins)."""
+
+    def first_merge_ns(self) -> np.ndarray:
+        """Per page, the virtual time of its first merge (-1: never merged)."""
 
 
 @runtime_checkable
@@ -105,7 +115,12 @@ class Runtime(Protocol):
     A kernel may also define ``apply_snapshot(s, now) -> cow breaks``: it then applies the
     snapshot's events itself, fused with its own step and through the engine's own code (the
     oracle's fast route, :mod:`ksmtrace.policies.oracle.kernel`), and the driver calls it instead
-    of the engine's.
+    of the engine's -- except with recorded write faults, when the engine applies the snapshot and
+    the kernel's ``on_snapshot`` does its step unfused.
+
+    With ``--writes faults`` the driver splits the interval at every recorded write fault:
+    ``rt.run_until(t_fault)``, the engine's ``write_fault``, then ``rt.on_fault_write(pg, t_fault)``
+    if the runtime has that (optional) hook, and on to the next fault or ``t_{s+1}``.
     """
 
     def on_snapshot(self, s: int, now: int) -> None: ...

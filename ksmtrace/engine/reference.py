@@ -54,7 +54,9 @@ class ReferenceEngine:
         self.lat_sum = 0
         self.splits = 0
         self.lat = [0] * N_LAT_BINS
+        self.first_merge: dict[int, int] = {}  # page -> virtual time of its first merge
         self.now = 0
+        self.faulted: dict[int, int] = {}  # page written by a fault -> the snapshot time its write carries
         self._fresh = prep.n_gids + 1  # frame ids for arrivals whose frame no other arrival shares
 
     # --- queries -------------------------------------------------------------------------
@@ -103,6 +105,7 @@ class ReferenceEngine:
         p = self.pages[pg]
         lat = max(0, now - max(p.since, partner_since))
         self.merges += 1
+        self.first_merge.setdefault(pg, now)
         self.lat_sum += lat
         self.lat[lat_bin(lat)] += 1
         if partner_dom != self.dom(pg):
@@ -166,6 +169,10 @@ class ReferenceEngine:
         self.now = now
         ev = prep.batch(s)
         events = list(zip(ev.pg.tolist(), ev.kind.tolist(), ev.cid.tolist(), ev.gid.tolist(), ev.thp.tolist()))
+        # a page a fault wrote before this snapshot already holds what its EV_WRITE here shows
+        events = [(pg, EV_THP if kind == EV_WRITE and self.faulted.get(pg) == now else kind, cid, gid, thp)
+                  for pg, kind, cid, gid, thp in events]
+        self.faulted = {pg: t for pg, t in self.faulted.items() if t > now}
         cows = 0
         for pg, kind, cid, gid, thp in events:  # removals first
             p = self.pages.get(pg)
@@ -214,6 +221,30 @@ class ReferenceEngine:
         self.cow_ksm += cows
         return cows
 
+    def write_fault(self, pg: int, cid: int, now: int, until: int) -> int:
+        """A recorded write fault on ``pg`` at ``now``, leaving content ``cid`` (-1: the same
+        bytes): a KSM page is copied (COW_KSM), the policy's zero page gives a fresh page
+        (cow_zero), a frame shared by fork is copied; the page ends on a frame of its own, and its
+        ``EV_WRITE`` at the snapshot at ``until`` is already applied.  Returns the KSM COW breaks
+        (0/1), -1 if the page is not a candidate."""
+        p = self.pages.get(pg)
+        if p is None:
+            return -1
+        cow = 0
+        if p.frame != ZERO_FRAME and self.frame_of(p.frame).ksm:
+            cow = 1
+            self.cow_ksm += 1
+        elif p.zero_ksm:
+            self.cow_zero += 1
+        if p.frame != ZERO_FRAME:
+            self.frame_of(p.frame).ref -= 1
+        self._fresh += 1
+        fr = self.frame_of(self._fresh)
+        fr.ref, fr.cid, fr.since, fr.dom = 1, (p.cid if cid < 0 else cid), now, self.dom(pg)
+        self.pages[pg] = Page(cid=fr.cid, frame=self._fresh, since=now, thp=p.thp)
+        self.faulted[pg] = until
+        return cow
+
     # --- metrics -------------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
         frames_in_use = len({p.frame for p in self.pages.values() if p.frame != ZERO_FRAME})
@@ -247,3 +278,10 @@ class ReferenceEngine:
 
     def latency_hist(self) -> np.ndarray:
         return np.array(self.lat, dtype=np.int64)
+
+    def first_merge_ns(self) -> np.ndarray:
+        """Per page, the virtual time of its first merge (-1: never merged)."""
+        out = np.full(self.prep.n_pages, -1, dtype=np.int64)
+        for pg, t in self.first_merge.items():
+            out[pg] = t
+        return out

@@ -104,7 +104,8 @@ def lat_bin_edges_ms() -> np.ndarray:
 # page columns
 P_CID = 0  # content now, -1 if not a candidate
 P_FRAME = 1  # frame mapped, -1 if not a candidate (ZERO_FRAME = mapped to the zero page by the policy)
-P_SINCE = 2  # snapshot at which the page got its current content (its time: ec[C_OTIME + snapshot])
+P_SINCE = 2  # time slot at which the page got its current content (its time: ec[C_OTIME + slot]; the
+#             slots are the snapshots, then one per recorded write fault, see new_arrays)
 P_THP = 3  # huge page id, -1
 P_PROC = 4  # the page's process (dense index)
 N_PCOLS = 5
@@ -115,7 +116,7 @@ F_KSM = 1  # 1 = a KSM page (write-protected, copied on write)
 F_GEN = 2  # bumped each time the slot becomes a KSM page (never reset: stale nodes fail the keyhole)
 F_CID = 3  # content of the frame
 F_GID = 4  # the trace's frame id (gid) held in this slot
-F_SINCE = 5  # snapshot since which the frame's content has existed
+F_SINCE = 5  # time slot (as P_SINCE) since which the frame's content has existed
 F_FDOM = 6  # domain of the frame's pages (-2 = mixed)
 F_FREEL = 7  # the free-slot stack (a column of its own)
 N_FCOLS = 8
@@ -131,7 +132,9 @@ G_AGEN = 2
 LAT0 = N_COUNTERS + N_BOOK
 TS0 = LAT0 + N_LAT_BINS
 
-EngineArrays = namedtuple("EngineArrays", ["pg", "fr", "gm", "ec"])
+# first (int64, one per page): the virtual time (ns) of the page's first merge, -1 before it (fidelity's
+# time to merge; 8 bytes a page, kept apart from the int32 rows because it is a time in ns)
+EngineArrays = namedtuple("EngineArrays", ["pg", "fr", "gm", "ec", "first"])
 
 
 def n_frame_slots(prep) -> int:
@@ -142,10 +145,12 @@ def n_frame_slots(prep) -> int:
     return max(2, min(prep.n_pages, most) + 2)
 
 
-def new_arrays(prep) -> EngineArrays:
+def new_arrays(prep, n_faults: int = 0) -> EngineArrays:
+    """The engine's arrays for ``prep``; ``n_faults``: the recorded write faults the run will apply
+    (``--writes faults``), each of which gets a time slot of its own after the snapshots'."""
     n = prep.n_pages
     f = n_frame_slots(prep)
-    if max(f, prep.n_cids, prep.n_gids, prep.n_thp, prep.n_snaps) >= 2**31:
+    if max(f, prep.n_cids, prep.n_gids, prep.n_thp, prep.n_snaps + n_faults) >= 2**31:
         raise ValueError("trace too large for the fast engine's 32-bit ids")
     pg = np.empty((n, N_PCOLS), np.int32)
     pg[:, P_CID] = -1
@@ -163,7 +168,7 @@ def new_arrays(prep) -> EngineArrays:
     o_proc = TS0
     o_dom = o_proc + 2 * n_procs
     o_time = o_dom + n_procs
-    o_thp = o_time + n_snaps
+    o_thp = o_time + n_snaps + n_faults
     ec = np.zeros(o_thp + prep.n_thp, np.int64)
     ec[C_NFREE] = f - 1
     ec[C_OPROC] = o_proc
@@ -171,7 +176,7 @@ def new_arrays(prep) -> EngineArrays:
     ec[C_OTIME] = o_time
     ec[C_OTHP] = o_thp
     ec[o_dom : o_dom + n_procs] = prep.proc_domain
-    return EngineArrays(pg=pg, fr=fr, gm=gm, ec=ec)
+    return EngineArrays(pg=pg, fr=fr, gm=gm, ec=ec, first=np.full(n, -1, np.int64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,13 +262,18 @@ def stabilize(E, pg):
 
 @njit
 def _account_merge(E, pg, partner_since, partner_dom, now):
-    """A merge of ``pg`` (whose partner's content exists since snapshot ``partner_since``)."""
+    """A merge of ``pg`` (whose partner's content exists since time slot ``partner_since``)."""
     ec = E.ec
     ec[C_MERGES] += 1
-    s = E.pg[pg, P_SINCE]
-    if partner_since > s:
-        s = partner_since
-    lat = now - ec[ec[C_OTIME] + s]
+    if E.first[pg] < 0:
+        E.first[pg] = now
+    # since slots are snapshots and fault times (see new_arrays): compare their times, not the slots
+    ot = ec[C_OTIME]
+    t = ec[ot + E.pg[pg, P_SINCE]]
+    tp = ec[ot + partner_since]
+    if tp > t:
+        t = tp
+    lat = now - t
     if lat < 0:
         lat = 0
     ec[C_LAT_SUM] += lat
@@ -397,7 +407,7 @@ def apply_removals(P, F, G, ec, pgs, kinds, thps):
 
 
 @njit(inline="always")
-def apply_arrivals(P, F, G, ec, pgs, kinds, cids, gids, thps, proc_new, s, now, kpage, pend):
+def apply_arrivals(P, F, G, ec, first, pgs, kinds, cids, gids, thps, proc_new, s, now, kpage, pend):
     """Step 2 of a snapshot: new candidates and the new content of written pages map their frame
     (fork sharing: the frame of their trace frame id; a fork child of a page merged away: that KSM
     page; otherwise a fresh one).
@@ -454,6 +464,8 @@ def apply_arrivals(P, F, G, ec, pgs, kinds, cids, gids, thps, proc_new, s, now, 
                 ec[opc + 2 * proc + 1] += 1
                 ec[C_MERGES] += 1
                 ec[LAT0] += 1  # merged at once: latency 0
+                if first[pg] < 0:
+                    first[pg] = now
                 ec[C_KSM_ZERO] += 1
                 continue
             kf = kpage[c, 0]
@@ -469,6 +481,8 @@ def apply_arrivals(P, F, G, ec, pgs, kinds, cids, gids, thps, proc_new, s, now, 
                 ec[opc + 2 * proc + 1] += 1
                 ec[C_MERGES] += 1
                 ec[LAT0] += 1
+                if first[pg] < 0:
+                    first[pg] = now
                 if F[kf, F_FDOM] != dom:
                     ec[C_EXPOSED] += 1
                     F[kf, F_FDOM] = -2
@@ -522,9 +536,84 @@ def apply_events(E, pgs, kinds, cids, gids, thps, proc_new, s, now):
     ec = E.ec
     ec[ec[C_OTIME] + s] = now
     cows = apply_removals(E.pg, E.fr, E.gm, ec, pgs, kinds, thps)
-    apply_arrivals(E.pg, E.fr, E.gm, ec, pgs, kinds, cids, gids, thps, proc_new, s, now,
+    apply_arrivals(E.pg, E.fr, E.gm, ec, E.first, pgs, kinds, cids, gids, thps, proc_new, s, now,
                    np.zeros((0, 2), np.int32), np.zeros(0, np.int64))
     return cows
+
+
+def faulted_kinds(ev_pg: np.ndarray, ev_kind: np.ndarray, faulted: dict[int, int], now: int) -> np.ndarray:
+    """A snapshot's event kinds for the engine, at ``now``, when the pages of ``faulted`` (page ->
+    the time of the snapshot whose write it carries) were written by a recorded fault: an
+    ``EV_WRITE`` at that snapshot is already applied (the fault carried the content it shows), so
+    it only sets the page's huge page (``EV_THP``) -- one COW break per fault, never a second one
+    at the snapshot.  Marks of snapshots up to ``now`` are dropped from ``faulted``."""
+    if not faulted:
+        return ev_kind
+    due = [pg for pg, t in faulted.items() if t == now]
+    for pg in [pg for pg, t in faulted.items() if t <= now]:
+        del faulted[pg]
+    if not due or len(ev_pg) == 0:
+        return ev_kind
+    m = np.zeros(int(max(due)) + 1, np.bool_)
+    m[np.asarray(due, np.int64)] = True
+    hit = (ev_kind == EV_WRITE) & (ev_pg < len(m))
+    hit[hit] = m[ev_pg[hit]]
+    if not hit.any():
+        return ev_kind
+    out = ev_kind.copy()
+    out[hit] = EV_THP
+    return out
+
+
+@njit(cache=True)
+def write_fault(E, pg, c, now, slot):
+    """A recorded write fault on ``pg`` at ``now`` (``--writes faults``); ``c`` is the content after
+    it (-1: the same bytes); ``slot``: the fault's time slot (after the snapshots', see new_arrays).
+    As ``do_wp_page``: a write to a KSM page copies it (``COW_KSM``), to the policy's zero page
+    allocates a page (``cow_zero``), to a frame another page maps (fork) copies it; the page ends
+    with a frame of its own either way (an exclusive frame is reused in the kernel: the frame count
+    is the same).  Returns the KSM COW breaks (0 or 1), -1 when the page is not a candidate now
+    (nothing to write)."""
+    P = E.pg
+    F = E.fr
+    ec = E.ec
+    if P[pg, P_CID] < 0:
+        return -1
+    f = P[pg, P_FRAME]
+    proc = P[pg, P_PROC]
+    cow = 0
+    if _merged_a(P, F, pg):
+        if f != ZERO_FRAME:
+            cow = 1
+            ec[C_COW] += 1
+        else:
+            ec[C_COW_ZERO] += 1
+            ec[C_KSM_ZERO] -= 1
+        ec[ec[C_OPROC] + 2 * proc + 1] -= 1
+    if c < 0:
+        c = P[pg, P_CID]
+    _release_a(P, F, E.gm, ec, pg)
+    P[pg, P_FRAME] = -1
+    if ec[C_NFREE] == 0:  # (cannot happen: a slot was just freed or the page had none)
+        P[pg, P_CID] = -1
+        ec[C_CAND] -= 1
+        ec[ec[C_OPROC] + 2 * proc] -= 1
+        ec[C_VIOLATIONS] += 1
+        return cow
+    ec[ec[C_OTIME] + slot] = now
+    ec[C_NFREE] -= 1
+    nf = F[ec[C_NFREE], F_FREEL]
+    F[nf, F_KSM] = 0
+    F[nf, F_CID] = c
+    F[nf, F_GID] = -1
+    F[nf, F_SINCE] = slot
+    F[nf, F_FDOM] = _dom(ec, proc)
+    F[nf, F_REF] = 1
+    ec[C_FRAMES] += 1
+    P[pg, P_FRAME] = nf
+    P[pg, P_CID] = c
+    P[pg, P_SINCE] = slot
+    return cow
 
 
 @njit(cache=True)

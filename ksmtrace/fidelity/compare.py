@@ -194,6 +194,7 @@ class FidelityReport:
     snapshot_times: np.ndarray | None = None  # when each snapshot is compared (end of its reads), s
     result: Any = None  # the RunResult of the refined replay
     validate: dict[str, Any] | None = None
+    events: dict[str, Any] | None = None  # event by event, from the ksm_events table (ksmtrace.fidelity.events)
 
     def row(self, name: str) -> dict[str, Any]:
         for r in self.rows:
@@ -225,6 +226,7 @@ class FidelityReport:
             "warnings": self.warnings,
             "definitions": NRMSE_NOTE,
             "validate": self.validate,
+            "events": None if self.events is None else {k: v for k, v in self.events.items() if not k.startswith("_")},
         })
 
     def text(self) -> str:
@@ -250,6 +252,10 @@ class FidelityReport:
                 "t90 sim (s)": r.get("t90_sim"),
             })
         out = "\n".join(head) + "\n\n" + table(rows)
+        if self.events is not None:
+            from ksmtrace.fidelity.events import event_text
+
+            out += "\n\n" + event_text(self.events)
         if self.warnings:
             out += "\n\n" + "\n".join(f"warning: {w}" for w in self.warnings)
         return out
@@ -265,6 +271,7 @@ def fidelity(
     sim_step: float | None = None,
     wall_clock: bool = True,
     progress: ProgressFn | None = None,
+    writes: str | None = None,
 ) -> FidelityReport:
     """Compare the real KSM counters recorded in ``trace`` with a replay of the ``ksm`` policy.
 
@@ -273,8 +280,9 @@ def fidelity(
     (both default to the shipped, calibrated model).  ``wall_clock``: stretch the clock by ksmd's
     measured (run + run-queue wait) / run when the trace records it (``ksmtrace validate`` does), so
     that a busy host's slower batches are reproduced.  ``sim_step``: seconds between simulated
-    samples (default: 0.05 s, never finer than needed).  Raises FidelityError for a trace without
-    ground truth.
+    samples (default: 0.05 s, never finer than needed).  ``writes``: how the replay learns of
+    writes (:data:`ksmtrace.trace.faults.WRITE_MODES`; default ``faults`` when the trace recorded
+    the write faults).  Raises FidelityError for a trace without ground truth.
     """
     from ksmtrace.replay import replay
     from ksmtrace.trace.reader import as_trace
@@ -293,13 +301,13 @@ def fidelity(
     at_ns = compare_times_ns(trace)
     rtrace = _RefinedTrace(trace, int(round(step * 1e9)) if step and step > 0 else 0, at_ns)
     res = replay(rtrace, "ksm", params, engine=engine, scope="recorded", timing_cost=tmodel, report_cost=model,
-                 start_s=gt.start_s, hz=gt.hz, progress=progress)
+                 start_s=gt.start_s, hz=gt.hz, progress=progress, writes=writes)
     rows_at = np.searchsorted(rtrace.grid, at_ns)
     sim = _sim_table(res, model, rows_at)
     real = gt.samples.with_columns((pl.col("ksmd_cpu_ns") / 1e9).alias("ksmd_cpu_s"))
     compare_at = at_ns / 1e9
     rows = compare_series(real, sim, compare_at, gt.start_s, params)
-    return FidelityReport(
+    rep = FidelityReport(
         trace=str(trace.path),
         trace_name=trace.name,
         params=params,
@@ -321,6 +329,10 @@ def fidelity(
         result=res,
         validate=gt.validate,
     )
+    from ksmtrace.fidelity.events import event_fidelity
+
+    rep.events = event_fidelity(trace, rep)
+    return rep
 
 
 def _sim_table(res, model: CostModel, index: np.ndarray) -> pl.DataFrame:

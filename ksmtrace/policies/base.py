@@ -156,6 +156,11 @@ class Policy:
     summary: ClassVar[str] = ""
     Params: ClassVar[type[Params]] = Params
     default_scope: ClassVar[str] = "recorded"
+    #: the runtime stays consistent when the engine applies a recorded write fault between two
+    #: snapshots (``--writes faults``): it re-reads page state from the engine, or it hears of the
+    #: write through an ``on_fault_write(pg, now)`` hook.  A policy that keeps its own per-page view
+    #: and has no such hook says False: its replays take the writes at the snapshots.
+    fault_writes: ClassVar[bool] = True
     kernel_counters: ClassVar[tuple[str, ...]] = ()
     requires: ClassVar[frozenset[str]] = frozenset()
     # parameter -> (another value, scenario name, base parameters): the contract suite checks that

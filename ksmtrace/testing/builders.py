@@ -23,6 +23,16 @@ collides with the zero page).
 Contents: ``contents=True`` stores a 4096-byte page per content (:func:`content_bytes`, random bytes
 seeded by the label; zero for the zero page) in the contents table, as ``capture --contents`` does.
 
+``faults`` (optional) writes a ``faults`` table (format version 2, as ``capture --kernel-events``
+does): a list of ``(t, proc, vpn)`` (a write fault at ``t`` seconds on the trace's clock) or dicts
+with ``t``, ``proc``, ``vpn`` and optionally ``present`` (default True: a protection fault, the
+COW kind), ``write`` (True), ``pid``.  Each goes to the snapshot whose interval holds it (previous
+snapshot < t <= this one); one after the last snapshot is in no committed snapshot and is left out.
+
+``ksm_events`` (optional) writes a ``ksm_events`` table the same way: dicts with ``t`` (seconds),
+``event`` (a name of ``schema.KSM_EVENT_NAMES``) and any other column of it (``rmap_item``, ``err``,
+``ksm_page``, ``seq``, ...; ``pid`` defaults to 1, ``cpu`` to 0).
+
 ``procs`` gives per process ``pid`` (default 1000 + proc), ``ppid`` (default 1: no parent in the
 trace), ``start`` (clock ticks of 10 ms on the trace's clock; default: the first snapshot the
 process is in, rounded up), ``uid``, ``cgroup``, ``comm``, ``mergeable``, ``snaps``.
@@ -104,6 +114,8 @@ def make_trace(
     collisions: Mapping[Any, tuple[Any, int]] | None = None,
     vmas: Any = None,
     contents: bool = False,
+    faults: list | None = None,
+    ksm_events: list | None = None,
     extra_tables: list[Mapping[str, pa.Table]] | None = None,
 ):
     """Write a trace and return it opened (:class:`~ksmtrace.trace.reader.Trace`)."""
@@ -250,6 +262,10 @@ def make_trace(
                     new[h] = content_bytes(c)
             tables["contents"] = pa.table({"snap": pa.array([s] * len(new), pa.uint32()), "hash": pa.array(list(new), pa.uint64()),
                                            "data": pa.array(list(new.values()), pa.binary())}, schema=S.CONTENTS_SCHEMA)
+        if faults is not None:
+            tables["faults"] = _fault_rows(faults, times, s, procs)
+        if ksm_events is not None:
+            tables["ksm_events"] = _ksm_event_rows(ksm_events, times, s)
         if ground_truth is not None and s < len(ground_truth):
             rows = []
             for g in ground_truth[s]:
@@ -268,6 +284,44 @@ def make_trace(
         prev_pfn = cur_pfn
     w.close("complete")
     return open_trace(path)
+
+
+def _in_snapshot(t: float, times: list[float], s: int) -> bool:
+    return (s == 0 and t <= times[0]) or (s > 0 and times[s - 1] < t <= times[s])
+
+
+def _ksm_event_rows(events: list, times: list[float], s: int) -> pa.Table:
+    """The ``ksm_events`` table of snapshot ``s``: the events with times[s-1] < t <= times[s]."""
+    rows = []
+    for e in events:
+        d = dict(e)
+        t = float(d.pop("t"))
+        if not _in_snapshot(t, times, s):
+            continue
+        r = {k: None for k in S.KSM_EVENTS_SCHEMA.names}
+        r.update({"snap": s, "t_ns": int(round(t * 1e9)), "pid": 1, "cpu": 0})
+        r.update(d)
+        rows.append(r)
+    rows.sort(key=lambda r: r["t_ns"])
+    return pa.Table.from_pylist(rows, schema=S.KSM_EVENTS_SCHEMA)
+
+
+def _fault_rows(faults: list, times: list[float], s: int, procs: Mapping[int, Mapping[str, Any]]) -> pa.Table:
+    """The ``faults`` table of snapshot ``s``: the faults with times[s-1] < t <= times[s]."""
+    rows = []
+    for f in faults:
+        d = dict(f) if isinstance(f, Mapping) else dict(zip(("t", "proc", "vpn"), f))
+        t = float(d["t"])
+        if not _in_snapshot(t, times, s):
+            continue
+        proc, vpn = int(d["proc"]), int(d["vpn"])
+        pid = int(d.get("pid", procs.get(proc, {}).get("pid", 1000 + proc)))
+        present, write = bool(d.get("present", True)), bool(d.get("write", True))
+        rows.append({"snap": s, "t_ns": int(round(t * 1e9)), "proc": proc, "pid": pid, "tid": pid, "vpn": vpn,
+                     "address": vpn << 12, "error_code": (1 if present else 0) | (2 if write else 0) | 4, "write": write,
+                     "present": present, "prev_flags": None, "cpu": 0})
+    rows.sort(key=lambda r: r["t_ns"])
+    return pa.Table.from_pylist(rows, schema=S.FAULTS_SCHEMA)
 
 
 def _vma_rows(vmas: Any, s: int, proc: int, pid: int, vpn: np.ndarray) -> list[dict]:

@@ -15,6 +15,10 @@ suite checks it, so a parameter that is not wired up fails a test.
 * ``families`` — fork families and strangers with equal content at equal virtual addresses
   (:func:`families_snapshots`; for the same-address plan).
 * ``random-N`` — a seeded random trace (``random-7``): churn, forks and exits.
+* ``mixed-faults`` — ``mixed`` with a recorded write fault (the ``faults`` table of ``capture
+  --kernel-events``) on a seeded tenth of its pages in every interval: rewrites with the same
+  bytes the snapshots cannot see, and the faults of the pages they see rewritten
+  (:func:`mixed_faults`).
 * ``strengths`` — a trace with a VMA table and the sampled hash at every strength, 100 ms apart
   (3 s): template pages shared across processes, contents that collide with each other at weak
   strengths and contents that collide with the zero page, sparse VMAs (holes), a region rewritten
@@ -237,6 +241,21 @@ def library_trace(path: str | os.PathLike, n: int = 8, pages: int = 24):
     return make_trace(path, snaps, procs=procs, interval=1.0)
 
 
+def mixed_faults(snaps: list[dict], interval: float, seed: int = 11) -> list[tuple[float, int, int]]:
+    """Write faults for a trace of ``snaps`` taken ``interval`` s apart: in every interval, a fault on
+    a seeded tenth of the pages present at both ends, at a seeded time inside it, and on every page
+    whose content changes, before the snapshot that shows the change."""
+    rnd = random.Random(seed)
+    out = []
+    for s in range(1, len(snaps)):
+        a, b = snaps[s - 1], snaps[s]
+        for key in sorted(set(a) & set(b)):
+            changed = a[key] != b[key]
+            if changed or rnd.random() < 0.1:
+                out.append(((s - 1 + rnd.uniform(0.05, 0.95)) * interval, key[0], key[1]))
+    return out
+
+
 def pagecache_snapshots(n_snaps: int = 30) -> tuple[list[dict], list[dict]]:
     """Pages ``(file, index) -> spec`` and file metadata per snapshot for the ``pagecache`` scenario."""
     snaps, meta = [], []
@@ -274,6 +293,9 @@ def scenario(name: str, path: str | os.PathLike):
 
         snaps, meta = pagecache_snapshots()
         return make_pagecache_trace(path, snaps, meta=meta, interval=0.05)
+    if name == "mixed-faults":
+        snaps = mixed_snapshots()
+        return make_trace(path, snaps, interval=0.05, procs=MIXED_PROCS, vmas=mixed_vmas(), faults=mixed_faults(snaps, 0.05))
     if name == "mixed":
         return make_trace(path, mixed_snapshots(), interval=0.05, procs=MIXED_PROCS, vmas=mixed_vmas())
     if name == "mixed-slow":  # the same pages, 0.5 s apart (for multi-second full scans)

@@ -131,6 +131,21 @@ def test_ctrl_c_exits_130():
     assert err.strip().splitlines()[-1] == "ksmtrace: interrupted" and "Traceback" not in err
 
 
+@pytest.mark.parametrize("delay", [0.05, 0.3, 0.8])
+def test_ctrl_c_while_the_program_starts_exits_130(delay):
+    """SIGINT while the modules load (before any command runs): the same one line and exit 130."""
+    env = dict(os.environ, KSMTRACE_PROGRESS="0", KSMTRACE_NO_CACHE="1")
+    p = subprocess.Popen([sys.executable, "-m", "ksmtrace", "policies"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    if p.returncode == 0:  # it had already finished: nothing to interrupt
+        return
+    assert p.returncode == 130, (p.returncode, err[-2000:])
+    assert err.strip().splitlines()[-1] == "ksmtrace: interrupted" and "Traceback" not in err
+
+
 def test_replay_with_nowhere_to_cache(sandbox):
     """Not even a temporary directory is writable: everything compiles in memory, and works."""
     r = as_nobody(sandbox, ["replay", str(sandbox / "trace"), "--policy", "oracle", "--json", "-q"], tmp="tmp-ro")

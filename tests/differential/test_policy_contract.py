@@ -19,7 +19,7 @@ def test_construct_and_reject_unknown(cls):
 
 
 @pytest.mark.parametrize("cls", POLICIES, ids=IDS)
-@pytest.mark.parametrize("scen", ["mixed", "random-1", "random-2"])
+@pytest.mark.parametrize("scen", ["mixed", "random-1", "random-2", "mixed-faults"])
 def test_contract_on_trace(cls, scen, scenarios):
     contract.check_trace(scenarios(scen), cls)
 

@@ -1,4 +1,5 @@
-"""Every registered policy, on generated traces at generated parameter values: its readable runtime
+"""Every registered policy, on generated traces at generated parameter values (with recorded write
+faults replayed at their time in half of them): its readable runtime
 on the reference engine, the same runtime on the fast engine, and its numba kernel (where it has
 one) give identical results — every column of every snapshot, the per-process table and the
 merge-latency histogram.
@@ -73,6 +74,11 @@ def traces(draw):
                 v[9] = [{"start": 0, "end": 64, "path": "[stack]"}]
             vmas.append(v)
         kw["vmas"] = vmas
+    if draw(st.booleans()):  # recorded write faults (capture --kernel-events): replayed at their time
+        procs = list(range(nproc)) + [9]
+        kw["faults"] = [{"t": draw(st.integers(1, 20 * (nsnap - 1) + 5)) * 0.001, "proc": draw(st.sampled_from(procs)),
+                         "vpn": draw(st.sampled_from(list(range(16)) + [33, 34])), "present": draw(st.integers(0, 5)) > 0}
+                        for _ in range(draw(st.integers(0, 14)))]
     return snaps, kw
 
 
@@ -111,6 +117,7 @@ def _same(a, b, what):
         assert a.table[c].equals(b.table[c]), f"{what}: column {c}: {a.table[c].to_list()} vs {b.table[c].to_list()}"
     assert a.procs.equals(b.procs), f"{what}: per-process tables differ"
     assert np.array_equal(a.latency_hist, b.latency_hist), f"{what}: latency histograms differ"
+    assert np.array_equal(a.first_merge_ns, b.first_merge_ns), f"{what}: first merge times differ"
 
 
 @pytest.mark.parametrize("cls", POLICIES, ids=IDS)

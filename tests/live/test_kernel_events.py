@@ -191,10 +191,12 @@ def test_instances_are_removed_on_every_exit_path(tmp_path, view, how):
         p.communicate(timeout=60)
         if how == "SIGKILL":
             assert len(view.instances(p.pid)) == 2
-            # the next capture removes them, and says so (with any other killed capture's)
+            # the next capture removes them, and says so (with any other killed capture's) — unless a
+            # capture of another test run on the host got there first: then they are gone all the same
             res = run_cli(["capture", "-p", str(t.pid), "--count", "1", "-o", str(tmp_path / "next")])
             assert res.returncode == 0, res.stderr
-            assert re.search(r"removed \d+ trace instance\(s\) left by a killed capture", res.stderr)
+            said = re.search(r"removed \d+ trace instance\(s\) left by a killed capture", res.stderr)
+            assert said or not view.instances(p.pid), res.stderr
         assert view.instances(p.pid) == []
         if how != "SIGKILL":
             assert open_trace(out).manifest["complete"]

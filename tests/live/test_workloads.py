@@ -253,7 +253,7 @@ def no_leftovers():
 # --- parameters, registry, model (no processes) -------------------------------------------------
 
 def test_registry_and_params_help():
-    assert set(WORKLOADS) == {"static", "rewrite", "zero", "forkdiverge", "churn"}
+    assert set(WORKLOADS) == {"static", "rewrite", "samewrite", "zero", "forkdiverge", "churn"}
     for name, cls in WORKLOADS.items():
         assert cls.__doc__ and len(cls.__doc__) > 80
         assert dataclasses.is_dataclass(cls.Params)

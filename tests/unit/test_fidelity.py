@@ -376,3 +376,50 @@ def test_validate_cli_rejects_bad_options_before_touching_ksm():
     assert r.exit_code == 1 and "managed by validate" in r.output
     r = CliRunner().invoke(cli, ["validate", "--duration", "0"])
     assert r.exit_code == 1 and "--duration" in r.output
+
+
+# --- event by event (ksm_events) ---------------------------------------------------------------------
+def test_event_fidelity_from_the_tracepoints(tmp_path):
+    """Counted by hand from the events below: sleep_millisecs=10 at HZ=250 (4 ms jiffies)."""
+    events = [
+        {"t": 0.105, "event": "ksm_start_scan", "seq": 0}, {"t": 0.130, "event": "ksm_stop_scan", "seq": 0},
+        {"t": 0.1535, "event": "ksm_start_scan", "seq": 1}, {"t": 0.180, "event": "ksm_stop_scan", "seq": 1},
+        {"t": 0.202, "event": "ksm_start_scan", "seq": 2},
+        {"t": 0.120, "event": "ksm_merge_with_ksm_page", "rmap_item": 1, "err": 0, "ksm_page": True},
+        {"t": 0.125, "event": "ksm_merge_with_ksm_page", "rmap_item": 2, "err": 0, "ksm_page": True},
+        {"t": 0.250, "event": "ksm_merge_with_ksm_page", "rmap_item": 1, "err": 0, "ksm_page": True},  # again
+        {"t": 0.260, "event": "ksm_merge_with_ksm_page", "rmap_item": 3, "err": 0, "ksm_page": False},  # stabilize
+        {"t": 0.270, "event": "ksm_merge_with_ksm_page", "rmap_item": 4, "err": -14, "ksm_page": True},  # failed
+    ]
+    gt = [[_gt_row(r, full_scans=7)] for r in (0, 1, 1, 1, 1, 1, 1, 1)]
+    tr = make_trace(tmp_path / "t", _dup_snaps(8), interval=0.1, ground_truth=gt, host={"kernel_release": "6.18.1"},
+                    ksm_events=events)
+    rep = fidelity(tr, sim_step=0.02)
+    e = rep.events
+    assert e["events"] == 10
+    fs = e["full_scans"]
+    assert fs["real"] == 2 and fs["real_end_s"] == pytest.approx([0.130, 0.180])
+    # gaps 23.5 and 22 ms after the scans, minus the 10 ms sleep
+    assert fs["lateness_real_ms"]["p50"] == pytest.approx(12.75) and fs["lateness_real_ms"]["max"] == pytest.approx(13.5)
+    # the modelled sleep: 3 jiffies after the current one, firing at the next jiffy: from 130 ms
+    # (jiffy 32) to 144 ms, from 180 ms (jiffy 45) to 196 ms: 4 and 6 ms late
+    assert fs["lateness_model_ms"]["p50"] == pytest.approx(5.0) and fs["lateness_model_ms"]["max"] == pytest.approx(6.0)
+    m = e["merges"]
+    assert m["real"] == 3 and m["real_per_interval"] == [0, 2, 1, 0, 0, 0, 0]
+    assert m["simulated"] == int(rep.result.table["merges"].sum()) == sum(m["sim_per_interval"])
+    t = e["time_to_merge"]
+    assert t["real_pages"] == 2 and t["real_s"]["max"] == pytest.approx(0.125 - rep.start_s)
+    assert t["sim_pages"] == int((rep.result.first_merge_ns >= 0).sum()) > 0
+    assert "ksm tracepoint hits" in rep.text() and "time to merge" in rep.text()
+    js = json.loads(json.dumps(rep.to_json()))
+    assert js["events"]["merges"]["real"] == 3 and "_arrays" not in js["events"]
+    r = CliRunner().invoke(cli, ["fidelity", str(tmp_path / "t"), "--quiet", "--events-plot", str(tmp_path / "e.png")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "e.png").stat().st_size > 1000
+
+
+def test_event_fidelity_needs_kernel_events(tmp_path):
+    tr = _gt_trace(tmp_path / "t")
+    assert fidelity(tr, sim_step=0.02).events is None
+    r = CliRunner().invoke(cli, ["fidelity", str(tmp_path / "t"), "--quiet", "--events-plot", str(tmp_path / "e.png")])
+    assert r.exit_code != 0 and r.output.strip().startswith("ksmtrace: error:") and "kernel events" in r.output

@@ -1,4 +1,4 @@
-"""The workload generators: static, rewrite, zero, forkdiverge, churn.
+"""The workload generators: static, rewrite, samewrite, zero, forkdiverge, churn.
 
 Every workload is a pure function of its parameters: the initial memory (cells, see
 :mod:`ksmtrace.lab.workloads.content`) and the schedule of steps (see
@@ -35,6 +35,20 @@ def _pick(seed: int, stream: int, proc: int, round_: int, candidates: np.ndarray
     if count <= 0:
         return _EMPTY
     return np.sort(_rng(seed, stream, proc, round_).choice(candidates, count, replace=False))
+
+
+def _rewrite_rounds(p, init) -> Iterator[tuple[int, int, np.ndarray]]:
+    """``(round, proc, pages)`` for round 1, 2, ...: the seeded random ``p.rewrite_fraction`` of
+    each process's template pages (region 0) that the round rewrites (stream (seed, 4, proc, r))."""
+    template_pages = {proc: np.flatnonzero(regions[0][:, 0] >= 0) for proc, regions in init.items()}
+    counts = {proc: int(round(p.rewrite_fraction * len(t))) for proc, t in template_pages.items()}
+    if not any(counts.values()):
+        return
+    round_ = 0
+    while True:
+        round_ += 1
+        for proc in sorted(init):
+            yield round_, proc, _pick(p.seed, STREAM_REWRITE, proc, round_, template_pages[proc], counts[proc])
 
 
 # --- parameters --------------------------------------------------------------------------------
@@ -82,6 +96,13 @@ class RewriteParams(StaticParams):
         super().__post_init__()
         check(self.period > 0, "period", self.period, "must be > 0")
         check_fraction("rewrite_fraction", self.rewrite_fraction)
+
+
+@dataclass(frozen=True)
+class SameWriteParams(RewriteParams):
+    period: float = param(0.3, "seconds between rounds (round r at r*period)")
+    rewrite_fraction: float = param(0.1, "fraction of each process's template pages rewritten "
+                                         "with their own bytes per round")
 
 
 @dataclass(frozen=True)
@@ -173,31 +194,40 @@ class Rewrite(Static):
     def schedule(self) -> Iterator[Step]:
         p = self.params
         init = self.initial()
-        template_pages = {proc: np.flatnonzero(regions[0][:, 0] >= 0)
-                          for proc, regions in init.items()}
-        counts = {proc: int(round(p.rewrite_fraction * len(t)))
-                  for proc, t in template_pages.items()}
-        if not any(counts.values()):
-            return
         previous = {proc: _EMPTY for proc in init}
-        round_ = 0
-        while True:
-            round_ += 1
-            for proc in sorted(init):
-                chosen = _pick(p.seed, STREAM_REWRITE, proc, round_, template_pages[proc],
-                               counts[proc])
-                restore = np.setdiff1d(previous[proc], chosen)
-                ops = []
-                if len(restore):
-                    ops.append(Op(WRITE, 0, restore, init[proc][0][restore]))
-                if len(chosen):
-                    ops.append(Op(WRITE, 0, chosen,
-                                  tagged_cells(UNIQUE, proc, 0, chosen, round_)))
-                previous[proc] = chosen
-                yield Step(round_ * p.period, proc,
-                           f"round {round_}: restore {len(restore)} pages to their templates, "
-                           f"rewrite {len(chosen)} template pages with unique content",
-                           len(restore) + len(chosen), ops)
+        for round_, proc, chosen in _rewrite_rounds(p, init):
+            restore = np.setdiff1d(previous[proc], chosen)
+            ops = []
+            if len(restore):
+                ops.append(Op(WRITE, 0, restore, init[proc][0][restore]))
+            if len(chosen):
+                ops.append(Op(WRITE, 0, chosen,
+                              tagged_cells(UNIQUE, proc, 0, chosen, round_)))
+            previous[proc] = chosen
+            yield Step(round_ * p.period, proc,
+                       f"round {round_}: restore {len(restore)} pages to their templates, "
+                       f"rewrite {len(chosen)} template pages with unique content",
+                       len(restore) + len(chosen), ops)
+
+
+@register
+class SameWrite(Static):
+    """Like ``static``; in addition, at every ``t = r*period`` (round r = 1, 2, ...) each process
+    rewrites a seeded random ``rewrite_fraction`` of its template pages (stream (seed, 4, proc, r))
+    with the bytes they already hold, as redis or memcached rewrite a value with the same data.
+    The content never changes, so no snapshot sees these writes; a write to a merged page still
+    faults and breaks COW (``cow_ksm``), and ksmd merges the page again from the stable tree."""
+
+    name = "samewrite"
+    Params = SameWriteParams
+
+    def schedule(self) -> Iterator[Step]:
+        p = self.params
+        init = self.initial()
+        for round_, proc, chosen in _rewrite_rounds(p, init):
+            yield Step(round_ * p.period, proc,
+                       f"round {round_}: rewrite {len(chosen)} template pages with their own bytes",
+                       len(chosen), [Op(WRITE, 0, chosen, init[proc][0][chosen])])
 
 
 @register

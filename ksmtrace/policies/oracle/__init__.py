@@ -54,37 +54,53 @@ class OracleRuntime(NoDaemon):
         self.holder: dict[int, int] = {}  # content -> the one unmerged page holding it
         self.keys, _ = merge_keys(params, ctx)
         self.hkey: dict[int, int] = {}  # holder page -> the key it became holder of (same_address_only)
+        self.pkey: dict[int, int] = {}  # page -> the key of its last arrival (same_address_only)
 
     def on_snapshot(self, s: int, now: int) -> None:
-        prep, eng = self.ctx.prep, self.eng
+        prep = self.ctx.prep
         ev = prep.batch(s)
         keys = self.keys[prep.events(s)].tolist() if self.keys is not None else None
         for i, (pg, kind) in enumerate(zip(ev.pg.tolist(), ev.kind.tolist())):
-            if kind not in (EV_APPEAR, EV_WRITE) or not eng.is_candidate(pg):
+            if kind not in (EV_APPEAR, EV_WRITE):
                 continue
-            c = eng.cid(pg)
-            if keys is not None:  # same_address_only: merge within the page's class, zero pages too
-                c = keys[i]
-                if c < 0:
-                    continue
-            elif c == 0:
-                eng.merge_zero(pg, now)
-                continue
-            k = self.kpage.get(c)
-            if k is not None and eng.frame_alive(*k):
-                eng.merge(pg, k[0], now)
-                continue
-            h = self.holder.get(c)
-            if h is None or h == pg or eng.cid(h) != eng.cid(pg) or (keys is not None and self.hkey.get(h) != c):
-                self.holder[c] = pg
-                if keys is not None:
-                    self.hkey[pg] = c
-                continue
-            if eng.frame(h) == eng.frame(pg):
-                continue
-            gen = eng.stabilize(h)
-            self.kpage[c] = (eng.frame(h), gen)
-            eng.merge(pg, eng.frame(h), now)
+            if keys is not None:
+                self.pkey[pg] = keys[i]
+            self._arrive(pg, keys[i] if keys is not None else None, now)
+
+    def on_fault_write(self, pg: int, now: int) -> None:
+        """A recorded write fault gave ``pg`` a frame of its own (``--writes faults``): perfect
+        dedup merges it again at once, under the key of its last arrival."""
+        self._arrive(pg, self.pkey.get(pg, -1) if self.keys is not None else None, now)
+
+    def _arrive(self, pg: int, key, now: int) -> None:
+        """The page ``pg`` (new or written) joins the one frame that holds its content (its key
+        with ``same_address_only``)."""
+        eng = self.eng
+        if not eng.is_candidate(pg):
+            return
+        c = eng.cid(pg)
+        if key is not None:  # same_address_only: merge within the page's class, zero pages too
+            c = key
+            if c < 0:
+                return
+        elif c == 0:
+            eng.merge_zero(pg, now)
+            return
+        k = self.kpage.get(c)
+        if k is not None and eng.frame_alive(*k):
+            eng.merge(pg, k[0], now)
+            return
+        h = self.holder.get(c)
+        if h is None or h == pg or eng.cid(h) != eng.cid(pg) or (key is not None and self.hkey.get(h) != c):
+            self.holder[c] = pg
+            if key is not None:
+                self.hkey[pg] = c
+            return
+        if eng.frame(h) == eng.frame(pg):
+            return
+        gen = eng.stabilize(h)
+        self.kpage[c] = (eng.frame(h), gen)
+        eng.merge(pg, eng.frame(h), now)
 
 
 class Oracle(Policy):

@@ -39,8 +39,12 @@ class OracleKernel(NoDaemon):
         kp[:, K_GEN] = 0
         self.kp = kp
         self.hkey = np.full(max(ctx.prep.n_pages, 1) if self.sa else 1, -1, dtype=np.int32)
+        # the key of each page's last arrival, which a recorded write fault merges it under again
+        # (same_address_only; the unfused path only)
+        self.pkey = np.full(max(ctx.prep.n_pages, 1) if self.sa else 1, -1, dtype=np.int64)
         off = ctx.prep.off
         self.pend = np.zeros(max(1, int(np.diff(off).max()) if len(off) > 1 else 1), np.int64)
+        self._fused_at = -1  # the snapshot apply_snapshot last applied
 
     def apply_snapshot(self, s: int, now: int) -> int:
         """The engine's snapshot step and the oracle's merges, fused; returns the COW breaks."""
@@ -48,11 +52,32 @@ class OracleKernel(NoDaemon):
         ev, proc_new = eng.batch(s, now)
         short = not self.sa and not bool((ev.gid >= 0).any())  # see state.apply_arrivals
         keys = self.keys[self.ctx.prep.events(s)] if self.sa else ev.cid
+        self._fused_at = s
         return int(_oracle_snapshot(eng.E, ev.pg, ev.kind, ev.cid, ev.gid, ev.thp, proc_new, s, now, self.kp,
                                     self.pend, short, keys, self.sa, self.hkey))
 
     def on_snapshot(self, s: int, now: int) -> None:
-        return None  # done in apply_snapshot
+        """Nothing after :meth:`apply_snapshot`.  With recorded write faults (``--writes faults``) the
+        driver takes the unfused path instead -- the engine applies the snapshot (a page a fault
+        already wrote keeps that write, see ``FastEngine.apply_snapshot``), then this merges every
+        arrival as :meth:`ksmtrace.policies.oracle.OracleRuntime.on_snapshot` does -- because the
+        fused step's arrivals are the engine's, which skip the writes the faults already applied,
+        while the oracle merges those pages again under their key at the snapshot."""
+        if self._fused_at == s:
+            return None
+        p = self.ctx.prep
+        ev = p.batch(s)
+        keys = self.keys[p.events(s)] if self.sa else ev.cid
+        idx = np.arange(len(ev.pg), dtype=np.int64)
+        _oracle_unfused(self.eng.E, ev.pg, ev.kind, idx, self.kp, keys, self.sa, self.hkey, self.pkey, np.int64(now))
+        return None
+
+    def on_fault_write(self, pg: int, now: int) -> None:
+        """See :meth:`ksmtrace.policies.oracle.OracleRuntime.on_fault_write`."""
+        key = self.pkey[pg] if self.sa else -1
+        _oracle_unfused(self.eng.E, np.array([pg], np.int64), np.array([EV_WRITE], np.uint8),
+                        np.zeros(1, np.int64), self.kp, np.array([key], np.int64), self.sa, self.hkey, self.pkey,
+                        np.int64(now))
 
 
 @njit(cache=True)
@@ -61,11 +86,23 @@ def _oracle_snapshot(E, pgs, kinds, cids, gids, thps, proc_new, s, now, kp, pend
     ec[ec[st.C_OTIME] + s] = now
     cows = st.apply_removals(E.pg, E.fr, E.gm, ec, pgs, kinds, thps)
     if short:
-        m = st.apply_arrivals(E.pg, E.fr, E.gm, ec, pgs, kinds, cids, gids, thps, proc_new, s, now, kp, pend)
+        m = st.apply_arrivals(E.pg, E.fr, E.gm, ec, E.first, pgs, kinds, cids, gids, thps, proc_new, s, now, kp, pend)
     else:
-        m = st.apply_arrivals(E.pg, E.fr, E.gm, ec, pgs, kinds, cids, gids, thps, proc_new, s, now, kp[:0], pend)
+        m = st.apply_arrivals(E.pg, E.fr, E.gm, ec, E.first, pgs, kinds, cids, gids, thps, proc_new, s, now, kp[:0], pend)
     _oracle_step(E, pgs, kinds, pend[:m], kp, keys, sa, hkey, now)
     return cows
+
+
+@njit(cache=True)
+def _oracle_unfused(E, pgs, kinds, idx, kp, keys, sa, hkey, pkey, now):
+    """The oracle's merges of a snapshot's arrivals ``idx`` (or of one page a fault wrote) after the
+    engine applied them; with ``same_address_only`` it notes each arrival's key (``pkey``)."""
+    if sa:
+        for j in range(len(idx)):
+            i = idx[j]
+            if kinds[i] == EV_APPEAR or kinds[i] == EV_WRITE:
+                pkey[pgs[i]] = keys[i]
+    _oracle_step(E, pgs, kinds, idx, kp, keys, sa, hkey, now)
 
 
 @njit(inline="always")

@@ -112,6 +112,10 @@ class PKSM(Policy):
     summary = "PKSM: fault-order new/rescan/del lists, sampled-hash trees, zero page first, periodic unstable recheck"
     Params = PksmParams
     default_scope = "anon"
+    # the runtimes keep each page's frame and list membership and learn of writes from the
+    # snapshot's events (PKSM's fault-time hook, ``pksm_add_new_anon_page`` on a COW, is not
+    # modelled between snapshots): write faults are taken at the snapshots
+    fault_writes = False
     kernel_counters = (
         "pages_shared", "pages_sharing", "pages_zero_sharing", "pages_unshared", "full_scans",
         "stable_nodes", "rmap_items", "new_list", "rescan_list", "collision_merges",
