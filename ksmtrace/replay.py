@@ -178,10 +178,11 @@ def replay(
     if missing:
         raise KsmtraceError(f"policy {pol.name!r} needs a trace with {missing[0]!r} (capture with --fingerprints)")
     spec["snapshots"] = prep.n_snaps
+    fw = fault_writes(trace, prep) if spec.get("writes") == "faults" else None
     if engine == "fast":
         from ksmtrace.engine.fast import FastEngine
 
-        eng = FastEngine(prep)
+        eng = FastEngine(prep, len(fw) if fw is not None else 0)
     else:
         from ksmtrace.engine.reference import ReferenceEngine
 
@@ -194,7 +195,6 @@ def replay(
         from ksmtrace.controllers.loop import ControlLoop
 
         control = ControlLoop(ctl, trace, prep, eng, rt, pol, host_kib, start_ns)
-    fw = fault_writes(trace, prep) if spec.get("writes") == "faults" else None
     wstats: dict[str, int] = {}
     table, procs = _run(prep, eng, rt, pol, make(progress), control, fw, wstats)
     counters = eng.counters()
@@ -317,12 +317,16 @@ def _run(prep, eng, rt, pol: Policy, progress, control=None, writes=None, wstats
     prev_busy = 0
     kc = list(pol.kernel_counters)
     proc_parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+    # a runtime may apply the snapshots itself, fused with its own step (the oracle's fast route);
+    # not with recorded write faults: the fused step cannot tell the arrivals a fault already wrote
+    # from the others, so the engine applies the snapshot and the runtime's on_snapshot runs unfused
+    applier = rt if hasattr(rt, "apply_snapshot") and writes is None else eng
     advance = control.run_until if control is not None else rt.run_until
     on_write = getattr(rt, "on_fault_write", None)
     fault_cows = 0
     for s in range(n):
         now = int(times[s])
-        cows = eng.apply_snapshot(s, now) + fault_cows
+        cows = applier.apply_snapshot(s, now) + fault_cows
         rt.on_snapshot(s, now)
         if control is not None:
             control.at_snapshot(s, now)

@@ -112,6 +112,12 @@ class Runtime(Protocol):
         rt.counters() / rt.units()    # read for the metrics row of snapshot s
         rt.run_until(t_{s+1})         # the daemon works during [t_s, t_{s+1})
 
+    A kernel may also define ``apply_snapshot(s, now) -> cow breaks``: it then applies the
+    snapshot's events itself, fused with its own step and through the engine's own code (the
+    oracle's fast route, :mod:`ksmtrace.policies.oracle.kernel`), and the driver calls it instead
+    of the engine's -- except with recorded write faults, when the engine applies the snapshot and
+    the kernel's ``on_snapshot`` does its step unfused.
+
     With ``--writes faults`` the driver splits the interval at every recorded write fault:
     ``rt.run_until(t_fault)``, the engine's ``write_fault``, then ``rt.on_fault_write(pg, t_fault)``
     if the runtime has that (optional) hook, and on to the next fault or ``t_{s+1}``.

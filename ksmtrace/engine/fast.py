@@ -14,34 +14,40 @@ from ksmtrace.engine import state as st
 class FastEngine:
     kind = "fast"
 
-    def __init__(self, prep) -> None:
+    def __init__(self, prep, n_faults: int = 0) -> None:
+        """``n_faults``: the recorded write faults the run applies (``--writes faults``): each gets a
+        time slot of its own (see :func:`ksmtrace.engine.state.new_arrays`)."""
         self.prep = prep
-        self.E = st.new_arrays(prep)
+        self.E = st.new_arrays(prep, n_faults)
+        self._fault_slot = prep.n_snaps  # the next fault's time slot
+        self._fault_slots_end = prep.n_snaps + n_faults
         self.n_frames = self.E.fr.shape[0]  # frame ids are recycled slots below this
         self._proc_new = np.zeros(prep.n_procs, dtype=np.bool_)
         self._faulted: dict[int, int] = {}  # page written by a fault -> the snapshot time its write carries
         self.now = 0
 
     # --- the driver's side ----------------------------------------------------------------------
-    def apply_snapshot(self, s: int, now: int) -> int:
-        """Apply snapshot ``s``'s page events at virtual time ``now``; returns COW breaks."""
+    def batch(self, s: int, now: int):
+        """Snapshot ``s``'s events, and which processes are new at it; the engine's clock moves to ``now``."""
         p = self.prep
-        sl = p.events(s)
         self._proc_new[:] = p.proc_first_snap == s
         self.now = now
-        kinds = st.faulted_kinds(p.ev_pg[sl], p.ev_kind[sl], self._faulted, now)
-        return int(
-            st.apply_events(
-                self.E, p.ev_pg[sl], kinds, p.ev_cid[sl], p.ev_gid[sl], p.ev_thp[sl],
-                self._proc_new, now,
-            )
-        )
+        return p.batch(s), self._proc_new
+
+    def apply_snapshot(self, s: int, now: int) -> int:
+        """Apply snapshot ``s``'s page events at virtual time ``now``; returns COW breaks."""
+        ev, proc_new = self.batch(s, now)
+        kinds = st.faulted_kinds(ev.pg, ev.kind, self._faulted, now)
+        return int(st.apply_events(self.E, ev.pg, kinds, ev.cid, ev.gid, ev.thp, proc_new, s, now))
 
     def write_fault(self, pg: int, cid: int, now: int, until: int) -> int:
         """A recorded write fault on ``pg`` at ``now`` (see :func:`ksmtrace.engine.state.write_fault`);
         the page's ``EV_WRITE`` at the snapshot at ``until`` is then already applied."""
-        cow = int(st.write_fault(self.E, np.int64(pg), np.int64(cid), np.int64(now)))
+        if self._fault_slot >= self._fault_slots_end:
+            raise ValueError("more write faults than the fast engine was sized for (FastEngine(prep, n_faults))")
+        cow = int(st.write_fault(self.E, np.int64(pg), np.int64(cid), np.int64(now), np.int64(self._fault_slot)))
         if cow >= 0:
+            self._fault_slot += 1
             self._faulted[int(pg)] = int(until)
         return cow
 
@@ -62,7 +68,7 @@ class FastEngine:
 
     def first_merge_ns(self) -> np.ndarray:
         """Per page, the virtual time of its first merge (-1: never merged)."""
-        return self.E.pg[:, st.P_FIRST].copy()
+        return self.E.first.copy()
 
     # --- queries (plain numpy reads: cheaper from Python than a jitted call) --------------------
     def is_candidate(self, pg: int) -> bool:

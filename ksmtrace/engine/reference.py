@@ -114,7 +114,8 @@ class ReferenceEngine:
     def merge(self, pg: int, f: int, now: int) -> bool:
         p = self.pages.get(pg)
         fr = self.frames.get(f)
-        if p is None or fr is None or f == ZERO_FRAME or fr.ref <= 0 or not fr.ksm or fr.cid != p.cid:
+        if (p is None or fr is None or f == ZERO_FRAME or fr.ref <= 0 or not fr.ksm or fr.cid != p.cid
+                or p.frame == ZERO_FRAME):  # a page on the zero page is not the policy's to move
             self.violations += 1
             return False
         if p.frame == f:
@@ -166,9 +167,8 @@ class ReferenceEngine:
     def apply_snapshot(self, s: int, now: int) -> int:
         prep = self.prep
         self.now = now
-        sl = prep.events(s)
-        events = list(zip(prep.ev_pg[sl].tolist(), prep.ev_kind[sl].tolist(), prep.ev_cid[sl].tolist(),
-                          prep.ev_gid[sl].tolist(), prep.ev_thp[sl].tolist()))
+        ev = prep.batch(s)
+        events = list(zip(ev.pg.tolist(), ev.kind.tolist(), ev.cid.tolist(), ev.gid.tolist(), ev.thp.tolist()))
         # a page a fault wrote before this snapshot already holds what its EV_WRITE here shows
         events = [(pg, EV_THP if kind == EV_WRITE and self.faulted.get(pg) == now else kind, cid, gid, thp)
                   for pg, kind, cid, gid, thp in events]

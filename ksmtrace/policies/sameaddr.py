@@ -45,7 +45,8 @@ class SameAddress:
 
     def __init__(self, ctx, on: bool, key: str) -> None:
         prep = ctx.prep
-        n = max(int(prep.n_pages), 1)
+        self.on = bool(on) and ctx.trace is not None and prep.n_pages > 0
+        n = max(int(prep.n_pages), 1) if on else 1  # (the plan off: no memory for the classes)
         # one buffer (a kernel takes it as one array): cls [n], off [n + 2], mem [n]
         self.buf = np.zeros(3 * n + 2, np.int64)
         self.cls = self.buf[:n]
@@ -54,7 +55,6 @@ class SameAddress:
         self.cls[:] = -1
         self.key = key
         self.prep = prep
-        self.on = bool(on) and ctx.trace is not None and prep.n_pages > 0
         self.asp = address_spaces(ctx.trace, prep) if self.on else None
         self.snap = self.asp.snap_index(prep) if self.on else None
         self.last = -1

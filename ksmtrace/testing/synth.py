@@ -55,6 +55,7 @@ def synthetic_trace(
     w = TraceWriter(path, host=host, capture=cap, tracer={"name": "synthetic", "version": "1"})
     per = pages // processes
     base_flags = np.uint32(S.F_PRESENT | S.F_ANON | S.F_PFN | S.F_KPF | (S.F_MERGEABLE if mergeable else 0))
+    # per process, its pages now (vpn sorted): content key, frame, and the hash and flags the trace shows
     state = []
     next_pfn = 1 << 20
     for p in range(processes):
@@ -68,44 +69,86 @@ def synthetic_trace(
         proc_rows = []
         for p in range(processes):
             cur = state[p]
-            if s > 0:
-                n = len(cur["vpn"])
-                k = int(n * churn)
-                idx = rng.choice(n, size=k, replace=False)
-                cur["c"][idx] = _contents(rng, k, templates, zero_frac=0.1, dup_frac=0.4)
-                cur["pfn"][idx] = np.arange(next_pfn, next_pfn + k, dtype=np.uint64)
-                next_pfn += k
-                # unmap a few pages, map a few new ones at the end of the range
-                drop = rng.choice(n, size=max(1, k // 10), replace=False)
-                keep = np.ones(n, dtype=bool)
-                keep[drop] = False
-                m = max(1, k // 10)
-                newv = cur["vpn"].max() + np.arange(1, m + 1, dtype=np.uint64)
-                cur = {
-                    "vpn": np.concatenate([cur["vpn"][keep], newv]),
-                    "c": np.concatenate([cur["c"][keep], _contents(rng, m, templates)]),
-                    "pfn": np.concatenate([cur["pfn"][keep], np.arange(next_pfn, next_pfn + m, dtype=np.uint64)]),
-                }
-                next_pfn += m
-            hashes = np.where(cur["c"] == 0, ZERO_HASH, (cur["c"].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ np.uint64(0xABCDEF))
-            flags = np.full(len(hashes), base_flags, np.uint32)
-            flags[cur["c"] == 0] |= np.uint32(S.F_ZERO_FILLED)
-            st = {"vpn": cur["vpn"], "hash": hashes.astype(np.uint64), "flags": flags, "pfn": cur["pfn"]}
-            prev = state[p].get("_st") if s > 0 else None
-            dl = D.diff(prev, st)
-            parts.append(D.rows_for(s, p, 10000 + p, prev, st, dl, s == 0))
-            cur["_st"] = st
-            state[p] = cur
+            if s == 0:
+                cur["hash"], cur["flags"] = _hash_flags(cur["c"], base_flags)
+                rows = {"vpn": cur["vpn"], "op": np.full(per, S.OP_NEW, np.uint8), "hash": cur["hash"],
+                        "flags": cur["flags"], "pfn": cur["pfn"]}
+            else:
+                cur, rows = _churn(rng, cur, churn, templates, next_pfn, base_flags)
+                next_pfn = cur.pop("next_pfn")
+                state[p] = cur
+            n = len(cur["vpn"])
+            m = len(rows["vpn"])
+            rows.update(snap=np.full(m, s, np.uint32), proc=np.full(m, p, np.uint32), pid=np.full(m, 10000 + p, np.uint32))
+            parts.append(rows)
             proc_rows.append({
                 "snap": s, "proc": p, "pid": 10000 + p, "ppid": 1, "start_ticks": p, "comm": f"synth{p}",
-                "cmdline": f"synth{p}", "cgroup": "/", "uid": 0, "state": "ok", "rss_pages": len(hashes),
-                "anon_pages": len(hashes), "captured_pages": len(hashes), "mergeable": mergeable,
+                "cmdline": f"synth{p}", "cgroup": "/", "uid": 0, "state": "ok", "rss_pages": n,
+                "anon_pages": n, "captured_pages": n, "mergeable": mergeable,
                 "merge_any": False, "t_read_ns": int(s * interval * 1e9),
             })
         cols = {k: np.concatenate([q[k] for q in parts]) for k in S.PAGES_SCHEMA.names}
+        del parts
         table = pa.table({k: pa.array(cols[k], type=S.PAGES_SCHEMA.field(k).type) for k in S.PAGES_SCHEMA.names}, schema=S.PAGES_SCHEMA)
+        del cols
         t = int(s * interval * 1e9)
         w.commit_snapshot(s, t, t, {"pages": table, "processes": pa.Table.from_pylist(proc_rows, schema=S.PROCESSES_SCHEMA)},
                           keyframe=(s == 0), stats={"pages": int(sum(len(x["vpn"]) for x in state))})
+        del table
     w.close("complete")
     return open_trace(path)
+
+
+def _hash_flags(c: np.ndarray, base_flags) -> tuple[np.ndarray, np.ndarray]:
+    """The keyed hash the trace shows for content keys (the zero page's is fixed) and the flags."""
+    zero = c == 0
+    hashes = np.where(zero, np.uint64(ZERO_HASH), (c.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ np.uint64(0xABCDEF))
+    flags = np.full(len(c), base_flags, np.uint32)
+    flags[zero] |= np.uint32(S.F_ZERO_FILLED)
+    return hashes.astype(np.uint64), flags
+
+
+def _churn(rng, cur: dict, churn: float, templates: int, next_pfn: int, base_flags):
+    """One snapshot of one process: ``churn`` of its pages rewritten (with new frames), a few
+    unmapped, a few new ones mapped at the end of its range.  Returns its new state and its page
+    rows (the delta against the old state, in address order).  Written out rather than diffed, so
+    a 16 M-page trace is generated in bounded time and memory; a rewrite that leaves the hash
+    unchanged (zero to zero, a template to itself) shows no row, as no capture would see it."""
+    n = len(cur["vpn"])
+    k = int(n * churn)
+    idx = rng.choice(n, size=k, replace=False)
+    c = cur["c"]
+    c[idx] = _contents(rng, k, templates, zero_frac=0.1, dup_frac=0.4)
+    pfn = cur["pfn"]
+    pfn[idx] = np.arange(next_pfn, next_pfn + k, dtype=np.uint64)
+    next_pfn += k
+    drop = rng.choice(n, size=max(1, k // 10), replace=False)
+    keep = np.ones(n, dtype=bool)
+    keep[drop] = False
+    m = max(1, k // 10)
+    newv = cur["vpn"].max() + np.arange(1, m + 1, dtype=np.uint64)
+    new_c = _contents(rng, m, templates)
+    new_pfn = np.arange(next_pfn, next_pfn + m, dtype=np.uint64)
+    next_pfn += m
+    hash_idx, flags_idx = _hash_flags(c[idx], base_flags)
+    written = np.zeros(n, dtype=bool)
+    written[idx[hash_idx != cur["hash"][idx]]] = True
+    cur["hash"][idx] = hash_idx
+    cur["flags"][idx] = flags_idx
+    changed = np.flatnonzero(written & keep)
+    new_hash, new_flags = _hash_flags(new_c, base_flags)
+    gone = np.sort(drop)
+    rows = {
+        "vpn": np.concatenate([cur["vpn"][changed], cur["vpn"][gone], newv]),
+        "op": np.concatenate([np.full(len(changed), S.OP_CHANGED, np.uint8), np.full(len(gone), S.OP_GONE, np.uint8),
+                              np.full(m, S.OP_NEW, np.uint8)]),
+        "hash": np.concatenate([cur["hash"][changed], np.zeros(len(gone), np.uint64), new_hash]),
+        "flags": np.concatenate([cur["flags"][changed], np.zeros(len(gone), np.uint32), new_flags]),
+        "pfn": np.concatenate([pfn[changed], np.zeros(len(gone), np.uint64), new_pfn]),
+    }
+    order = np.argsort(rows["vpn"], kind="stable")
+    rows = {k_: v[order] for k_, v in rows.items()}
+    new = {name: np.concatenate([cur[name][keep], add]) for name, add in
+           (("vpn", newv), ("c", new_c), ("pfn", new_pfn), ("hash", new_hash), ("flags", new_flags))}
+    new["next_pfn"] = next_pfn
+    return new, rows

@@ -18,6 +18,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -225,19 +226,34 @@ def read_footer(d: TraceDir, rel: str, stats_columns: tuple[str, ...] = (),
     return Footer(rows, schema, FileIdentity.of(st), stats)
 
 
-def read_parquet(d: TraceDir, rel: str, identity: FileIdentity, columns: list[str] | None = None) -> pa.Table:
-    """Read (columns of) a member whose footer was checked when the trace was opened; the file
-    must still be that version."""
-    root = d.root
+def _open_same(d: TraceDir, rel: str, identity: FileIdentity) -> int:
+    """A descriptor of member ``rel``, which must still be the file checked when the trace was opened."""
     fd, st = d.open(rel)
     if FileIdentity.of(st) != identity:
         os.close(fd)
-        raise TraceError(f"{root / rel}: changed since the trace was opened (open the trace again)")
-    with os.fdopen(fd, "rb") as fh:
+        raise TraceError(f"{d.root / rel}: changed since the trace was opened (open the trace again)")
+    return fd
+
+
+def read_parquet(d: TraceDir, rel: str, identity: FileIdentity, columns: list[str] | None = None) -> pa.Table:
+    """Read (columns of) a member whose footer was checked when the trace was opened; the file
+    must still be that version."""
+    with os.fdopen(_open_same(d, rel, identity), "rb") as fh:
         try:
             return pq.ParquetFile(fh).read(columns=columns)
         except Exception as exc:
-            raise TraceError(f"{root / rel}: corrupt or truncated ({_short(exc)})") from None
+            raise TraceError(f"{d.root / rel}: corrupt or truncated ({_short(exc)})") from None
+
+
+def iter_parquet(d: TraceDir, rel: str, identity: FileIdentity, columns: list[str] | None = None,
+                 rows: int = 1 << 20) -> Iterator[pa.RecordBatch]:
+    """:func:`read_parquet` in record batches of at most ``rows`` rows (bounded memory for a big
+    file); the file stays open until the last batch."""
+    with os.fdopen(_open_same(d, rel, identity), "rb") as fh:
+        try:
+            yield from pq.ParquetFile(fh).iter_batches(batch_size=rows, columns=columns)
+        except Exception as exc:
+            raise TraceError(f"{d.root / rel}: corrupt or truncated ({_short(exc)})") from None
 
 
 def _short(exc: BaseException) -> str:

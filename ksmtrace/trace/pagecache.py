@@ -135,6 +135,19 @@ def _file_meta(trace) -> pl.DataFrame | None:
     return trace.read_table("files", columns=["snap", "dev", "inode", "path", "size", "mtime_ns"])
 
 
+def _event_store(ev_off, pg, kind, cid, page_vpn):
+    """The events in an in-memory store, one block per snapshot (no shared frames, no huge pages)."""
+    from ksmtrace.trace.events import EventStore
+
+    store = EventStore(sample=False, capacity=len(pg))
+    none = np.full(len(pg), -1, np.int32)
+    for a, b in zip(ev_off[:-1], ev_off[1:]):
+        store.append({"pg": pg[a:b], "kind": kind[a:b], "cid": cid[a:b], "gid": none[a:b], "thp": none[a:b]})
+    store.finish()
+    store.put("page_vpn", page_vpn)
+    return store
+
+
 def prepare_file(trace, scope: str = "file"):
     """The ``file`` scope's :class:`~ksmtrace.trace.prepare.Prepared` (see the module docstring)."""
     from ksmtrace.trace.prepare import (EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE, Prepared, _baselines, _dense,
@@ -263,7 +276,6 @@ def prepare_file(trace, scope: str = "file"):
         cur_cand = cand
 
     ev_pg_a = cat(ev_pg, np.int32)
-    n_ev = len(ev_pg_a)
     first = np.full(n_files, n_snaps, np.int64)
     if len(r_pg):
         np.minimum.at(first, page_proc[r_pg], r_snap)
@@ -274,7 +286,6 @@ def prepare_file(trace, scope: str = "file"):
         times_ns=times,
         n_pages=n_pages,
         page_proc=page_proc,
-        page_vpn=page_vpn,
         n_procs=n_files,
         proc_pid=np.zeros(n_files, np.int64),
         proc_id=np.arange(n_files, dtype=np.int64),  # file ids: the scope has no traced process
@@ -290,12 +301,7 @@ def prepare_file(trace, scope: str = "file"):
         n_gids=0,
         n_thp=0,
         off=np.asarray(ev_off, np.int64),
-        ev_pg=ev_pg_a,
-        ev_kind=cat(ev_kind, np.uint8),
-        ev_cid=cat(ev_cid, np.int32),
-        ev_gid=np.full(n_ev, -1, np.int64),
-        ev_thp=np.full(n_ev, -1, np.int64),
-        ev_sample=None,
+        store=_event_store(ev_off, ev_pg_a, cat(ev_kind, np.uint8), cat(ev_cid, np.int32), page_vpn),
         base_pages=np.zeros(n_snaps, np.int64),
         base_frames=np.zeros(n_snaps, np.int64),
         oracle_frames=np.zeros(n_snaps, np.int64),

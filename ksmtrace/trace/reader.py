@@ -250,6 +250,12 @@ class Trace:
             return None
         ft = self._footers[(table, snap)]
         tab = files.read_parquet(d, fe.path, ft.identity, columns)
+        self._check_batch(fe, table, snap, tab)
+        return tab
+
+    def _check_batch(self, fe: M.FileEntry, table: str, snap: int, tab: pa.Table | pa.RecordBatch) -> None:
+        """Rows read from ``fe``: no nulls in a column the format declares non-null, the ``snap``
+        column equal to the snapshot."""
         fields = self._schema_names(table)
         for name in tab.column_names:
             col = tab.column(name)
@@ -260,10 +266,9 @@ class Trace:
             lo, hi = mm["min"].as_py(), mm["max"].as_py()
             if lo != snap or hi != snap:
                 raise TraceError(f"{self.path / fe.path}: holds rows of snapshot(s) {lo}..{hi}, not of snapshot {snap}")
-        return tab
 
-    def read_table(self, table: str, snaps: range | list[int] | None = None, columns: list[str] | None = None) -> pl.DataFrame:
-        """One table over the committed snapshots (all, or ``snaps``), as a polars DataFrame."""
+    def _check_columns(self, table: str, columns: list[str] | None) -> pa.Schema:
+        """The table's schema in this trace; every column asked for must be in it."""
         if table not in schema.SCHEMAS:
             raise TraceError(f"unknown table {table!r} (tables: {', '.join(schema.TABLES)})")
         want = self._schema(table)
@@ -271,6 +276,27 @@ class Trace:
             unknown = [c for c in columns if c not in want.names]
             if unknown:
                 raise TraceError(f"{self.path}: the {table} table of this trace has no column {unknown[0]!r}")
+        return want
+
+    def read_batches(self, table: str, snap: int, columns: list[str] | None = None,
+                     rows: int = 1 << 20) -> Iterator[pl.DataFrame]:
+        """One snapshot's file of ``table`` in batches of at most ``rows`` rows, in file order (a
+        big host's keyframe is never in memory at once), with the checks of :meth:`read_table`
+        (the same file as on open, no nulls where the format has none, ``snap`` equal to the
+        snapshot) applied to every batch."""
+        fe = self._log.files[snap].get(table)
+        if fe is None:
+            return
+        self._check_columns(table, columns)
+        with files.TraceDir(self.path) as d:
+            ft = self._footers[(table, snap)]
+            for b in files.iter_parquet(d, fe.path, ft.identity, columns, rows):
+                self._check_batch(fe, table, snap, b)
+                yield pl.from_arrow(b)
+
+    def read_table(self, table: str, snaps: range | list[int] | None = None, columns: list[str] | None = None) -> pl.DataFrame:
+        """One table over the committed snapshots (all, or ``snaps``), as a polars DataFrame."""
+        want = self._check_columns(table, columns)
         idx = range(self.n_snapshots) if snaps is None else snaps
         parts = []
         with files.TraceDir(self.path) as d:

@@ -198,7 +198,8 @@ def _restrict(trace, prep: Prepared, r: Restriction) -> Prepared:
     ev_cid = _carry_cids(prep.ev_pg, kind, ev_cid, prep.n_pages).astype(np.int32)
     bf, of, _ = _baseline_counts(prep.off, prep.ev_pg, prep.ev_kind, ev_cid, prep.ev_gid, prep.n_pages, n_cids, prep.n_gids)
     extras = {**prep.extras, "restrict": r.spec, "unrestricted_oracle_frames": prep.oracle_frames}
-    return dataclasses.replace(prep, ev_cid=ev_cid, n_cids=int(n_cids), oracle_frames=of, extras=extras)
+    return dataclasses.replace(prep, store=prep.store.with_column("cid", ev_cid), n_cids=int(n_cids), oracle_frames=of,
+                               extras=extras)
 
 
 @njit(cache=True)

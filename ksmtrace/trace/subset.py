@@ -48,6 +48,15 @@ class TraceWithout:
             df = df.drop("proc")
         return df
 
+    def read_batches(self, table: str, snap: int, columns: list[str] | None = None, rows: int = 1 << 20):
+        """:meth:`Trace.read_batches` without the excluded processes' rows."""
+        want = None if columns is None else list(columns)
+        extra = want is not None and "proc" not in want and self._has_proc(table)
+        for df in self._trace.read_batches(table, snap, (want + ["proc"]) if extra else want, rows):
+            if "proc" in df.columns and self.excluded:
+                df = df.filter(~pl.col("proc").is_in(self.excluded))
+            yield df.drop("proc") if extra else df
+
     @staticmethod
     def _has_proc(table: str) -> bool:
         from ksmtrace.trace import schema

@@ -153,3 +153,20 @@ def test_a_kernel_is_never_forced_onto_the_reference_engine(tmp_path):
         replay(tr, "ksm", engine="reference", runtime="kernel")
     with pytest.raises(KsmtraceError, match="unknown runtime"):
         replay(tr, "ksm", runtime="turbo")
+
+
+@pytest.mark.parametrize("params", [{"pages_to_scan": 3, "sleep_millisecs": 1},
+                                    {"pages_to_scan": 12, "sleep_millisecs": 1, "max_page_sharing": 2}])
+def test_ksm_kernel_grows_its_node_table(scenarios, monkeypatch, params):
+    """The ksm kernel's stable-node table starts small and grows between wake-ups: from one row,
+    it grows many times and still equals the readable runtime."""
+    from ksmtrace.policies.ksm import kernel
+
+    monkeypatch.setattr(kernel, "NODES_START", 1)
+    grown = []
+    real = kernel.grow_nodes
+    monkeypatch.setattr(kernel, "grow_nodes", lambda K, extra: grown.append(extra) or real(K, extra))
+    tr = scenarios("mixed")
+    fast = replay(tr, "ksm", params, runtime="kernel")
+    assert len(grown) >= 3
+    _same(replay(tr, "ksm", params, runtime="readable"), fast, f"ksm {params}: grown node table")

@@ -206,3 +206,26 @@ def test_columns_added_in_version_2_are_required_in_version_2_files():
     assert "ksmd_wait_ns" not in S.required_columns("ksm", 1)
     assert "ksmd_wait_ns" in S.required_columns("ksm", 2)
     assert S.required_columns("pages", 1) == S.PAGES_SCHEMA.names
+
+
+def test_read_batches_is_read_table_in_pieces(tmp_path):
+    """A snapshot's file in batches: the same rows in file order; a view without a process drops
+    its rows from every batch; a file replaced since the trace was opened is refused."""
+    from ksmtrace.testing.synth import synthetic_trace
+    from ksmtrace.trace.subset import without_processes
+
+    tr = synthetic_trace(tmp_path / "t", pages=3000, snapshots=2, processes=3, seed=1)
+    cols = ["proc", "vpn", "op", "hash"]
+    whole = tr.read_table("pages", [0], cols)
+    parts = list(tr.read_batches("pages", 0, cols, rows=700))
+    assert len(parts) == -(-whole.height // 700) and max(p.height for p in parts) <= 700
+    assert pl.concat(parts).equals(whole)
+    view = without_processes(tr, [int(whole["proc"][0])])
+    got = pl.concat(list(view.read_batches("pages", 0, ["vpn", "op"], rows=500)))
+    assert got.equals(view.read_table("pages", [0], ["vpn", "op"])) and got.height < whole.height
+    f = tr.path / S.snapshot_file("pages", 1)
+    data = f.read_bytes()
+    f.unlink()
+    f.write_bytes(data)  # a new inode: not the file that was checked
+    with pytest.raises(TraceError, match="changed since the trace was opened"):
+        list(tr.read_batches("pages", 1, cols))

@@ -28,7 +28,7 @@ from ksmtrace.engine.api import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE
 from ksmtrace.engine.cost import UNIT_INDEX
 from ksmtrace.engine.daemon import D_NOW, DU, KernelRuntime, new_block, param_slots, params_array, scalar_slots, sleep, wake_up
 from ksmtrace.engine.state import F_KSM, F_REF, P_CID, P_FRAME, P_PROC
-from ksmtrace.engine.jitutil import prefetch_row
+from ksmtrace.jitutil import prefetch_row
 from ksmtrace.policies.hashtable import HashTableParams
 from ksmtrace.policies.hashtable.runtime import UNLIMITED, alive_procs, hashtable_counters, hashtable_extras, scan_permutation
 
@@ -310,8 +310,8 @@ class HashTableKernel(KernelRuntime):
     def on_snapshot(self, s: int, now: int) -> None:
         p = self.prep
         self.S.mm[: p.n_procs, M_ALIVE] = alive_procs(p, s)
-        sl = p.events(s)
-        on_snapshot(self.E, self.S, p.ev_pg[sl], p.ev_kind[sl])
+        ev = p.batch(s)
+        on_snapshot(self.E, self.S, ev.pg, ev.kind)
 
     def run_until(self, t_end: int) -> None:
         run_until(self.E, self.S, np.int64(t_end))

@@ -67,9 +67,9 @@ class HashTableRuntime(Daemon):
     def on_snapshot(self, s: int, now: int) -> None:
         prep, eng = self.prep, self.eng
         self.alive = alive_procs(prep, s)
-        sl = prep.events(s)
-        pgs = prep.ev_pg[sl].tolist()
-        kinds = prep.ev_kind[sl].tolist()
+        ev = prep.batch(s)
+        pgs = ev.pg.tolist()
+        kinds = ev.kind.tolist()
         for pg, kind in zip(pgs, kinds):
             if kind not in (EV_GONE, EV_UNMERGE, EV_WRITE) or pg not in self.pg_frame:
                 continue

@@ -23,8 +23,8 @@ from ksmtrace.engine import state as st
 from ksmtrace.engine.cost import UNIT_INDEX
 from ksmtrace.engine.daemon import (D_BUSY, D_ERR, D_IDLE, D_NOW, D_TWAKE, DU, KernelRuntime, new_block,
                                     param_slots, params_array, scalar_slots, sleep, wake_up, work_so_far)
-from ksmtrace.engine.jitutil import bitlen as _bitlen
-from ksmtrace.engine.jitutil import prefetch_row
+from ksmtrace.jitutil import bitlen as _bitlen
+from ksmtrace.jitutil import prefetch_row
 from ksmtrace.engine.state import F_KSM, P_CID, P_FRAME, P_PROC
 from ksmtrace.policies.ksm import KsmParams
 from ksmtrace.policies.ksm.runtime import Holes, fork_registrations, ksm_counters, sleep_written, sysfs_refusals
@@ -48,16 +48,20 @@ U_PRUNE = UNIT_INDEX["stale_prunes"]
 
 # sc: the daemon's slots (D_*), then the policy's scalars, then its parameters (at OP)
 (S_CUR, S_CURPG, S_SEQNR, S_SHARED, S_SHARING, S_UNSHARED, S_SCANNED, S_SKIPPED, S_CHAINS, S_DUPS, S_PTS,
- S_ADV_START, S_ADV_CHANGE, S_ADV_SCANTIME, S_ADV_CPU, S_UNCOUNT, S_STCOUNT, S_NFREE, S_RMAP) = scalar_slots(19)
-N_SCALARS = 19
+ S_ADV_START, S_ADV_CHANGE, S_ADV_SCANTIME, S_ADV_CPU, S_UNCOUNT, S_STCOUNT, S_NFREE, S_RMAP, S_GROW) = scalar_slots(20)
+N_SCALARS = 20
 # parameter slots: KsmParams' fields by name, then values derived from them
 P = param_slots(KsmParams, derived=("neworder", "v318", "remap", "hz", "oldchains"))
 OP = scalar_slots(N_SCALARS).stop
 
 # it: rmap item columns
-I_ALLOC, I_OLD, I_AGE, I_SKIPS, I_FLAG, I_SEQ, I_UKEY, I_NODE, I_NEXT, I_PREV = range(10)
+# (int32; the small fields share I_BITS: _get/_put with a (shift, mask) field)
+I_BITS, I_OLD, I_UKEY, I_NODE, I_NEXT, I_PREV = range(6)
+B_ALLOC, B_FLAG, B_AGE, B_SKIPS, B_SEQ = (0, 1), (1, 3), (3, 255), (11, 15), (15, 255)
 # nd: stable node columns
-N_KIND, N_CID, N_FRAME, N_GEN, N_FIRST, N_LEN, N_CHAIN, N_DFIRST, N_DNEXT, N_DPREV, N_NDUPS, N_PRUNE, N_FREEL = range(13)
+# (int32; a chain's last prune time, in ns, is split over N_PRUNE_HI and N_PRUNE_LO)
+N_KIND, N_CID, N_FRAME, N_GEN, N_FIRST, N_LEN, N_CHAIN, N_DFIRST, N_DNEXT, N_DPREV, N_NDUPS, N_PRUNE_HI, N_PRUNE_LO, N_FREEL = range(14)
+N_NCOLS = 14
 # ct: content columns
 C_ROOT, C_UITEM, C_USCAN = range(3)
 # mm: list columns (row n_procs is ksm_mm_head)
@@ -68,6 +72,7 @@ PF_AHEAD = 12  # pages ahead whose frame and content rows are prefetched
 F_NONE, F_UNSTABLE, F_STABLE = 0, 1, 2
 
 KsmState = namedtuple("KsmState", ["it", "nd", "ct", "fn", "mm", "sc"])
+NODES_START = 1024  # stable node rows to start with (plus one per 64 pages); grown on demand
 # (the holes and the same-address classes are separate arguments of the calls that read them: every
 # array of K is passed, and reference counted, at each non-inlined call that takes K)
 
@@ -87,12 +92,8 @@ def derived_params(params, hz: int) -> dict[str, int]:
 
 def new_state(prep, params, ctx, n_frames: int) -> KsmState:
     n, c, f, np_ = prep.n_pages, prep.n_cids, n_frames, prep.n_procs
-    cap = 2 * n + 16
-    it = np.zeros((n, 10), np.int32)  # int32 halves the scan's memory traffic
-    it[:, [I_OLD, I_UKEY, I_NODE, I_NEXT, I_PREV]] = -1
-    nd = np.zeros((cap, 13), np.int64)
-    nd[:, [N_CID, N_FIRST, N_CHAIN, N_DFIRST, N_DNEXT, N_DPREV]] = -1
-    nd[:, N_FREEL] = np.arange(cap - 1, -1, -1)
+    it = np.full((n, 6), -1, np.int32)  # 24 bytes a page: the scan's memory traffic
+    it[:, I_BITS] = 0
     ct = np.full((c, 3), -1, np.int32)
     mm = np.zeros((np_ + 1, 7), np.int64)
     mm[:, M_NEXT] = np_
@@ -105,11 +106,42 @@ def new_state(prep, params, ctx, n_frames: int) -> KsmState:
     sc[S_CUR] = np_  # the head
     sc[S_PTS] = params.advisor_min_pages_to_scan if params.advisor_mode == "scan-time" else params.pages_to_scan
     sc[D_IDLE] = 1
-    sc[S_NFREE] = cap
-    return KsmState(it=it, nd=nd, ct=ct, fn=np.full(f, -1, np.int64), mm=mm, sc=sc)
+    K = KsmState(it=it, nd=np.zeros((0, N_NCOLS), np.int32), ct=ct, fn=np.full(f, -1, np.int32), mm=mm, sc=sc)
+    return grow_nodes(K, NODES_START + n // 64)
+
+
+def grow_nodes(K: KsmState, extra: int) -> KsmState:
+    """Room for ``extra`` more stable nodes (from Python, between jitted calls: run_until returns
+    with S_GROW set before a wake-up that could run out).  Stable nodes are few next to pages, so
+    the node table grows with them instead of being sized for the worst case (two per page)."""
+    old = len(K.nd)
+    new = max(2 * old, old + extra)
+    nd = np.zeros((new, N_NCOLS), np.int32)
+    nd[:old] = K.nd
+    nd[old:, [N_CID, N_FIRST, N_CHAIN, N_DFIRST, N_DNEXT, N_DPREV]] = -1
+    nfree = int(K.sc[S_NFREE])
+    # the free stack: today's free nodes, then the new ones (taken first)
+    nd[nfree : nfree + new - old, N_FREEL] = np.arange(new - 1, old - 1, -1)
+    K.sc[S_NFREE] = nfree + new - old
+    K.sc[S_GROW] = 0
+    return K._replace(nd=nd)
 
 
 # --- small helpers --------------------------------------------------------------------------------
+@njit(inline="always")
+def _get(it, q, field):
+    """A small field of rmap item ``q`` (allocated, tree flag, age, skips, seqnr & 0xff)."""
+    shift, mask = field
+    return (it[q, I_BITS] >> shift) & mask
+
+
+@njit(inline="always")
+def _put(it, q, field, v):
+    shift, mask = field
+    it[q, I_BITS] = (it[q, I_BITS] & ~(mask << shift)) | ((v & mask) << shift)
+
+
+
 @njit(inline="always")
 def _scannable(E, pg):
     return E.pg[pg, P_CID] >= 0 and E.pg[pg, P_FRAME] != 0
@@ -125,6 +157,17 @@ def _candidate(K, nd, offset):
     if K.sc[OP + P.v318] == 1:
         return True
     return K.nd[nd, N_LEN] > 0 and K.nd[nd, N_LEN] + offset < K.sc[OP + P.max_page_sharing]
+
+
+@njit(inline="always")
+def _prune_time(K, ch):
+    return (np.int64(K.nd[ch, N_PRUNE_HI]) << 32) | (np.int64(K.nd[ch, N_PRUNE_LO]) & 0xFFFFFFFF)
+
+
+@njit(inline="always")
+def _set_prune_time(K, ch, t):
+    K.nd[ch, N_PRUNE_HI] = t >> 32
+    K.nd[ch, N_PRUNE_LO] = t & 0xFFFFFFFF
 
 
 @njit
@@ -220,7 +263,7 @@ def remove_node_from_stable_tree(K, nd):
             K.sc[S_SHARING] -= 1
         else:
             K.sc[S_SHARED] -= 1
-        K.it[it, I_FLAG] = F_NONE
+        _put(K.it, it, B_FLAG, F_NONE)
         K.it[it, I_NODE] = -1
         K.it[it, I_NEXT] = -1
         K.it[it, I_PREV] = -1
@@ -262,17 +305,17 @@ def _remove_stable_item(E, K, pg):
         K.sc[S_SHARING] -= 1
     else:
         K.sc[S_SHARED] -= 1
-    K.it[pg, I_FLAG] = F_NONE
+    _put(K.it, pg, B_FLAG, F_NONE)
     K.it[pg, I_NODE] = -1
 
 
 @njit(inline="always")
 def _rm_local(E, K, it, ct, sc, pg):
     """remove_rmap_item_from_tree on local arrays: the unstable case inline, the stable one a call."""
-    fl = it[pg, I_FLAG]
+    fl = _get(it, pg, B_FLAG)
     if fl == F_UNSTABLE:
         seq = sc[S_SEQNR]
-        age = (seq - it[pg, I_SEQ]) & 0xFF
+        age = (seq - _get(it, pg, B_SEQ)) & 0xFF
         if age > 1:
             sc[D_ERR] = 2
         if age == 0:
@@ -281,7 +324,7 @@ def _rm_local(E, K, it, ct, sc, pg):
                 ct[u, C_UITEM] = -1
             sc[S_UNCOUNT] -= 1
         sc[S_UNSHARED] -= 1
-        it[pg, I_FLAG] = F_NONE
+        _put(it, pg, B_FLAG, F_NONE)
     elif fl == F_STABLE:
         _remove_stable_item(E, K, pg)
 
@@ -295,10 +338,10 @@ def remove_rmap_item_from_tree(E, K, pg):
 def stable_node_dup(E, K, ch, prune):
     """KsmRuntime.stable_node_dup (both rules: 6.11+, and up to 6.10 with ``oldchains``)."""
     now = K.sc[D_NOW]
-    if prune == 0 or now < K.nd[ch, N_PRUNE] + K.sc[OP + P.stable_node_chains_prune_millisecs] * 1000000:
+    if prune == 0 or now < _prune_time(K, ch) + K.sc[OP + P.stable_node_chains_prune_millisecs] * 1000000:
         prune = 0
     else:
-        K.nd[ch, N_PRUNE] = now
+        _set_prune_time(K, ch, now)
     old = K.sc[OP + P.oldchains] == 1
     found = -1
     found_len = 0
@@ -415,7 +458,7 @@ def stable_tree_insert(E, K, frame, gen, c):
                 return -1
             K.nd[ch, N_KIND] = K_CHAIN
             K.nd[ch, N_CID] = c
-            K.nd[ch, N_PRUNE] = K.sc[D_NOW]
+            _set_prune_time(K, ch, K.sc[D_NOW])
             K.nd[root, N_KIND] = K_DUP
             K.nd[root, N_CHAIN] = ch
             K.nd[ch, N_DFIRST] = root
@@ -450,7 +493,7 @@ def stable_tree_append(K, pg, nd):
     K.nd[nd, N_FIRST] = pg
     K.nd[nd, N_LEN] += 1
     K.it[pg, I_NODE] = nd
-    K.it[pg, I_FLAG] = F_STABLE
+    _put(K.it, pg, B_FLAG, F_STABLE)
     if K.nd[nd, N_LEN] > 1:
         K.sc[S_SHARING] += 1
     else:
@@ -562,7 +605,7 @@ def _same_address_merge(E, K, sa_cls, sa_off, sa_mem, pg):
             if _merge_with_ksm_page(E, K, pg, nd):
                 stable_tree_append(K, pg, nd)
             return True
-        has_item = K.it[q, I_ALLOC] == 1
+        has_item = _get(K.it, q, B_ALLOC) == 1
         if has_item:
             remove_rmap_item_from_tree(E, K, q)
         _merge_two(E, K, pg, q, has_item)
@@ -574,11 +617,11 @@ def _same_address_merge(E, K, sa_cls, sa_off, sa_mem, pg):
 @njit
 def _free_item(E, K, pg):
     remove_rmap_item_from_tree(E, K, pg)
-    K.it[pg, I_ALLOC] = 0
+    _put(K.it, pg, B_ALLOC, 0)
     K.it[pg, I_OLD] = -1
-    K.it[pg, I_AGE] = 0
-    K.it[pg, I_SKIPS] = 0
-    K.it[pg, I_FLAG] = F_NONE
+    _put(K.it, pg, B_AGE, 0)
+    _put(K.it, pg, B_SKIPS, 0)
+    _put(K.it, pg, B_FLAG, F_NONE)
     K.it[pg, I_NODE] = -1
     K.mm[E.pg[pg, P_PROC], M_ITEMS] -= 1
     K.sc[S_RMAP] -= 1
@@ -630,7 +673,7 @@ def _end_of_mm(E, K, ht, proc, head):
         sc[DU + U_WALKED] += ht[proc]  # holes after the mm's last page (no range walk)
     if mm[proc, M_EXITED] == 1:
         for q in range(mm[proc, M_LO], mm[proc, M_HI]):
-            if it[q, I_ALLOC] == 1:
+            if _get(it, q, B_ALLOC) == 1:
                 _free_item(E, K, q)
     nxt = mm[proc, M_NEXT]
     if mm[proc, M_EXITED] == 1:
@@ -694,6 +737,9 @@ def run_until(E, K, hg, ht, sa_cls, sa_off, sa_mem, t_end):
             sc[D_IDLE] = 1
             sc[D_TWAKE] = t_end
             return
+        if sc[S_NFREE] < 2 * sc[S_PTS] + 4:  # a batch allocates at most two stable nodes a visit
+            sc[S_GROW] = 1
+            return
         wake_up(sc, t_end)
         n = sc[S_PTS]
         for _ in range(n):
@@ -725,30 +771,30 @@ def run_until(E, K, hg, ht, sa_cls, sa_off, sa_mem, t_end):
                                 prefetch_row(ct, ca)
                         fq = epg[q, P_FRAME]
                         if epg[q, P_CID] >= 0 and fq != 0:
-                            if it[q, I_ALLOC] == 0:
-                                it[q, I_ALLOC] = 1
+                            if _get(it, q, B_ALLOC) == 0:
+                                _put(it, q, B_ALLOC, 1)
                                 mm[proc, M_ITEMS] += 1
                                 sc[S_RMAP] += 1
                                 sc[DU + U_ALLOC] += 1
                             sc[DU + U_VISITED] += 1
                             # ---- should_skip_rmap_item ----
                             if smart and not (fq > 0 and efr[fq, F_KSM] == 1):
-                                age = it[q, I_AGE]
+                                age = _get(it, q, B_AGE)
                                 if age != 255:
-                                    it[q, I_AGE] = age + 1
+                                    _put(it, q, B_AGE, age + 1)
                                 if age >= 3:
-                                    if it[q, I_SKIPS] == 0:
+                                    if _get(it, q, B_SKIPS) == 0:
                                         if age <= 3:
-                                            it[q, I_SKIPS] = 1
+                                            _put(it, q, B_SKIPS, 1)
                                         elif age <= 5:
-                                            it[q, I_SKIPS] = 2
+                                            _put(it, q, B_SKIPS, 2)
                                         elif age <= 8:
-                                            it[q, I_SKIPS] = 4
+                                            _put(it, q, B_SKIPS, 4)
                                         else:
-                                            it[q, I_SKIPS] = 8
+                                            _put(it, q, B_SKIPS, 8)
                                     else:
                                         sc[S_SKIPPED] += 1
-                                        it[q, I_SKIPS] -= 1
+                                        _put(it, q, B_SKIPS, _get(it, q, B_SKIPS) - 1)
                                         _rm_local(E, K, it, ct, sc, q)
                                         q += 1
                                         continue
@@ -756,7 +802,7 @@ def run_until(E, K, hg, ht, sa_cls, sa_off, sa_mem, t_end):
                             pg = q
                             break
                         sc[DU + U_WALKED] += 1
-                        if it[q, I_ALLOC] == 1:
+                        if _get(it, q, B_ALLOC) == 1:
                             _free_item(E, K, q)
                         q += 1
                 if pg >= 0:
@@ -771,7 +817,7 @@ def run_until(E, K, hg, ht, sa_cls, sa_off, sa_mem, t_end):
             if f > 0 and efr[f, F_KSM] == 1:
                 page_node = fn[f]
                 if page_node >= 0:
-                    if it[pg, I_FLAG] == F_STABLE and it[pg, I_NODE] == page_node:
+                    if _get(it, pg, B_FLAG) == F_STABLE and it[pg, I_NODE] == page_node:
                         continue
                     _rm_local(E, K, it, ct, sc, pg)
                     stable_tree_append(K, pg, page_node)
@@ -822,8 +868,8 @@ def run_until(E, K, hg, ht, sa_cls, sa_off, sa_mem, t_end):
             if tpg >= 0:
                 _unstable_merge(E, K, pg, tpg)
                 continue
-            it[pg, I_FLAG] = F_UNSTABLE
-            it[pg, I_SEQ] = seq & 0xFF
+            _put(it, pg, B_FLAG, F_UNSTABLE)
+            _put(it, pg, B_SEQ, seq & 0xFF)
             it[pg, I_UKEY] = c
             ct[c, C_UITEM] = pg
             ct[c, C_USCAN] = seq
@@ -887,7 +933,11 @@ class KsmKernel(KernelRuntime):
 
     def _run(self, t: int) -> None:
         h, sa = self.holes, self.same
-        run_until(self.E, self.K, h.gap, h.tail, sa.cls, sa.off, sa.mem, np.int64(t))
+        while True:
+            run_until(self.E, self.K, h.gap, h.tail, sa.cls, sa.off, sa.mem, np.int64(t))
+            if not self.sc[S_GROW]:
+                break
+            self.K = grow_nodes(self.K, 2 * int(self.sc[S_PTS]) + 4)
 
     def counters(self) -> dict:
         sc = self.sc

@@ -58,9 +58,9 @@ class OracleRuntime(NoDaemon):
 
     def on_snapshot(self, s: int, now: int) -> None:
         prep = self.ctx.prep
-        sl = prep.events(s)
-        keys = self.keys[sl].tolist() if self.keys is not None else None
-        for i, (pg, kind) in enumerate(zip(prep.ev_pg[sl].tolist(), prep.ev_kind[sl].tolist())):
+        ev = prep.batch(s)
+        keys = self.keys[prep.events(s)].tolist() if self.keys is not None else None
+        for i, (pg, kind) in enumerate(zip(ev.pg.tolist(), ev.kind.tolist())):
             if kind not in (EV_APPEAR, EV_WRITE):
                 continue
             if keys is not None:

@@ -34,8 +34,8 @@ from ksmtrace.engine.api import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE
 from ksmtrace.engine.cost import UNIT_INDEX
 from ksmtrace.engine.daemon import (D_ERR, D_NOW, DU, KernelRuntime, new_block, param_slots, params_array,
                                     scalar_slots, sleep, wake_up)
-from ksmtrace.engine.jitutil import bitlen as _bitlen
-from ksmtrace.engine.jitutil import prefetch_row
+from ksmtrace.jitutil import bitlen as _bitlen
+from ksmtrace.jitutil import prefetch_row
 from ksmtrace.engine.state import P_CID, P_FRAME, P_PROC
 from ksmtrace.policies import hashkeys
 from ksmtrace.policies.pksm import PksmParams
@@ -955,7 +955,8 @@ class PksmKernel(KernelRuntime):
             self.S = grow(self.S, need)
         self.S.sc[S_SNAP] = s
         self.same.update(s)
-        on_snapshot(self.E, self.S, p.ev_pg[sl], p.ev_kind[sl], self.ev_key[sl], np.int64(now))
+        ev = p.batch(s)
+        on_snapshot(self.E, self.S, ev.pg, ev.kind, self.ev_key[sl], np.int64(now))
         self.check()
 
     def run_until(self, t_end: int) -> None:

@@ -228,8 +228,9 @@ class PksmRuntime(Daemon):
         self.same.update(s)
         sl = prep.events(s)
         registered: list[Item] = []
-        pgs = prep.ev_pg[sl].tolist()
-        kinds = prep.ev_kind[sl].tolist()
+        ev = prep.batch(s)
+        pgs = ev.pg.tolist()
+        kinds = ev.kind.tolist()
         keys = self.ev_key[sl].tolist()
         moving: dict[int, Optional[Item]] = {}  # in-place writes: page -> the item that follows it
         for pg, kind in zip(pgs, kinds):  # removals first, as the engine applies them

@@ -36,7 +36,7 @@ from ksmtrace.engine.api import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE
 from ksmtrace.engine.cost import UNIT_INDEX
 from ksmtrace.engine.daemon import (D_ERR, D_NOW, DU, KernelRuntime, new_block, param_slots, params_array,
                                     scalar_slots, sleep, wake_up, work_so_far)
-from ksmtrace.engine.jitutil import bitlen
+from ksmtrace.jitutil import bitlen
 from ksmtrace.engine.state import P_PROC
 from ksmtrace.policies.uksm import UksmParams
 from ksmtrace.policies.uksm import rules as R

@@ -1,4 +1,4 @@
-"""Small numba intrinsics shared by the fast runtimes (cache hints and bit tricks, no semantics)."""
+"""Small numba intrinsics shared by the jitted code (cache hints and bit tricks, no semantics)."""
 from __future__ import annotations
 
 from llvmlite import ir
@@ -42,6 +42,27 @@ def prefetch_row(typingctx, arr, row):
         return context.get_dummy_value()
 
     return types.void(arr, row), codegen
+
+
+@intrinsic
+def prefetch_at(typingctx, arr, i):
+    """Hint the CPU to fetch element ``i`` of a 1-d array into the cache (see prefetch_row)."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        r = context.cast(builder, args[1], signature.args[1], types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [r], wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p], fnty)
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, i), codegen
 
 
 @njit(inline="always")
