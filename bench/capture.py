@@ -207,17 +207,8 @@ def hash_costs(repeat: int = 200) -> dict[str, float]:
     def prf():
         return h.hash(sl, n)
 
-    out = {}
-    for name, f in (("xxh3_64 seeded (format 1)", seeded), ("xxh3_128 digest", digest), ("PRF: siphash24(xxh3_128)", prf)):
-        f()
-        best = []
-        for _ in range(5):
-            t = time.perf_counter()
-            for _ in range(repeat):
-                f()
-            best.append((time.perf_counter() - t) / repeat / n * 1e9)
-        out[name] = min(best)
-    return out
+    return _ns_per_page((("xxh3_64 seeded (format 1)", seeded), ("xxh3_128 digest", digest),
+                         ("PRF: siphash24(xxh3_128)", prf)), repeat, n)
 
 
 def fingerprint_costs(repeat: int = 50) -> dict[str, float]:
@@ -234,6 +225,11 @@ def fingerprint_costs(repeat: int = 50) -> dict[str, float]:
     fns = (("sample (64 words)", lambda: sample_hashes(pages, h.perm)),
            ("sample8..sample1024 (one pass)", lambda: strength_hashes(pages, h.perm)),
            ("pfx64/256/1024", lambda: h.prefixes(psl, n)))
+    return _ns_per_page(fns, repeat, n)
+
+
+def _ns_per_page(fns, repeat: int, n: int) -> dict[str, float]:
+    """Best of 5 (after one warm-up call) of each ``(name, f)``: ns per page, ``f`` hashing ``n`` pages."""
     out = {}
     for name, f in fns:
         f()
