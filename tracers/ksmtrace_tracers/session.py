@@ -245,12 +245,14 @@ class Session:
             self._priority = Priority(opts.nice, opts.sched_idle)
         self._cpu_mark = self.cpu_ns()
         self.spec = TargetSpec.of(opts.targets)
+        if opts.freeze and self.spec.all:
+            # an option conflict: refused before any process is looked at (on a host where --all
+            # matches nothing the user would otherwise be told only that)
+            raise CaptureError("--all --freeze is refused: it would stop every process of the host (shells, sshd, "
+                               "ksmtrace's own caller); freeze chosen targets (--pid, --tree, --name, --cgroup)")
         self.targets = TargetSet(self.spec)
         members = self.targets.first()
         if opts.freeze:
-            if self.spec.all:
-                raise CaptureError("--all --freeze is refused: it would stop every process of the host (shells, sshd, "
-                                   "ksmtrace's own caller); freeze chosen targets (--pid, --tree, --name, --cgroup)")
             from ksmtrace_tracers.freeze import FreezeGuard
 
             self.guard = FreezeGuard(opts.freeze_unsafe)

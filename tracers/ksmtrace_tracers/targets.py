@@ -286,7 +286,7 @@ class TargetSet:
             if self.spec.cgroups:
                 what.append("--cgroup " + " ".join(self.spec.cgroups))
             if self.spec.all:
-                what.append("--all")
+                what.append("--all: every user process with anonymous memory except ksmtrace and its callers")
             if self.spec.pids or self.spec.trees:
                 what.append("--pid/--tree")
             raise TargetError(f"no process matches the targets ({'; '.join(what)})")
