@@ -38,6 +38,7 @@ from ksmtrace.jitutil import bitlen as _bitlen
 from ksmtrace.jitutil import prefetch_row
 from ksmtrace.engine.state import P_CID, P_FRAME, P_PROC
 from ksmtrace.policies import hashkeys
+from ksmtrace.policies.lists import list_add_tail, list_del
 from ksmtrace.policies.pksm import PksmParams
 from ksmtrace.policies.pksm.runtime import (DROP, SUCCESS, TRY, AnonVmaWalk, Probation, event_keys, pksm_counters,
                                             pksm_extras)
@@ -226,15 +227,7 @@ def _unmap(PG, FR, pg):
 @njit(inline="always")
 def _list_append(IT, sc, it, w):
     hi = S_NEW_H if w == W_NEW else S_RES_H
-    t = sc[hi + 1]
-    IT[it, I_IT_PREV] = t
-    IT[it, I_IT_NEXT] = -1
-    if t >= 0:
-        IT[t, I_IT_NEXT] = it
-    else:
-        sc[hi] = it
-    sc[hi + 1] = it
-    sc[hi + 2] += 1
+    list_add_tail(IT, I_IT_PREV, I_IT_NEXT, sc, hi, hi + 1, hi + 2, it)
     IT[it, I_IT_WHERE] = w
 
 
@@ -242,50 +235,18 @@ def _list_append(IT, sc, it, w):
 def _list_remove(IT, sc, it):
     w = IT[it, I_IT_WHERE]
     hi = S_NEW_H if w == W_NEW else S_RES_H
-    p = IT[it, I_IT_PREV]
-    n = IT[it, I_IT_NEXT]
-    if p >= 0:
-        IT[p, I_IT_NEXT] = n
-    else:
-        sc[hi] = n
-    if n >= 0:
-        IT[n, I_IT_PREV] = p
-    else:
-        sc[hi + 1] = p
-    sc[hi + 2] -= 1
-    IT[it, I_IT_NEXT] = -1
-    IT[it, I_IT_PREV] = -1
+    list_del(IT, I_IT_PREV, I_IT_NEXT, sc, hi, hi + 1, hi + 2, it)
     IT[it, I_IT_WHERE] = W_NONE
 
 
 @njit(inline="always")
 def _ck_append(IT, sc, it):
-    t = sc[S_CK_T]
-    IT[it, I_CK_PREV] = t
-    IT[it, I_CK_NEXT] = -1
-    if t >= 0:
-        IT[t, I_CK_NEXT] = it
-    else:
-        sc[S_CK_H] = it
-    sc[S_CK_T] = it
-    sc[S_CK_N] += 1
+    list_add_tail(IT, I_CK_PREV, I_CK_NEXT, sc, S_CK_H, S_CK_T, S_CK_N, it)
 
 
 @njit(inline="always")
 def _ck_remove(IT, sc, it):
-    p = IT[it, I_CK_PREV]
-    n = IT[it, I_CK_NEXT]
-    if p >= 0:
-        IT[p, I_CK_NEXT] = n
-    else:
-        sc[S_CK_H] = n
-    if n >= 0:
-        IT[n, I_CK_PREV] = p
-    else:
-        sc[S_CK_T] = p
-    IT[it, I_CK_NEXT] = -1
-    IT[it, I_CK_PREV] = -1
-    sc[S_CK_N] -= 1
+    list_del(IT, I_CK_PREV, I_CK_NEXT, sc, S_CK_H, S_CK_T, S_CK_N, it)
 
 
 @njit(inline="always")

@@ -38,6 +38,7 @@ from ksmtrace.engine.daemon import (D_ERR, D_NOW, DU, KernelRuntime, new_block, 
                                     scalar_slots, sleep, wake_up, work_so_far)
 from ksmtrace.jitutil import bitlen
 from ksmtrace.engine.state import P_PROC
+from ksmtrace.policies.lists import list_add_tail, list_del
 from ksmtrace.policies.uksm import UksmParams
 from ksmtrace.policies.uksm import rules as R
 from ksmtrace.policies.uksm.rules import (R_COVER, R_PAGES, R_QUOTA, R_RATIO, R_STEP, RNG_PERM, RNG_RUNG, RS_NEG, RS_POS,
@@ -429,35 +430,12 @@ def on_snapshot(E, U, s, pgs, kinds):
 
 @njit(inline="always")
 def _new_list_append(U, i):
-    SL = U.SL
-    sc = U.sc
-    t = sc[S_NEW_T]
-    SL[i, C_PREV] = t
-    SL[i, C_NEXT] = -1
-    if t >= 0:
-        SL[t, C_NEXT] = i
-    else:
-        sc[S_NEW_H] = i
-    sc[S_NEW_T] = i
-    sc[S_NEW_N] += 1
+    list_add_tail(U.SL, C_PREV, C_NEXT, U.sc, S_NEW_H, S_NEW_T, S_NEW_N, i)
 
 
 @njit(inline="always")
 def _new_list_remove(U, i):
-    SL = U.SL
-    sc = U.sc
-    a, b = SL[i, C_PREV], SL[i, C_NEXT]
-    if a >= 0:
-        SL[a, C_NEXT] = b
-    else:
-        sc[S_NEW_H] = b
-    if b >= 0:
-        SL[b, C_PREV] = a
-    else:
-        sc[S_NEW_T] = a
-    SL[i, C_PREV] = -1
-    SL[i, C_NEXT] = -1
-    sc[S_NEW_N] -= 1
+    list_del(U.SL, C_PREV, C_NEXT, U.sc, S_NEW_H, S_NEW_T, S_NEW_N, i)
 
 
 # --- the ladder -------------------------------------------------------------------------------------------

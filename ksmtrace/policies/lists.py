@@ -1,0 +1,47 @@
+"""The policy kernels' doubly linked lists (list.h for the numba kernels): rows of a 2-d int64
+array threaded through two of its columns, with the list's head, tail and length kept in slots of
+another array.
+
+The same four moves were written out in every kernel that keeps such a list (pksm's new, rescan
+and checksum lists, uksm's new-slot list); one copy serves them all.  The list is named by where
+its fields live: ``R`` the rows, ``cprev``/``cnext`` their link columns, ``hd`` the array holding
+the head, ``head``/``tail``/``count`` the indices of its head, tail and length in ``hd`` (plain
+slots for a 1-d ``hd`` like a kernel's scalars ``sc``).  -1 ends a list.  The helpers are inlined
+(``inline="always"``): with constant columns and slots they compile to the code they replace.
+"""
+from __future__ import annotations
+
+from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decorator)
+from numba import njit
+
+
+@njit(inline="always")
+def list_add_tail(R, cprev, cnext, hd, head, tail, count, i):
+    """Append row ``i`` at the tail (list_add_tail)."""
+    t = hd[tail]
+    R[i, cprev] = t
+    R[i, cnext] = -1
+    if t >= 0:
+        R[t, cnext] = i
+    else:
+        hd[head] = i
+    hd[tail] = i
+    hd[count] += 1
+
+
+@njit(inline="always")
+def list_del(R, cprev, cnext, hd, head, tail, count, i):
+    """Unlink row ``i`` (list_del_init: its own links are reset to -1)."""
+    p = R[i, cprev]
+    n = R[i, cnext]
+    if p >= 0:
+        R[p, cnext] = n
+    else:
+        hd[head] = n
+    if n >= 0:
+        R[n, cprev] = p
+    else:
+        hd[tail] = p
+    R[i, cnext] = -1
+    R[i, cprev] = -1
+    hd[count] -= 1
