@@ -2,11 +2,12 @@
 array threaded through two of its columns, with the list's head, tail and length kept in slots of
 another array.
 
-The same four moves were written out in every kernel that keeps such a list (pksm's new, rescan
-and checksum lists, uksm's new-slot list); one copy serves them all.  The list is named by where
-its fields live: ``R`` the rows, ``cprev``/``cnext`` their link columns, ``hd`` the array holding
-the head, ``head``/``tail``/``count`` the indices of its head, tail and length in ``hd`` (plain
-slots for a 1-d ``hd`` like a kernel's scalars ``sc``).  -1 ends a list.  The helpers are inlined
+The same two moves were written out in every kernel that keeps such a list (pksm's rmap and its
+new, rescan and checksum lists, uksm's new-slot list); one copy serves them all. The list is named
+by where its fields live: ``R`` the rows, ``cprev``/``cnext`` their link columns, ``hd`` the array
+holding the head, ``head``/``tail``/``count`` the indices of its head, tail and length in ``hd``:
+plain slots for a 1-d ``hd`` (a kernel's scalars ``sc``), ``(row, column)`` pairs for a 2-d one
+(pksm's rmap: a frame's pages, headed in the frame's row). -1 ends a list. The helpers are inlined
 (``inline="always"``): with constant columns and slots they compile to the code they replace.
 """
 from __future__ import annotations

@@ -189,15 +189,7 @@ def _map(PG, FR, pg, f):
     if f <= 0:
         return False
     was_empty = FR[f, R_FR_CNT] == 0
-    t = FR[f, R_FR_TAIL]
-    PG[pg, G_PG_PREV] = t
-    PG[pg, G_PG_NEXT] = -1
-    if t >= 0:
-        PG[t, G_PG_NEXT] = pg
-    else:
-        FR[f, R_FR_HEAD] = pg
-    FR[f, R_FR_TAIL] = pg
-    FR[f, R_FR_CNT] += 1
+    list_add_tail(PG, G_PG_PREV, G_PG_NEXT, FR, (f, R_FR_HEAD), (f, R_FR_TAIL), (f, R_FR_CNT), pg)
     return was_empty
 
 
@@ -207,19 +199,7 @@ def _unmap(PG, FR, pg):
     PG[pg, G_PG_FRAME] = -1
     if f <= 0:
         return -1
-    p = PG[pg, G_PG_PREV]
-    n = PG[pg, G_PG_NEXT]
-    if p >= 0:
-        PG[p, G_PG_NEXT] = n
-    else:
-        FR[f, R_FR_HEAD] = n
-    if n >= 0:
-        PG[n, G_PG_PREV] = p
-    else:
-        FR[f, R_FR_TAIL] = p
-    PG[pg, G_PG_NEXT] = -1
-    PG[pg, G_PG_PREV] = -1
-    FR[f, R_FR_CNT] -= 1
+    list_del(PG, G_PG_PREV, G_PG_NEXT, FR, (f, R_FR_HEAD), (f, R_FR_TAIL), (f, R_FR_CNT), pg)
     return FR[f, R_FR_CNT]
 
 
