@@ -30,7 +30,7 @@ from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decor
 from numba import njit
 
 from ksmtrace.engine import state as st
-from ksmtrace.engine.api import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE
+from ksmtrace.engine.api import EV_APPEAR, EV_WRITE
 from ksmtrace.engine.cost import UNIT_INDEX
 from ksmtrace.engine.daemon import (D_ERR, D_NOW, DU, KernelRuntime, new_block, param_slots, params_array,
                                     scalar_slots, sleep, wake_up)
@@ -319,7 +319,7 @@ def on_snapshot(E, S, pgs, kinds, keys, now):
                 prefetch_row(FR, fa)
         k = kinds[i]
         pg = pgs[i]
-        if not (k == EV_GONE or k == EV_UNMERGE or k == EV_WRITE):
+        if not st.is_removal(k):
             continue
         f = PG[pg, G_PG_FRAME]
         if f < 0:
@@ -346,7 +346,7 @@ def on_snapshot(E, S, pgs, kinds, keys, now):
                 prefetch_row(IT, mva)
         k = kinds[i]
         pg = pgs[i]
-        if not (k == EV_APPEAR or k == EV_WRITE) or epg[pg, P_CID] < 0:
+        if not st.is_arrival(k) or epg[pg, P_CID] < 0:
             continue
         f = epg[pg, P_FRAME]
         PG[pg, G_PG_KEY] = keys[i]
@@ -381,7 +381,7 @@ def on_snapshot(E, S, pgs, kinds, keys, now):
         for i in range(n):
             k = kinds[i]
             pg = pgs[i]
-            if not (k == EV_APPEAR or k == EV_WRITE) or epg[pg, P_CID] < 0:
+            if not st.is_arrival(k) or epg[pg, P_CID] < 0:
                 continue
             f = PG[pg, G_PG_FRAME]
             it = FR[f, R_FR_ITEM] if f > 0 else -1

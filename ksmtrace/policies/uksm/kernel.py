@@ -32,7 +32,7 @@ from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decor
 from numba import njit
 
 from ksmtrace.engine import state as st
-from ksmtrace.engine.api import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE
+from ksmtrace.engine.api import EV_APPEAR, EV_GONE, EV_WRITE
 from ksmtrace.engine.cost import UNIT_INDEX
 from ksmtrace.engine.daemon import (D_ERR, D_NOW, DU, KernelRuntime, new_block, param_slots, params_array,
                                     scalar_slots, sleep, wake_up, work_so_far)
@@ -380,7 +380,7 @@ def on_snapshot(E, U, s, pgs, kinds):
     n = len(pgs)
     for i in range(n):  # 1. COWs of merged pages count against the VMA they were in
         k = kinds[i]
-        if k == EV_WRITE or k == EV_GONE or k == EV_UNMERGE:
+        if st.is_removal(k):
             pg = pgs[i]
             m = PGA[pg, A_MERGED]
             PGA[pg, A_MERGED] = 0
@@ -420,7 +420,7 @@ def on_snapshot(E, U, s, pgs, kinds):
     for i in range(n):  # 3. a page faulted in gives its VMA an anon_vma
         k = kinds[i]
         pg = pgs[i]
-        if (k == EV_APPEAR or k == EV_WRITE) and st.is_candidate(E, pg):
+        if st.is_arrival(k) and st.is_candidate(E, pg):
             sl = PGA[pg, A_PGSLOT]
             if sl >= 0:
                 SL[sl, C_ANON] = 1
