@@ -1,6 +1,6 @@
 """The policy kernels' doubly linked lists (list.h for the numba kernels): rows of a 2-d int64
 array threaded through two of its columns, with the list's head, tail and length kept in slots of
-another array.
+another array; and hlists, headed by a first slot alone.
 
 The same two moves were written out in every kernel that keeps such a list (pksm's rmap and its
 new, rescan and checksum lists, uksm's new-slot list); one copy serves them all. The list is named
@@ -46,3 +46,31 @@ def list_del(R, cprev, cnext, hd, head, tail, count, i):
     R[i, cnext] = -1
     R[i, cprev] = -1
     hd[count] -= 1
+
+
+# hlists (a head, no tail; the length, if any, is the caller's): ksm's stable node -> rmap items
+# and stable node chain -> dups lists.  ``first`` indexes the head in ``hd`` as above.
+@njit(inline="always")
+def hlist_add_head(R, cprev, cnext, hd, first, i):
+    """Put row ``i`` at the head (hlist_add_head)."""
+    f = hd[first]
+    R[i, cnext] = f
+    R[i, cprev] = -1
+    if f >= 0:
+        R[f, cprev] = i
+    hd[first] = i
+
+
+@njit(inline="always")
+def hlist_del(R, cprev, cnext, hd, first, i):
+    """Unlink row ``i`` (hlist_del_init: its own links are reset to -1)."""
+    p = R[i, cprev]
+    n = R[i, cnext]
+    if p >= 0:
+        R[p, cnext] = n
+    else:
+        hd[first] = n
+    if n >= 0:
+        R[n, cprev] = p
+    R[i, cnext] = -1
+    R[i, cprev] = -1
