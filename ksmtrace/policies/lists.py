@@ -33,23 +33,15 @@ def list_add_tail(R, cprev, cnext, hd, head, tail, count, i):
 @njit(inline="always")
 def list_del(R, cprev, cnext, hd, head, tail, count, i):
     """Unlink row ``i`` (list_del_init: its own links are reset to -1)."""
-    p = R[i, cprev]
-    n = R[i, cnext]
-    if p >= 0:
-        R[p, cnext] = n
-    else:
-        hd[head] = n
-    if n >= 0:
-        R[n, cprev] = p
-    else:
-        hd[tail] = p
-    R[i, cnext] = -1
-    R[i, cprev] = -1
+    if R[i, cnext] < 0:
+        hd[tail] = R[i, cprev]
+    hlist_del(R, cprev, cnext, hd, head, i)
     hd[count] -= 1
 
 
 # hlists (a head, no tail; the length, if any, is the caller's): ksm's stable node -> rmap items
-# and stable node chain -> dups lists.  ``first`` indexes the head in ``hd`` as above.
+# and stable node chain -> dups lists, uksm's stable_node_list.  ``first`` indexes the head in
+# ``hd`` as above.
 @njit(inline="always")
 def hlist_add_head(R, cprev, cnext, hd, first, i):
     """Put row ``i`` at the head (hlist_add_head)."""

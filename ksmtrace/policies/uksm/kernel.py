@@ -38,7 +38,7 @@ from ksmtrace.engine.daemon import (D_ERR, D_NOW, DU, KernelRuntime, new_block, 
                                     scalar_slots, sleep, wake_up, work_so_far)
 from ksmtrace.jitutil import bitlen
 from ksmtrace.engine.state import P_PROC
-from ksmtrace.policies.lists import list_add_tail, list_del
+from ksmtrace.policies.lists import hlist_add_head, hlist_del, list_add_tail, list_del
 from ksmtrace.policies.uksm import UksmParams
 from ksmtrace.policies.uksm import rules as R
 from ksmtrace.policies.uksm.rules import (R_COVER, R_PAGES, R_QUOTA, R_RATIO, R_STEP, RNG_PERM, RNG_RUNG, RS_NEG, RS_POS,
@@ -289,13 +289,7 @@ def _remove_node_from_stable_tree(U, node, keep, unlink):
             sc[S_NSTN] -= 1
     SN[node, N_TN] = -1
     # the stable_node_list
-    a, b = SN[node, N_LPREV], SN[node, N_LNEXT]
-    if a >= 0:
-        SN[a, N_LNEXT] = b
-    else:
-        sc[S_SN_HEAD] = b
-    if b >= 0:
-        SN[b, N_LPREV] = a
+    hlist_del(SN, N_LPREV, N_LNEXT, sc, S_SN_HEAD, node)
     f = SN[node, N_FRAME]
     if U.NODEOF[f] == node:
         U.NODEOF[f] = -1
@@ -792,12 +786,7 @@ def _new_node(U, h, f, gen, cid, hm):
     STN[h, T_COUNT] += 1
     STN[h, T_XOR] ^= node + 1
     # the stable_node_list: newest first
-    head = sc[S_SN_HEAD]
-    SN[node, N_LPREV] = -1
-    SN[node, N_LNEXT] = head
-    if head >= 0:
-        SN[head, N_LPREV] = node
-    sc[S_SN_HEAD] = node
+    hlist_add_head(SN, N_LPREV, N_LNEXT, sc, S_SN_HEAD, node)
     U.NODEOF[f] = node
     return node
 
