@@ -30,7 +30,7 @@ from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decor
 from numba import njit
 
 from ksmtrace.engine import state as st
-from ksmtrace.engine.api import EV_APPEAR, EV_WRITE
+from ksmtrace.engine.api import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE
 from ksmtrace.engine.cost import UNIT_INDEX
 from ksmtrace.engine.daemon import (D_ERR, D_NOW, DU, KernelRuntime, new_block, param_slots, params_array,
                                     scalar_slots, sleep, wake_up)
@@ -38,7 +38,6 @@ from ksmtrace.jitutil import bitlen as _bitlen
 from ksmtrace.jitutil import prefetch_row
 from ksmtrace.engine.state import P_CID, P_FRAME, P_PROC
 from ksmtrace.policies import hashkeys
-from ksmtrace.policies.lists import list_add_tail, list_del
 from ksmtrace.policies.pksm import PksmParams
 from ksmtrace.policies.pksm.runtime import (DROP, SUCCESS, TRY, AnonVmaWalk, Probation, event_keys, pksm_counters,
                                             pksm_extras)
@@ -189,7 +188,15 @@ def _map(PG, FR, pg, f):
     if f <= 0:
         return False
     was_empty = FR[f, R_FR_CNT] == 0
-    list_add_tail(PG, G_PG_PREV, G_PG_NEXT, FR, (f, R_FR_HEAD), (f, R_FR_TAIL), (f, R_FR_CNT), pg)
+    t = FR[f, R_FR_TAIL]
+    PG[pg, G_PG_PREV] = t
+    PG[pg, G_PG_NEXT] = -1
+    if t >= 0:
+        PG[t, G_PG_NEXT] = pg
+    else:
+        FR[f, R_FR_HEAD] = pg
+    FR[f, R_FR_TAIL] = pg
+    FR[f, R_FR_CNT] += 1
     return was_empty
 
 
@@ -199,7 +206,19 @@ def _unmap(PG, FR, pg):
     PG[pg, G_PG_FRAME] = -1
     if f <= 0:
         return -1
-    list_del(PG, G_PG_PREV, G_PG_NEXT, FR, (f, R_FR_HEAD), (f, R_FR_TAIL), (f, R_FR_CNT), pg)
+    p = PG[pg, G_PG_PREV]
+    n = PG[pg, G_PG_NEXT]
+    if p >= 0:
+        PG[p, G_PG_NEXT] = n
+    else:
+        FR[f, R_FR_HEAD] = n
+    if n >= 0:
+        PG[n, G_PG_PREV] = p
+    else:
+        FR[f, R_FR_TAIL] = p
+    PG[pg, G_PG_NEXT] = -1
+    PG[pg, G_PG_PREV] = -1
+    FR[f, R_FR_CNT] -= 1
     return FR[f, R_FR_CNT]
 
 
@@ -207,7 +226,15 @@ def _unmap(PG, FR, pg):
 @njit(inline="always")
 def _list_append(IT, sc, it, w):
     hi = S_NEW_H if w == W_NEW else S_RES_H
-    list_add_tail(IT, I_IT_PREV, I_IT_NEXT, sc, hi, hi + 1, hi + 2, it)
+    t = sc[hi + 1]
+    IT[it, I_IT_PREV] = t
+    IT[it, I_IT_NEXT] = -1
+    if t >= 0:
+        IT[t, I_IT_NEXT] = it
+    else:
+        sc[hi] = it
+    sc[hi + 1] = it
+    sc[hi + 2] += 1
     IT[it, I_IT_WHERE] = w
 
 
@@ -215,18 +242,50 @@ def _list_append(IT, sc, it, w):
 def _list_remove(IT, sc, it):
     w = IT[it, I_IT_WHERE]
     hi = S_NEW_H if w == W_NEW else S_RES_H
-    list_del(IT, I_IT_PREV, I_IT_NEXT, sc, hi, hi + 1, hi + 2, it)
+    p = IT[it, I_IT_PREV]
+    n = IT[it, I_IT_NEXT]
+    if p >= 0:
+        IT[p, I_IT_NEXT] = n
+    else:
+        sc[hi] = n
+    if n >= 0:
+        IT[n, I_IT_PREV] = p
+    else:
+        sc[hi + 1] = p
+    sc[hi + 2] -= 1
+    IT[it, I_IT_NEXT] = -1
+    IT[it, I_IT_PREV] = -1
     IT[it, I_IT_WHERE] = W_NONE
 
 
 @njit(inline="always")
 def _ck_append(IT, sc, it):
-    list_add_tail(IT, I_CK_PREV, I_CK_NEXT, sc, S_CK_H, S_CK_T, S_CK_N, it)
+    t = sc[S_CK_T]
+    IT[it, I_CK_PREV] = t
+    IT[it, I_CK_NEXT] = -1
+    if t >= 0:
+        IT[t, I_CK_NEXT] = it
+    else:
+        sc[S_CK_H] = it
+    sc[S_CK_T] = it
+    sc[S_CK_N] += 1
 
 
 @njit(inline="always")
 def _ck_remove(IT, sc, it):
-    list_del(IT, I_CK_PREV, I_CK_NEXT, sc, S_CK_H, S_CK_T, S_CK_N, it)
+    p = IT[it, I_CK_PREV]
+    n = IT[it, I_CK_NEXT]
+    if p >= 0:
+        IT[p, I_CK_NEXT] = n
+    else:
+        sc[S_CK_H] = n
+    if n >= 0:
+        IT[n, I_CK_PREV] = p
+    else:
+        sc[S_CK_T] = p
+    IT[it, I_CK_NEXT] = -1
+    IT[it, I_CK_PREV] = -1
+    sc[S_CK_N] -= 1
 
 
 @njit(inline="always")
@@ -319,7 +378,7 @@ def on_snapshot(E, S, pgs, kinds, keys, now):
                 prefetch_row(FR, fa)
         k = kinds[i]
         pg = pgs[i]
-        if not st.is_removal(k):
+        if not (k == EV_GONE or k == EV_UNMERGE or k == EV_WRITE):
             continue
         f = PG[pg, G_PG_FRAME]
         if f < 0:
@@ -346,7 +405,7 @@ def on_snapshot(E, S, pgs, kinds, keys, now):
                 prefetch_row(IT, mva)
         k = kinds[i]
         pg = pgs[i]
-        if not st.is_arrival(k) or epg[pg, P_CID] < 0:
+        if not (k == EV_APPEAR or k == EV_WRITE) or epg[pg, P_CID] < 0:
             continue
         f = epg[pg, P_FRAME]
         PG[pg, G_PG_KEY] = keys[i]
@@ -381,7 +440,7 @@ def on_snapshot(E, S, pgs, kinds, keys, now):
         for i in range(n):
             k = kinds[i]
             pg = pgs[i]
-            if not st.is_arrival(k) or epg[pg, P_CID] < 0:
+            if not (k == EV_APPEAR or k == EV_WRITE) or epg[pg, P_CID] < 0:
                 continue
             f = PG[pg, G_PG_FRAME]
             it = FR[f, R_FR_ITEM] if f > 0 else -1
