@@ -5,12 +5,12 @@ import click
 
 from ksmtrace.cli import cli
 from ksmtrace.cli._options import (cost_file_option, emit_json, executor_for, executor_option, json_option, note,
-                                   quiet_option, sweep_workers_option, write_answer)
+                                   quiet_option, sweep_workers_option, write_answer, trace_argument)
 from ksmtrace.progress import Progress
 
 
 @cli.command("advise")
-@click.argument("trace", type=click.Path())
+@trace_argument()
 @click.option("--cpu-budget", "budget", type=float, default=1.0, show_default=True, metavar="PCT",
               help="ksmd CPU the host can spend, in % of one core (0.1 % = 3.6 s of CPU per hour).")
 @click.option("--target-latency", "latency", type=float, default=None, metavar="S",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import echo_table, emit_json, executor_option, json_option, note, quiet_option
+from ksmtrace.cli._options import echo_table, emit_json, executor_option, json_option, note, quiet_option, trace_argument
 from ksmtrace.cli._replay_opts import replay_options
 from ksmtrace.errors import KsmtraceError
 from ksmtrace.progress import Progress
@@ -16,7 +16,7 @@ HEADERS = {"frames_saved_mean": "saved(mean)", "pct_of_oracle": "%oracle", "cpu_
 
 
 @cli.command("sweep")
-@click.argument("trace", type=click.Path())
+@trace_argument()
 @click.option("--policy", "-P", "policy", required=True, help="Policy name (see `ksmtrace policies`).")
 @click.option("-p", "--param", "grid_items", multiple=True, metavar="KEY=LIST",
               help="A parameter and its values: comma-separated values and ranges START:STOP[:STEP] or "

@@ -96,6 +96,24 @@ def test_errors_are_one_line(tiny, args, code, msg):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_a_sample_name_is_a_trace_argument(tmp_path, monkeypatch):
+    """Every trace-reading command takes a shipped sample's name where no such path exists; a
+    path of that name wins; anything else is the reader's one-line error."""
+    from ksmtrace import samples
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["info", "prefork", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["path"] == str(samples.sample_path("prefork"))
+    r = CliRunner().invoke(cli, ["replay", "prefork", "--policy", "oracle", "--json", "--quiet"])
+    assert r.exit_code == 0 and json.loads(r.output)["summary"]["frames_saved_final"] > 0
+    (tmp_path / "prefork").mkdir()  # a local directory called like a sample is what the user meant
+    r = subprocess.run([sys.executable, "-m", "ksmtrace", "info", "prefork"], capture_output=True, text=True)
+    assert r.returncode != 0 and "prefork" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([sys.executable, "-m", "ksmtrace", "replay", "no-such-sample"], capture_output=True, text=True)
+    assert r.returncode == 1 and "no such trace" in r.stderr
+
+
 def test_debug_shows_the_traceback(tiny):
     r = subprocess.run([sys.executable, "-m", "ksmtrace", "--debug", "replay", str(tiny / "missing")], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" in r.stderr
