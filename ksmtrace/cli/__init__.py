@@ -70,8 +70,9 @@ def main(argv=None):
     try:
         cli.main(args=argv, prog_name="ksmtrace", standalone_mode=True)
     except KeyboardInterrupt:  # before a command runs (while the modules load)
-        click.echo("ksmtrace: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        from ksmtrace._entry import interrupted
+
+        interrupted()
 
 
 # Commands live one per module; importing them registers them on ``cli``.
