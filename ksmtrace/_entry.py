@@ -27,6 +27,7 @@ def interrupted() -> None:
 def main(argv=None):
     try:
         from ksmtrace.cli import main as cli_main
-    except KeyboardInterrupt:
+
+        return cli_main(argv)
+    except KeyboardInterrupt:  # while the modules load, or outside any command
         interrupted()
-    return cli_main(argv)
