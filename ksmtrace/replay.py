@@ -88,10 +88,10 @@ def _default_scope(policy: str | Policy | type[Policy]) -> str:
 def trace_params(trace, policy: str | Policy | type[Policy], params: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
     """``params`` plus what the trace implies for ``policy`` and the caller did not set, and why:
     a policy with a kernel ``profile`` parameter (``ksm``) gets the profile of the traced kernel
-    (:func:`ksmtrace.fidelity.groundtruth.kernel_profile`) when the trace names its kernel
+    (:func:`ksmtrace.policies.ksm.releases.kernel_profile`) when the trace names its kernel
     release.  The commands (replay, compare, sweep, frontier, advise, demo) apply it; the library's
     :func:`replay` replays exactly the parameters it is given."""
-    from ksmtrace.fidelity.groundtruth import kernel_profile
+    from ksmtrace.policies.ksm.releases import kernel_profile
 
     out = dict(params or {})
     notes: list[str] = []

@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from ksmtrace.analysis.pareto import non_dominated
+from ksmtrace.pareto import non_dominated
 from ksmtrace.errors import KsmtraceError, PolicyParamError, ResultError
 from ksmtrace.executor import Executor, WorkerLost, make_executor
 from ksmtrace.progress import ProgressFn, make

@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from ksmtrace.analysis.pareto import non_dominated
+from ksmtrace.pareto import non_dominated
 from ksmtrace.errors import KsmtraceError
 from ksmtrace.plot import palette
 from ksmtrace.plot._common import (check_units, frames_to, legend_outside, new_figure, place_labels, require,
