@@ -73,6 +73,9 @@ def replay_cmd(trace, policy, params, output, as_captured, controller, host_memo
                      f"({cap.start_source}); profile {cap.params.get('profile')}: {cap.profile_source}")
     run_params, scope, scope_why, more = resolve_run(tr, policy, given, scope)
     notes += more
+    span_s = (int(tr.times_ns[-1]) - int(tr.times_ns[0])) / 1e9
+    if start_s > span_s:
+        notes.append(f"the daemon starts at {start_s:g} s, after the trace's last snapshot ({span_s:.3f} s): it never runs")
     prog = Progress(f"replay {policy}", quiet=quiet)
     try:
         res = replay(tr, policy, run_params, engine=engine, scope=scope, timing_cost=timing_cost,
