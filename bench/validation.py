@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 from ksmtrace import samples  # noqa: E402
 from ksmtrace.replay import replay  # noqa: E402
 from ksmtrace.trace import prepare as P  # noqa: E402
+from ksmtrace.trace import prepared as PD  # noqa: E402
 from ksmtrace.trace.reader import open_trace  # noqa: E402
 
 TIMED = r"""
@@ -68,7 +69,7 @@ def checks_time(tr) -> float:
     proc_ids = np.unique(rows["proc"].to_numpy().astype(np.int64))
     row_proc = np.searchsorted(proc_ids, rows["proc"].to_numpy().astype(np.int64))
     vpn = rows["vpn"].to_numpy().astype(np.int64)
-    pg, n_pages = P._dense2(row_proc, vpn, ordered=True)
+    pg, n_pages = PD.dense_pair_ids(row_proc, vpn, ordered=True)
     snap = rows["snap"].to_numpy().astype(np.int64)
 
     def run():

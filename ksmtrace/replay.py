@@ -20,6 +20,7 @@ activity of the interval ``(t_{s-1}, t_s]`` (COW breaks, merges, work units).
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Mapping
 
@@ -77,7 +78,16 @@ def resolve_scope(trace, scope: str | None, policy: str | Policy | type[Policy] 
         if policy is not None and _default_scope(policy) == "file":
             return "file", "scope file: the page cache (resident file pages, one per device, inode and index)"
         return choose_scope(trace)
+    if scope == "file" and not _has_page_cache(trace):
+        return scope, (f"scope file: as given; the trace records no page cache (capture with --scope all --files PATH), "
+                       "so there is nothing to merge")
     return scope, f"scope {scope}: as given"
+
+
+def _has_page_cache(trace) -> bool:
+    from ksmtrace.trace import schema as S
+
+    return all(trace.has_table(t) for t in S.PAGECACHE_TABLES)
 
 
 def _default_scope(policy: str | Policy | type[Policy]) -> str:
@@ -88,10 +98,10 @@ def _default_scope(policy: str | Policy | type[Policy]) -> str:
 def trace_params(trace, policy: str | Policy | type[Policy], params: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
     """``params`` plus what the trace implies for ``policy`` and the caller did not set, and why:
     a policy with a kernel ``profile`` parameter (``ksm``) gets the profile of the traced kernel
-    (:func:`ksmtrace.fidelity.groundtruth.kernel_profile`) when the trace names its kernel
+    (:func:`ksmtrace.policies.ksm.releases.kernel_profile`) when the trace names its kernel
     release.  The commands (replay, compare, sweep, frontier, advise, demo) apply it; the library's
     :func:`replay` replays exactly the parameters it is given."""
-    from ksmtrace.fidelity.groundtruth import kernel_profile
+    from ksmtrace.policies.ksm.releases import kernel_profile
 
     out = dict(params or {})
     notes: list[str] = []
@@ -260,6 +270,8 @@ def run_spec(trace, pol: Policy, *, engine: str = "fast", scope: str | None = No
 
     if engine not in ENGINES:
         raise KsmtraceError(f"unknown engine {engine!r} (engines: {', '.join(ENGINES)})")
+    if not (math.isfinite(start_s) and start_s >= 0):
+        raise KsmtraceError(f"the daemon's start must be a time at or after the first snapshot, in seconds (got {start_s!r})")
     scope = scope or pol.default_scope
     tcost = resolve_cost_model(timing_cost)
     if hz is None:

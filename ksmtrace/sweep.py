@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from ksmtrace.analysis.pareto import non_dominated
+from ksmtrace.pareto import non_dominated
 from ksmtrace.errors import KsmtraceError, PolicyParamError, ResultError
 from ksmtrace.executor import Executor, WorkerLost, make_executor
 from ksmtrace.progress import ProgressFn, make
@@ -196,11 +196,14 @@ def _result_complete(out_dir: Path, run_id: str) -> bool:
 
 
 def plan_sweep(trace_path, policy: str, grid: Mapping[str, Sequence[Any]], out_dir, *, engine: str = "fast",
-               scope: str | None = None, timing_cost=None, start_s: float = 0.0, seed: int = 0) -> SweepPlan:
+               scope: str | None = None, timing_cost=None, start_s: float = 0.0, seed: int = 0,
+               writes: str | None = None) -> SweepPlan:
     """Check the grid against the policy's parameters and work out every run's id and whether its
-    result already exists in ``out_dir``.  Nothing is run."""
+    result already exists in ``out_dir``.  Nothing is run.  ``writes``: as for
+    :func:`ksmtrace.replay.replay` (``auto``, ``faults``, ``snapshots``)."""
     from ksmtrace.policies.registry import get_policy
     from ksmtrace.replay import ENGINES, RUN_PARAMS, run_spec, split_run_params
+    from ksmtrace.trace.faults import resolve_writes
     from ksmtrace.trace.reader import open_trace
     from ksmtrace.trace.restrict import parse_restriction
 
@@ -218,9 +221,10 @@ def plan_sweep(trace_path, policy: str, grid: Mapping[str, Sequence[Any]], out_d
     trace = open_trace(trace_path)
     out = Path(out_dir)
     points = expand_grid(grid)
+    mode = resolve_writes(trace, writes, cls)  # one line for a mode this trace or policy cannot take
     plan = SweepPlan(trace_path=str(trace.path), trace_name=trace.name, trace_fingerprint=trace.fingerprint, policy=cls.name, keys=list(grid), out_dir=out,
                      engine=engine, scope=scope or cls.default_scope,
-                     options={"timing_cost": timing_cost, "start_s": start_s, "seed": seed})
+                     options={"timing_cost": timing_cost, "start_s": start_s, "seed": seed, "writes": mode})
     for i, point in enumerate(points):
         own, run = split_run_params(point)  # a safe preset is a run option every policy takes
         try:
@@ -230,7 +234,7 @@ def plan_sweep(trace_path, policy: str, grid: Mapping[str, Sequence[Any]], out_d
             where = ",".join(f"{k}={v}" for k, v in point.items())
             raise type(exc)(f"sweep point {where}: {exc}") from None
         rid = run_spec(trace, pol, engine=engine, scope=scope, timing_cost=timing_cost, start_s=start_s, seed=seed,
-                       restrict=restrict)["run_id"]
+                       restrict=restrict, writes=mode)["run_id"]
         extra = {"restrict": restrict.spec if restrict else None} if "restrict" in run else {}
         plan.runs.append(PlannedRun(index=i, given=dict(point), params={**pol.describe(), **extra}, run_id=rid,
                                     done=_result_complete(out, rid)))
@@ -241,7 +245,7 @@ def plan_sweep(trace_path, policy: str, grid: Mapping[str, Sequence[Any]], out_d
 MANIFEST_NAME = "sweep.json"
 MANIFEST_FORMAT = "ksmtrace-sweep"
 LOCK_NAME = ".sweep.lock"
-BOUND = ("trace_fingerprint", "policy", "engine", "scope", "timing_cost", "start_ns", "seed", "ksmtrace_version")
+BOUND = ("trace_fingerprint", "policy", "engine", "scope", "timing_cost", "start_ns", "seed", "writes", "ksmtrace_version")
 
 
 def _binding(plan: SweepPlan) -> dict[str, Any]:
@@ -253,6 +257,8 @@ def _binding(plan: SweepPlan) -> dict[str, Any]:
     return {"trace_fingerprint": plan.trace_fingerprint, "policy": plan.policy, "engine": plan.engine,
             "scope": plan.scope, "timing_cost": resolve_cost_model(plan.options.get("timing_cost")).digest(),
             "start_ns": int(round(float(plan.options.get("start_s", 0.0)) * 1e9)), "seed": int(plan.options.get("seed", 0)),
+            # a run spec names its write mode only when it is "faults" (see ksmtrace.replay.run_spec)
+            "writes": "faults" if plan.options.get("writes") == "faults" else None,
             "ksmtrace_version": __version__}
 
 
@@ -418,7 +424,7 @@ def _run_one(task: dict[str, Any]) -> tuple[str, str]:
     if tr is None:
         tr = _TRACES[path] = open_trace(path)
     res = replay(tr, task["policy"], task["params"], engine=task["engine"], scope=task["scope"],
-                 timing_cost=task["timing_cost"], start_s=task["start_s"], seed=task["seed"])
+                 timing_cost=task["timing_cost"], start_s=task["start_s"], seed=task["seed"], writes=task.get("writes"))
     try:
         res.write(task["out_dir"])
     except OSError as exc:
@@ -456,7 +462,7 @@ def run_plan(plan: SweepPlan, *, workers: int | None = None, progress: ProgressF
     tasks = [{
         "trace_path": plan.trace_path, "policy": plan.policy, "params": r.given, "engine": plan.engine,
         "scope": plan.scope, "timing_cost": opts.get("timing_cost"), "start_s": opts.get("start_s", 0.0),
-        "seed": opts.get("seed", 0), "out_dir": str(plan.out_dir), "run_id": r.run_id,
+        "seed": opts.get("seed", 0), "writes": opts.get("writes"), "out_dir": str(plan.out_dir), "run_id": r.run_id,
     } for r in todo]
     labels = {r.run_id: " ".join(f"{k}={v}" for k, v in r.given.items()) for r in todo}
     skipped = f" ({n_done_before} already done)" if n_done_before else ""
@@ -503,7 +509,7 @@ def run_plan(plan: SweepPlan, *, workers: int | None = None, progress: ProgressF
 def sweep(trace_path, policy: str, grid: Mapping[str, Sequence[Any]], out_dir, *, workers: int | None = None,
           progress: ProgressFn | None = None, engine: str = "fast", scope: str | None = None, timing_cost=None,
           report_cost=None, start_s: float = 0.0, seed: int = 0, write_table: bool = True,
-          executor: Executor | str | None = None) -> pl.DataFrame:
+          executor: Executor | str | None = None, writes: str | None = None) -> pl.DataFrame:
     """Replay ``policy`` on the trace at ``trace_path`` for every point of ``grid`` (a dict of
     parameter -> list of values; strings are converted to the parameter's type), in ``workers``
     processes (default: one per CPU) of ``executor`` (default ``"local"``; ``"dask"`` or
@@ -516,7 +522,7 @@ def sweep(trace_path, policy: str, grid: Mapping[str, Sequence[Any]], out_dir, *
     of another trace into it is a :class:`SweepError`; two sweeps into it run one after the other."""
     trace_path = getattr(trace_path, "path", trace_path)  # an opened trace or its path
     plan = plan_sweep(trace_path, policy, grid, out_dir, engine=engine, scope=scope, timing_cost=timing_cost,
-                      start_s=start_s, seed=seed)
+                      start_s=start_s, seed=seed, writes=writes)
     with open_sweep_dir(plan, on_wait=lambda msg: make(progress)(0, 0, msg)) as d:
         ids = run_plan(plan, workers=workers, progress=progress, executor=executor)
         table = sweep_table(plan, cost=report_cost, actual_ids=ids)

@@ -25,7 +25,8 @@ the kernel profile the trace implies, starting at the first snapshot):
    headroom**: the most memory the merged pages ever saved, which the host must find at once if
    everything is un-merged (``echo 2 > /sys/kernel/mm/ksm/run``, or a burst of writes).
 3. **Go / no-go**: go when the saving at the end is at least ``min_saving_pct`` % of the memory
-   the candidate pages use and ``general_profit`` is positive.
+   the candidate pages use and at least ``min_saving_mib`` MiB (a few KiB saved is not worth a
+   daemon, whatever its share), and ``general_profit`` is positive.
 4. **Confidence**: when the trace has ground truth, :func:`ksmtrace.fidelity.fidelity` replays
    ``ksm`` as the kernel ran and the errors it finds (``pages_sharing``, ksmd CPU) are the
    recommendation's error bars.
@@ -266,8 +267,9 @@ def _neighbours(values: Sequence[int], lo: int) -> list[int]:
 
 
 def advise(trace, *, cpu_budget_pct: float = DEFAULT_BUDGET_PCT, target_latency_s: float | None = None,
-           min_saving_pct: float = 1.0, out_dir=None, cost=None, workers: int | None = 1, executor=None,
-           attribution: bool = True, progress: ProgressFn | None = None) -> Advice:
+           min_saving_pct: float = 1.0, min_saving_mib: float = 1.0, out_dir=None, cost=None,
+           workers: int | None = 1, executor=None, attribution: bool = True,
+           progress: ProgressFn | None = None) -> Advice:
     """Search ``ksm`` settings for ``trace`` (a path, sample name or Trace) within ``cpu_budget_pct``
     % of one core (and a p90 merge latency of at most ``target_latency_s``), and return the
     :class:`Advice`.  ``out_dir``: where the replays' result files are kept (default: a temporary
@@ -283,6 +285,9 @@ def advise(trace, *, cpu_budget_pct: float = DEFAULT_BUDGET_PCT, target_latency_
         raise KsmtraceError(f"advise: the CPU budget must be a positive percentage of a core (got {cpu_budget_pct!r})")
     if target_latency_s is not None and not target_latency_s > 0:
         raise KsmtraceError(f"advise: the target latency must be positive seconds (got {target_latency_s!r})")
+    for name, v in (("saving share", min_saving_pct), ("saving", min_saving_mib)):
+        if not (v >= 0 and math.isfinite(v)):
+            raise KsmtraceError(f"advise: the minimum {name} must be a non-negative number (got {v!r})")
     tr = trace if isinstance(trace, Trace) else open_trace(resolve_trace(trace))
     if not tr.n_snapshots > 1:
         raise KsmtraceError(f"{tr.path}: advise needs a trace of at least two snapshots")
@@ -408,7 +413,7 @@ def advise(trace, *, cpu_budget_pct: float = DEFAULT_BUDGET_PCT, target_latency_
                 base_frames_final=bd_final, result=None, oracle=oracle)
         res = chosen.result
         expected = _expected(res, oracle, model, dur)
-        verdict, reasons = _verdict(expected, bd_final, min_saving_pct, scope)
+        verdict, reasons = _verdict(expected, bd_final, min_saving_pct, min_saving_mib, scope)
         prog(total, total, "fidelity")
         conf = _confidence(tr)
         short = _short_lived(tr, res, oracle)
@@ -486,14 +491,19 @@ def _expected(res, oracle, model, dur: float) -> dict[str, Any]:
     }
 
 
-def _verdict(e: dict[str, Any], base_frames: int, min_pct: float, scope: str) -> tuple[str, list[str]]:
+def _verdict(e: dict[str, Any], base_frames: int, min_pct: float, min_mib: float, scope: str) -> tuple[str, list[str]]:
     reasons = []
     share = 100.0 * e["saving_frames_final"] / base_frames if base_frames else 0.0
+    mib = e["saving_frames_final"] * MIB_PER_FRAME
     ok = True
     if share < min_pct:
         ok = False
         reasons.append(f"it saves {share:.2f} % of the {base_frames * MIB_PER_FRAME:,.1f} MiB the candidate pages use, "
                        f"under the {min_pct:g} % worth enabling KSM for")
+    elif mib < min_mib:
+        ok = False
+        reasons.append(f"it saves {mib * 1024:,.0f} KiB ({share:.1f} % of the {base_frames * MIB_PER_FRAME:,.1f} MiB the "
+                       f"candidate pages use), under the {min_mib:g} MiB worth running ksmd for")
     else:
         reasons.append(f"it saves {e['saving_mib_final']:,.1f} MiB, {share:.1f} % of the "
                        f"{base_frames * MIB_PER_FRAME:,.1f} MiB the candidate pages use")

@@ -87,10 +87,10 @@ def breakdown(source, scope: str | None = None, *, snaps: Iterable[int] | None =
 
     ``source`` is a :class:`~ksmtrace.trace.reader.Trace` or the path of one (prepared under
     ``scope``; default: the one :func:`ksmtrace.replay.choose_scope` picks), or an already
-    :class:`~ksmtrace.trace.prepare.Prepared` one.  Columns:
+    :class:`~ksmtrace.trace.prepared.Prepared` one.  Columns:
     :data:`BREAKDOWN_COLUMNS`, defined in :data:`BREAKDOWN_DEFINITIONS` and the module docstring.
     """
-    from ksmtrace.trace.prepare import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE, Prepared
+    from ksmtrace.trace.prepared import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE, Prepared
 
     trace = None
     if isinstance(source, Prepared):
@@ -213,7 +213,7 @@ def _pair_key(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
     return a.astype(np.int64) * span + (b.astype(np.int64) - bmin)
 
 
-def _dense(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int]:
+def dense_ids(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int]:
     """Dense ids of the distinct (a, b) pairs, and how many there are."""
     if a.size == 0:
         return np.zeros(0, dtype=np.int64), 0
@@ -237,7 +237,7 @@ def _components(gid: np.ndarray, cid: np.ndarray, key: np.ndarray) -> int:
     """
     if gid.size == 0:
         return 0
-    k, n_k = _dense(cid, key)
+    k, n_k = dense_ids(cid, key)
     # the distinct (frame, group) pairs, sorted by frame
     pk = _pair_key(gid, k)
     order = np.argsort(pk, kind="stable") if pk is not None else np.lexsort((k, gid))

@@ -264,7 +264,8 @@ def _rows_with_real_ksm_zero(tr) -> pl.DataFrame:
     real KSM put it there during the capture turned back into the zero-filled page it stands for
     (the rule the replay's prepare applies, ``prepare._real_ksm_zero_merges``: otherwise the
     memory those pages stand for would vanish from every count)."""
-    from ksmtrace.trace.prepare import _dense2, _real_ksm_zero_merges
+    from ksmtrace.trace.prepare import _real_ksm_zero_merges
+    from ksmtrace.trace.prepared import dense_pair_ids
 
     rows = tr.read_table("pages", columns=["snap", "proc", "vpn", "op", "hash", "flags", "pfn"])
     rows = rows.filter(pl.col("op") != S.OP_SAME).with_columns(
@@ -276,7 +277,7 @@ def _rows_with_real_ksm_zero(tr) -> pl.DataFrame:
     present = (op != S.OP_GONE) & ((f & S.F_PRESENT) != 0) & ((f & S.F_SWAPPED) == 0)
     zp = (f & S.F_ZERO_PAGE) != 0
     cand = present & ((f & S.F_ANON) != 0) & ~zp & ((f & S.F_HUGETLB) == 0) & ((f & S.F_MERGEABLE) != 0)
-    pg, _ = _dense2(rows["proc"].to_numpy(), rows["vpn"].to_numpy(), ordered=True)
+    pg, _ = dense_pair_ids(rows["proc"].to_numpy(), rows["vpn"].to_numpy(), ordered=True)
     kz = _real_ksm_zero_merges(tr, pg, rows["snap"].to_numpy(), f, cand, present & zp & ((f & S.F_MERGEABLE) != 0))
     if kz is None or not kz.any():
         return rows

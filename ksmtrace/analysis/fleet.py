@@ -211,7 +211,7 @@ def _event_keys(trace, prep) -> tuple[np.ndarray, np.ndarray]:
     its 64-bit keyed hash (for kind hash).  The hash comes from the page row the event was made of
     (the same snapshot, pid and virtual page)."""
     from ksmtrace.trace import schema as S
-    from ksmtrace.trace.prepare import EV_APPEAR, EV_WRITE
+    from ksmtrace.trace.prepared import EV_APPEAR, EV_WRITE
 
     n_ev = len(prep.ev_kind)
     kind = np.zeros(n_ev, dtype=np.int8)
@@ -254,7 +254,7 @@ def _n_distinct(a: np.ndarray) -> int:
 def host_task(task: dict[str, Any]) -> dict[str, Any]:
     """One host (run by an executor): prepare its trace, walk its snapshots, and at every aligned
     snapshot wanted count its frames and write its (step, content, unit) triples, partitioned."""
-    from ksmtrace.trace.prepare import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE
+    from ksmtrace.trace.prepared import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE
     from ksmtrace.trace.reader import open_trace
 
     tr = open_trace(task["trace"])

@@ -38,7 +38,7 @@ import polars as pl
 
 from ksmtrace.analysis.measures import (MIB_PER_FRAME, cpu_pct, duration_s, finite, pct_of_oracle,
                                         time_to_oracle_share)
-from ksmtrace.analysis.pareto import non_dominated
+from ksmtrace.pareto import non_dominated
 from ksmtrace.errors import KsmtraceError
 from ksmtrace.progress import ProgressFn, make
 

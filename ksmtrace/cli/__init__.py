@@ -67,11 +67,8 @@ def cli(ctx, debug):
 
 
 def main(argv=None):
-    try:
-        cli.main(args=argv, prog_name="ksmtrace", standalone_mode=True)
-    except KeyboardInterrupt:  # before a command runs (while the modules load)
-        click.echo("ksmtrace: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    """The program (a Ctrl-C outside a command is the entry point's: :mod:`ksmtrace._entry`)."""
+    cli.main(args=argv, prog_name="ksmtrace", standalone_mode=True)
 
 
 # Commands live one per module; importing them registers them on ``cli``.

@@ -11,6 +11,27 @@ from ksmtrace.textfmt import dumps, fmt, kv_lines, table  # noqa: F401  (re-expo
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")
 
 
+def _sample_or_path(value: str) -> str:
+    """A trace argument as given, or the shipped sample of that name when no such path exists
+    (``ksmtrace replay vm``): a path always wins, so a local directory called ``vm`` is read."""
+    if not value or os.path.lexists(value) or "/" in value or os.sep in value:
+        return value
+    from ksmtrace.samples import sample_names, sample_path
+
+    return str(sample_path(value)) if value in sample_names() else value
+
+
+def _trace_callback(ctx, param, value):
+    if isinstance(value, tuple):
+        return tuple(_sample_or_path(v) for v in value)
+    return _sample_or_path(value)
+
+
+def trace_argument(name: str = "trace", **kw):
+    """TRACE: a trace directory, or the name of a shipped sample trace (vm, prefork, python-sci, ...)."""
+    return click.argument(name, type=click.Path(), callback=_trace_callback, **kw)
+
+
 def _no_cache(ctx, param, value):
     """Set KSMTRACE_NO_CACHE for the command (the environment reaches a sweep's worker processes
     too) and restore it afterwards (commands can run in-process, one after another)."""

@@ -5,18 +5,20 @@ import click
 
 from ksmtrace.cli import cli
 from ksmtrace.cli._options import (cost_file_option, emit_json, executor_for, executor_option, json_option, note,
-                                   quiet_option, sweep_workers_option, write_answer)
+                                   quiet_option, sweep_workers_option, write_answer, trace_argument)
 from ksmtrace.progress import Progress
 
 
 @cli.command("advise")
-@click.argument("trace", type=click.Path())
+@trace_argument()
 @click.option("--cpu-budget", "budget", type=float, default=1.0, show_default=True, metavar="PCT",
               help="ksmd CPU the host can spend, in % of one core (0.1 % = 3.6 s of CPU per hour).")
 @click.option("--target-latency", "latency", type=float, default=None, metavar="S",
               help="Also require duplicates to be merged within S seconds (p90 of the merge latency).")
 @click.option("--min-saving", "min_saving", type=float, default=1.0, show_default=True, metavar="PCT",
               help="Go only when the saving is at least this % of the memory the candidate pages use.")
+@click.option("--min-saving-mib", "min_saving_mib", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              metavar="MIB", help="... and at least this many MiB (a few KiB saved is not worth running ksmd).")
 @cost_file_option
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Keep every replay's result files here (a second call reuses them) and write advise.json.")
@@ -27,7 +29,7 @@ from ksmtrace.progress import Progress
 @executor_option
 @json_option
 @quiet_option
-def advise_cmd(trace, budget, latency, min_saving, cost, output, plot_path, no_attribution, workers, executor, as_json, quiet):
+def advise_cmd(trace, budget, latency, min_saving, min_saving_mib, cost, output, plot_path, no_attribution, workers, executor, as_json, quiet):
     """Should KSM be enabled for the processes in TRACE, and with which settings?
 
     Searches ksm settings by replaying TRACE (a grid of pages_to_scan x sleep_millisecs, then
@@ -48,7 +50,7 @@ def advise_cmd(trace, budget, latency, min_saving, cost, output, plot_path, no_a
 
     prog = Progress("advise", quiet=quiet or as_json)
     try:
-        adv = advise(trace, cpu_budget_pct=budget, target_latency_s=latency, min_saving_pct=min_saving, out_dir=output,
+        adv = advise(trace, cpu_budget_pct=budget, target_latency_s=latency, min_saving_pct=min_saving, min_saving_mib=min_saving_mib, out_dir=output,
                      cost=cost, workers=workers,
                      executor=executor_for(workers, executor),
                      attribution=not no_attribution, progress=prog)

@@ -6,7 +6,7 @@ import sys
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import echo_table, emit_json, json_option, no_cache_option, note, quiet_option
+from ksmtrace.cli._options import echo_table, emit_json, json_option, no_cache_option, note, quiet_option, trace_argument
 
 SHOWN = ["snap", "t_s", "candidate_pages", "base_frames", "oracle_saved", "zero_saved", "within_process_saved",
          "across_process_saved", "same_domain_saved", "windows_saved", "same_process_saved", "read_only_saved",
@@ -39,7 +39,7 @@ def summary_line(summary: dict) -> str:
 
 
 @cli.command("breakdown")
-@click.argument("trace", type=click.Path())
+@trace_argument()
 @click.option("--scope", type=click.Choice(["auto", "recorded", "anon"]), default="auto", show_default=True,
               help="Candidate pages: recorded = mergeable VMAs (what ksmd scans); anon = every private anonymous page; "
                    "auto = recorded when the trace has mergeable memory, else anon.")

@@ -7,7 +7,7 @@ import sys
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import echo_table, emit_json, executor_option, json_option, note, quiet_option
+from ksmtrace.cli._options import echo_table, emit_json, executor_option, json_option, note, quiet_option, trace_argument
 from ksmtrace.cli._replay_opts import params_from, replay_options, resolve_run, with_restrict, writes_option
 from ksmtrace.outputs import check_output_dir
 from ksmtrace.progress import Progress
@@ -49,7 +49,7 @@ def comparison_rows(results) -> list[dict]:
 
 
 @cli.command("compare")
-@click.argument("trace", type=click.Path())
+@trace_argument()
 @click.option("--policies", default="oracle,ksm", show_default=True,
               help="Comma-separated policy names; NAME:key=value;key=value gives one its own parameters.")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",

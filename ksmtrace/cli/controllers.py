@@ -7,12 +7,12 @@ import click
 from ksmtrace.cli import cli
 from ksmtrace.cli._options import (auto_scope_option, cost_file_option, emit_json, executor_for, executor_option,
                                    grid_option, json_option, no_plots_option, note, quiet_option, sweep_workers_option,
-                                   write_answer)
+                                   write_answer, trace_argument)
 from ksmtrace.progress import Progress
 
 
 @cli.command("controllers")
-@click.argument("trace", type=click.Path())
+@trace_argument()
 @click.option("--host-memory", default=None, metavar="SIZE",
               help="The host's memory (MemTotal), e.g. 16G or 900M: free memory is this minus what the traced "
                    "processes use, and ksmtuned's and KubeVirt's rules act on it (needed for them).")

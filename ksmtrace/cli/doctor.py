@@ -4,12 +4,12 @@ from __future__ import annotations
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import emit_json, json_option, quiet_option
+from ksmtrace.cli._options import emit_json, json_option, quiet_option, trace_argument
 from ksmtrace.progress import Progress
 
 
 @cli.command("doctor")
-@click.argument("trace", type=click.Path())
+@trace_argument()
 @click.option("--pages-to-scan", type=click.IntRange(min=1), default=None,
               help="Scan size the 'too young' class assumes (default: the real KSM's during the capture, else 100).")
 @click.option("--sleep-millisecs", type=click.IntRange(min=0), default=None,

@@ -4,14 +4,14 @@ from __future__ import annotations
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import emit_json, json_option, no_cache_option, note, quiet_option
+from ksmtrace.cli._options import emit_json, json_option, no_cache_option, note, quiet_option, trace_argument
 from ksmtrace.cli._replay_opts import params_from, writes_option
 from ksmtrace.errors import KsmtraceError
 from ksmtrace.progress import Progress
 
 
 @cli.command("fidelity", context_settings={"max_content_width": 100})
-@click.argument("trace", type=click.Path())
+@trace_argument()
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Override a ksm parameter read from the trace (repeatable), e.g. -p profile=6.10.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,

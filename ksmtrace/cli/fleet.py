@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import echo_table, emit_json, executor_option, json_option, note, quiet_option
+from ksmtrace.cli._options import echo_table, emit_json, executor_option, json_option, note, quiet_option, trace_argument
 from ksmtrace.progress import Progress
 
 STEP_SHOWN = ["step", "t_s", "base_frames", "intra_host_saved", "cross_host_saved", "fleet_saved", "zero_saved",
@@ -28,7 +28,7 @@ def _matrix_rows(labels, mat):
 
 
 @cli.command("fleet")
-@click.argument("traces", nargs=-1, required=True, type=click.Path())
+@trace_argument("traces", nargs=-1, required=True)
 @click.option("--scope", type=click.Choice(["recorded", "anon"]), default="recorded", show_default=True,
               help="Candidate pages: recorded = mergeable VMAs (what ksmd scans); anon = every private anonymous page.")
 @click.option("--snaps", "snaps", default=None, metavar="LIST",

@@ -7,7 +7,7 @@ from ksmtrace.analysis.frontier import DEFAULT_POLICIES
 from ksmtrace.cli import cli
 from ksmtrace.cli._options import (auto_scope_option, cost_file_option, emit_json, executor_for, executor_option,
                                    grid_option, json_option, no_plots_option, note, quiet_option, sweep_workers_option,
-                                   write_answer)
+                                   write_answer, trace_argument)
 from ksmtrace.cli._replay_opts import restrict_option
 from ksmtrace.errors import KsmtraceError
 from ksmtrace.progress import Progress
@@ -24,7 +24,7 @@ def floats(text: str, what: str) -> list[float]:
 
 
 @cli.command("frontier")
-@click.argument("trace", type=click.Path())
+@trace_argument()
 @click.option("--policies", default=",".join(DEFAULT_POLICIES), show_default=True,
               help="Comma-separated policies; each is swept over its rate parameters (oracle is always the ceiling).")
 @grid_option

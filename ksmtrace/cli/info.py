@@ -4,12 +4,12 @@ from __future__ import annotations
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import emit_json, fmt, json_option, kv_lines, no_cache_option, table
+from ksmtrace.cli._options import emit_json, fmt, json_option, kv_lines, no_cache_option, table, trace_argument
 from ksmtrace.trace.info import trace_info
 
 
 @cli.command()
-@click.argument("trace", type=click.Path())
+@trace_argument()
 @click.option("--scope", type=click.Choice(["anon", "recorded"]), default="anon", show_default=True,
               help="Pages counted as dedup candidates: every private anonymous page, or only mergeable ones.")
 @click.option("--max-rows", type=int, default=20, show_default=True, help="Per-snapshot rows shown (first and last); 0 = all.")

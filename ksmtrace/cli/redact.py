@@ -4,12 +4,12 @@ from __future__ import annotations
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import emit_json, json_option, kv_lines, note, quiet_option
+from ksmtrace.cli._options import emit_json, json_option, kv_lines, note, quiet_option, trace_argument
 from ksmtrace.progress import Progress
 
 
 @cli.command("redact")
-@click.argument("trace", type=click.Path())
+@trace_argument()
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               help="Directory of the redacted trace (new or empty; yours, nobody else's to write).")
 @click.option("--key-file", type=click.Path(dir_okay=False), default=None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import emit_json, json_option, kv_lines, note, quiet_option
+from ksmtrace.cli._options import emit_json, json_option, kv_lines, note, quiet_option, trace_argument
 from ksmtrace.cli._replay_opts import params_from, replay_options, resolve_run, with_restrict, writes_option
 from ksmtrace.errors import KsmtraceError
 from ksmtrace.outputs import check_output_dir
@@ -13,7 +13,7 @@ from ksmtrace.results import FRAMES_SAVED_DEFINITION
 
 
 @cli.command("replay")
-@click.argument("trace", type=click.Path())
+@trace_argument()
 @click.option("--policy", "-P", "policy", default="ksm", show_default=True, help="Policy name (see `ksmtrace policies`).")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Policy parameter (repeatable).")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Write result files (<run_id>.json/.parquet) here.")
@@ -73,6 +73,9 @@ def replay_cmd(trace, policy, params, output, as_captured, controller, host_memo
                      f"({cap.start_source}); profile {cap.params.get('profile')}: {cap.profile_source}")
     run_params, scope, scope_why, more = resolve_run(tr, policy, given, scope)
     notes += more
+    span_s = (int(tr.times_ns[-1]) - int(tr.times_ns[0])) / 1e9
+    if start_s > span_s:
+        notes.append(f"the daemon starts at {start_s:g} s, after the trace's last snapshot ({span_s:.3f} s): it never runs")
     prog = Progress(f"replay {policy}", quiet=quiet)
     try:
         res = replay(tr, policy, run_params, engine=engine, scope=scope, timing_cost=timing_cost,

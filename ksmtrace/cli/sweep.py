@@ -4,8 +4,8 @@ from __future__ import annotations
 import click
 
 from ksmtrace.cli import cli
-from ksmtrace.cli._options import echo_table, emit_json, executor_option, json_option, note, quiet_option
-from ksmtrace.cli._replay_opts import replay_options
+from ksmtrace.cli._options import echo_table, emit_json, executor_option, json_option, note, quiet_option, trace_argument
+from ksmtrace.cli._replay_opts import replay_options, writes_option
 from ksmtrace.errors import KsmtraceError
 from ksmtrace.progress import Progress
 from ksmtrace.results import FRAMES_SAVED_DEFINITION
@@ -16,7 +16,7 @@ HEADERS = {"frames_saved_mean": "saved(mean)", "pct_of_oracle": "%oracle", "cpu_
 
 
 @cli.command("sweep")
-@click.argument("trace", type=click.Path())
+@trace_argument()
 @click.option("--policy", "-P", "policy", required=True, help="Policy name (see `ksmtrace policies`).")
 @click.option("-p", "--param", "grid_items", multiple=True, metavar="KEY=LIST",
               help="A parameter and its values: comma-separated values and ranges START:STOP[:STEP] or "
@@ -29,10 +29,11 @@ HEADERS = {"frames_saved_mean": "saved(mean)", "pct_of_oracle": "%oracle", "cpu_
 @click.option("--pareto", is_flag=True, help="Also print the non-dominated runs (most saved, least CPU, fewest COW breaks).")
 @click.option("--dry-run", is_flag=True, help="List the grid and which runs are already done; run nothing.")
 @replay_options
+@writes_option
 @json_option
 @quiet_option
 def sweep_cmd(trace, policy, grid_items, out_dir, workers, executor, pareto, dry_run, engine, scope, cost, timing_cost, start_s,
-              seed, restrict, as_json, quiet):
+              seed, restrict, writes, as_json, quiet):
     """Replay TRACE through POLICY for every combination of parameter values.
 
     Runs go to worker processes (or a Dask cluster: --executor); each run's result is written to
@@ -67,7 +68,7 @@ def sweep_cmd(trace, policy, grid_items, out_dir, workers, executor, pareto, dry
     if grid:  # an empty grid is an error plan_sweep reports
         grid.update({k: [v] for k, v in implied.items() if k not in grid})
     plan = plan_sweep(trace, policy, grid, out_dir, engine=engine, scope=scope, timing_cost=timing_cost,
-                      start_s=start_s, seed=seed)
+                      start_s=start_s, seed=seed, writes=writes)
     why = [scope_why] + notes  # said once the sweep can start (an error is one line, nothing before it)
     n_total = len({r.run_id for r in plan.runs})
     n_todo = len(plan.todo)

@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ksmtrace.trace.prepare import EV_APPEAR, EV_GONE, EV_THP, EV_UNMERGE, EV_WRITE
+from ksmtrace.trace.prepared import EV_APPEAR, EV_GONE, EV_THP, EV_UNMERGE, EV_WRITE
 
 ZERO_FRAME = 0
 
@@ -43,7 +43,7 @@ class Engine(Protocol):
     """The primitive surface every engine offers a runtime."""
 
     kind: str  # "fast" or "reference"
-    prep: Any  # the prepared trace (ksmtrace.trace.prepare.Prepared)
+    prep: Any  # the prepared trace (ksmtrace.trace.prepared.Prepared)
     now: int  # virtual time (ns) of the snapshot applied last
 
     # --- queries ---------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ class Runtime(Protocol):
 class RunContext:
     """What a runtime receives besides its parameters."""
 
-    prep: Any  # ksmtrace.trace.prepare.Prepared
+    prep: Any  # ksmtrace.trace.prepared.Prepared
     engine: Any  # an Engine
     timing_ps: np.ndarray  # int64 picoseconds per cost unit (daemon units)
     hz: int  # kernel tick rate for sleep quantisation (0 = none)

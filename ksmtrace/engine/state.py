@@ -21,7 +21,7 @@ from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decor
 from numba import njit
 
 from ksmtrace.jitutil import prefetch_row
-from ksmtrace.trace.prepare import EV_APPEAR, EV_GONE, EV_THP, EV_UNMERGE, EV_WRITE
+from ksmtrace.trace.prepared import EV_APPEAR, EV_GONE, EV_THP, EV_UNMERGE, EV_WRITE
 
 ZERO_FRAME = 0
 

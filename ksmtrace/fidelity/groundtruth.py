@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import numpy as np
 import polars as pl
 
 from ksmtrace.errors import KsmtraceError
+from ksmtrace.policies.ksm.releases import kernel_profile, profile_for_release, range_walk_for_release, release_tuple
 
 #: counters that only grow (since boot, or since run=2 for full_scans): compared as increments
 CUMULATIVE = ("full_scans", "pages_scanned", "pages_skipped", "cow_ksm", "ksmd_cpu_ns", "ksm_swpin_copy")
@@ -118,65 +118,6 @@ class GroundTruth:
         if not n:
             return None
         return (self.end_s - self.start_s) / n
-
-
-def profile_for_release(release: str | None) -> str:
-    """The ``ksm`` policy profile whose behaviour matches a kernel release.
-
-    >= 6.12: ``6.12`` (a THP split maps its zero subpages to the zero page); 6.11: ``6.11``
-    (checksum before the stable-tree search); 4.13 ... 6.10: ``6.10`` (stable search first;
-    smart_scan exists from 6.7 and follows the trace's setting); older: ``3.18``.  Unknown
-    releases get ``6.12`` (with a warning from :func:`load_ground_truth`).
-    """
-    v = _release_tuple(release)
-    if v is None:
-        return "6.12"
-    if v >= (6, 12):
-        return "6.12"
-    if v >= (6, 11):
-        return "6.11"
-    if v >= (4, 13):
-        return "6.10"
-    return "3.18"
-
-
-#: the first release of each series whose ksmd jumps over holes in mergeable VMAs (commit
-#: f5548c318d65 "ksm: use range-walk function to jump over holes in scan_get_next_rmap_item",
-#: 6.18-rc6; Cc stable): read in the 6.12.59-rc1 review series and the 5.10.249 announcement.
-#: Other stable series may have it too from some release on; pass ``range_walk`` explicitly there.
-RANGE_WALK_SINCE = {(6, 12): 59, (5, 10): 249}
-
-
-def range_walk_for_release(release: str | None) -> bool:
-    """Whether a kernel release has the range walk (``ksm`` parameter ``range_walk``): 6.18 and
-    later, and the stable releases of :data:`RANGE_WALK_SINCE`.  Unknown releases are taken as the
-    newest kernel (like :func:`profile_for_release`)."""
-    v = _release_tuple(release)
-    if v is None:
-        return True
-    if v >= (6, 18):
-        return True
-    since = RANGE_WALK_SINCE.get(v)
-    m = re.match(r"\d+\.\d+\.(\d+)", str(release))
-    return since is not None and m is not None and int(m.group(1)) >= since
-
-
-def _release_tuple(release: str | None) -> tuple[int, int] | None:
-    if not release:
-        return None
-    m = re.match(r"(\d+)\.(\d+)", str(release))
-    return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-def kernel_profile(trace) -> tuple[str | None, str]:
-    """The ``ksm`` profile for ``trace``'s kernel, and why: :func:`profile_for_release` of the
-    traced kernel release; None when the trace names no kernel release (a synthetic trace), and
-    then commands keep the policy's default profile (a fidelity comparison, which must reproduce
-    some kernel, assumes 6.12+ and warns)."""
-    release = (getattr(trace, "host", None) or {}).get("kernel_release")
-    if _release_tuple(release) is None:
-        return None, f"the trace names no kernel release ({release!r})"
-    return profile_for_release(release), f"the traced kernel is {release}"
 
 
 #: the sample traces' record of when their capture script started KSM (capture.json in the trace)
@@ -299,7 +240,7 @@ def load_ground_truth(trace) -> GroundTruth:
 
     settings = _settings(raw, merging, first_on, warnings)
     release = trace.host.get("kernel_release")
-    if _release_tuple(release) is None:
+    if release_tuple(release) is None:
         warnings.append(f"unknown kernel release {release!r}: assuming Linux 6.12+ behaviour")
     hz = int(trace.host.get("hz") or 250)
     if not trace.host.get("hz"):

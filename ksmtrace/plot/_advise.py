@@ -86,5 +86,7 @@ def advise(adv) -> Figure:
         titles(fig, "advise: the ksm settings for this trace", sub)
         if rec.height:
             r = rec.row(0, named=True)
-            place_labels(ax, [r["cpu_pct"]], [r["pct_of_oracle"]], [r["settings"]], gids=["recommended-label"])
+            place_labels(ax, [r["cpu_pct"]], [r["pct_of_oracle"]], [r["settings"]], gids=["recommended-label"],
+                         others=(s["cpu_pct"].to_numpy(), s["pct_of_oracle"].to_numpy()),
+                         lines=[([adv.cpu_budget_pct] * 2, [0, 105]), ([lo, hi], [100.0, 100.0])])
     return fig

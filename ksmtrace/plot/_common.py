@@ -14,6 +14,7 @@ from typing import Any, Iterable, Sequence
 import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from ksmtrace._version import __version__
 from ksmtrace.errors import KsmtraceError
@@ -99,11 +100,23 @@ _OFFSETS = [(dx, dy) for r in (6, 14, 24, 36) for dx, dy in
             ((r, r * 0.6), (r, -r), (-r, r * 0.6), (-r, -r), (0, r), (0, -r - 4), (r, 0), (-r, 0))]
 
 
-def place_labels(ax, xs, ys, texts, *, fontsize: float = 6.5, gids=None, avoid_points=True) -> list[int]:
+def text_box(t, renderer):
+    """The box of a text's own glyphs: for an annotation, without its leader line."""
+    if hasattr(t, "update_positions"):  # an Annotation: its text is placed relative to its point
+        t.update_positions(renderer)
+    return Text.get_window_extent(t, renderer)
+
+
+def place_labels(ax, xs, ys, texts, *, fontsize: float = 6.5, gids=None, avoid_points=True, others=None,
+                 lines=()) -> list[int]:
     """Label the points (xs[i], ys[i]) with texts[i], each where it overprints nothing: no other
-    label, no labelled point, inside the axes.  Tries offsets in eight directions at growing
-    distances; a label that fits nowhere is left out.  Returns the indices left out.  Call it after
-    everything else is drawn and the axes limits are final (it lays the figure out to measure)."""
+    label, no labelled point, none of the ``others`` points (``(xs, ys)``: the rest of the data
+    drawn), no segment of the ``lines`` (``[(xs, ys), ...]`` polylines as drawn, e.g. a front),
+    inside the axes.  Tries offsets in eight directions at growing distances; a label moved
+    further than the nearest ring gets a thin leader line to its point, so that it is never read
+    as another point's.  A label that fits nowhere is left out.  Returns the indices left out.
+    Call it after everything else is drawn and the axes limits are final (it lays the figure out
+    to measure)."""
     import numpy as np
     from matplotlib.transforms import Bbox
 
@@ -117,7 +130,19 @@ def place_labels(ax, xs, ys, texts, *, fontsize: float = 6.5, gids=None, avoid_p
     rad = 4.0
     blocked: list[Bbox] = []
     if avoid_points:
-        blocked = [Bbox.from_extents(px - rad, py - rad, px + rad, py + rad) for px, py in pts if np.isfinite([px, py]).all()]
+        every = pts
+        if others is not None and len(others[0]):
+            every = np.vstack([pts, ax.transData.transform(np.column_stack([np.asarray(others[0], float),
+                                                                            np.asarray(others[1], float)]))])
+        blocked = [Bbox.from_extents(px - rad, py - rad, px + rad, py + rad) for px, py in every if np.isfinite([px, py]).all()]
+    for lx, ly in lines:  # a polyline: small boxes every few pixels along each segment
+        v = ax.transData.transform(np.column_stack([np.asarray(lx, float), np.asarray(ly, float)]))
+        for (ax0, ay0), (ax1, ay1) in zip(v[:-1], v[1:]):
+            if not np.isfinite([ax0, ay0, ax1, ay1]).all():
+                continue
+            n = max(2, int(np.hypot(ax1 - ax0, ay1 - ay0) / 3) + 1)
+            blocked += [Bbox.from_extents(x - 1.5, y - 1.5, x + 1.5, y + 1.5)
+                        for x, y in zip(np.linspace(ax0, ax1, n), np.linspace(ay0, ay1, n))]
     placed: list[Bbox] = []
     left_out = []
 
@@ -140,9 +165,16 @@ def place_labels(ax, xs, ys, texts, *, fontsize: float = 6.5, gids=None, avoid_p
             ann.set_position((dx, dy))
             ann.set_horizontalalignment("left" if dx > 0 else "right" if dx < 0 else "center")
             ann.set_verticalalignment("bottom" if dy > 0 else "top" if dy < 0 else "center")
-            b = ann.get_window_extent(r)
+            b = text_box(ann, r)  # the text alone (a leader line may cross others)
             if free(b):
                 placed.append(b)
+                if max(abs(dx), abs(dy)) > _OFFSETS[0][0]:  # far from its point: drawn again with a leader line
+                    ha, va = ann.get_horizontalalignment(), ann.get_verticalalignment()
+                    ann.remove()
+                    ann = ax.annotate(text, (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points",
+                                      fontsize=fontsize, ha=ha, va=va, gid=None if gids is None else gids[i],
+                                      arrowprops=dict(arrowstyle="-", linewidth=0.5, color="0.35", shrinkA=1, shrinkB=4))
+                    ann.set_in_layout(False)
                 break
         else:
             ann.remove()

@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from ksmtrace.analysis.pareto import non_dominated
+from ksmtrace.pareto import non_dominated
 from ksmtrace.errors import KsmtraceError
 from ksmtrace.plot import palette
 from ksmtrace.plot._common import (check_units, frames_to, legend_outside, new_figure, place_labels, require,
@@ -49,6 +49,15 @@ def _scale(ax, values: np.ndarray, axis_label: str) -> str:
         ax.set_xscale("log")
         return f"{axis_label}, log scale"
     return axis_label
+
+
+def _steps_post(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The vertices of a ``drawstyle="steps-post"`` line through (x, y)."""
+    if x.size < 2:
+        return x, y
+    sx = np.repeat(x, 2)[1:]
+    sy = np.repeat(y, 2)[:-1]
+    return sx, sy
 
 
 def pareto(results: Sequence, *, y: str = "saved", units: str = "MiB", cost=None, annotate: int = 12) -> Figure:
@@ -105,6 +114,7 @@ def pareto(results: Sequence, *, y: str = "saved", units: str = "MiB", cost=None
             ax.set_title(f"memory saved vs {what}: more is better up, less is better left", loc="left")
             ax.set_ylim(bottom=0)
         axes[0].set_ylabel(ylabel)
+        axes[0].set_ylim(0, axes[0].get_ylim()[1] * 1.08)  # (shared) headroom: the best runs' labels fit above them
         legend_outside(axes[1])
         titles(fig, "Saving vs cost, one point per run", runs_subtitle(results, model.name))
         for (ax, xv, _, _), order in zip(panels, fronts):
@@ -113,6 +123,8 @@ def pareto(results: Sequence, *, y: str = "saved", units: str = "MiB", cost=None
                 groups.setdefault((float(xv[i]), float(pts["y"][i])), []).append(int(i))
             chosen = list(groups.values())[:annotate]
             texts = [labels[m[0]] + (f" (+{len(m) - 1} more here)" if len(m) > 1 else "") for m in chosen]
+            rest = np.flatnonzero(~is_oracle)
             place_labels(ax, [xv[m[0]] for m in chosen], [pts["y"][m[0]] for m in chosen], texts,
-                         gids=[f"front-label:{results[m[0]].run_id}" for m in chosen])
+                         gids=[f"front-label:{results[m[0]].run_id}" for m in chosen], others=(xv[rest], pts["y"][rest]),
+                         lines=[_steps_post(xv[order], pts["y"][order])] if order.size else ())
     return fig

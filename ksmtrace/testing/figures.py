@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from matplotlib.transforms import Bbox
 
+from ksmtrace.plot._common import text_box
+
 TOL = 0.5  # display pixels: boxes that merely touch do not overlap
 
 
@@ -35,6 +37,25 @@ def _name(artist) -> str:
 
 def _legend_texts(leg) -> str:
     return ", ".join(t.get_text()[:30] for t in leg.get_texts()[:3])
+
+
+def _marker_positions(ax):
+    """Display positions of the points drawn as markers in ``ax`` (scatter collections, lines with a
+    marker)."""
+    import numpy as np
+    from matplotlib.collections import PathCollection
+
+    out = []
+    for c in ax.collections:
+        if isinstance(c, PathCollection) and c.get_visible() and len(c.get_offsets()):
+            out.append(c.get_offset_transform().transform(np.asarray(c.get_offsets(), float)))
+    for ln in ax.lines:
+        if ln.get_visible() and ln.get_marker() not in (None, "None", "", " ") and len(ln.get_xydata()):
+            out.append(ln.get_transform().transform(np.asarray(ln.get_xydata(), float)))
+    if not out:
+        return np.zeros((0, 2))
+    pts = np.vstack(out)
+    return pts[np.isfinite(pts).all(axis=1)]
 
 
 def layout_problems(fig) -> list[str]:
@@ -82,12 +103,21 @@ def layout_problems(fig) -> list[str]:
         for t in ax.texts:
             if not t.get_visible() or not t.get_text():
                 continue
-            b = t.get_window_extent(r)
+            b = text_box(t, r)  # the text itself (an annotation's leader line may cross others)
             placed.append((t, b))
             if not _inside(b, ax.bbox):
                 problems.append(f"{_name(t)} leaves its axes {ax.get_title(loc='left')[:40]!r}")
             if not _inside(b, figbox):
                 problems.append(f"{_name(t)} is clipped by the figure edge")
+    for ax in axes:  # a label never covers a plotted point (its own or another's)
+        marks = _marker_positions(ax)
+        for t in ax.texts:
+            if not t.get_visible() or not t.get_text() or not len(marks):
+                continue
+            b = text_box(t, r)
+            inside = (marks[:, 0] > b.x0 + 1) & (marks[:, 0] < b.x1 - 1) & (marks[:, 1] > b.y0 + 1) & (marks[:, 1] < b.y1 - 1)
+            if inside.any():
+                problems.append(f"{_name(t)} covers {int(inside.sum())} plotted point(s) of axes {ax.get_title(loc='left')[:40]!r}")
     for i in range(len(placed)):
         for j in range(i + 1, len(placed)):
             if _overlap(placed[i][1], placed[j][1]):

@@ -4,8 +4,8 @@
     python -m ksmtrace.testing.golden --update           # rewrite them (on purpose!)
     python -m ksmtrace.testing.golden --update vm ksm    # only some traces / policies
 
-A golden file holds, for one sample trace and one core policy (or ``pagecache``) with its default parameters (fast
-engine, the policy's default scope), the run's :attr:`RunResult.summary` minus what depends on the
+A golden file holds, for one sample trace and one core policy (or ``pagecache``) with its default parameters, or
+one of the :data:`VARIANTS` (the hash-strength and same-address what-ifs; fast engine, the policy's default scope), the run's :attr:`RunResult.summary` minus what depends on the
 machine or on a cost model (``cpu_seconds``, ``cpu_model``), plus the total work units (exact
 counts, from which any cost model derives CPU seconds).  ``tests/golden/test_samples.py`` compares every
 value exactly (floats to a relative 1e-9).  When a change to the engine or a policy changes the
@@ -23,7 +23,23 @@ from typing import Any, Iterable
 CORE_POLICIES = ("oracle", "ksm", "pksm", "pksm-delay", "hashtable", "uksm")
 #: policies with golden files that replay a scope of their own (pagecache: the page cache, ``file``)
 OWN_SCOPE_POLICIES = ("pagecache",)
-GOLDEN_POLICIES = CORE_POLICIES + OWN_SCOPE_POLICIES
+#: the founding notes' what-ifs that are parameters of a core policy, each golden too:
+#: ``<trace>.<policy>+<param>=<value>.json``
+VARIANTS = (
+    ("pksm", {"hash_strength": 16}),
+    ("uksm", {"hash_adapt": 0, "hash_strength": 256}),
+    ("ksm", {"same_address_first": 1}),
+    ("pksm", {"same_address_first": 1}),
+    ("oracle", {"same_address_only": 1}),
+)
+
+
+def variant_name(policy: str, params: dict[str, Any]) -> str:
+    return policy + "".join(f"+{k}={v}" for k, v in params.items())
+
+
+VARIANT_NAMES = {variant_name(p, kw): (p, kw) for p, kw in VARIANTS}
+GOLDEN_POLICIES = CORE_POLICIES + OWN_SCOPE_POLICIES + tuple(VARIANT_NAMES)
 MACHINE_DEPENDENT = ("cpu_seconds", "cpu_model")
 REL_TOL = 1e-9
 ABS_TOL = 1e-12
@@ -48,15 +64,17 @@ def _clean(v: Any) -> Any:
 
 
 def golden_summary(trace, policy: str) -> dict[str, Any]:
-    """What a golden file holds for ``policy`` (default parameters) on ``trace`` (a Trace)."""
+    """What a golden file holds for ``policy`` (default parameters, or a variant's name from
+    :data:`VARIANT_NAMES`) on ``trace`` (a Trace)."""
     from ksmtrace.replay import replay
 
-    res = replay(trace, policy)
+    name, params = VARIANT_NAMES.get(policy, (policy, {}))
+    res = replay(trace, name, params)
     summary = {k: _clean(v) for k, v in sorted(res.summary.items()) if k not in MACHINE_DEPENDENT}
     return {
         "trace": trace.name,
         "trace_fingerprint": trace.fingerprint,
-        "policy": policy,
+        "policy": name,
         "engine": res.spec["engine"],
         "scope": res.spec["scope"],
         "params": res.spec["params"],

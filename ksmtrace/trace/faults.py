@@ -82,7 +82,7 @@ def resolve_writes(trace, writes: str | None, policy=None) -> str:
 
 def fault_writes(trace, prep) -> FaultWrites:
     """The write faults of ``trace`` as writes on the pages of ``prep`` (see the module docstring)."""
-    from ksmtrace.trace.prepare import EV_WRITE
+    from ksmtrace.trace.prepared import EV_WRITE
 
     n = prep.n_snaps
     t = trace.read_table("faults", columns=["t_ns", "proc", "vpn", "write", "present"])

@@ -2,7 +2,7 @@
 
 A page-cache page is ``(device, inode, index)``: one page of one file's ``address_space``, however
 many processes map it.  This module turns a trace's page-cache view into a
-:class:`~ksmtrace.trace.prepare.Prepared` whose "processes" are **files** (address spaces, in
+:class:`~ksmtrace.trace.prepared.Prepared` whose "processes" are **files** (address spaces, in
 (device, inode) order; ``proc_comm`` is the path) and whose pages are their resident pages in
 index order, so every policy, the oracle included, runs on the page cache unchanged.
 
@@ -44,6 +44,8 @@ import numpy as np
 import polars as pl
 
 from ksmtrace.trace import schema as S
+from ksmtrace.trace.prepared import (EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE, Prepared, add_baselines, dense_ids,
+                                     dense_pair_ids)
 
 HOT_MAPPED = 1
 HOT_ACTIVE = 2
@@ -149,9 +151,7 @@ def _event_store(ev_off, pg, kind, cid, page_vpn):
 
 
 def prepare_file(trace, scope: str = "file"):
-    """The ``file`` scope's :class:`~ksmtrace.trace.prepare.Prepared` (see the module docstring)."""
-    from ksmtrace.trace.prepare import (EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE, Prepared, _baselines, _dense,
-                                        _dense2)
+    """The ``file`` scope's :class:`~ksmtrace.trace.prepared.Prepared` (see the module docstring)."""
 
     n_snaps = trace.n_snapshots
     times = np.asarray(trace.times_ns, dtype=np.int64)
@@ -173,7 +173,7 @@ def prepare_file(trace, scope: str = "file"):
     if allp is not None and allp.height:
         fid_all = allp["fid"].to_numpy().astype(np.int64)
         idx_all = allp["index"].to_numpy().astype(np.int64)
-        _, n_pages = _dense2(fid_all, idx_all)
+        _, n_pages = dense_pair_ids(fid_all, idx_all)
         uniq = allp.unique().sort("fid", "index")
         page_proc = uniq["fid"].to_numpy().astype(np.int32)
         page_vpn = uniq["index"].to_numpy().astype(np.int64)
@@ -203,7 +203,7 @@ def prepare_file(trace, scope: str = "file"):
     normal = ~zero & ~bad
     n_cids = 1
     if normal.any():
-        inv, k = _dense(r_hash[normal].view(np.int64))
+        inv, k = dense_ids(r_hash[normal].view(np.int64))
         r_cid[normal] = inv + 1
         n_cids = k + 1
     r_cid[zero & ~bad] = 0
@@ -320,5 +320,5 @@ def prepare_file(trace, scope: str = "file"):
     delta = np.where(kinds == EV_APPEAR, 1, 0) - np.where((kinds == EV_GONE) | (kinds == EV_UNMERGE), 1, 0)
     ev_snap = np.repeat(np.arange(n_snaps), np.diff(prep.off))
     prep.base_pages = np.cumsum(np.bincount(ev_snap, weights=delta, minlength=n_snaps)).astype(np.int64)
-    _baselines(prep)
+    add_baselines(prep)
     return prep

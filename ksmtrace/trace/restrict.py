@@ -73,8 +73,8 @@ from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decor
 from numba import njit
 
 from ksmtrace.errors import KsmtraceError
-from ksmtrace.trace.prepare import (EV_APPEAR, EV_GONE, EV_THP, EV_UNMERGE, EV_WRITE, Prepared, _baseline_counts, _dense,
-                                    _dense2, vmflag_mask)
+from ksmtrace.trace.prepared import (EV_APPEAR, EV_GONE, EV_THP, EV_UNMERGE, EV_WRITE, Prepared, baseline_counts, dense_ids,
+                                     dense_pair_ids, vmflag_mask)
 
 PRESETS = {
     "zero-pages": "only all-zero pages are merged",
@@ -165,12 +165,12 @@ def _restrict(trace, prep: Prepared, r: Restriction) -> Prepared:
                 d = np.where(zero, -1, d)
             else:
                 common[:] = False
-            label, _ = _dense2(label, d - d.min() if len(d) else d)
+            label, _ = dense_pair_ids(label, d - d.min() if len(d) else d)
     common &= ~alone
     # pages that merge with nothing: a content of their own, per shared frame or per (page, content)
     lab = np.where(common, -1, label)
     n_lab = int(lab.max()) + 1 if len(lab) else 0
-    per_page, _ = _dense2(pg, np.maximum(cid, 0))
+    per_page, _ = dense_pair_ids(pg, np.maximum(cid, 0))
     own = np.where(gid >= 0, gid, prep.n_gids + per_page)
     lab = np.where(alone, n_lab + own, lab)
     # a frame shared with no dedup (fork) whose pages the preset puts in different groups: a content
@@ -188,7 +188,7 @@ def _restrict(trace, prep: Prepared, r: Restriction) -> Prepared:
     new_arr = np.zeros(len(arrive), np.int64)
     nz = lab >= 0
     if nz.any():
-        dense, n = _dense(lab[nz])
+        dense, n = dense_ids(lab[nz])
         new_arr[nz] = dense + 1
         n_cids = n + 1
     else:
@@ -196,7 +196,7 @@ def _restrict(trace, prep: Prepared, r: Restriction) -> Prepared:
     ev_cid = np.full(len(kind), -1, np.int64)
     ev_cid[arrive] = new_arr
     ev_cid = _carry_cids(prep.ev_pg, kind, ev_cid, prep.n_pages).astype(np.int32)
-    bf, of, _ = _baseline_counts(prep.off, prep.ev_pg, prep.ev_kind, ev_cid, prep.ev_gid, prep.n_pages, n_cids, prep.n_gids)
+    bf, of, _ = baseline_counts(prep.off, prep.ev_pg, prep.ev_kind, ev_cid, prep.ev_gid, prep.n_pages, n_cids, prep.n_gids)
     extras = {**prep.extras, "restrict": r.spec, "unrestricted_oracle_frames": prep.oracle_frames}
     return dataclasses.replace(prep, store=prep.store.with_column("cid", ev_cid), n_cids=int(n_cids), oracle_frames=of,
                                extras=extras)

@@ -85,6 +85,8 @@ def test_compare_table_csv_json(tiny):
     (["replay", "{t}", "-p", "profile=9.9"], 2, "must be one of"),
     (["replay", "{t}", "-p", "noequals"], 2, "expected key=value"),
     (["replay", "{missing}"], 1, "no such trace"),
+    (["replay", "{t}", "--start", "-3"], 1, "the daemon's start must be a time at or after the first snapshot"),
+    (["replay", "{t}", "--start", "nan"], 1, "the daemon's start must be"),
     (["compare", "{t}", "--policies", "ksm,nope"], 1, "unknown policy"),
 ])
 def test_errors_are_one_line(tiny, args, code, msg):
@@ -94,6 +96,33 @@ def test_errors_are_one_line(tiny, args, code, msg):
     assert msg in r.stderr
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_sample_name_is_a_trace_argument(tmp_path, monkeypatch):
+    """Every trace-reading command takes a shipped sample's name where no such path exists; a
+    path of that name wins; anything else is the reader's one-line error."""
+    from ksmtrace import samples
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["info", "prefork", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["path"] == str(samples.sample_path("prefork"))
+    r = CliRunner().invoke(cli, ["replay", "prefork", "--policy", "oracle", "--json", "--quiet"])
+    assert r.exit_code == 0 and json.loads(r.output)["summary"]["frames_saved_final"] > 0
+    (tmp_path / "prefork").mkdir()  # a local directory called like a sample is what the user meant
+    r = subprocess.run([sys.executable, "-m", "ksmtrace", "info", "prefork"], capture_output=True, text=True)
+    assert r.returncode != 0 and "prefork" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([sys.executable, "-m", "ksmtrace", "replay", "no-such-sample"], capture_output=True, text=True)
+    assert r.returncode == 1 and "no such trace" in r.stderr
+
+
+def test_replay_says_when_its_settings_leave_nothing_to_do(tiny):
+    """A start after the last snapshot, a page-cache scope on a trace without page cache: the run
+    is what was asked for (nothing merges) and the output says why."""
+    r = CliRunner().invoke(cli, ["replay", str(tiny / "t"), "--start", "9999"])
+    assert r.exit_code == 0 and "after the trace's last snapshot" in r.output and "it never runs" in r.output
+    r = CliRunner().invoke(cli, ["replay", str(tiny / "t"), "--scope", "file"])
+    assert r.exit_code == 0 and "the trace records no page cache" in r.output
 
 
 def test_debug_shows_the_traceback(tiny):

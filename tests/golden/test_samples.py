@@ -20,6 +20,8 @@ SAMPLES = ("prefork", "python-sci", "vm")
 #: the page-cache sample (KSM idle: its own checks below) and every sample the pagecache golden covers
 PAGECACHE_SAMPLE = "venv-copies"
 PAGECACHE_GOLDEN = SAMPLES + (PAGECACHE_SAMPLE,)
+#: every sample has a golden file per core policy and variant
+GOLDEN_SAMPLES = SAMPLES + (PAGECACHE_SAMPLE,)
 MAX_TRACE = 10 * 1024 * 1024
 MAX_ALL = 30 * 1024 * 1024
 
@@ -97,8 +99,8 @@ def test_samples_dir_override(tmp_path, monkeypatch):
     assert "mine" in samples.sample_names() and "vm" in samples.sample_names()
 
 
-@pytest.mark.parametrize("policy", golden.CORE_POLICIES)
-@pytest.mark.parametrize("name", SAMPLES)
+@pytest.mark.parametrize("policy", golden.CORE_POLICIES + tuple(golden.VARIANT_NAMES))
+@pytest.mark.parametrize("name", GOLDEN_SAMPLES)
 def test_golden_summary(name, policy):
     tr = samples.open_sample(name)
     differences = golden.compare_to_golden(tr, policy)
@@ -144,6 +146,21 @@ def test_the_page_cache_sample_is_documented_and_small():
     listed = files.filter((files["source"] & S.FILE_LISTED) != 0)
     envs = {p.split("/env")[1][0] for p in listed["path"].to_list() if "/env" in p}
     assert envs == {"1", "2", "3"}
+
+
+def test_variant_goldens_are_the_variants():
+    """A variant's golden file records the variant's parameters, and differs from the policy's
+    default run where the parameter matters (the what-if is not silently ignored)."""
+    differs = 0
+    for vname, (policy, params) in golden.VARIANT_NAMES.items():
+        for name in GOLDEN_SAMPLES:
+            v = json.loads(golden.golden_path(name, vname).read_text())
+            base = json.loads(golden.golden_path(name, policy).read_text())
+            assert v["policy"] == policy
+            assert {k: v["params"][k] for k in params} == params
+            differs += v["summary"] != base["summary"]
+        assert differs, f"{vname}: same numbers as {policy} on every sample"
+        differs = 0
 
 
 def test_golden_diff_reports_float_and_int_changes():

@@ -62,12 +62,28 @@ def test_expected_numbers_are_the_recommended_run(adv):
 
 def test_verdict_and_text(adv):
     share = 100 * adv.expected["saving_frames_final"] / adv.base_frames_final
-    assert adv.verdict == ("go" if share >= 1.0 and adv.expected["general_profit_bytes"] > 0 else "no-go")
+    mib = adv.expected["saving_frames_final"] * 4096 / 2**20
+    assert adv.verdict == ("go" if share >= 1.0 and mib >= 1.0 and adv.expected["general_profit_bytes"] > 0 else "no-go")
     text = adv.text()
     assert f"VERDICT: {adv.verdict.upper()}" in text and "unmerge headroom" in text and "general_profit" in text
     assert "None" not in text and " nan" not in text.lower()
     json.loads(dumps(adv.to_json()), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
     assert adv.confidence["source"] == "none"  # no ground truth in this trace: said so, no number invented
+
+
+def test_a_few_kib_saved_is_no_go_whatever_its_share(lib, tmp_path):
+    """The library trace saves a few KiB, a large share of its few pages: not worth a daemon by
+    default; with the absolute floor lowered the share rule alone decides."""
+    a = advise(lib, cpu_budget_pct=2.0, out_dir=tmp_path, attribution=False)
+    kib = a.expected["saving_frames_final"] * 4
+    share = 100 * a.expected["saving_frames_final"] / a.base_frames_final
+    assert 0 < kib < 1024 and share >= 1.0
+    assert a.verdict == "no-go" and f"{kib:,} KiB" in a.reasons[0] and "under the 1 MiB" in a.reasons[0]
+    b = advise(lib, cpu_budget_pct=2.0, out_dir=tmp_path, attribution=False, min_saving_mib=0)
+    assert b.verdict == ("go" if b.expected["general_profit_bytes"] > 0 else "no-go")
+    assert b.settings == a.settings  # the floor changes the verdict, never the search
+    with pytest.raises(KsmtraceError, match="minimum saving"):
+        advise(lib, min_saving_mib=-1)
 
 
 def test_a_tiny_budget_is_no_go(lib, tmp_path):

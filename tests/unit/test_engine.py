@@ -4,7 +4,7 @@ import pytest
 
 from ksmtrace.replay import replay
 from ksmtrace.testing import make_trace
-from ksmtrace.trace.prepare import EV_APPEAR, EV_GONE, EV_THP, EV_UNMERGE, EV_WRITE
+from ksmtrace.trace.prepared import EV_APPEAR, EV_GONE, EV_THP, EV_UNMERGE, EV_WRITE
 
 ENGINES = ["reference", "fast"]
 

@@ -83,6 +83,45 @@ def test_the_checker_finds_a_legend_on_the_data_and_overprinted_labels():
     assert any("leaves its axes" in p for p in problems)
 
 
+def test_the_checker_finds_a_label_over_a_point():
+    fig = Figure(figsize=(4, 3))
+    ax = fig.subplots()
+    ax.scatter([0.2, 0.8], [0.5, 0.5])
+    ax.set(xlim=(0, 1), ylim=(0, 1))
+    ax.annotate("a label", (0.2, 0.5), xytext=(0.72, 0.48), textcoords="data")
+    assert any("covers 1 plotted point" in p for p in layout_problems(fig))
+
+
+def test_labels_avoid_every_point_and_the_front_and_far_ones_get_a_leader_line():
+    """place_labels: a label never lands on an unlabelled point or on a drawn line; a label moved
+    beyond the first ring is joined to its point."""
+    from ksmtrace.plot._common import place_labels, text_box
+
+    fig = Figure(figsize=(4, 3))
+    ax = fig.subplots()
+    rng = np.random.default_rng(1)
+    ox, oy = rng.uniform(0, 1, 300), rng.uniform(0, 1, 300)
+    ax.scatter(ox, oy, s=4)
+    ax.plot([0, 1], [0.5, 0.5])
+    ax.set(xlim=(0, 1), ylim=(0, 1))
+    xs, ys = [0.3, 0.31, 0.7], [0.52, 0.48, 0.3]
+    left_out = place_labels(ax, xs, ys, ["first label", "second label", "third"], others=(ox, oy),
+                            lines=[([0, 1], [0.5, 0.5])])
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    placed = [t for t in ax.texts]
+    assert len(placed) + len(left_out) == 3 and placed
+    line_y = ax.transData.transform([(0, 0.5)])[0][1]
+    pts = ax.transData.transform(np.column_stack([ox, oy]))
+    for t in placed:
+        b = text_box(t, r)
+        assert not (b.y0 < line_y < b.y1), t.get_text()
+        assert not ((pts[:, 0] > b.x0) & (pts[:, 0] < b.x1) & (pts[:, 1] > b.y0) & (pts[:, 1] < b.y1)).any()
+        far = max(abs(v) for v in t.xyann) > 6
+        assert (t.arrow_patch is not None) == far, (t.get_text(), t.xyann)
+    assert not [p for p in layout_problems(fig) if "overprints" in p or "covers" in p]
+
+
 def _colours_by_policy(fig) -> dict[str, set[str]]:
     """Policy -> colours of the artists whose gid names a policy's run, points or front."""
     out: dict[str, set[str]] = {}

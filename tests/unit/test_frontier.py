@@ -11,7 +11,7 @@ import pytest
 
 from ksmtrace.analysis import measures as M
 from ksmtrace.analysis.frontier import frontier, rate_grid, settings_text
-from ksmtrace.analysis.pareto import non_dominated
+from ksmtrace.pareto import non_dominated
 from ksmtrace.errors import KsmtraceError
 from ksmtrace.replay import replay
 from ksmtrace.testing.scenarios import library_trace

@@ -130,7 +130,7 @@ def test_pareto_content(world):
     assert np.allclose(ksm_pts[:, 0], pts["cpu_s"][1:])
     assert np.allclose(_line(ax_cpu, "oracle-ceiling").get_ydata(), pts["y"][0])
     # the front is among the other runs: the fast ksm saves more, the slow one costs less CPU
-    from ksmtrace.analysis.pareto import non_dominated
+    from ksmtrace.pareto import non_dominated
 
     expect = non_dominated([pts["y"][1:]], [pts["cpu_s"][1:]])
     assert len(_line(ax_cpu, "front").get_xdata()) == int(expect.sum())

@@ -18,10 +18,11 @@ from ksmtrace.replay import replay
 from ksmtrace.testing import make_trace
 from ksmtrace.testing.synth import synthetic_trace
 from ksmtrace.trace import prepare as P
+from ksmtrace.trace import prepared as PD
 from ksmtrace.trace import schema as S
 from ksmtrace.trace.reader import open_trace
 
-EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE, EV_THP = P.EV_APPEAR, P.EV_GONE, P.EV_UNMERGE, P.EV_WRITE, P.EV_THP
+EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE, EV_THP = PD.EV_APPEAR, PD.EV_GONE, PD.EV_UNMERGE, PD.EV_WRITE, PD.EV_THP
 
 
 # --- a naive reference: dictionaries, one row at a time ------------------------------------------

@@ -489,3 +489,28 @@ def test_sweep_refuses_unsafe_output_directories(trace_path, tmp_path):
         assert list(theirs.iterdir()) == []
     res = CliRunner().invoke(cli, ["sweep", str(trace_path), "-P", "ksm", "-p", "pages_to_scan=5", "-o", str(shared)])
     assert res.exit_code != 0 and res.stderr.startswith("ksmtrace: error:") and len(res.stderr.splitlines()) == 1
+
+
+def test_sweep_takes_the_write_mode_like_replay(tmp_path):
+    """--writes reaches every run of a sweep: on a trace with recorded write faults the two modes
+    give the numbers replay gives, under different run ids, and cannot share a sweep directory;
+    a mode the policy cannot take is one line."""
+    from ksmtrace import samples
+
+    path = samples.sample_path("venv-copies")
+    grid = {"pages_to_scan": [100, 400]}
+    faults = S.sweep(path, "ksm", grid, tmp_path / "faults", workers=1, writes="faults")
+    snaps = S.sweep(path, "ksm", grid, tmp_path / "snaps", workers=1, writes="snapshots")
+    auto = S.sweep(path, "ksm", grid, tmp_path / "auto", workers=1)
+    assert set(faults["run_id"]) == set(auto["run_id"]) and not set(faults["run_id"]) & set(snaps["run_id"])
+    tr = samples.open_sample("venv-copies")
+    for mode, table in (("faults", faults), ("snapshots", snaps)):
+        direct = replay(tr, "ksm", {"pages_to_scan": 400}, writes=mode)
+        row = table.filter(pl.col("pages_to_scan") == 400).row(0, named=True)
+        assert row["cow_breaks"] == direct.summary["cow_breaks"]
+        assert row["frames_saved_mean"] == pytest.approx(direct.summary["frames_saved_mean"])
+    with pytest.raises(SweepError, match="writes"):
+        S.sweep(path, "ksm", grid, tmp_path / "faults", workers=1, writes="snapshots")
+    r = subprocess.run([sys.executable, "-m", "ksmtrace", "sweep", str(path), "-P", "pksm", "-p", "pages_to_scan=10,20",
+                        "--writes", "faults", "-o", str(tmp_path / "pk")], capture_output=True, text=True)
+    assert r.returncode == 1 and "use --writes snapshots" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -29,7 +29,7 @@ import numpy as np
 from ksmtrace.errors import KsmtraceError
 from ksmtrace.policies.uksm.rules import RNG_KEYS, rand32_call
 from ksmtrace.trace import schema as S
-from ksmtrace.trace.prepare import vmflag_mask
+from ksmtrace.trace.prepared import vmflag_mask
 
 INELIGIBLE = vmflag_mask("pf io de ht mm sh ms gd")
 SYNTH_GAP = S.SYNTH_VMA_GAP  # pages: a wider gap between two pages of a process splits a synthesised VMA
