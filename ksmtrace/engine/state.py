@@ -182,6 +182,20 @@ def new_arrays(prep, n_faults: int = 0) -> EngineArrays:
 # ---------------------------------------------------------------------------------------------
 # primitives (called from policies' jitted loops; the small ones are inlined)
 @njit(inline="always")
+def is_removal(k):
+    """Event kind ``k`` takes the page's mapping away (gone, unmerged, or written: the written page
+    leaves its frame); :func:`apply_removals` applies these."""
+    return k == EV_GONE or k == EV_UNMERGE or k == EV_WRITE
+
+
+@njit(inline="always")
+def is_arrival(k):
+    """Event kind ``k`` gives the page new content to map (appeared, or written: its new copy);
+    :func:`apply_arrivals` applies these."""
+    return k == EV_APPEAR or k == EV_WRITE
+
+
+@njit(inline="always")
 def cid(E, pg):
     return E.pg[pg, P_CID]
 
@@ -381,7 +395,7 @@ def apply_removals(P, F, G, ec, pgs, kinds, thps):
         k = kinds[i]
         if P[pg, P_CID] < 0:
             continue
-        if k == EV_GONE or k == EV_UNMERGE or k == EV_WRITE:
+        if is_removal(k):
             f = P[pg, P_FRAME]
             merged = f == ZERO_FRAME or F[f, F_KSM] == 1
             if merged:
@@ -445,7 +459,7 @@ def apply_arrivals(P, F, G, ec, first, pgs, kinds, cids, gids, thps, proc_new, s
                     prefetch_row(F, F[j, F_FREEL])
         pg = pgs[i]
         k = kinds[i]
-        if not (k == EV_APPEAR or k == EV_WRITE):
+        if not is_arrival(k):
             continue
         if P[pg, P_CID] >= 0:  # already a candidate (cannot happen after step 1)
             continue

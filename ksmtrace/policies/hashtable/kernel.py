@@ -24,7 +24,6 @@ from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decor
 from numba import njit
 
 from ksmtrace.engine import state as st
-from ksmtrace.engine.api import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE
 from ksmtrace.engine.cost import UNIT_INDEX
 from ksmtrace.engine.daemon import D_NOW, DU, KernelRuntime, new_block, param_slots, params_array, scalar_slots, sleep, wake_up
 from ksmtrace.engine.state import F_KSM, F_REF, P_CID, P_FRAME, P_PROC
@@ -89,7 +88,7 @@ def on_snapshot(E, S, pgs, kinds):
     for i in range(n):
         k = kinds[i]
         pg = pgs[i]
-        if not (k == EV_GONE or k == EV_UNMERGE or k == EV_WRITE):
+        if not st.is_removal(k):
             continue
         f = PGS[pg, Q_FRAME]
         if f < 0:
@@ -108,7 +107,7 @@ def on_snapshot(E, S, pgs, kinds):
     for i in range(n):
         k = kinds[i]
         pg = pgs[i]
-        if not (k == EV_APPEAR or k == EV_WRITE) or epg[pg, P_CID] < 0:
+        if not st.is_arrival(k) or epg[pg, P_CID] < 0:
             continue
         f = epg[pg, P_FRAME]
         PGS[pg, Q_FRAME] = f

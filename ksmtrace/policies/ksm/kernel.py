@@ -27,6 +27,7 @@ from ksmtrace.jitutil import bitlen as _bitlen
 from ksmtrace.jitutil import prefetch_row
 from ksmtrace.engine.state import F_KSM, P_CID, P_FRAME, P_PROC
 from ksmtrace.policies.ksm import KsmParams
+from ksmtrace.policies.lists import hlist_add_head, hlist_del
 from ksmtrace.policies.ksm.runtime import Holes, fork_registrations, ksm_counters, sleep_written, sysfs_refusals
 from ksmtrace.policies.sameaddr import SameAddress
 
@@ -241,16 +242,7 @@ def ksm_exit(K, proc):
 @njit
 def _hlist_del(K, pg):
     nd = K.it[pg, I_NODE]
-    p = K.it[pg, I_PREV]
-    n = K.it[pg, I_NEXT]
-    if p >= 0:
-        K.it[p, I_NEXT] = n
-    else:
-        K.nd[nd, N_FIRST] = n
-    if n >= 0:
-        K.it[n, I_PREV] = p
-    K.it[pg, I_NEXT] = -1
-    K.it[pg, I_PREV] = -1
+    hlist_del(K.it, I_PREV, I_NEXT, K.nd, (nd, N_FIRST), pg)
     K.nd[nd, N_LEN] -= 1
 
 
@@ -276,14 +268,7 @@ def remove_node_from_stable_tree(K, nd):
         K.fn[f] = -1
     if K.nd[nd, N_KIND] == K_DUP:
         ch = K.nd[nd, N_CHAIN]
-        p = K.nd[nd, N_DPREV]
-        n = K.nd[nd, N_DNEXT]
-        if p >= 0:
-            K.nd[p, N_DNEXT] = n
-        else:
-            K.nd[ch, N_DFIRST] = n
-        if n >= 0:
-            K.nd[n, N_DPREV] = p
+        hlist_del(K.nd, N_DPREV, N_DNEXT, K.nd, (ch, N_DFIRST), nd)
         K.nd[ch, N_NDUPS] -= 1
         K.sc[S_DUPS] -= 1
     else:
@@ -379,16 +364,8 @@ def stable_node_dup(E, K, ch, prune):
             K.sc[S_CHAINS] -= 1
             K.sc[S_DUPS] -= 1
         elif K.nd[ch, N_DFIRST] != found and _candidate(K, found, 1):  # move it to the head
-            p = K.nd[found, N_DPREV]
-            n = K.nd[found, N_DNEXT]
-            K.nd[p, N_DNEXT] = n
-            if n >= 0:
-                K.nd[n, N_DPREV] = p
-            first = K.nd[ch, N_DFIRST]
-            K.nd[found, N_DNEXT] = first
-            K.nd[found, N_DPREV] = -1
-            K.nd[first, N_DPREV] = found
-            K.nd[ch, N_DFIRST] = found
+            hlist_del(K.nd, N_DPREV, N_DNEXT, K.nd, (ch, N_DFIRST), found)
+            hlist_add_head(K.nd, N_DPREV, N_DNEXT, K.nd, (ch, N_DFIRST), found)
         return found
     if old and K.nd[ch, N_DFIRST] >= 0:  # stable_node_dup_any: every dup is full
         return K.nd[ch, N_DFIRST]
@@ -471,12 +448,7 @@ def stable_tree_insert(E, K, frame, gen, c):
             root = ch
         K.nd[new, N_KIND] = K_DUP
         K.nd[new, N_CHAIN] = root
-        first = K.nd[root, N_DFIRST]
-        K.nd[new, N_DNEXT] = first
-        K.nd[new, N_DPREV] = -1
-        if first >= 0:
-            K.nd[first, N_DPREV] = new
-        K.nd[root, N_DFIRST] = new
+        hlist_add_head(K.nd, N_DPREV, N_DNEXT, K.nd, (root, N_DFIRST), new)
         K.nd[root, N_NDUPS] += 1
         K.sc[S_DUPS] += 1
     K.fn[frame] = new
@@ -485,12 +457,7 @@ def stable_tree_insert(E, K, frame, gen, c):
 
 @njit
 def stable_tree_append(K, pg, nd):
-    first = K.nd[nd, N_FIRST]
-    K.it[pg, I_NEXT] = first
-    K.it[pg, I_PREV] = -1
-    if first >= 0:
-        K.it[first, I_PREV] = pg
-    K.nd[nd, N_FIRST] = pg
+    hlist_add_head(K.it, I_PREV, I_NEXT, K.nd, (nd, N_FIRST), pg)
     K.nd[nd, N_LEN] += 1
     K.it[pg, I_NODE] = nd
     _put(K.it, pg, B_FLAG, F_STABLE)

@@ -17,7 +17,7 @@ from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decor
 from numba import njit
 
 from ksmtrace.engine import state as st
-from ksmtrace.engine.api import EV_APPEAR, EV_WRITE
+from ksmtrace.engine.api import EV_WRITE
 from ksmtrace.engine.daemon import NoDaemon
 from ksmtrace.policies.oracle import merge_keys
 
@@ -100,7 +100,7 @@ def _oracle_unfused(E, pgs, kinds, idx, kp, keys, sa, hkey, pkey, now):
     if sa:
         for j in range(len(idx)):
             i = idx[j]
-            if kinds[i] == EV_APPEAR or kinds[i] == EV_WRITE:
+            if st.is_arrival(kinds[i]):
                 pkey[pgs[i]] = keys[i]
     _oracle_step(E, pgs, kinds, idx, kp, keys, sa, hkey, now)
 
@@ -116,7 +116,7 @@ def _oracle_step(E, pgs, kinds, idx, kp, keys, sa, hkey, now):
         k = kinds[i]
         pg = pgs[i]
         c = P[pg, st.P_CID]
-        if not (k == EV_APPEAR or k == EV_WRITE) or c < 0:
+        if not st.is_arrival(k) or c < 0:
             continue
         f = P[pg, st.P_FRAME]
         if sa:  # same_address_only: merge within the page's class, zero pages too

@@ -18,7 +18,6 @@ from numba import njit, types
 from numba.typed import Dict
 
 from ksmtrace.engine import state as st
-from ksmtrace.engine.api import EV_GONE, EV_UNMERGE, EV_WRITE
 from ksmtrace.engine.cost import UNIT_INDEX
 from ksmtrace.engine.daemon import D_NOW, DU, KernelRuntime, new_block, param_slots, params_array, scalar_slots, sleep, wake_up
 from ksmtrace.engine.state import P_CID
@@ -123,7 +122,7 @@ def on_snapshot(S, held, written, pgs, kinds, hot_pg, hot_val):
     for i in range(len(pgs)):
         k = kinds[i]
         pg = pgs[i]
-        if (k == EV_GONE or k == EV_UNMERGE or k == EV_WRITE) and PG[pg, Q_MERGED] >= 0:
+        if st.is_removal(k) and PG[pg, Q_MERGED] >= 0:
             _leave(S, held, pg)
     for i in range(len(hot_pg)):
         pg = hot_pg[i]

@@ -32,12 +32,13 @@ from ksmtrace import _jit  # noqa: F401  (numba cache location: before any decor
 from numba import njit
 
 from ksmtrace.engine import state as st
-from ksmtrace.engine.api import EV_APPEAR, EV_GONE, EV_UNMERGE, EV_WRITE
+from ksmtrace.engine.api import EV_APPEAR, EV_GONE, EV_WRITE
 from ksmtrace.engine.cost import UNIT_INDEX
 from ksmtrace.engine.daemon import (D_ERR, D_NOW, DU, KernelRuntime, new_block, param_slots, params_array,
                                     scalar_slots, sleep, wake_up, work_so_far)
 from ksmtrace.jitutil import bitlen
 from ksmtrace.engine.state import P_PROC
+from ksmtrace.policies.lists import hlist_add_head, hlist_del, list_add_tail, list_del
 from ksmtrace.policies.uksm import UksmParams
 from ksmtrace.policies.uksm import rules as R
 from ksmtrace.policies.uksm.rules import (R_COVER, R_PAGES, R_QUOTA, R_RATIO, R_STEP, RNG_PERM, RNG_RUNG, RS_NEG, RS_POS,
@@ -288,13 +289,7 @@ def _remove_node_from_stable_tree(U, node, keep, unlink):
             sc[S_NSTN] -= 1
     SN[node, N_TN] = -1
     # the stable_node_list
-    a, b = SN[node, N_LPREV], SN[node, N_LNEXT]
-    if a >= 0:
-        SN[a, N_LNEXT] = b
-    else:
-        sc[S_SN_HEAD] = b
-    if b >= 0:
-        SN[b, N_LPREV] = a
+    hlist_del(SN, N_LPREV, N_LNEXT, sc, S_SN_HEAD, node)
     f = SN[node, N_FRAME]
     if U.NODEOF[f] == node:
         U.NODEOF[f] = -1
@@ -379,7 +374,7 @@ def on_snapshot(E, U, s, pgs, kinds):
     n = len(pgs)
     for i in range(n):  # 1. COWs of merged pages count against the VMA they were in
         k = kinds[i]
-        if k == EV_WRITE or k == EV_GONE or k == EV_UNMERGE:
+        if st.is_removal(k):
             pg = pgs[i]
             m = PGA[pg, A_MERGED]
             PGA[pg, A_MERGED] = 0
@@ -419,7 +414,7 @@ def on_snapshot(E, U, s, pgs, kinds):
     for i in range(n):  # 3. a page faulted in gives its VMA an anon_vma
         k = kinds[i]
         pg = pgs[i]
-        if (k == EV_APPEAR or k == EV_WRITE) and st.is_candidate(E, pg):
+        if st.is_arrival(k) and st.is_candidate(E, pg):
             sl = PGA[pg, A_PGSLOT]
             if sl >= 0:
                 SL[sl, C_ANON] = 1
@@ -429,35 +424,12 @@ def on_snapshot(E, U, s, pgs, kinds):
 
 @njit(inline="always")
 def _new_list_append(U, i):
-    SL = U.SL
-    sc = U.sc
-    t = sc[S_NEW_T]
-    SL[i, C_PREV] = t
-    SL[i, C_NEXT] = -1
-    if t >= 0:
-        SL[t, C_NEXT] = i
-    else:
-        sc[S_NEW_H] = i
-    sc[S_NEW_T] = i
-    sc[S_NEW_N] += 1
+    list_add_tail(U.SL, C_PREV, C_NEXT, U.sc, S_NEW_H, S_NEW_T, S_NEW_N, i)
 
 
 @njit(inline="always")
 def _new_list_remove(U, i):
-    SL = U.SL
-    sc = U.sc
-    a, b = SL[i, C_PREV], SL[i, C_NEXT]
-    if a >= 0:
-        SL[a, C_NEXT] = b
-    else:
-        sc[S_NEW_H] = b
-    if b >= 0:
-        SL[b, C_PREV] = a
-    else:
-        sc[S_NEW_T] = a
-    SL[i, C_PREV] = -1
-    SL[i, C_NEXT] = -1
-    sc[S_NEW_N] -= 1
+    list_del(U.SL, C_PREV, C_NEXT, U.sc, S_NEW_H, S_NEW_T, S_NEW_N, i)
 
 
 # --- the ladder -------------------------------------------------------------------------------------------
@@ -814,12 +786,7 @@ def _new_node(U, h, f, gen, cid, hm):
     STN[h, T_COUNT] += 1
     STN[h, T_XOR] ^= node + 1
     # the stable_node_list: newest first
-    head = sc[S_SN_HEAD]
-    SN[node, N_LPREV] = -1
-    SN[node, N_LNEXT] = head
-    if head >= 0:
-        SN[head, N_LPREV] = node
-    sc[S_SN_HEAD] = node
+    hlist_add_head(SN, N_LPREV, N_LNEXT, sc, S_SN_HEAD, node)
     U.NODEOF[f] = node
     return node
 
