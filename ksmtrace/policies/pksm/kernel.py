@@ -35,7 +35,6 @@ from ksmtrace.engine.cost import UNIT_INDEX
 from ksmtrace.engine.daemon import (D_ERR, D_NOW, DU, KernelRuntime, new_block, param_slots, params_array,
                                     scalar_slots, sleep, wake_up)
 from ksmtrace.jitutil import bitlen as _bitlen
-from ksmtrace.policies.lists import list_add_tail, list_del
 from ksmtrace.jitutil import prefetch_row
 from ksmtrace.engine.state import P_CID, P_FRAME, P_PROC
 from ksmtrace.policies import hashkeys
@@ -261,12 +260,32 @@ def _list_remove(IT, sc, it):
 
 @njit(inline="always")
 def _ck_append(IT, sc, it):
-    list_add_tail(IT, I_CK_PREV, I_CK_NEXT, sc, S_CK_H, S_CK_T, S_CK_N, it)
+    t = sc[S_CK_T]
+    IT[it, I_CK_PREV] = t
+    IT[it, I_CK_NEXT] = -1
+    if t >= 0:
+        IT[t, I_CK_NEXT] = it
+    else:
+        sc[S_CK_H] = it
+    sc[S_CK_T] = it
+    sc[S_CK_N] += 1
 
 
 @njit(inline="always")
 def _ck_remove(IT, sc, it):
-    list_del(IT, I_CK_PREV, I_CK_NEXT, sc, S_CK_H, S_CK_T, S_CK_N, it)
+    p = IT[it, I_CK_PREV]
+    n = IT[it, I_CK_NEXT]
+    if p >= 0:
+        IT[p, I_CK_NEXT] = n
+    else:
+        sc[S_CK_H] = n
+    if n >= 0:
+        IT[n, I_CK_PREV] = p
+    else:
+        sc[S_CK_T] = p
+    IT[it, I_CK_NEXT] = -1
+    IT[it, I_CK_PREV] = -1
+    sc[S_CK_N] -= 1
 
 
 @njit(inline="always")
