@@ -50,17 +50,48 @@ def test_notebook_is_committed_with_its_outputs(path):
         assert not UNDEFINED.search(text), f"{path.name}: undefined value printed: {text[:300]}"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_executes(path, tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+def _execute(path: Path, workdir: Path):
+    """Run one notebook from a fresh kernel in ``workdir``; (executed notebook, seconds)."""
+    import nbclient
+    import nbformat
+
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=TIMEOUT_PER_CELL, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+                                     resources={"metadata": {"path": str(workdir)}})
     t0 = time.monotonic()
     client.execute()
-    elapsed = time.monotonic() - t0
+    return nb, time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """Every notebook executed once, two kernels at a time (each is one busy process; the suite
+    itself waits): path -> (notebook, seconds) or the exception its execution raised."""
+    pytest.importorskip("nbformat")
+    pytest.importorskip("nbclient")
+    from concurrent.futures import ThreadPoolExecutor
+
+    order = sorted(NOTEBOOKS, key=lambda p: -p.stat().st_size)  # the longest first
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futs = {p: pool.submit(_execute, p, tmp_path_factory.mktemp(p.stem)) for p in order}
+    out = {}
+    for p, f in futs.items():
+        try:
+            out[p] = f.result()
+        except Exception as exc:  # reported by that notebook's test
+            out[p] = exc
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_executes(path, executed, tmp_path):
+    import nbformat
+
+    got = executed[path]
+    if isinstance(got, BaseException):
+        raise got
+    nb, elapsed = got
     print(f"{path.name}: executed in {elapsed:.1f} s")
     (tmp_path / path.name).write_text(nbformat.writes(nb))  # the executed copy, for a look after a failure
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
