@@ -73,7 +73,7 @@ def run_cli(path: Path) -> tuple[str, Any]:
     return "ok", results
 
 
-N_CASES = int(os.environ.get("KSMTRACE_FUZZ_CASES", 50 * len(fuzz.CLASSES)))  # 1,450 with 29 classes (more: the variable)
+N_CASES = int(os.environ.get("KSMTRACE_FUZZ_CASES", 70 * len(fuzz.CLASSES)))  # 2,030 with 29 classes
 SEED0 = int(os.environ.get("KSMTRACE_FUZZ_SEED", "0"))
 
 
