@@ -411,24 +411,13 @@ def _bind(plan: SweepPlan, d: SweepDir) -> None:
 
 
 # --- running -------------------------------------------------------------------------------------
-_TRACES: dict[str, Any] = {}
-
-
 def _run_one(task: dict[str, Any]) -> tuple[str, str]:
-    """One grid point (in a worker, or in-process): replay and write the result files."""
-    from ksmtrace.replay import replay
-    from ksmtrace.trace.reader import open_trace
+    """One grid point (in a worker, or in-process): :func:`ksmtrace.replay.replay_task`, which
+    keeps the worker's opened trace and writes the result files."""
+    from ksmtrace.replay import replay_task
 
-    path = task["trace_path"]
-    tr = _TRACES.get(path)
-    if tr is None:
-        tr = _TRACES[path] = open_trace(path)
-    res = replay(tr, task["policy"], task["params"], engine=task["engine"], scope=task["scope"],
-                 timing_cost=task["timing_cost"], start_s=task["start_s"], seed=task["seed"], writes=task.get("writes"))
-    try:
-        res.write(task["out_dir"])
-    except OSError as exc:
-        raise SweepError(f"{task['out_dir']}: cannot write the result of {res.run_id} ({exc.strerror or exc})") from None
+    opts = ("policy", "params", "engine", "scope", "timing_cost", "start_s", "seed", "writes", "out_dir")
+    res = replay_task({"trace": task["trace_path"], **{k: task.get(k) for k in opts}})
     return task["run_id"], res.run_id
 
 
